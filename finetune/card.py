@@ -1,0 +1,68 @@
+"""The model card (the run folder's README.md): one function writes it.
+
+The Hub work extends this card rather than writing a second one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, Any], metrics: dict[str, Any],
+                      lora: dict[str, Any], plugins: list[dict[str, str]]) -> str:
+    """Markdown with Hub-style YAML front matter, from the run's facts."""
+    import tomli_w
+
+    upstream = backbone.get("upstream_id")
+    front = ["---"]
+    if upstream:
+        front.append(f"base_model: {upstream}")
+    front.append(f"library_name: {task.library_name}")
+    if task.pipeline_tag:
+        front.append(f"pipeline_tag: {task.pipeline_tag}")
+    front += ["tags:", "- finetune", f"- {task.name}", "- lora", "---", ""]
+    best = metrics.get("best", {})
+    baseline = metrics.get("baseline", {})
+    run_name = recipe.get("output", {}).get("dir", "run").rstrip("/").rsplit("/", 1)[-1]
+    lines = [f"# {run_name}", "",
+             f"A LoRA adaptation of `{upstream or backbone.get('name')}` for **{task.name}**, trained with "
+             "[finetune](https://pypi.org/project/finetune/).", "",
+             "## Results", "", "| metric | fine-tuned (best) | last | baseline |", "|---|---|---|---|"]
+    last = metrics.get("last", {})
+    for key, value in best.items():
+        if key in ("step", "epoch") or not isinstance(value, (int, float)):
+            continue
+        lines.append(f"| {key} | {_fmt(value)} | {_fmt(last.get(key, ''))} | {_fmt(baseline.get(key, '')) if baseline else ''} |")
+    if baseline.get("name"):
+        lines += ["", f"Baseline: {baseline['name']} on the same split."]
+    lines += ["", f"Best checkpoint: step {best.get('step')} (epoch {best.get('epoch')}), selected on "
+              f"`{metrics.get('selection_metric')}`.", "", "![curves](curves.png)", "",
+              "## Training", "",
+              f"- backbone: `{backbone.get('name')}` ({backbone.get('source')})",
+              f"- LoRA targets: `{lora.get('target_modules')}`; trained in full: `{lora.get('modules_to_save')}`",
+              f"- trainable parameters: {lora.get('trainable_params'):,} of {lora.get('total_params'):,} "
+              f"({100 * lora.get('trainable_params', 0) / max(1, lora.get('total_params', 1)):.2f}%)",
+              f"- train examples: {metrics.get('data', {}).get('train_examples')}, eval examples: "
+              f"{metrics.get('data', {}).get('eval_examples')}",
+              f"- wall time: {_fmt(metrics.get('train', {}).get('wall_time_s'))} s; mixed precision: "
+              f"{metrics.get('train', {}).get('mixed_precision')}",
+              f"- plugins: {', '.join(p['name'] + ' ' + p['version'] for p in plugins)}",
+              "", "Recipe:", "", "```toml", tomli_w.dumps(recipe).strip(), "```", "",
+              "## Usage", "", "```python", *task_usage_snippet(task, upstream or backbone.get("path")), "```", "",
+              "## Limitations", "",
+              "Trained on a small dataset; check the metrics above on data like yours before relying on it.", ""]
+    return "\n".join(front + lines)
+
+
+def task_usage_snippet(task: Any, base: str) -> list[str]:
+    snippet = getattr(task, "usage_snippet", None)
+    if snippet is not None:
+        return snippet(base).splitlines()
+    return ["from peft import PeftModel", "# load the base model for this task, then:",
+            "model = PeftModel.from_pretrained(base_model, 'adapter')"]

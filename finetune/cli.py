@@ -1,0 +1,188 @@
+"""The ``finetune`` command line. Thin: parses, calls the core, prints errors without tracebacks.
+
+Heavy libraries (torch, transformers, peft) are imported inside commands only,
+so ``finetune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from finetune.errors import FinetuneError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class FinetuneGroup(click.Group):
+    """Adds plugin commands lazily and turns FinetuneError into a clean message."""
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if FinetuneGroup._plugins_loaded:
+            return
+        FinetuneGroup._plugins_loaded = True
+        from finetune.plugins import get_registry
+
+        registry = get_registry()
+        try:
+            registry.pm.hook.finetune_register_commands(cli=self)
+        except Exception as exc:  # noqa: BLE001 - one bad plugin must not break the CLI
+            click.echo(f"warning: a plugin failed in finetune_register_commands: {exc}", err=True)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self._load_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def invoke(self, ctx: click.Context):
+        debug = ctx.params.get("debug", False)
+        try:
+            return super().invoke(ctx)
+        except FinetuneError as exc:
+            from finetune.loop import Interrupted
+
+            if debug:
+                raise
+            click.echo(f"error: {exc}" if not isinstance(exc, Interrupted) else str(exc), err=True)
+            sys.exit(EXIT_INTERRUPTED if isinstance(exc, Interrupted) else EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("\ninterrupted.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=FinetuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.version_option(package_name="finetune")
+def cli(debug: bool) -> None:
+    """Fine-tune pretrained models on small datasets with LoRA.
+
+    \b
+    finetune run recipe.toml         train (resumes an unfinished run)
+    finetune validate recipe.toml    check a recipe and show one batch
+    finetune predict RUN_DIR         predict with a trained run
+    finetune tasks / plugins         what is installed
+    """
+
+
+_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                           help="Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable).")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_set_option
+@click.option("--resume", is_flag=True, help="Continue the unfinished run in output.dir (error if there is none).")
+@click.option("--overwrite", is_flag=True, help="Replace a finished (or different) run in output.dir.")
+@click.option("--dry-run", is_flag=True, help="Validate and show one batch; do not train (same as `validate`).")
+@click.option("-q", "--quiet", is_flag=True, help="Only print errors and the final summary.")
+def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool, dry_run: bool, quiet: bool) -> None:
+    """Train a LoRA adapter as RECIPE says and write the run folder."""
+    _quiet_libraries()
+    from finetune.console import Console
+
+    console = Console(quiet=quiet)
+    if dry_run:
+        from finetune.runner import dry_run as do_dry_run
+
+        do_dry_run(recipe, list(overrides), console)
+        return
+    from finetune.runner import run_recipe
+
+    run_recipe(recipe, list(overrides), resume=resume, overwrite=overwrite, console=console)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_set_option
+def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Resolve RECIPE, load the backbone and data, and show one collated batch, without training."""
+    _quiet_libraries()
+    from finetune.console import Console
+    from finetune.runner import dry_run
+
+    dry_run(recipe, list(overrides), Console())
+
+
+@cli.command()
+def tasks() -> None:
+    """List the task names that recipes can use."""
+    from finetune.plugins import get_registry
+
+    registry = get_registry()
+    if not registry.tasks:
+        click.echo("no tasks installed (no task plugin is installed or all failed to load; see `finetune plugins`)")
+    width = max((len(n) for n in registry.tasks), default=0)
+    for name in sorted(registry.tasks):
+        entry = registry.tasks[name]
+        click.echo(f"{name:<{width}}  {entry.cls.description}  [{entry.plugin}]")
+    for conflict in registry.conflicts:
+        click.echo(f"error: {conflict}", err=True)
+
+
+@cli.command()
+def plugins() -> None:
+    """List installed plugins: distribution, version, hooks, tasks, and load errors."""
+    from finetune.plugins import get_registry
+
+    registry = get_registry()
+    for info in registry.plugins:
+        status = "FAILED" if info.error else "ok"
+        click.echo(f"{info.name} ({info.distribution} {info.version}) [{status}]")
+        click.echo(f"  module: {info.module}")
+        if info.error:
+            click.echo(f"  error:  {info.error}")
+            continue
+        click.echo(f"  hooks:  {', '.join(info.hooks) or '-'}")
+        click.echo(f"  tasks:  {', '.join(info.tasks) or '-'}")
+    for conflict in registry.conflicts:
+        click.echo(f"error: {conflict}", err=True)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--input", "input_path", type=click.Path(path_type=Path),
+              help="A .csv/.tsv/.jsonl/.parquet file with the recipe's input column(s); default: lines on stdin.")
+@click.option("--output", "output_path", type=click.Path(path_type=Path),
+              help="Write predictions here (.csv or .jsonl); default: JSON lines on stdout.")
+@click.option("--batch-size", default=32, show_default=True)
+def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, batch_size: int) -> None:
+    """Predict with the best adapter of the run in RUN_DIR."""
+    _quiet_libraries()
+    from finetune.predict import predict_records, read_records, write_predictions
+    from finetune.runner import load_run
+
+    task, model, processor, _ = load_run(run_dir)
+    records = read_records(task, input_path)
+    rows = predict_records(task, model, processor, records, batch_size)
+    write_predictions(rows, output_path)
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+def main() -> None:
+    cli(prog_name="finetune")
+
+
+if __name__ == "__main__":
+    main()

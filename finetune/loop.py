@@ -1,0 +1,448 @@
+"""The training loop: one readable Accelerate loop.
+
+prepare -> for each epoch: batches -> forward/backward (accumulated) -> clip ->
+step -> log -> maybe evaluate / checkpoint -> end of epoch evaluate.
+
+Resume is exact for a deterministic recipe: batches come from a permutation
+seeded by (seed, epoch), data loaders have their own generators (so creating
+one draws nothing from the global RNG), and a checkpoint holds the trainable
+weights, optimizer, scheduler, RNG states and the loop position.
+
+Ctrl-C or SIGTERM asks the loop to stop: it finishes the current optimizer
+step, writes a checkpoint and exits; the run is resumable. A second Ctrl-C
+stops at once (the last periodic checkpoint remains).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune.errors import FinetuneError, RunError, TrainingError
+
+if TYPE_CHECKING:
+    from finetune.recipe import Recipe
+    from finetune.runs import RunDir
+    from finetune.task import Task
+
+
+@dataclass
+class LoopState:
+    """Where the loop is. Saved in every checkpoint; callbacks may set ``should_stop``."""
+
+    epoch: int = 0  #: current epoch (0-based)
+    batches_done_in_epoch: int = 0  #: micro-batches of this epoch already consumed
+    global_step: int = 0  #: optimizer steps taken
+    samples_seen: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    best_eval: dict[str, Any] = field(default_factory=dict)
+    train_time_s: float = 0.0
+    should_stop: bool = False
+    stopped_early: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("should_stop")
+        return data
+
+
+class Interrupted(FinetuneError):
+    """Training stopped on request (Ctrl-C / SIGTERM) after writing a checkpoint."""
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM -> a flag checked between optimizer steps; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested} received: finishing this step and writing a checkpoint "
+              "(press Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """'auto' -> bf16 on GPUs that support it (else fp16), bf16 on CPUs with native bf16, else 'no'."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # is_bf16_available() says True on CPUs where bf16 is ~5x slower than fp32: read the flags.
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no"
+    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "no"
+
+
+def metric_mode(metric: str, setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "min" if ("loss" in metric or "perplexity" in metric or metric.endswith("er")) else "max"
+
+
+# ---------------------------------------------------------------------------
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation seeded by (seed, epoch), cut into batches."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def trainable_state_dict(model: Any) -> dict[str, Any]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_rng_state(path: Path) -> None:
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype("int64")), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    torch.save(state, path)
+
+
+def load_rng_state(path: Path) -> None:
+    import numpy as np
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> LoopState:
+    """Restore a checkpoint written by :func:`train`; a damaged file is named in the error."""
+    import torch
+    from safetensors.torch import load_file
+
+    def fail(name: str, exc: BaseException) -> RunError:
+        return RunError(f"checkpoint {ckpt / name} is corrupt or unreadable ({type(exc).__name__}: {exc}). "
+                        f"Delete {ckpt} to resume from the previous checkpoint, or pass --overwrite to start over.")
+
+    try:
+        weights = load_file(str(ckpt / "trainable.safetensors"))
+    except Exception as exc:  # noqa: BLE001
+        raise fail("trainable.safetensors", exc) from None
+    params = dict(model.named_parameters())
+    missing = [k for k in params if params[k].requires_grad and k not in weights]
+    if missing:
+        raise RunError(f"checkpoint {ckpt / 'trainable.safetensors'} does not match the model "
+                       f"(missing {missing[:3]}...); delete {ckpt} or pass --overwrite.")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    for name, obj in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
+        try:
+            obj.load_state_dict(torch.load(ckpt / name, weights_only=True))
+        except Exception as exc:  # noqa: BLE001
+            raise fail(name, exc) from None
+    try:
+        data = json.loads((ckpt / "loop_state.json").read_text())
+        state = LoopState(**data)
+    except Exception as exc:  # noqa: BLE001
+        raise fail("loop_state.json", exc) from None
+    try:
+        load_rng_state(ckpt / "rng.pt")
+    except Exception as exc:  # noqa: BLE001
+        raise fail("rng.pt", exc) from None
+    return state
+
+
+# ---------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    state: LoopState
+    metric: str
+    mode: str
+    mixed_precision: str
+    steps_total: int
+    interrupted: bool = False
+
+
+def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any, train_ds: Any, eval_ds: Any,
+          collate: Any, resume_from: Path | None, callbacks: list[Any], save_adapter: Any,
+          console: Any) -> TrainResult:
+    """Train ``model`` (already wrapped by PEFT) and keep ``run`` up to date."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import send_to_device
+    from torch.utils.data import DataLoader
+    from transformers import get_scheduler
+
+    cfg = recipe.train
+    mixed = resolve_mixed_precision(cfg.mixed_precision)
+    log_with = None
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise FinetuneError("train.tensorboard = true needs TensorBoard: pip install 'finetune[tensorboard]'") \
+                from None
+        log_with = "tensorboard"
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), log_with=log_with,
+                              project_dir=str(run.path / "tensorboard") if log_with else None)
+    if log_with:
+        accelerator.init_trackers("finetune")
+
+    metric = cfg.metric or task.default_metric
+    mode = metric_mode(metric, cfg.metric_mode)
+    accum = cfg.gradient_accumulation_steps
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    # Optimizer: no weight decay on biases and norms.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    n_batches = math.ceil(len(train_ds) / cfg.batch_size)
+    batches_per_rank = n_batches // world if world > 1 else n_batches
+    steps_per_epoch = math.ceil(batches_per_rank / accum)
+    steps_total = steps_per_epoch * cfg.epochs
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps_total),
+                              num_training_steps=steps_total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    eval_loader = accelerator.prepare(DataLoader(
+        eval_ds, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, shuffle=False, collate_fn=collate,
+        num_workers=cfg.num_workers))
+
+    state = LoopState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        run.truncate_metrics_log(state.global_step)
+        console.print(f"Resuming from {resume_from.name}: epoch {state.epoch + 1}, step {state.global_step}"
+                      f"/{steps_total}.")
+
+    def evaluate() -> dict[str, Any]:
+        import numpy as np
+
+        model.eval()
+        losses, preds, refs = [], [], []
+        with torch.no_grad():
+            for batch in eval_loader:
+                with accelerator.autocast():
+                    out = task.evaluation_step(model, batch)
+                n = next(iter(batch.values())).shape[0]
+                if out.get("loss") is not None:
+                    losses.append(accelerator.gather_for_metrics(out["loss"].detach().float().repeat(n)))
+                if out.get("predictions") is not None:
+                    preds.append(accelerator.gather_for_metrics(out["predictions"]).cpu().numpy())
+                    refs.append(accelerator.gather_for_metrics(out["references"]).cpu().numpy())
+        model.train()
+        result: dict[str, Any] = {}
+        if losses:
+            result["eval_loss"] = float(torch.cat(losses).mean())
+        if preds:
+            result.update(task.compute_metrics(np.concatenate(preds), np.concatenate(refs)))
+        return result
+
+    def write_checkpoint() -> None:
+        if not accelerator.is_main_process:
+            return
+        from safetensors.torch import save_file
+
+        unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+
+        def writer(tmp: Path) -> None:
+            save_file(trainable_state_dict(unwrapped), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            save_rng_state(tmp / "rng.pt")
+            (tmp / "loop_state.json").write_text(json.dumps(state.to_json(), indent=2))
+
+        path = run.write_checkpoint(state.global_step, writer, keep=cfg.keep_checkpoints)
+        for cb in callbacks:
+            _call(cb, "on_checkpoint", run=run, state=state, path=path)
+
+    def after_eval(metrics: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if metric not in scalars:
+            raise FinetuneError(f"train.metric: {metric!r} is not computed by task {task.name!r}; "
+                                f"available: {', '.join(sorted(scalars))}.")
+        # after an epoch boundary state.epoch already counts the finished epoch
+        epoch = state.epoch if state.batches_done_in_epoch == 0 else state.epoch + 1
+        record = {"kind": "eval", "step": state.global_step, "epoch": epoch, **scalars}
+        if accelerator.is_main_process:
+            run.log_metrics(record)
+        if log_with:
+            accelerator.log({f"eval/{k}": v for k, v in scalars.items()}, step=state.global_step)
+        state.last_eval = {"step": state.global_step, "epoch": epoch, **metrics}
+        value = scalars[metric]
+        better = state.best_metric is None or (value > state.best_metric if mode == "max" else
+                                               value < state.best_metric)
+        if better:
+            state.best_metric, state.best_step = value, state.global_step
+            state.best_eval = dict(state.last_eval)
+            state.evals_without_improvement = 0
+            if accelerator.is_main_process:
+                save_adapter(accelerator.unwrap_model(model, keep_fp32_wrapper=False))
+        else:
+            state.evals_without_improvement += 1
+            if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+                state.should_stop = state.stopped_early = True
+                console.print(f"Early stopping: {metric} has not improved for "
+                              f"{state.evals_without_improvement} evaluations.")
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in scalars.items())
+        console.print(f"eval @ step {state.global_step} (epoch {epoch}): {shown}"
+                      + ("  [best]" if better else ""))
+        for cb in callbacks:
+            _call(cb, "on_evaluate", run=run, state=state, metrics=metrics)
+
+    for cb in callbacks:
+        _call(cb, "on_train_start", run=run, state=state)
+    progress = console.progress(total=steps_total, completed=state.global_step)
+    model.train()
+    interrupted = False
+    with _StopRequest() as stop, progress:
+        window_t, window_samples, window_losses = time.perf_counter(), 0, []
+        while state.epoch < cfg.epochs and not state.should_stop:
+            batches = epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, state.epoch)
+            if world > 1:
+                batches = batches[: batches_per_rank * world][rank::world]
+            remaining = batches[state.batches_done_in_epoch:]
+            loader = DataLoader(train_ds, batch_sampler=remaining, collate_fn=collate, num_workers=cfg.num_workers,
+                                generator=torch.Generator().manual_seed(cfg.seed + state.epoch))
+            group: list[Any] = []
+            for i, batch in enumerate(loader):
+                group.append(send_to_device(batch, accelerator.device))
+                last_of_epoch = state.batches_done_in_epoch + len(group) == len(batches)
+                if len(group) < accum and not last_of_epoch:
+                    continue
+                # one optimizer step over the accumulated micro-batches
+                step_start = time.perf_counter()
+                step_loss = 0.0
+                for j, micro in enumerate(group):
+                    sync = j == len(group) - 1
+                    ctx = accelerator.no_sync(model) if not sync else _nullcontext()
+                    with ctx, accelerator.autocast():
+                        loss = task.training_loss(model, micro)
+                    if not torch.isfinite(loss.detach()):
+                        raise TrainingError(
+                            f"loss became {loss.item()} at step {state.global_step + 1} (epoch {state.epoch + 1}). "
+                            "Lower train.learning_rate, set train.mixed_precision = \"no\", or check the data "
+                            f"for extreme values. The last checkpoint in {run.checkpoints_dir} is intact.")
+                    accelerator.backward(loss / len(group))
+                    step_loss += loss.detach().float().item() / len(group)
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_samples = sum(next(iter(m.values())).shape[0] for m in group) * world
+                state.batches_done_in_epoch += len(group)
+                state.global_step += 1
+                state.samples_seen += n_samples
+                state.train_time_s += time.perf_counter() - step_start
+                group = []
+                window_samples += n_samples
+                window_losses.append(step_loss)
+                progress.update(state.global_step, loss=step_loss, epoch=state.epoch + 1)
+                if state.global_step % cfg.log_every_steps == 0 or state.global_step == steps_total:
+                    elapsed = time.perf_counter() - window_t
+                    logs = {"loss": sum(window_losses) / len(window_losses), "lr": scheduler.get_last_lr()[0],
+                            "samples_per_s": window_samples / elapsed if elapsed > 0 else 0.0}
+                    if accelerator.is_main_process:
+                        run.log_metrics({"kind": "train", "step": state.global_step,
+                                         "epoch": state.epoch + 1, **logs})
+                    if log_with:
+                        accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.global_step)
+                    progress.log_line(state.global_step, logs, state.epoch + 1)
+                    for cb in callbacks:
+                        _call(cb, "on_log", run=run, state=state, logs=logs)
+                    window_t, window_samples, window_losses = time.perf_counter(), 0, []
+                epoch_done = state.batches_done_in_epoch == len(batches)
+                if cfg.eval_every_steps and state.global_step % cfg.eval_every_steps == 0 and not epoch_done:
+                    after_eval(evaluate())
+                if epoch_done:
+                    state.epoch += 1
+                    state.batches_done_in_epoch = 0
+                    after_eval(evaluate())
+                    write_checkpoint()
+                elif (cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0) \
+                        or stop.requested or state.should_stop:
+                    write_checkpoint()
+                if stop.requested:
+                    interrupted = True
+                    break
+                if state.should_stop:
+                    break
+            if interrupted:
+                break
+    if not interrupted and state.last_eval.get("step") != state.global_step:
+        after_eval(evaluate())  # a callback stopped training between evaluations
+        write_checkpoint()
+    for cb in callbacks:
+        _call(cb, "on_train_end", run=run, state=state, metrics=state.last_eval)
+    if log_with:
+        accelerator.end_training()
+    return TrainResult(state=state, metric=metric, mode=mode, mixed_precision=mixed, steps_total=steps_total,
+                       interrupted=interrupted)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _call(callback: Any, method: str, **kwargs: Any) -> None:
+    fn = getattr(callback, method, None)
+    if fn is None:
+        return
+    try:
+        fn(**kwargs)
+    except FinetuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - name the callback that failed
+        from finetune.errors import PluginError
+
+        raise PluginError(f"callback {type(callback).__name__}.{method} raised {type(exc).__name__}: {exc}") \
+            from exc

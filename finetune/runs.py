@@ -1,0 +1,296 @@
+"""The run folder: resolved recipe, status, checkpoints (atomic), metrics, curves.
+
+Layout::
+
+    runs/<name>/
+      recipe.toml      the fully resolved recipe
+      run.json         status (running / interrupted / failed / finished), provenance, plugins
+      adapter/         best adapter (save_pretrained + task head + processor), loadable by peft
+      checkpoints/     ckpt-<step>/ for resume; each written to a temp folder then renamed
+      metrics.jsonl    one line per logged step / evaluation
+      metrics.json     final metrics (written only when the run finishes)
+      curves.png       loss and metric curves
+      README.md        the model card (written only when the run finishes)
+
+A folder is "finished" only when run.json says so; metrics.json and README.md
+appear last, so a folder that looks complete is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import RunError
+
+RUN_FILE = "run.json"
+CHECKPOINT_PREFIX = "ckpt-"
+COMPLETE_MARKER = "loop_state.json"  # written last inside a checkpoint's temp folder
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def replace_dir_atomic(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place; the old one (if any) is removed after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            lines.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+    return lines
+
+
+class RunDir:
+    """One run folder on disk."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- well-known paths ---------------------------------------------
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / "recipe.toml"
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / RUN_FILE
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def curves_file(self) -> Path:
+        return self.path / "curves.png"
+
+    @property
+    def card_file(self) -> Path:
+        return self.path / "README.md"
+
+    # -- status --------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        if not self.run_file.exists():
+            return {}
+        try:
+            return json.loads(self.run_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{self.run_file}: unreadable run status file ({exc}); "
+                           "delete the run folder or use --overwrite.") from None
+
+    def update_info(self, **fields: Any) -> None:
+        data = self.info()
+        data.update(fields)
+        write_json_atomic(self.run_file, data)
+
+    @property
+    def status(self) -> str | None:
+        return self.info().get("status")
+
+    def is_finished(self) -> bool:
+        return self.status == "finished"
+
+    def resolved_recipe(self) -> dict[str, Any]:
+        import tomllib
+
+        try:
+            return tomllib.loads(self.recipe_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise RunError(f"{self.recipe_file}: cannot read the run's recipe ({exc}).") from None
+
+    # -- creation / reuse ---------------------------------------------
+    def prepare(self, recipe_dict: dict[str, Any], recipe_toml: str, overwrite: bool, resume: bool) -> bool:
+        """Create the folder, or decide to resume it. Returns True when resuming.
+
+        * empty / absent folder: start (``resume=True`` is an error: nothing to resume);
+        * finished run: refuse unless ``overwrite``;
+        * unfinished run, same recipe: resume; different recipe: refuse, listing the differences;
+        * a non-empty folder that is not a run folder: always refused (we never delete what we did not write).
+        """
+        exists = self.path.exists() and any(self.path.iterdir())
+        if exists and not self.run_file.exists():
+            raise RunError(f"output.dir: {self.path} exists and is not a finetune run folder; "
+                           "choose another output.dir (nothing was changed).")
+        if exists and overwrite:
+            self._wipe()
+            exists = False
+        if not exists:
+            if resume:
+                raise RunError(f"--resume: there is no run to resume in {self.path}; drop --resume to start one.")
+            self._create(recipe_dict, recipe_toml)
+            return False
+        if self.is_finished():
+            raise RunError(f"output.dir: {self.path} holds a finished run; pass --overwrite to replace it, "
+                           "or set output.dir (e.g. --set output.dir=runs/new-name) to keep it.")
+        diffs = recipe_differences(self.resolved_recipe(), recipe_dict)
+        if diffs:
+            raise RunError(
+                f"output.dir: {self.path} holds an unfinished run with a different recipe, so it cannot be "
+                "resumed:\n  " + "\n  ".join(diffs) +
+                "\nRestore the old values to resume it, pass --overwrite to start over, or choose another "
+                "output.dir.")
+        self.update_info(status="running", resumed_at=time.time())
+        return True
+
+    def _create(self, recipe_dict: dict[str, Any], recipe_toml: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.recipe_file, recipe_toml)
+        write_json_atomic(self.run_file, {"status": "running", "created_at": time.time()})
+
+    def _wipe(self) -> None:
+        # Only what a run writes; anything else makes prepare() refuse before we get here.
+        trash = self.path.with_name(f".{self.path.name}.overwritten-{os.getpid()}")
+        os.replace(self.path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- checkpoints ---------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoints_dir.exists():
+            return []
+        found = []
+        for child in self.checkpoints_dir.iterdir():
+            if child.is_dir() and child.name.startswith(CHECKPOINT_PREFIX) and (child / COMPLETE_MARKER).exists():
+                try:
+                    found.append((int(child.name[len(CHECKPOINT_PREFIX):]), child))
+                except ValueError:
+                    continue
+        return [p for _, p in sorted(found)]
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = self.checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def write_checkpoint(self, step: int, writer: Callable[[Path], None], keep: int) -> Path:
+        """Call ``writer(tmp_dir)``, then rename into ``checkpoints/ckpt-<step>``; keep the last ``keep``."""
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+        tmp = self.checkpoints_dir / f".tmp-{CHECKPOINT_PREFIX}{step:08d}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            writer(tmp)
+            if not (tmp / COMPLETE_MARKER).exists():
+                raise RuntimeError(f"checkpoint writer did not write {COMPLETE_MARKER}")
+            _fsync_dir(tmp)
+            replace_dir_atomic(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.checkpoints_dir.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    # -- metrics -------------------------------------------------------
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+    def read_metrics_log(self) -> list[dict[str, Any]]:
+        if not self.metrics_log.exists():
+            return []
+        records = []
+        for line in self.metrics_log.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill
+        return records
+
+    def truncate_metrics_log(self, after_step: int) -> None:
+        """Drop records logged after ``after_step`` (they are redone when resuming from there)."""
+        kept = [r for r in self.read_metrics_log() if r.get("step", 0) <= after_step]
+        write_text_atomic(self.metrics_log, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.rglob("*"):
+        if child.is_file():
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def plot_curves(records: list[dict[str, Any]], out: Path, metric: str | None) -> None:
+    """Draw training loss and eval curves to ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train" and "loss" in r]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ax = axes[0]
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if evals and any("eval_loss" in r for r in evals):
+        ax.plot([r["step"] for r in evals if "eval_loss" in r], [r["eval_loss"] for r in evals if "eval_loss" in r],
+                "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.legend()
+    ax = axes[1]
+    if metric and evals and any(metric in r for r in evals):
+        pts = [(r["step"], r[metric]) for r in evals if metric in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:green", label=metric)
+        ax.legend()
+    ax.set_xlabel("optimizer step")
+    ax.set_title(f"Eval {metric or ''}".strip())
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)

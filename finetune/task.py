@@ -1,0 +1,134 @@
+"""The Task interface a task-family plugin implements.
+
+A Task says how to read the data, load the model, where LoRA goes, how to
+batch, evaluate and predict. The loop, checkpointing, logging and the run
+folder belong to the core and are never rewritten by a plugin.
+
+Keep torch/transformers imports inside methods: task classes are imported
+when the CLI starts.
+
+Lifecycle of one run (the core calls, in order)::
+
+    task = TaskClass(recipe)
+    splits = task.prepare_data()             # read + validate; may fill task.state
+    model, processor = task.load_model(backbone)
+    targets = task.lora_targets(model)        # when [peft] target_modules = "auto"
+    saved = task.modules_to_save(model)       # when [peft] modules_to_save = "auto"
+    train_ds = task.build_dataset(splits.train, processor, training=True)
+    eval_ds = task.build_dataset(splits.eval, processor, training=False)
+    collate = task.collate_fn(processor)
+    ... loop: task.training_loss(model, batch); task.evaluation_step(model, batch)
+    task.compute_metrics(predictions, references)
+    task.baseline(splits)                     # optional non-neural baseline
+
+For prediction from a finished run the core restores ``task.state`` (saved in
+``adapter/finetune_task.json``), calls ``load_model`` and attaches the adapter,
+then ``task.predict(model, processor, records)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from finetune.recipe import DataOptions, TaskOptions
+
+if TYPE_CHECKING:
+    from finetune.backbones import ResolvedBackbone
+    from finetune.recipe import Recipe
+
+
+@dataclass
+class DataSplits:
+    """What :meth:`Task.prepare_data` returns: train and eval examples (any sized sequence)."""
+
+    train: Any
+    eval: Any
+    info: dict[str, Any] = field(default_factory=dict)  #: shown by `finetune validate` (sizes, labels...)
+
+
+class Task:
+    """Base class of every task family. Subclass, set the class attributes, implement the methods."""
+
+    #: Unique task name used in recipes (``[task] name = ...``).
+    name: ClassVar[str] = ""
+    #: One line shown by ``finetune tasks``.
+    description: ClassVar[str] = ""
+    #: Typed options of the ``[task]`` section (subclass of :class:`finetune.TaskOptions`).
+    task_options: ClassVar[type[TaskOptions]] = TaskOptions
+    #: Typed options of the ``[data]`` section (subclass of :class:`finetune.DataOptions`).
+    data_options: ClassVar[type[DataOptions]] = DataOptions
+    #: Metric used for best-checkpoint selection unless ``[train] metric`` says otherwise.
+    default_metric: ClassVar[str] = "eval_loss"
+    #: Hub metadata for the model card.
+    pipeline_tag: ClassVar[str | None] = None
+    library_name: ClassVar[str] = "peft"
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        #: JSON-serialisable facts needed to rebuild the model for inference (e.g. label names).
+        #: Saved beside the adapter and restored before :meth:`load_model` at prediction time.
+        self.state: dict[str, Any] = {}
+
+    # -- data ----------------------------------------------------------
+    def prepare_data(self) -> DataSplits:
+        """Read and validate the recipe's data; raise :class:`finetune.DataError` on bad input."""
+        raise NotImplementedError
+
+    def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
+        """Turn examples into a map-style dataset (``__len__`` + ``__getitem__``) of features."""
+        raise NotImplementedError
+
+    def collate_fn(self, processor: Any):
+        """Return a function mapping a list of dataset items to a batch dict of tensors."""
+        raise NotImplementedError
+
+    # -- model ---------------------------------------------------------
+    def load_model(self, backbone: ResolvedBackbone) -> tuple[Any, Any]:
+        """Return ``(model, processor)`` built from the resolved backbone's local files."""
+        raise NotImplementedError
+
+    def lora_targets(self, model: Any) -> list[str] | str:
+        """Default LoRA target modules for this model (names or a regex)."""
+        raise NotImplementedError
+
+    def modules_to_save(self, model: Any) -> list[str]:
+        """Modules trained in full and saved with the adapter (the task head)."""
+        return []
+
+    def peft_task_type(self) -> str | None:
+        """PEFT ``TaskType`` name (e.g. ``"SEQ_CLS"``) or None."""
+        return None
+
+    # -- training and evaluation ---------------------------------------
+    def training_loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        """The scalar loss of one batch (default: ``model(**batch).loss``)."""
+        return model(**batch).loss
+
+    def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        """Return ``{"loss": scalar tensor, "predictions": tensor, "references": tensor}`` for a batch.
+
+        Tensors are gathered across processes by the core, then passed to
+        :meth:`compute_metrics`.
+        """
+        outputs = model(**batch)
+        return {"loss": outputs.loss}
+
+    def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
+        """Metrics from all eval predictions (numpy arrays). Scalar values are logged;
+        a nested dict (e.g. a per-class report) goes to metrics.json only."""
+        return {}
+
+    def baseline(self, splits: DataSplits) -> dict[str, float] | None:
+        """Optional simple non-neural baseline on the same split; stored as ``baseline.*``."""
+        return None
+
+    # -- inference -----------------------------------------------------
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
+                batch_size: int = 32) -> list[dict[str, Any]]:
+        """Predict for raw records (dicts with the recipe's input columns)."""
+        raise NotImplementedError
+
+    def predict_input_columns(self) -> list[str]:
+        """Columns a prediction input must have (used to read stdin lines)."""
+        return []

@@ -1,0 +1,12 @@
+"""Built-in NLP task family for finetune (registered through the ``finetune`` entry point)."""
+
+from finetune import hookimpl
+
+finetune_hook_version = "1"
+
+
+@hookimpl
+def finetune_register_tasks(register):
+    from finetune_nlp.text_classification import TextClassification
+
+    register(TextClassification)

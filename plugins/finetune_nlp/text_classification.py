@@ -1,0 +1,237 @@
+"""``text-classification``: sequence classification on any transformers encoder.
+
+Data: a table with a text column (and optionally a second text column for
+pairs) and a label column holding strings or integers. Metrics: accuracy,
+macro-F1 and a per-class report. Baseline: character n-gram TF-IDF +
+logistic regression on the same split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from finetune import DataError, DataOptions, DataSplits, Task, TaskOptions, load_table, require_columns, split_frame
+
+# Attention projections LoRA targets by default, per architecture family (first match wins).
+_ATTENTION_NAMES = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("query_proj", "value_proj"),
+                    ("q", "v"), ("query_key_value",), ("c_attn",), ("Wqkv",))
+_HEAD_NAMES = ("classifier", "score", "pre_classifier", "pooler")
+
+
+class TextClassificationData(DataOptions):
+    text_column: str = Field("text", description="Column holding the text.")
+    text_pair_column: str | None = Field(None, description="Optional second text column (sentence pairs).")
+    label_column: str = Field("label", description="Column holding the label (string or integer).")
+    max_length: int = Field(128, gt=0, le=8192, description="Truncate texts to this many tokens.")
+
+
+class TextClassificationOptions(TaskOptions):
+    baseline: bool = Field(True, description="Also score a TF-IDF + logistic regression baseline on the split.")
+
+
+class TextClassification(Task):
+    name = "text-classification"
+    description = "Classify texts (or text pairs) into labels with a transformers encoder."
+    task_options = TextClassificationOptions
+    data_options = TextClassificationData
+    default_metric = "accuracy"
+    pipeline_tag = "text-classification"
+    library_name = "peft"
+
+    # -- data ----------------------------------------------------------
+    def _read(self, path: str, key: str):
+        data = self.recipe.data
+        df = load_table(path, data.format, key=key)
+        require_columns(df, {"data.text_column": data.text_column, "data.text_pair_column": data.text_pair_column,
+                             "data.label_column": data.label_column,
+                             "data.group_column": data.group_column}, path)
+        for column, ckey in ((data.text_column, "data.text_column"), (data.label_column, "data.label_column")):
+            bad = df.index[df[column].isna()].tolist()
+            if bad:
+                rows = ", ".join(str(i + 2) for i in bad[:5])  # +2: header line and 1-based lines
+                raise DataError(f"{key}: {path}: {len(bad)} row(s) have an empty {ckey} ({column!r}), e.g. on "
+                                f"line(s) {rows}; fill or remove them.")
+        df[data.label_column] = df[data.label_column].map(_label_str)
+        df[data.text_column] = df[data.text_column].astype(str)
+        return df
+
+    def prepare_data(self) -> DataSplits:
+        data = self.recipe.data
+        train = self._read(data.train, "data.train")
+        if data.limit:
+            train = train.sample(n=min(data.limit, len(train)), random_state=self.recipe.train.seed) \
+                .reset_index(drop=True)
+        if data.eval:
+            eval_ = self._read(data.eval, "data.eval")
+        else:
+            train, eval_ = split_frame(train, data.split, self.recipe.train.seed, stratify=data.label_column,
+                                       group=data.group_column)
+        labels = sorted(train[data.label_column].unique(), key=_label_sort_key)
+        if len(labels) < 2:
+            raise DataError(f"data.label_column: only one class ({labels[0]!r}) in the training data "
+                            f"({data.train}); classification needs at least two.")
+        unseen = sorted(set(eval_[data.label_column]) - set(labels), key=_label_sort_key)
+        if unseen:
+            raise DataError(f"data.eval: labels {unseen} appear in the eval data but never in training "
+                            f"(training labels: {labels}); add training examples for them or drop those rows.")
+        self.state = {"labels": labels}
+        counts = train[data.label_column].value_counts().to_dict()
+        info = {"train_examples": len(train), "eval_examples": len(eval_), "labels": labels,
+                "train_label_counts": {k: int(counts[k]) for k in labels}}
+        return DataSplits(train=train, eval=eval_, info=info)
+
+    def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
+        data = self.recipe.data
+        label_ids = {label: i for i, label in enumerate(self.state["labels"])}
+        texts = examples[data.text_column].tolist()
+        pairs = examples[data.text_pair_column].astype(str).tolist() if data.text_pair_column else None
+        enc = processor(texts, pairs, truncation=True, max_length=data.max_length)
+        labels = [label_ids[v] for v in examples[data.label_column]]
+        return _EncodedDataset(enc, labels)
+
+    def collate_fn(self, processor: Any):
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(processor, return_tensors="pt")
+
+    # -- model ---------------------------------------------------------
+    def load_model(self, backbone: Any) -> tuple[Any, Any]:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        labels = self.state["labels"]
+        kwargs = {"local_files_only": True, "trust_remote_code": backbone.trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            backbone.path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)}, ignore_mismatched_sizes=True, **kwargs)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
+
+    def lora_targets(self, model: Any) -> list[str]:
+        leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                  if type(module).__name__ in ("Linear", "Conv1D")}
+        for names in _ATTENTION_NAMES:
+            if all(n in leaves for n in names):
+                return list(names)
+        raise DataError("peft.target_modules: no known attention projection names in this model; set "
+                        f"peft.target_modules to some of: {', '.join(sorted(leaves))}.")
+
+    def modules_to_save(self, model: Any) -> list[str]:
+        # The head, and the pooler in front of it: all-MiniLM-L6-v2 was trained with mean pooling, so its
+        # CLS pooler is effectively untrained and must learn too.
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        return [n for n in _HEAD_NAMES if n in names]
+
+    def peft_task_type(self) -> str:
+        return "SEQ_CLS"
+
+    # -- evaluation ----------------------------------------------------
+    def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        out = model(**batch)
+        return {"loss": out.loss, "predictions": out.logits.argmax(-1), "references": batch["labels"]}
+
+    def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
+        from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+        labels = self.state["labels"]
+        ids = list(range(len(labels)))
+        p, r, f, s = precision_recall_fscore_support(references, predictions, labels=ids, zero_division=0)
+        return {
+            "accuracy": float(accuracy_score(references, predictions)),
+            "macro_f1": float(f1_score(references, predictions, labels=ids, average="macro", zero_division=0)),
+            "per_class": {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                                      "support": int(s[i])} for i in ids},
+        }
+
+    def baseline(self, splits: DataSplits) -> dict[str, Any] | None:
+        if not self.recipe.task.baseline:
+            return None
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import accuracy_score, f1_score
+        from sklearn.pipeline import make_pipeline
+
+        data = self.recipe.data
+
+        def texts(df):
+            if data.text_pair_column:
+                return (df[data.text_column] + " [SEP] " + df[data.text_pair_column].astype(str)).tolist()
+            return df[data.text_column].tolist()
+
+        clf = make_pipeline(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True),
+                            LogisticRegression(max_iter=2000, C=10.0))
+        clf.fit(texts(splits.train), splits.train[data.label_column])
+        pred = clf.predict(texts(splits.eval))
+        ref = splits.eval[data.label_column]
+        return {"name": "char n-gram TF-IDF + logistic regression",
+                "accuracy": float(accuracy_score(ref, pred)),
+                "macro_f1": float(f1_score(ref, pred, average="macro"))}
+
+    # -- inference -----------------------------------------------------
+    def predict_input_columns(self) -> list[str]:
+        data = self.recipe.data
+        return [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
+
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
+                batch_size: int = 32) -> list[dict[str, Any]]:
+        import torch
+
+        data = self.recipe.data
+        labels = self.state["labels"]
+        rows = []
+        device = next(model.parameters()).device
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            texts = [str(r[data.text_column]) for r in chunk]
+            pairs = [str(r[data.text_pair_column]) for r in chunk] if data.text_pair_column else None
+            enc = processor(texts, pairs, truncation=True, max_length=data.max_length, padding=True,
+                            return_tensors="pt").to(device)
+            probs = torch.softmax(model(**enc).logits.float(), dim=-1).cpu()
+            for record, p in zip(chunk, probs):
+                best = int(p.argmax())
+                rows.append({**record, "label": labels[best], "score": float(p[best]),
+                             **{f"prob_{label}": float(p[i]) for i, label in enumerate(labels)}})
+        return rows
+
+    def usage_snippet(self, base: str) -> str:
+        labels = self.state.get("labels", [])
+        return (
+            "from peft import PeftModel\n"
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+            f"labels = {labels!r}\n"
+            f"base = AutoModelForSequenceClassification.from_pretrained({base!r}, num_labels=len(labels))\n"
+            "model = PeftModel.from_pretrained(base, 'adapter').eval()  # the run's adapter/ folder\n"
+            "tokenizer = AutoTokenizer.from_pretrained('adapter')\n"
+            "logits = model(**tokenizer(['some text'], return_tensors='pt')).logits\n"
+            "print(labels[logits.argmax(-1).item()])")
+
+
+class _EncodedDataset:
+    def __init__(self, encodings: Any, labels: list[int]) -> None:
+        self.encodings = encodings
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {k: v[i] for k, v in self.encodings.items()}
+        item["labels"] = self.labels[i]
+        return item
+
+
+def _label_str(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _label_sort_key(label: str) -> tuple[int, Any]:
+    try:
+        return (0, int(label))
+    except ValueError:
+        return (1, label)

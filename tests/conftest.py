@@ -1,0 +1,118 @@
+"""Shared fixtures: a tiny randomly initialised BERT saved with save_pretrained, tiny data, recipes."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+POSITIVE = ["good", "great", "nice", "happy", "love", "fine", "super", "best"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "worst", "ugly", "evil"]
+NEUTRAL = ["the", "a", "day", "movie", "food", "it", "was", "is", "very", "so"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with a word-level vocabulary, randomly initialised."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL,
+             *"abcdefghijklmnopqrstuvwxyz"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(POSITIVE if label == "pos" else NEGATIVE, 2) + rng.sample(NEUTRAL, 3)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path) -> Path:
+    return write_csv(tmp_path / "data" / "train.csv", make_sentiment_rows(160))
+
+
+@pytest.fixture
+def make_recipe(tmp_path, tiny_bert, sentiment_csv):
+    """Write a recipe for the tiny model; keyword args replace whole sections' extra lines."""
+
+    def _make(extra: str = "", *, train: str = "", data: str = "", name: str = "recipe.toml",
+              output: str | None = None) -> Path:
+        out = output if output is not None else str(tmp_path / "run")
+        text = textwrap.dedent(f"""\
+            [task]
+            name = "text-classification"
+
+            [model]
+            backbone = "{tiny_bert}"
+
+            [data]
+            train = "{sentiment_csv}"
+            split = 0.25
+            max_length = 16
+            {data}
+
+            [peft]
+            r = 4
+            alpha = 8
+
+            [train]
+            epochs = 2
+            batch_size = 16
+            learning_rate = 5e-3
+            mixed_precision = "no"
+            log_every_steps = 2
+            checkpoint_every_steps = 3
+            seed = 0
+            {train}
+
+            [output]
+            dir = "{out}"
+            {extra}
+            """)
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return _make
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: int = 600):
+    """Run the real `finetune` CLI in a subprocess (as a user would)."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "finetune.cli", *args], capture_output=True, text=True,
+                          env=full_env, input=input, timeout=timeout, cwd=str(REPO))
