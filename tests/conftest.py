@@ -28,10 +28,11 @@ def tiny_bert(tmp_path_factory) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL,
              *"abcdefghijklmnopqrstuvwxyz"]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"))  # transformers 5: vocab=, not vocab_file=
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+                        intermediate_size=64, max_position_embeddings=64,
+                        initializer_range=0.2)  # wider init: token identity survives to [CLS]
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -66,44 +67,27 @@ def sentiment_csv(tmp_path) -> Path:
 
 @pytest.fixture
 def make_recipe(tmp_path, tiny_bert, sentiment_csv):
-    """Write a recipe for the tiny model; keyword args replace whole sections' extra lines."""
+    """Write a recipe for the tiny model. ``data``/``train`` are TOML lines merged into those
+    sections (they win over the defaults); ``extra`` is raw TOML appended at the end."""
 
     def _make(extra: str = "", *, train: str = "", data: str = "", name: str = "recipe.toml",
               output: str | None = None) -> Path:
-        out = output if output is not None else str(tmp_path / "run")
-        text = textwrap.dedent(f"""\
-            [task]
-            name = "text-classification"
+        import tomli_w
+        import tomllib
 
-            [model]
-            backbone = "{tiny_bert}"
-
-            [data]
-            train = "{sentiment_csv}"
-            split = 0.25
-            max_length = 16
-            {data}
-
-            [peft]
-            r = 4
-            alpha = 8
-
-            [train]
-            epochs = 2
-            batch_size = 16
-            learning_rate = 5e-3
-            mixed_precision = "no"
-            log_every_steps = 2
-            checkpoint_every_steps = 3
-            seed = 0
-            {train}
-
-            [output]
-            dir = "{out}"
-            {extra}
-            """)
+        recipe = {
+            "task": {"name": "text-classification"},
+            "model": {"backbone": str(tiny_bert)},
+            "data": {"train": str(sentiment_csv), "split": 0.25, "max_length": 16},
+            "peft": {"r": 4, "alpha": 8},
+            "train": {"epochs": 2, "batch_size": 16, "learning_rate": 1e-2, "mixed_precision": "no",
+                      "log_every_steps": 2, "checkpoint_every_steps": 3, "seed": 0},
+            "output": {"dir": output if output is not None else str(tmp_path / "run")},
+        }
+        recipe["data"].update(tomllib.loads(data))
+        recipe["train"].update(tomllib.loads(train))
         path = tmp_path / name
-        path.write_text(text)
+        path.write_text(tomli_w.dumps(recipe) + ("\n" + textwrap.dedent(extra) if extra else ""))
         return path
 
     return _make

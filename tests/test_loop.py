@@ -1,0 +1,229 @@
+"""The training loop on a tiny fixture model: learning, checkpoints, resume, interruption, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO
+from finetune import hookimpl
+from finetune.console import Console
+from finetune.errors import RunError, TrainingError
+from finetune.loop import Interrupted
+from finetune.plugins import get_registry
+from finetune.runner import run_recipe
+from finetune.runs import RunDir
+
+QUIET = Console(quiet=True)
+
+
+def adapter_tensors(run: RunDir) -> dict:
+    return load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() <= atol, key
+
+
+@pytest.fixture
+def callback_plugin():
+    """Register a plugin whose callbacks a test supplies; unregistered afterwards."""
+    registry = get_registry()
+    module = types.ModuleType("test_callbacks_plugin")
+    module.callbacks = []
+
+    @hookimpl
+    def finetune_register_callbacks(register):
+        for cb in module.callbacks:
+            register(cb)
+
+    module.finetune_register_callbacks = finetune_register_callbacks
+    registry.pm.register(module, name="test-callbacks")
+    yield module
+    registry.pm.unregister(module)
+
+
+def test_training_learns_and_writes_complete_run_folder(make_recipe):
+    run = run_recipe(make_recipe(train="epochs = 4"), [], console=QUIET)
+    assert run.is_finished()
+    for name in ("recipe.toml", "run.json", "metrics.jsonl", "metrics.json", "curves.png", "README.md"):
+        assert (run.path / name).exists(), name
+    assert (run.adapter_dir / "adapter_config.json").exists()
+    assert (run.adapter_dir / "finetune_task.json").exists()
+    log = [r for r in run.read_metrics_log() if r["kind"] == "train"]
+    assert log[-1]["loss"] < log[0]["loss"]
+    metrics = json.loads(run.metrics_file.read_text())
+    assert metrics["best"]["accuracy"] >= 0.75  # chance is 0.5
+    assert metrics["baseline"]["name"]
+    assert 0 < metrics["params"]["trainable"] < metrics["params"]["total"]
+    assert metrics["train"]["steps"] == metrics["train"]["steps_planned"]
+    info = run.info()
+    assert info["status"] == "finished"
+    assert any(p["name"] == "nlp" for p in info["plugins"])
+    assert info["backbone"]["source"].startswith("local folder")
+    card = run.card_file.read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "text-classification" in card
+
+
+def test_keeps_only_the_last_k_checkpoints(make_recipe):
+    run = run_recipe(make_recipe(train="keep_checkpoints = 2"), [], console=QUIET)
+    ckpts = run.checkpoints()
+    assert len(ckpts) == 2
+    assert not list(run.checkpoints_dir.glob(".tmp-*"))
+    state = json.loads((ckpts[-1] / "loop_state.json").read_text())
+    assert state["global_step"] == json.loads(run.metrics_file.read_text())["train"]["steps"]
+
+
+def test_interrupt_then_resume_equals_uninterrupted_run(make_recipe, tmp_path, callback_plugin):
+    full = run_recipe(make_recipe(output=str(tmp_path / "full"), name="full.toml"), [], console=QUIET)
+
+    class CtrlCAtStep5:
+        def on_log(self, run, state, logs):
+            if state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C
+
+    callback_plugin.callbacks = [CtrlCAtStep5()]
+    recipe = make_recipe(output=str(tmp_path / "cut"), name="cut.toml")
+    with pytest.raises(Interrupted, match="resumable"):
+        run_recipe(recipe, [], console=QUIET)
+    cut = RunDir(tmp_path / "cut")
+    assert cut.status == "interrupted"
+    assert not cut.metrics_file.exists() and not cut.card_file.exists()
+    assert json.loads((cut.latest_checkpoint() / "loop_state.json").read_text())["global_step"] == 4
+    callback_plugin.callbacks = []
+    resumed = run_recipe(recipe, [], console=QUIET)  # same command, no --resume: continues
+    assert resumed.is_finished()
+    assert_same_tensors(adapter_tensors(full), adapter_tensors(resumed))
+    m_full, m_res = (json.loads(r.metrics_file.read_text()) for r in (full, resumed))
+    assert m_full["best"] == m_res["best"] and m_full["last"] == m_res["last"]
+    steps = [r["step"] for r in resumed.read_metrics_log() if r["kind"] == "train"]
+    assert steps == sorted(set(steps)), "metrics.jsonl must not repeat steps after a resume"
+
+
+def test_crash_resumes_from_last_periodic_checkpoint(make_recipe, tmp_path, callback_plugin):
+    full = run_recipe(make_recipe(output=str(tmp_path / "full"), name="full.toml"), [], console=QUIET)
+
+    class Crash:
+        def on_log(self, run, state, logs):
+            if state.global_step == 8:
+                raise RuntimeError("simulated crash")
+
+    callback_plugin.callbacks = [Crash()]
+    recipe = make_recipe(output=str(tmp_path / "crash"), name="crash.toml")
+    with pytest.raises(Exception, match="simulated crash"):
+        run_recipe(recipe, [], console=QUIET)
+    crashed = RunDir(tmp_path / "crash")
+    assert crashed.status == "failed"
+    assert json.loads((crashed.latest_checkpoint() / "loop_state.json").read_text())["global_step"] == 6
+    callback_plugin.callbacks = []
+    resumed = run_recipe(recipe, [], resume=True, console=QUIET)
+    assert_same_tensors(adapter_tensors(full), adapter_tensors(resumed))
+
+
+def test_kill_9_mid_training_leaves_a_resumable_run(make_recipe, tmp_path):
+    recipe = make_recipe(train="epochs = 40\ncheckpoint_every_steps = 2\nlog_every_steps = 1",
+                         output=str(tmp_path / "killed"))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", "run", str(recipe)], cwd=str(REPO), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = RunDir(tmp_path / "killed")
+    deadline = time.time() + 120
+    while time.time() < deadline and len(run.checkpoints()) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert run.status == "running" and not run.is_finished()
+    step = json.loads((run.latest_checkpoint() / "loop_state.json").read_text())["global_step"]
+    result = subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(recipe), "--resume",
+                             "--set", "train.epochs=40"], cwd=str(REPO), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"Resuming from ckpt-{step:08d}" in result.stdout
+    assert run.is_finished()
+
+
+def test_corrupt_checkpoint_is_named(make_recipe, tmp_path, callback_plugin):
+    class CtrlC:
+        def on_log(self, run, state, logs):
+            if state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    callback_plugin.callbacks = [CtrlC()]
+    recipe = make_recipe()
+    with pytest.raises(Interrupted):
+        run_recipe(recipe, [], console=QUIET)
+    callback_plugin.callbacks = []
+    run = RunDir(tmp_path / "run")
+    bad = run.latest_checkpoint() / "optimizer.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError, match="optimizer.pt"):
+        run_recipe(recipe, [], console=QUIET)
+
+
+def test_finished_run_is_not_overwritten_without_flag(make_recipe):
+    recipe = make_recipe(train="epochs = 1")
+    run = run_recipe(recipe, [], console=QUIET)
+    before = run.metrics_file.read_text()
+    with pytest.raises(RunError, match="--overwrite"):
+        run_recipe(recipe, [], console=QUIET)
+    assert run.metrics_file.read_text() == before
+    again = run_recipe(recipe, [], overwrite=True, console=QUIET)
+    assert again.is_finished()
+
+
+def test_non_finite_loss_stops_with_a_clear_message(make_recipe, monkeypatch):
+    import torch
+    from finetune_nlp.text_classification import TextClassification
+
+    def nan_loss(self, model, batch):
+        return model(**batch).loss * torch.tensor(float("nan"))
+
+    monkeypatch.setattr(TextClassification, "training_loss", nan_loss)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 1.*learning_rate"):
+        run_recipe(make_recipe(), [], console=QUIET)
+
+
+def test_early_stopping_and_step_evaluation(make_recipe, monkeypatch):
+    from finetune_nlp.text_classification import TextClassification
+
+    monkeypatch.setattr(TextClassification, "compute_metrics",
+                        lambda self, p, r: {"accuracy": 0.5})  # never improves
+    run = run_recipe(make_recipe(train="epochs = 5\neval_every_steps = 2\nearly_stopping_patience = 2"), [],
+                     console=QUIET)
+    metrics = json.loads(run.metrics_file.read_text())
+    assert metrics["train"]["stopped_early"] is True
+    assert metrics["train"]["steps"] < metrics["train"]["steps_planned"]
+    evals = [r for r in run.read_metrics_log() if r["kind"] == "eval"]
+    assert [e["step"] for e in evals][:3] == [2, 4, 6]
+    assert metrics["best"]["step"] == 2
+
+
+def test_callback_can_stop_training(make_recipe, callback_plugin):
+    class StopAt3:
+        def on_log(self, run, state, logs):
+            if state.global_step >= 3:
+                state.should_stop = True
+
+    callback_plugin.callbacks = [StopAt3()]
+    run = run_recipe(make_recipe(), [], console=QUIET)
+    metrics = json.loads(run.metrics_file.read_text())
+    assert run.is_finished() and metrics["train"]["steps"] == 4  # log_every_steps = 2: first log at/after 3
+    assert metrics["last"]["step"] == 4
+
+
+def test_gradient_accumulation_counts_optimizer_steps(make_recipe):
+    run = run_recipe(make_recipe(train="gradient_accumulation_steps = 2\nepochs = 1"), [], console=QUIET)
+    metrics = json.loads(run.metrics_file.read_text())
+    # 120 training rows / batch 16 = 8 micro-batches -> 4 optimizer steps
+    assert metrics["train"]["steps"] == 4
+    assert metrics["train"]["samples_seen"] == 120
