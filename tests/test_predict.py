@@ -1,0 +1,78 @@
+"""Adapters saved in the run folder reload (with finetune and with plain peft) and predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli, write_csv
+from finetune.console import Console
+from finetune.errors import RunError
+from finetune.runner import load_run, open_session, run_recipe
+
+
+@pytest.fixture
+def trained_run(make_recipe):
+    recipe = make_recipe(train="epochs = 3")
+    return recipe, run_recipe(recipe, [], console=Console(quiet=True))
+
+
+def test_reloaded_adapter_reproduces_the_best_eval_accuracy(trained_run):
+    recipe, run = trained_run
+    splits = open_session(recipe).splits
+    task, model, processor, _ = load_run(run.path)
+    records = splits.eval.to_dict(orient="records")
+    with torch.no_grad():
+        rows = task.predict(model, processor, records)
+    accuracy = sum(r["label"] == rec["label"] for r, rec in zip(rows, records)) / len(records)
+    best = json.loads(run.metrics_file.read_text())["best"]["accuracy"]
+    assert accuracy == pytest.approx(best, abs=1e-9)
+
+
+def test_plain_peft_and_transformers_load_the_adapter(trained_run, tiny_bert):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _, run = trained_run
+    task, ours, processor, _ = load_run(run.path)
+    labels = task.state["labels"]
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=len(labels))
+    plain = PeftModel.from_pretrained(base, str(run.adapter_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(run.adapter_dir))
+    batch = tokenizer(["good day", "awful food", "the movie was so evil"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits, ours(**batch).logits, atol=1e-6)
+        # and the adapter really changed the model: the head is not the freshly initialised one
+        fresh = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=len(labels))
+        assert not torch.allclose(fresh(**batch).logits, ours(**batch).logits, atol=1e-3)
+
+
+def test_predict_cli_file_and_stdin(trained_run, tmp_path):
+    _, run = trained_run
+    inp = write_csv(tmp_path / "new.csv", [{"text": "good great day"}, {"text": "awful bad food"}])
+    out = tmp_path / "preds.csv"
+    result = run_cli("predict", str(run.path), "--input", str(inp), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["text"] for r in rows] == ["good great day", "awful bad food"]
+    for row in rows:
+        assert row["label"] in ("neg", "pos")
+        assert float(row["prob_neg"]) + float(row["prob_pos"]) == pytest.approx(1.0, abs=1e-5)
+    result = run_cli("predict", str(run.path), input="good great day\nawful bad food\n")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["label"] for line in lines] == [r["label"] for r in rows]
+
+
+def test_predict_errors_are_clear(tmp_path, trained_run):
+    with pytest.raises(RunError, match="not a finetune run folder"):
+        load_run(tmp_path / "nowhere")
+    _, run = trained_run
+    result = run_cli("predict", str(run.path), "--input", str(tmp_path / "missing.csv"))
+    assert result.returncode == 2 and "missing.csv" in result.stderr and "Traceback" not in result.stderr
+    bad = write_csv(tmp_path / "bad.csv", [{"sentence": "x"}])
+    result = run_cli("predict", str(run.path), "--input", str(bad))
+    assert result.returncode == 2 and "'text' not found" in result.stderr and "sentence" in result.stderr
