@@ -20,6 +20,7 @@ quickstart: $(STAMP)
 
 ## Set up and run the whole test suite (unit + integration with real weights).
 test: $(STAMP)
+	$(BIN)/ruff check finetune plugins tests
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -7,10 +7,14 @@ may change. Importing this package does not import torch.
 from finetune.backbones import ResolvedBackbone
 from finetune.data import load_table, require_columns, split_frame
 from finetune.errors import BackboneError, DataError, FinetuneError, PluginError, RecipeError
+from finetune.loop import LoopState
 from finetune.plugins import HOOK_VERSION as FINETUNE_HOOK_VERSION
 from finetune.plugins import hookimpl
 from finetune.recipe import DataOptions, PathStr, TaskOptions
+from finetune.runner import load_run
+from finetune.runs import RunDir
 from finetune.task import DataSplits, Task
+from finetune.zoo import cache_root, cached_folder
 
 __version__ = "0.1.0"
 
@@ -21,13 +25,18 @@ __all__ = [
     "DataOptions",
     "DataSplits",
     "FinetuneError",
+    "LoopState",
     "PathStr",
     "PluginError",
     "RecipeError",
     "ResolvedBackbone",
+    "RunDir",
     "Task",
     "TaskOptions",
+    "cache_root",
+    "cached_folder",
     "hookimpl",
+    "load_run",
     "load_table",
     "require_columns",
     "split_frame",

@@ -126,9 +126,11 @@ def attach_lora(model: Any, peft_cfg: Any, task: Any) -> tuple[Any, LoraReport]:
     """
     from peft import LoraConfig, get_peft_model
 
-    targets = task.lora_targets(model) if peft_cfg.target_modules == "auto" else peft_cfg.target_modules
     saved = task.modules_to_save(model) if peft_cfg.modules_to_save == "auto" else (
         [peft_cfg.modules_to_save] if isinstance(peft_cfg.modules_to_save, str) else list(peft_cfg.modules_to_save))
+    if peft_cfg.method in ("none", "full"):
+        return _plain_training(model, peft_cfg.method, saved)
+    targets = task.lora_targets(model) if peft_cfg.target_modules == "auto" else peft_cfg.target_modules
     names = [n for n, _ in model.named_modules()]
     if isinstance(targets, list):
         unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
@@ -151,3 +153,23 @@ def attach_lora(model: Any, peft_cfg: Any, task: Any) -> tuple[Any, LoraReport]:
     total = sum(p.numel() for p in peft_model.parameters())
     return peft_model, LoraReport(target_modules=targets, modules_to_save=saved, trainable_params=trainable,
                                   total_params=total)
+
+
+def _plain_training(model: Any, method: str, saved: list[str]) -> tuple[Any, LoraReport]:
+    """Linear probing (only ``saved`` modules train) or full fine-tuning (everything trains)."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        if not saved:
+            from finetune.errors import RecipeError
+
+            raise RecipeError("peft.method = \"none\" trains only the head, but the task names no head "
+                              "module; set peft.modules_to_save.")
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name == m or name.startswith(m + ".") or f".{m}." in f".{name}"
+                                 for m in saved))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return model, LoraReport(target_modules=[] if method == "none" else "all", modules_to_save=saved,
+                             trainable_params=trainable, total_params=total)

@@ -38,7 +38,8 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
     for key, value in best.items():
         if key in ("step", "epoch") or not isinstance(value, (int, float)):
             continue
-        lines.append(f"| {key} | {_fmt(value)} | {_fmt(last.get(key, ''))} | {_fmt(baseline.get(key, '')) if baseline else ''} |")
+        base_value = _fmt(baseline.get(key, "")) if baseline else ""
+        lines.append(f"| {key} | {_fmt(value)} | {_fmt(last.get(key, ''))} | {base_value} |")
     if baseline.get("name"):
         lines += ["", f"Baseline: {baseline['name']} on the same split."]
     lines += ["", f"Best checkpoint: step {best.get('step')} (epoch {best.get('epoch')}), selected on "

@@ -157,16 +157,24 @@ def plugins() -> None:
               help="A .csv/.tsv/.jsonl/.parquet file with the recipe's input column(s); default: lines on stdin.")
 @click.option("--output", "output_path", type=click.Path(path_type=Path),
               help="Write predictions here (.csv or .jsonl); default: JSON lines on stdout.")
+@click.option("--text", "-t", "texts", multiple=True, help="An input given directly (repeatable), e.g. a text "
+              "or a prompt.")
 @click.option("--batch-size", default=32, show_default=True)
-def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, batch_size: int) -> None:
-    """Predict with the best adapter of the run in RUN_DIR."""
+@_set_option
+def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, texts: tuple[str, ...],
+            batch_size: int, overrides: tuple[str, ...]) -> None:
+    """Predict with the best adapter of the run in RUN_DIR.
+
+    Inputs come from --text, --input, or lines on stdin. --set changes prediction-time
+    settings of the run's recipe (e.g. a generation task's sampling options)."""
     _quiet_libraries()
     from finetune.predict import predict_records, read_records, write_predictions
     from finetune.runner import load_run
 
-    task, model, processor, _ = load_run(run_dir)
-    records = read_records(task, input_path)
-    rows = predict_records(task, model, processor, records, batch_size)
+    task, model, processor, _ = load_run(run_dir, list(overrides))
+    records = read_records(task, input_path, list(texts))
+    stream = output_path is None and sys.stdout.isatty()
+    rows = predict_records(task, model, processor, records, batch_size, stream=stream)
     write_predictions(rows, output_path)
 
 

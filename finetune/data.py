@@ -41,20 +41,31 @@ def load_table(path: str | Path, fmt: str = "auto", key: str = "data.train") -> 
     if path.is_dir():
         raise DataError(f"{key}: {path} is a folder; this task reads a table file (.csv, .jsonl, .parquet).")
     kind = detect_format(path, fmt)
+    if path.stat().st_size == 0:
+        raise DataError(f"{key}: {path} is empty (0 bytes); it needs a header row and at least one example.")
     try:
-        if kind == "csv":
-            df = pd.read_csv(path, keep_default_na=False, na_values=[""])
-        elif kind == "tsv":
-            df = pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
+        if kind in ("csv", "tsv"):
+            df = _read_delimited(path, "," if kind == "csv" else "\t", key)
         elif kind == "jsonl":
-            df = pd.read_json(path, lines=True)
+            try:
+                df = pd.read_json(path, lines=True)
+            except ValueError:
+                _check_jsonl(path, key)  # names the bad line; pandas only gives a byte position
+                raise
         elif kind == "json":
             df = pd.read_json(path)
         else:
             df = pd.read_parquet(path)
     except pd.errors.EmptyDataError:
         raise DataError(f"{key}: {path} is empty; it needs a header row and at least one example.") from None
-    except (ValueError, pd.errors.ParserError, OSError, UnicodeDecodeError) as exc:
+    except DataError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{key}: {path} is not UTF-8 text ({exc}); save it as UTF-8.") from None
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{key}: cannot read {path} as {kind}: {str(exc).strip()}. A text containing the "
+                        "delimiter, a quote or a line break must be quoted (\"...\").") from None
+    except (ValueError, OSError) as exc:
         raise DataError(f"{key}: cannot read {path} as {kind}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - e.g. pyarrow errors on a corrupt parquet file
         raise DataError(f"{key}: cannot read {path} as {kind}: {type(exc).__name__}: {exc}") from None
@@ -64,15 +75,68 @@ def load_table(path: str | Path, fmt: str = "auto", key: str = "data.train") -> 
     return df
 
 
+def _read_delimited(path: Path, sep: str, key: str) -> pd.DataFrame:
+    """read_csv that refuses rows with more fields than the header instead of silently using the first
+    column as the index (pandas' behaviour) or dropping data."""
+    import warnings
+
+    import pandas as pd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(path, sep=sep, keep_default_na=False, na_values=[""], index_col=False)
+        except pd.errors.ParserWarning:
+            pass
+    line, n_fields, n_header = _first_long_row(path, sep)
+    raise DataError(f"{key}: {path}: line {line} has {n_fields} fields but the header has {n_header}; "
+                    "quote texts that contain the delimiter (\"...\") or fix the row.")
+
+
+def _first_long_row(path: Path, sep: str) -> tuple[int | str, int | str, int | str]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        header = next(reader, [])
+        for row in reader:
+            if len(row) > len(header):
+                return reader.line_num, len(row), len(header)
+    return "?", "more", len(header)
+
+
+def _check_jsonl(path: Path, key: str) -> None:
+    """Raise a DataError naming the first line that is not a JSON object, if any."""
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"{key}: {path}: line {number} is not valid JSON ({exc}); each line of a "
+                                ".jsonl file must be one JSON object.") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{key}: {path}: line {number} is a JSON {type(record).__name__}, not an "
+                                "object; each line of a .jsonl file must be one JSON object such as "
+                                "{\"text\": \"...\", \"label\": \"...\"}.")
+
+
 def require_columns(df: pd.DataFrame, columns: dict[str, str | None], path: str | Path) -> None:
     """``columns`` maps recipe key (e.g. ``data.text_column``) -> column name; None entries are skipped."""
     for key, column in columns.items():
         if column is not None and column not in df.columns:
-            found = ", ".join(df.columns)
+            found = ", ".join(repr(c) for c in df.columns)
             from finetune.errors import did_you_mean
 
+            hint = ""
+            if len(df.columns) == 1 and any(d in str(df.columns[0]) for d in ("\t", ";", ",", "|")):
+                hint = (" The file was read as a single column: its delimiter does not match the format; "
+                        "check data.format (csv: comma, tsv: tab).")
             raise DataError(f"{key}: column {column!r} not found in {path}{did_you_mean(column, df.columns)}. "
-                            f"Columns found: {found}. Set {key} to one of them.")
+                            f"Columns found: {found}. Set {key} to one of them.{hint}")
 
 
 def split_frame(df: pd.DataFrame, fraction: float, seed: int, stratify: str | None = None,
@@ -86,7 +150,8 @@ def split_frame(df: pd.DataFrame, fraction: float, seed: int, stratify: str | No
 
     rng = np.random.default_rng(seed)
     if group is not None:
-        groups = df[group].astype(str).unique()
+        # a sorted numpy array: shuffling pandas' Arrow-backed arrays in place is unsafe (duplicates)
+        groups = np.array(sorted(df[group].astype(str).unique()), dtype=object)
         rng.shuffle(groups)
         n_eval = max(1, int(round(len(groups) * fraction)))
         eval_groups = set(groups[:n_eval])

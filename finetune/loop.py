@@ -82,7 +82,7 @@ class _StopRequest:
         print(f"\n{self.requested} received: finishing this step and writing a checkpoint "
               "(press Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -216,12 +216,7 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
     cfg = recipe.train
     mixed = resolve_mixed_precision(cfg.mixed_precision)
     log_with = None
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise FinetuneError("train.tensorboard = true needs TensorBoard: pip install 'finetune[tensorboard]'") \
-                from None
+    if cfg.tensorboard:  # availability checked by runner.check_train_settings before the run folder exists
         log_with = "tensorboard"
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), log_with=log_with,
                               project_dir=str(run.path / "tensorboard") if log_with else None)
@@ -274,13 +269,13 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                 if out.get("predictions") is not None:
                     preds.append(accelerator.gather_for_metrics(out["predictions"]).cpu().numpy())
                     refs.append(accelerator.gather_for_metrics(out["references"]).cpu().numpy())
-        model.train()
+        task.train_mode(model)
         result: dict[str, Any] = {}
         if losses:
             result["eval_loss"] = float(torch.cat(losses).mean())
         if preds:
             result.update(task.compute_metrics(np.concatenate(preds), np.concatenate(refs)))
-        return result
+        return task.finalize_eval(result)
 
     def write_checkpoint() -> None:
         if not accelerator.is_main_process:
@@ -328,6 +323,8 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                 state.should_stop = state.stopped_early = True
                 console.print(f"Early stopping: {metric} has not improved for "
                               f"{state.evals_without_improvement} evaluations.")
+        if accelerator.is_main_process:
+            task.after_evaluate(accelerator.unwrap_model(model), processor, run.path, state.global_step, metrics)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in scalars.items())
         console.print(f"eval @ step {state.global_step} (epoch {epoch}): {shown}"
                       + ("  [best]" if better else ""))
@@ -337,7 +334,7 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
     for cb in callbacks:
         _call(cb, "on_train_start", run=run, state=state)
     progress = console.progress(total=steps_total, completed=state.global_step)
-    model.train()
+    task.train_mode(model)
     interrupted = False
     with _StopRequest() as stop, progress:
         window_t, window_samples, window_losses = time.perf_counter(), 0, []
@@ -349,7 +346,7 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
             loader = DataLoader(train_ds, batch_sampler=remaining, collate_fn=collate, num_workers=cfg.num_workers,
                                 generator=torch.Generator().manual_seed(cfg.seed + state.epoch))
             group: list[Any] = []
-            for i, batch in enumerate(loader):
+            for batch in loader:
                 group.append(send_to_device(batch, accelerator.device))
                 last_of_epoch = state.batches_done_in_epoch + len(group) == len(batches)
                 if len(group) < accum and not last_of_epoch:
@@ -429,7 +426,7 @@ class _nullcontext:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         return None
 
 
@@ -441,7 +438,7 @@ def _call(callback: Any, method: str, **kwargs: Any) -> None:
         fn(**kwargs)
     except FinetuneError:
         raise
-    except Exception as exc:  # noqa: BLE001 - name the callback that failed
+    except Exception as exc:
         from finetune.errors import PluginError
 
         raise PluginError(f"callback {type(callback).__name__}.{method} raised {type(exc).__name__}: {exc}") \

@@ -57,11 +57,21 @@ class PluginRegistry:
         self.plugins: list[PluginInfo] = []
         self.tasks: dict[str, TaskEntry] = {}
         self.conflicts: list[str] = []
+        self._conflict_plugins: list[str] = []  #: the plugin whose registration caused each conflict
 
     # -- loading -------------------------------------------------------
     def load_entry_points(self) -> None:
         allowed = _allowed_plugins()
         eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        if allowed is not None:
+            installed = {ep.name for ep in eps}
+            for name in sorted(allowed - installed):
+                # A typo in FINETUNE_PLUGINS must not silently load nothing.
+                listed = ", ".join(sorted(installed)) or "none"
+                self.plugins.append(PluginInfo(
+                    name=name, module="?", distribution="?", version="?",
+                    error=f"FINETUNE_PLUGINS names {name!r}, but no installed plugin has that name"
+                          f"{did_you_mean(name, installed)}; installed: {listed}"))
         for ep in eps:
             if allowed is not None and ep.name not in allowed:
                 continue
@@ -71,7 +81,7 @@ class PluginRegistry:
             self.plugins.append(info)
             try:
                 module = ep.load()
-            except Exception as exc:  # noqa: BLE001 - any import failure is reported, not fatal
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - any import failure is reported, not fatal
                 info.error = f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}"
                 continue
             self._register_module(module, info)
@@ -86,7 +96,8 @@ class PluginRegistry:
     def _register_module(self, module: Any, info: PluginInfo) -> None:
         declared = getattr(module, "finetune_hook_version", HOOK_VERSION)
         if str(declared).split(".")[0] != HOOK_VERSION:
-            info.error = (f"plugin {info.name!r} ({info.distribution} {info.version}) was written for hook "
+            origin = f"{info.distribution} {info.version}".strip()
+            info.error = (f"plugin {info.name!r} ({origin}) was written for hook "
                           f"contract version {declared}, this finetune provides version {HOOK_VERSION}; "
                           "upgrade the plugin or finetune")
             return
@@ -96,9 +107,19 @@ class PluginRegistry:
         try:
             self.pm.register(module, name=info.name)
         except Exception as exc:  # noqa: BLE001 - pluggy validation errors name the bad hook
-            info.error = f"invalid hook implementation: {exc}"
+            info.error = "invalid hook implementation: " + " ".join(str(exc).split())
             return
-        info.hooks = sorted(h.name for h in (self.pm.get_hookcallers(module) or []))
+        callers = self.pm.get_hookcallers(module) or []
+        unknown = sorted(h.name for h in callers if h.spec is None)
+        if unknown:
+            # pluggy accepts hookimpls it has no spec for; they would never be called (a typo).
+            self.pm.unregister(module)
+            specs = [name for name in dir(hookspecs) if name.startswith("finetune_")]
+            info.error = "invalid hook implementation: " + "; ".join(
+                f"unknown hook {name!r}{did_you_mean(name, specs)}" for name in unknown) + \
+                f" (hooks finetune provides: {', '.join(specs)})"
+            return
+        info.hooks = sorted(h.name for h in callers)
         register_tasks = getattr(module, "finetune_register_tasks", None)
         if register_tasks is None:
             return
@@ -106,17 +127,31 @@ class PluginRegistry:
             register_tasks(register=lambda cls: self._add_task(cls, info))
         except Exception as exc:  # noqa: BLE001
             info.error = f"raised in finetune_register_tasks: {type(exc).__name__}: {exc}"
+            # A plugin that failed is not half-loaded: drop its tasks and hooks.
+            for task_name in info.tasks:
+                self.tasks.pop(task_name, None)
+            info.tasks = []
+            info.hooks = []
+            kept = [(c, p) for c, p in zip(self.conflicts, self._conflict_plugins) if p != info.name]
+            self.conflicts = [c for c, _ in kept]
+            self._conflict_plugins = [p for _, p in kept]
+            self.pm.unregister(module)
 
     def _add_task(self, cls: type[Task], info: PluginInfo) -> None:
+        from finetune.task import Task
+
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise PluginError(f"register() expects a subclass of finetune.Task, got {cls!r}")
         name = getattr(cls, "name", None)
         if not name:
-            raise PluginError(f"task class {cls!r} has no 'name'")
+            raise PluginError(f"task class {cls.__module__}.{cls.__qualname__} has no 'name'")
         if name in self.tasks:
             other = self.tasks[name]
             self.conflicts.append(
                 f"task {name!r} is registered by two plugins: {other.plugin!r} (distribution "
                 f"{other.distribution}) and {info.name!r} (distribution {info.distribution}); "
                 "uninstall one of them or restrict loading with FINETUNE_PLUGINS")
+            self._conflict_plugins.append(info.name)
             return
         self.tasks[name] = TaskEntry(cls=cls, plugin=info.name, distribution=info.distribution)
         info.tasks.append(name)

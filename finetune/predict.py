@@ -10,14 +10,16 @@ from typing import Any
 from finetune.errors import DataError
 
 
-def read_records(task: Any, input_path: Path | None) -> list[dict[str, Any]]:
+def read_records(task: Any, input_path: Path | None, texts: list[str] | None = None) -> list[dict[str, Any]]:
     columns = task.predict_input_columns()
+    if texts:
+        if not columns:
+            raise DataError("predict: this task takes no --text input; use --input.")
+        return [{columns[0]: t} for t in texts]
     if input_path is not None:
-        from finetune.data import load_table, require_columns
-
-        df = load_table(input_path, key="--input")
-        require_columns(df, {f"--input column ({c})": c for c in columns}, input_path)
-        return df.to_dict(orient="records")
+        if not input_path.exists():
+            raise DataError(f"--input: {input_path} not found.")
+        return task.read_predict_input(input_path)
     if sys.stdin.isatty():
         print(f"reading one {columns[0] if columns else 'input'} per line from stdin (Ctrl-D to finish)...",
               file=sys.stderr)
@@ -30,11 +32,11 @@ def read_records(task: Any, input_path: Path | None) -> list[dict[str, Any]]:
 
 
 def predict_records(task: Any, model: Any, processor: Any, records: list[dict[str, Any]],
-                    batch_size: int) -> list[dict[str, Any]]:
+                    batch_size: int, stream: bool = False) -> list[dict[str, Any]]:
     import torch
 
     with torch.no_grad():
-        return task.predict(model, processor, records, batch_size=batch_size)
+        return task.predict(model, processor, records, batch_size=batch_size, stream=stream)
 
 
 def write_predictions(rows: list[dict[str, Any]], output_path: Path | None) -> None:

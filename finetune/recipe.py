@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import copy
 import tomllib
+import types
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -65,7 +66,8 @@ class DataOptions(Section):
 
 
 class PeftSection(Section):
-    method: Literal["lora"] = Field("lora", description="Parameter-efficient method.")
+    method: Literal["lora", "none", "full"] = Field(
+        "lora", description="'lora'; 'none': train only the head (linear probe); 'full': train every parameter.")
     r: int = Field(8, gt=0, description="LoRA rank.")
     alpha: int = Field(16, gt=0, description="LoRA scaling alpha.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
@@ -169,7 +171,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise RecipeError(f"{path}: is a folder; give the path of a .toml recipe file.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # tolerate the BOM some Windows editors write
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not UTF-8 text ({exc}); save the recipe as UTF-8.") from None
     try:
@@ -219,8 +221,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None,
     """Read, override, validate and resolve a recipe file."""
     path = Path(path).expanduser().resolve()
     raw = apply_overrides(read_toml(path), overrides or [])
-    recipe = validate_recipe(raw, registry=registry, base_dir=path.parent,
-                             default_output=path.parent / "runs" / path.stem)
+    try:
+        recipe = validate_recipe(raw, registry=registry, base_dir=path.parent,
+                                 default_output=path.parent / "runs" / path.stem)
+    except RecipeError as exc:
+        # Name the file, and the --set values, so the user knows where to fix it.
+        note = f"\n  (recipe: {path}"
+        if overrides:
+            note += "; --set " + " --set ".join(overrides)
+        raise RecipeError(f"{exc}{note})") from None
     recipe._source = path
     return recipe
 
@@ -254,12 +263,17 @@ def validate_recipe(raw: dict[str, Any], registry: PluginRegistry | None = None,
             raise RecipeError(f"{section}: expected a [{section}] table, got {type(raw[section]).__name__} "
                               f"{raw[section]!r}")
         if section not in raw and section not in _OPTIONAL_SECTIONS:
-            raise RecipeError(f"[{section}]: required section is missing; add it to the recipe "
-                              "(see docs/recipes.md).")
+            fields = CORE_SECTIONS[section].model_fields
+            required = [name for name, info in fields.items() if info.is_required()]
+            raise RecipeError(f"[{section}]: required section is missing; add a [{section}] table to the "
+                              f"recipe with at least: {', '.join(required)} (see docs/recipes.md).")
     task_name = raw["task"].get("name")
-    if not isinstance(task_name, str) or not task_name:
+    if task_name is None or task_name == "":
         raise RecipeError("task.name: required key is missing; add e.g. name = \"text-classification\" "
                           "under [task] (run `finetune tasks` for the list).")
+    if not isinstance(task_name, str):
+        raise RecipeError(f"task.name: invalid value {task_name!r} ({type(task_name).__name__}): expected a "
+                          "string such as \"text-classification\" (run `finetune tasks` for the list).")
     task_cls = registry.get_task(task_name)
     model_cls = recipe_model_for(task_cls)
     try:
@@ -273,20 +287,42 @@ def validate_recipe(raw: dict[str, Any], registry: PluginRegistry | None = None,
     return recipe
 
 
+def _is_path_annotation(annotation: Any) -> bool:
+    """True for ``PathStr`` also inside ``PathStr | None`` / ``Optional[PathStr]`` / ``list[PathStr]``."""
+    if get_origin(annotation) is Annotated:
+        return any(isinstance(m, _PathMarker) for m in annotation.__metadata__)
+    if get_origin(annotation) in (Union, types.UnionType, list):
+        return any(_is_path_annotation(a) for a in get_args(annotation))
+    return False
+
+
+def _is_path_field(info: Any) -> bool:
+    return any(isinstance(m, _PathMarker) for m in info.metadata) or _is_path_annotation(info.annotation)
+
+
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
+    def resolve(value: str) -> str:
+        return str((base_dir / Path(value).expanduser()).resolve())
+
     for section_name in CORE_SECTIONS:
         section = getattr(recipe, section_name)
         for field_name, info in type(section).model_fields.items():
-            if not any(isinstance(m, _PathMarker) for m in info.metadata):
+            if not _is_path_field(info):
                 continue
             value = getattr(section, field_name)
             if isinstance(value, str) and value:
-                setattr(section, field_name, str((base_dir / Path(value).expanduser()).resolve()))
-    # A backbone that names an existing folder relative to the recipe is a path too.
+                setattr(section, field_name, resolve(value))
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                setattr(section, field_name, [resolve(v) if v else v for v in value])
+    # A backbone written as a path ("./x", "../x", "~/x") is always a path relative to the recipe, so a
+    # missing folder is reported with its full path; a bare name ("models/x") is a path when that folder
+    # exists beside the recipe, else a Hub id or a name a plugin resolves.
     backbone = recipe.model.backbone
-    candidate = (base_dir / Path(backbone).expanduser())
-    if not Path(backbone).is_absolute() and candidate.is_dir() and (
-            backbone.startswith((".", "/", "~")) or not (Path.cwd() / backbone).is_dir()):
+    if Path(backbone).is_absolute():
+        return
+    candidate = base_dir / Path(backbone).expanduser()
+    explicit = backbone in (".", "..", "~") or backbone.startswith(("./", "../", "~/"))
+    if explicit or candidate.is_dir():
         recipe.model.backbone = str(candidate.resolve())
 
 
@@ -315,7 +351,10 @@ def format_validation_error(exc: ValidationError, model_cls: type[BaseModel]) ->
             lines.append(f"{key}: unknown key{hint}. Valid keys in [{'.'.join(loc[:-1])}]: "
                          f"{', '.join(fields)}.")
         elif etype == "missing":
-            lines.append(f"{key}: required key is missing; add it under [{'.'.join(loc[:-1])}].")
+            parent = _model_at(model_cls, loc[:-1])
+            info = parent.model_fields.get(loc[-1]) if parent and loc else None
+            what = f" ({info.description})" if info is not None and info.description else ""
+            lines.append(f"{key}: required key is missing{what}; add it under [{'.'.join(loc[:-1])}].")
         else:
             msg = err["msg"]
             lines.append(f"{key}: invalid value {value!r} ({type(value).__name__}): {msg}.")
@@ -362,6 +401,23 @@ def describe_fields(section: type[BaseModel]) -> list[tuple[str, str, str, str]]
     for name, info in section.model_fields.items():
         default = "required" if info.default is PydanticUndefined and info.default_factory is None \
             else repr(info.default)
-        annotation = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
-        rows.append((name, annotation, default, info.description or ""))
+        rows.append((name, _type_name(info.annotation), default, info.description or ""))
     return rows
+
+
+def _type_name(annotation: Any) -> str:
+    import typing
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return " / ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is Annotated:
+        return _type_name(args[0])
+    if annotation is type(None):
+        return "unset"
+    return getattr(annotation, "__name__", str(annotation))

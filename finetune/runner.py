@@ -23,6 +23,27 @@ from finetune.runs import RunDir, plot_curves, replace_dir_atomic, write_json_at
 from finetune.task import DataSplits, Task
 
 TASK_STATE_FILE = "finetune_task.json"
+TRAINED_WEIGHTS_FILE = "trained.safetensors"  # peft.method "none"/"full": the weights that changed
+
+
+def save_trained_weights(model: Any, path: Path, method: str) -> None:
+    """Trainable parameters (and, for full fine-tuning, every buffer such as BatchNorm statistics)."""
+    from safetensors.torch import save_file
+
+    if method == "full":  # every weight and persistent buffer (BatchNorm statistics, ...)
+        tensors = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+    else:
+        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, str(path))
+
+
+def load_trained_weights(model: Any, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise RunError(f"{path}: weights do not fit the model (unexpected {result.unexpected_keys[:3]}...).")
 
 
 @dataclass
@@ -115,14 +136,18 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> 
     return info
 
 
-def _save_adapter_fn(run: RunDir, task: Task, processor: Any):
+def _save_adapter_fn(run: RunDir, task: Task, processor: Any, method: str):
     def save(unwrapped_model: Any) -> None:
         tmp = run.path / f".adapter.tmp-{os.getpid()}"
         if tmp.exists():
             import shutil
 
             shutil.rmtree(tmp)
-        unwrapped_model.save_pretrained(str(tmp))
+        tmp.mkdir()
+        if method == "lora":
+            unwrapped_model.save_pretrained(str(tmp))
+        else:
+            save_trained_weights(unwrapped_model, tmp / TRAINED_WEIGHTS_FILE, method)
         if processor is not None and hasattr(processor, "save_pretrained"):
             processor.save_pretrained(str(tmp))
         (tmp / TASK_STATE_FILE).write_text(json.dumps({"task": task.name, "state": task.state}, indent=2))
@@ -136,6 +161,14 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     started = time.perf_counter()
     session = open_session(recipe_path, overrides)
     recipe, task = session.recipe, session.task
+    check_train_settings(session)
+    # Build everything that can fail on user input before the run folder is touched.
+    t0 = time.perf_counter()
+    model, processor, report = build_model(session)
+    load_s = time.perf_counter() - t0
+    train_ds = _guard(task, "build_dataset", task.build_dataset, session.splits.train, processor, training=True)
+    eval_ds = _guard(task, "build_dataset", task.build_dataset, session.splits.eval, processor, training=False)
+    collate = _guard(task, "collate_fn", task.collate_fn, processor)
     run = RunDir(recipe.output.dir)
     resuming = run.prepare(recipe.to_dict(), recipe.to_toml(), overwrite=overwrite, resume=resume)
     resume_from = run.latest_checkpoint() if resuming else None
@@ -148,7 +181,21 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
                     finetune_version=_version(), python=platform.python_version(), data=session.splits.info)
     console.print(f"run folder: {run.path}")
     try:
-        result, report, baseline, load_s = _train(session, run, resume_from, console)
+        console.print(f"backbone {session.backbone.name} ({session.backbone.source}); loaded in {load_s:.1f} s")
+        console.print(f"LoRA on {report.target_modules}; trained in full: {report.modules_to_save}; trainable "
+                      f"{report.trainable_params:,} of {report.total_params:,} "
+                      f"({100 * report.trainable_fraction:.2f}%)")
+        baseline = _guard(task, "baseline", task.baseline, session.splits)
+        if baseline:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in baseline.items() if isinstance(v, float))
+            console.print(f"baseline ({baseline.get('name', 'simple')}): {shown}")
+        from finetune import loop
+
+        result = loop.train(task=task, recipe=recipe, run=run, model=model, processor=processor,
+                            train_ds=train_ds, eval_ds=eval_ds, collate=collate, resume_from=resume_from,
+                            callbacks=session.registry.callbacks(),
+                            save_adapter=_save_adapter_fn(run, task, processor, recipe.peft.method),
+                            console=console)
     except KeyboardInterrupt:
         run.update_info(status="interrupted")
         raise
@@ -168,7 +215,7 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
         "best": _scalars(state.best_eval),
         "last": _scalars(state.last_eval),
         "baseline": baseline or {},
-        "per_class": state.best_eval.get("per_class", {}),
+        "best_details": {k: v for k, v in state.best_eval.items() if k not in _scalars(state.best_eval)},
         "train": {"steps": state.global_step, "steps_planned": result.steps_total,
                   "epochs_completed": state.epoch, "samples_seen": state.samples_seen,
                   "stopped_early": state.stopped_early,
@@ -181,6 +228,7 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     }
     write_json_atomic(run.metrics_file, metrics)
     plot_curves(run.read_metrics_log(), run.curves_file, result.metric)
+    _guard(task, "finalize_run", task.finalize_run, run.path, metrics)
     from finetune.card import render_model_card
 
     card = render_model_card(recipe=recipe.to_dict(), task=task, backbone=session.backbone.to_dict(),
@@ -195,28 +243,24 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     return run
 
 
-def _train(session: Session, run: RunDir, resume_from: Path | None, console: Console):
-    from finetune import loop
+def check_train_settings(session: Session) -> None:
+    """Settings that are only checkable against the task or the environment, checked before training."""
+    from finetune.errors import RecipeError
 
-    recipe, task = session.recipe, session.task
-    t0 = time.perf_counter()
-    model, processor, report = build_model(session)
-    load_s = time.perf_counter() - t0
-    console.print(f"backbone {session.backbone.name} ({session.backbone.source}); loaded in {load_s:.1f} s")
-    console.print(f"LoRA on {report.target_modules}; trained in full: {report.modules_to_save}; trainable "
-                  f"{report.trainable_params:,} of {report.total_params:,} ({100 * report.trainable_fraction:.2f}%)")
-    train_ds = _guard(task, "build_dataset", task.build_dataset, session.splits.train, processor, training=True)
-    eval_ds = _guard(task, "build_dataset", task.build_dataset, session.splits.eval, processor, training=False)
-    collate = task.collate_fn(processor)
-    baseline = _guard(task, "baseline", task.baseline, session.splits)
-    if baseline:
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in baseline.items() if isinstance(v, float))
-        console.print(f"baseline ({baseline.get('name', 'simple')}): {shown}")
-    callbacks = session.registry.callbacks()
-    result = loop.train(task=task, recipe=recipe, run=run, model=model, processor=processor, train_ds=train_ds,
-                        eval_ds=eval_ds, collate=collate, resume_from=resume_from, callbacks=callbacks,
-                        save_adapter=_save_adapter_fn(run, task, processor), console=console)
-    return result, report, baseline, load_s
+    cfg, task = session.recipe.train, session.task
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise RecipeError("train.tensorboard = true needs TensorBoard, which is not installed: "
+                              "pip install 'finetune[tensorboard]' (or set it to false).") from None
+    names = getattr(task, "metric_names", None)
+    if cfg.metric and names is not None and cfg.metric not in ("eval_loss", *names):
+        from finetune.errors import did_you_mean
+
+        raise RecipeError(f"train.metric: task {task.name!r} does not compute {cfg.metric!r}"
+                          f"{did_you_mean(cfg.metric, ('eval_loss', *names))}; available: "
+                          f"{', '.join(('eval_loss', *names))}.")
 
 
 def _scalars(d: dict[str, Any]) -> dict[str, Any]:
@@ -248,25 +292,30 @@ def _version() -> str:
 # ---------------------------------------------------------------------------
 # inference from a run folder
 
-def load_run(run_path: str | Path) -> tuple[Task, Any, Any, RunDir]:
-    """Task, PEFT model (eval mode) and processor from a run folder's best adapter."""
+def load_run(run_path: str | Path, overrides: list[str] | None = None) -> tuple[Task, Any, Any, RunDir]:
+    """Task, trained model (eval mode) and processor from a run folder's best adapter.
+
+    ``overrides`` (``SECTION.KEY=VALUE``) change prediction-time settings of the run's recipe."""
     from peft import PeftModel
 
     run = RunDir(run_path)
     if not run.recipe_file.exists():
         raise RunError(f"{run.path}: not a finetune run folder (no recipe.toml).")
-    if not (run.adapter_dir / "adapter_config.json").exists():
+    if not (run.adapter_dir / TASK_STATE_FILE).exists():
         raise RunError(f"{run.path}: has no trained adapter yet (adapter/ is missing); "
                        "train first, or wait for the first evaluation.")
     registry = get_registry()
-    from finetune.recipe import validate_recipe
+    from finetune.recipe import apply_overrides, validate_recipe
 
-    recipe = validate_recipe(run.resolved_recipe(), registry=registry)
+    recipe = validate_recipe(apply_overrides(run.resolved_recipe(), overrides or []), registry=registry)
     task = registry.get_task(recipe.task.name)(recipe)
     saved = json.loads((run.adapter_dir / TASK_STATE_FILE).read_text())
     task.state = saved.get("state", {})
     backbone = resolve_backbone(recipe.model.backbone, recipe.model.trust_remote_code, registry=registry)
     model, processor = _guard(task, "load_model", task.load_model, backbone)
-    model = PeftModel.from_pretrained(model, str(run.adapter_dir))
+    if recipe.peft.method == "lora":
+        model = PeftModel.from_pretrained(model, str(run.adapter_dir))
+    else:
+        load_trained_weights(model, run.adapter_dir / TRAINED_WEIGHTS_FILE)
     model.eval()
     return task, model, processor, run

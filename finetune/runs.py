@@ -155,6 +155,8 @@ class RunDir:
         * unfinished run, same recipe: resume; different recipe: refuse, listing the differences;
         * a non-empty folder that is not a run folder: always refused (we never delete what we did not write).
         """
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"output.dir: {self.path} is a file; choose a folder path for the run.")
         exists = self.path.exists() and any(self.path.iterdir())
         if exists and not self.run_file.exists():
             raise RunError(f"output.dir: {self.path} exists and is not a finetune run folder; "

@@ -29,6 +29,7 @@ then ``task.predict(model, processor, records)``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from finetune.recipe import DataOptions, TaskOptions
@@ -60,6 +61,9 @@ class Task:
     data_options: ClassVar[type[DataOptions]] = DataOptions
     #: Metric used for best-checkpoint selection unless ``[train] metric`` says otherwise.
     default_metric: ClassVar[str] = "eval_loss"
+    #: Scalar metric names :meth:`compute_metrics` returns (besides ``eval_loss``); lets a
+    #: misspelled ``[train] metric`` fail before training. ``None``: not declared.
+    metric_names: ClassVar[tuple[str, ...] | None] = None
     #: Hub metadata for the model card.
     pipeline_tag: ClassVar[str | None] = None
     library_name: ClassVar[str] = "peft"
@@ -119,16 +123,49 @@ class Task:
         a nested dict (e.g. a per-class report) goes to metrics.json only."""
         return {}
 
+    def finalize_eval(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Adjust the metrics of one evaluation (they include ``eval_loss``), e.g. add perplexity."""
+        return metrics
+
+    def after_evaluate(self, model: Any, processor: Any, run_path: Path, step: int,
+                       metrics: dict[str, Any]) -> None:
+        """Called on the main process after each evaluation; write artifacts (e.g. sample
+        generations) under ``run_path``. Must not change the model."""
+
+    def finalize_run(self, run_path: Path, metrics: dict[str, Any]) -> None:
+        """Called once when training finished, before the model card; ``metrics`` is what
+        metrics.json holds (``best`` includes non-scalar entries of the best evaluation under
+        ``best_details``). Write final artifacts (e.g. a confusion-matrix image)."""
+
+    def train_mode(self, model: Any) -> None:
+        """Put the model in training mode (default ``model.train()``). Override to keep e.g.
+        BatchNorm layers in eval mode, whose running statistics a LoRA adapter does not save."""
+        model.train()
+
     def baseline(self, splits: DataSplits) -> dict[str, float] | None:
         """Optional simple non-neural baseline on the same split; stored as ``baseline.*``."""
         return None
 
     # -- inference -----------------------------------------------------
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
-                batch_size: int = 32) -> list[dict[str, Any]]:
-        """Predict for raw records (dicts with the recipe's input columns)."""
+                batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
+        """Predict for raw records (dicts with the recipe's input columns).
+
+        ``stream`` is True when results go to a terminal (a generation task may print
+        tokens as they come). Prediction settings come from ``self.recipe`` (which
+        ``finetune predict --set`` can override)."""
         raise NotImplementedError
 
     def predict_input_columns(self) -> list[str]:
-        """Columns a prediction input must have (used to read stdin lines)."""
+        """Columns a prediction input must have; the first one receives stdin lines and
+        ``--text`` values."""
         return []
+
+    def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
+        """Records from ``finetune predict --input PATH`` (default: a table file with
+        :meth:`predict_input_columns`). Override for e.g. a folder of images."""
+        from finetune.data import load_table, require_columns
+
+        df = load_table(path, key="--input")
+        require_columns(df, {f"--input column ({c})": c for c in self.predict_input_columns()}, path)
+        return df.to_dict(orient="records")

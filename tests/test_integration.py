@@ -11,7 +11,6 @@ import os
 import time
 
 import pytest
-
 from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.integration

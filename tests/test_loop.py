@@ -11,9 +11,9 @@ import time
 import types
 
 import pytest
+from conftest import REPO
 from safetensors.torch import load_file
 
-from conftest import REPO
 from finetune import hookimpl
 from finetune.console import Console
 from finetune.errors import RunError, TrainingError
@@ -183,6 +183,7 @@ def test_finished_run_is_not_overwritten_without_flag(make_recipe):
 
 def test_non_finite_loss_stops_with_a_clear_message(make_recipe, monkeypatch):
     import torch
+
     from finetune_nlp.text_classification import TextClassification
 
     def nan_loss(self, model, batch):

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli, write_csv
+
 from finetune.console import Console
 from finetune.errors import RunError
 from finetune.runner import load_run, open_session, run_recipe
@@ -76,3 +76,30 @@ def test_predict_errors_are_clear(tmp_path, trained_run):
     bad = write_csv(tmp_path / "bad.csv", [{"sentence": "x"}])
     result = run_cli("predict", str(run.path), "--input", str(bad))
     assert result.returncode == 2 and "'text' not found" in result.stderr and "sentence" in result.stderr
+
+
+def test_predict_text_option(trained_run):
+    _, run = trained_run
+    result = run_cli("predict", str(run.path), "--text", "good great day", "-t", "awful bad food")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == ["good great day", "awful bad food"]
+
+
+@pytest.mark.parametrize("method", ["none", "full"])
+def test_linear_probe_and_full_finetuning_save_and_reload(make_recipe, method):
+    recipe = make_recipe(train="epochs = 2")
+    text = recipe.read_text().replace("[peft]\n", f'[peft]\nmethod = "{method}"\n')
+    recipe.write_text(text)
+    run = run_recipe(recipe, [], console=Console(quiet=True))
+    metrics = json.loads(run.metrics_file.read_text())
+    if method == "none":
+        assert metrics["params"]["trainable"] == 32 * 2 + 2 + 32 * 32 + 32  # classifier + pooler
+    else:
+        assert metrics["params"]["trainable"] == metrics["params"]["total"]
+    splits = open_session(recipe).splits
+    task, model, processor, _ = load_run(run.path)
+    records = splits.eval.to_dict(orient="records")
+    with torch.no_grad():
+        rows = task.predict(model, processor, records)
+    accuracy = sum(r["label"] == rec["label"] for r, rec in zip(rows, records)) / len(records)
+    assert accuracy == pytest.approx(metrics["best"]["accuracy"], abs=1e-9)

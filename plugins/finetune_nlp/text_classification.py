@@ -12,7 +12,16 @@ from typing import Any
 
 from pydantic import Field
 
-from finetune import DataError, DataOptions, DataSplits, Task, TaskOptions, load_table, require_columns, split_frame
+from finetune import (
+    DataError,
+    DataOptions,
+    DataSplits,
+    Task,
+    TaskOptions,
+    load_table,
+    require_columns,
+    split_frame,
+)
 
 # Attention projections LoRA targets by default, per architecture family (first match wins).
 _ATTENTION_NAMES = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("query_proj", "value_proj"),
@@ -37,6 +46,7 @@ class TextClassification(Task):
     task_options = TextClassificationOptions
     data_options = TextClassificationData
     default_metric = "accuracy"
+    metric_names = ("accuracy", "macro_f1")
     pipeline_tag = "text-classification"
     library_name = "peft"
 
@@ -48,11 +58,13 @@ class TextClassification(Task):
                              "data.label_column": data.label_column,
                              "data.group_column": data.group_column}, path)
         for column, ckey in ((data.text_column, "data.text_column"), (data.label_column, "data.label_column")):
-            bad = df.index[df[column].isna()].tolist()
+            values = df[column]
+            empty = values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())
+            bad = [i for i, is_empty in enumerate(empty.tolist()) if is_empty]  # positions, not index labels
             if bad:
-                rows = ", ".join(str(i + 2) for i in bad[:5])  # +2: header line and 1-based lines
+                where = _row_locations(path, data.format, bad[:5])
                 raise DataError(f"{key}: {path}: {len(bad)} row(s) have an empty {ckey} ({column!r}), e.g. on "
-                                f"line(s) {rows}; fill or remove them.")
+                                f"{where}; fill or remove them.")
         df[data.label_column] = df[data.label_column].map(_label_str)
         df[data.text_column] = df[data.text_column].astype(str)
         return df
@@ -74,8 +86,9 @@ class TextClassification(Task):
                             f"({data.train}); classification needs at least two.")
         unseen = sorted(set(eval_[data.label_column]) - set(labels), key=_label_sort_key)
         if unseen:
-            raise DataError(f"data.eval: labels {unseen} appear in the eval data but never in training "
-                            f"(training labels: {labels}); add training examples for them or drop those rows.")
+            raise DataError(f"data.eval: labels {unseen} appear in the eval data ({data.eval}) but never in "
+                            f"training (training labels: {labels}); add training examples for them or drop "
+                            "those rows.")
         self.state = {"labels": labels}
         counts = train[data.label_column].value_counts().to_dict()
         info = {"train_examples": len(train), "eval_examples": len(eval_), "labels": labels,
@@ -177,7 +190,7 @@ class TextClassification(Task):
         return [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
 
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
-                batch_size: int = 32) -> list[dict[str, Any]]:
+                batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
         import torch
 
         data = self.recipe.data
@@ -222,6 +235,17 @@ class _EncodedDataset:
         item = {k: v[i] for k, v in self.encodings.items()}
         item["labels"] = self.labels[i]
         return item
+
+
+def _row_locations(path: str, fmt: str, positions: list[int]) -> str:
+    """'line(s) 3, 7' for text formats (csv/tsv: after the header line), else 'row(s) 1, 5' (1-based)."""
+    suffix = str(path).lower().rsplit(".", 1)[-1]
+    kind = fmt if fmt != "auto" else {"ndjson": "jsonl", "pq": "parquet"}.get(suffix, suffix)
+    if kind in ("csv", "tsv"):
+        return "line(s) " + ", ".join(str(i + 2) for i in positions)  # +2: header line, 1-based
+    if kind == "jsonl":
+        return "line(s) " + ", ".join(str(i + 1) for i in positions)
+    return "row(s) " + ", ".join(str(i + 1) for i in positions)
 
 
 def _label_str(value: Any) -> str:
