@@ -157,8 +157,8 @@ def plugins() -> None:
               help="A .csv/.tsv/.jsonl/.parquet file with the recipe's input column(s); default: lines on stdin.")
 @click.option("--output", "output_path", type=click.Path(path_type=Path),
               help="Write predictions here (.csv or .jsonl); default: JSON lines on stdout.")
-@click.option("--text", "-t", "texts", multiple=True, help="An input given directly (repeatable), e.g. a text "
-              "or a prompt.")
+@click.option("--text", "--prompt", "-t", "texts", multiple=True, help="An input given directly (repeatable): a text, "
+              "a prompt, a file path.")
 @click.option("--batch-size", default=32, show_default=True)
 @_set_option
 def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, texts: tuple[str, ...],
