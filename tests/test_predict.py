@@ -103,3 +103,18 @@ def test_linear_probe_and_full_finetuning_save_and_reload(make_recipe, method):
         rows = task.predict(model, processor, records)
     accuracy = sum(r["label"] == rec["label"] for r, rec in zip(rows, records)) / len(records)
     assert accuracy == pytest.approx(metrics["best"]["accuracy"], abs=1e-9)
+
+
+def test_integer_labels_come_back_as_integers(make_recipe, tmp_path):
+    from conftest import make_sentiment_rows
+
+    rows = [{"text": r["text"], "label": 1 if r["label"] == "pos" else 0} for r in make_sentiment_rows(80)]
+    train = write_csv(tmp_path / "int.csv", rows)
+    recipe = make_recipe(data=f'train = "{train}"', train="epochs = 1")
+    run = run_recipe(recipe, [], console=Console(quiet=True))
+    assert run.info()["data"]["labels"] == ["0", "1"]
+    task, model, processor, _ = load_run(run.path)
+    with torch.no_grad():
+        out = task.predict(model, processor, [{"text": "good day"}])
+    assert isinstance(out[0]["label"], int) and out[0]["label"] in (0, 1)
+    assert set(out[0]) >= {"prob_0", "prob_1", "score"}

@@ -89,7 +89,9 @@ class TextClassification(Task):
             raise DataError(f"data.eval: labels {unseen} appear in the eval data ({data.eval}) but never in "
                             f"training (training labels: {labels}); add training examples for them or drop "
                             "those rows.")
-        self.state = {"labels": labels}
+        # Labels are handled as strings; remember integer labels so predictions give them back as integers.
+        integer = all(_label_sort_key(label)[0] == 0 for label in labels)
+        self.state = {"labels": labels, "integer_labels": integer}
         counts = train[data.label_column].value_counts().to_dict()
         info = {"train_examples": len(train), "eval_examples": len(eval_), "labels": labels,
                 "train_label_counts": {k: int(counts[k]) for k in labels}}
@@ -206,7 +208,8 @@ class TextClassification(Task):
             probs = torch.softmax(model(**enc).logits.float(), dim=-1).cpu()
             for record, p in zip(chunk, probs):
                 best = int(p.argmax())
-                rows.append({**record, "label": labels[best], "score": float(p[best]),
+                label = int(labels[best]) if self.state.get("integer_labels") else labels[best]
+                rows.append({**record, "label": label, "score": float(p[best]),
                              **{f"prob_{label}": float(p[i]) for i, label in enumerate(labels)}})
         return rows
 
