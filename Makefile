@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+EXAMPLE_PLUGIN := examples/plugins/finetune-text-regression
+EXAMPLE_STAMP := $(VENV)/.example-plugin-installed
+
 .PHONY: setup quickstart test test-fast lint clean
 
 $(STAMP): pyproject.toml constraints.txt weights-requirements.txt
@@ -15,16 +18,21 @@ $(STAMP): pyproject.toml constraints.txt weights-requirements.txt
 
 setup: $(STAMP)
 
+# The example third-party plugin, installed the way a user installs a plugin (for the tests).
+$(EXAMPLE_STAMP): $(STAMP) $(EXAMPLE_PLUGIN)/pyproject.toml
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e $(EXAMPLE_PLUGIN)
+	touch $(EXAMPLE_STAMP)
+
 ## Set up and run the main job: the text quickstart with real pretrained weights, offline.
 quickstart: $(STAMP)
 	$(BIN)/finetune run recipes/text-quickstart.toml
 
 ## Set up and run the whole test suite (unit + integration with real weights).
-test: $(STAMP)
-	$(BIN)/ruff check finetune plugins tests
+test: $(STAMP) $(EXAMPLE_STAMP)
+	$(BIN)/ruff check finetune plugins tests examples
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(EXAMPLE_STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: $(STAMP)

@@ -5,6 +5,7 @@ The Hub work extends this card rather than writing a second one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -18,18 +19,32 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
                       lora: dict[str, Any], plugins: list[dict[str, str]]) -> str:
     """Markdown with Hub-style YAML front matter, from the run's facts."""
     import tomli_w
+    import yaml
 
     upstream = backbone.get("upstream_id")
-    front = ["---"]
-    if upstream:
-        front.append(f"base_model: {upstream}")
-    front.append(f"library_name: {task.library_name}")
-    if task.pipeline_tag:
-        front.append(f"pipeline_tag: {task.pipeline_tag}")
-    front += ["tags:", "- finetune", f"- {task.name}", "- lora", "---", ""]
     best = metrics.get("best", {})
     baseline = metrics.get("baseline", {})
     run_name = recipe.get("output", {}).get("dir", "run").rstrip("/").rsplit("/", 1)[-1]
+    meta: dict[str, Any] = {}
+    if upstream:
+        meta["base_model"] = upstream
+    meta["library_name"] = task.library_name
+    if task.pipeline_tag:
+        meta["pipeline_tag"] = task.pipeline_tag
+    license_ = base_model_license(backbone.get("path"))
+    if license_:
+        meta["license"] = license_
+    method = recipe.get("peft", {}).get("method", "lora")
+    meta["tags"] = ["finetune", task.name, "lora" if method == "lora" else f"{method}-finetuning"]
+    results = [{"type": k, "name": k, "value": float(v)} for k, v in best.items()
+               if k not in ("step", "epoch") and isinstance(v, (int, float)) and v == v]
+    if results:
+        data_name = Path(str(recipe.get("data", {}).get("train", "local data"))).stem
+        meta["model-index"] = [{"name": run_name, "results": [{
+            "task": {"type": task.pipeline_tag or task.name},
+            "dataset": {"name": data_name, "type": "custom"},
+            "metrics": results}]}]
+    front = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
     lines = [f"# {run_name}", "",
              f"A LoRA adaptation of `{upstream or backbone.get('name')}` for **{task.name}**, trained with "
              "[finetune](https://pypi.org/project/finetune/).", "",
@@ -67,3 +82,24 @@ def task_usage_snippet(task: Any, base: str) -> list[str]:
         return snippet(base).splitlines()
     return ["from peft import PeftModel", "# load the base model for this task, then:",
             "model = PeftModel.from_pretrained(base_model, 'adapter')"]
+
+
+def base_model_license(path: str | None) -> str | None:
+    """The license declared in the base model folder's own model card, when there is one."""
+    if not path:
+        return None
+    card = Path(path) / "README.md"
+    if not card.exists():
+        return None
+    text = card.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    import yaml
+
+    end = text.find("\n---", 3)
+    try:
+        meta = yaml.safe_load(text[3:end]) if end > 0 else None
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None

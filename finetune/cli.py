@@ -163,7 +163,7 @@ def plugins() -> None:
 @_set_option
 def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, texts: tuple[str, ...],
             batch_size: int, overrides: tuple[str, ...]) -> None:
-    """Predict with the best adapter of the run in RUN_DIR.
+    """Predict with the best adapter of the run in RUN_DIR (a run folder, or a Hub repo id it was pushed to).
 
     Inputs come from --text, --input, or lines on stdin. --set changes prediction-time
     settings of the run's recipe (e.g. a generation task's sampling options)."""
@@ -171,11 +171,60 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, te
     from finetune.predict import predict_records, read_records, write_predictions
     from finetune.runner import load_run
 
+    if not run_dir.exists():
+        from finetune.hub import is_hub_id, pull
+
+        if is_hub_id(str(run_dir)):
+            run_dir = pull(str(run_dir))
     task, model, processor, _ = load_run(run_dir, list(overrides))
     records = read_records(task, input_path, list(texts))
     stream = output_path is None and sys.stdout.isatty()
     rows = predict_records(task, model, processor, records, batch_size, stream=stream)
     write_predictions(rows, output_path)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="'user/name' on the Hub (HF_ENDPOINT selects another server).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", "--branch", "revision", help="Branch to push to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--allow-incomplete", is_flag=True, help="Push the best adapter of a run that did not finish.")
+def push(run_dir: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool,
+         allow_incomplete: bool) -> None:
+    """Push a run (adapter, processor, recipe, metrics, curves, model card) to the Hub in one commit."""
+    from finetune.hub import push_run
+
+    result = push_run(run_dir, repo_id, private=private, revision=revision, create_pr=create_pr,
+                      allow_incomplete=allow_incomplete)
+    if not result["changed"]:
+        click.echo(f"{repo_id} already holds this run (commit {result['commit'][:8]}); nothing to push.")
+        return
+    click.echo(f"pushed {len(result['files'])} files to {repo_id}: {result['pr_url'] or result['url']}")
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.option("--revision", help="Branch, tag or commit.")
+def pull(repo_id: str, revision: str | None) -> None:
+    """Download a model pushed by finetune; prints the local folder (usable with `finetune predict`)."""
+    from finetune.hub import pull as do_pull
+
+    click.echo(str(do_pull(repo_id, revision)))
+
+
+@cli.command(name="new-plugin")
+@click.argument("name")
+@click.option("--dir", "parent", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Folder in which to create finetune-NAME/.")
+@click.option("--task", "task_name", help="Task name the plugin registers (default: NAME).")
+def new_plugin(name: str, parent: Path, task_name: str | None) -> None:
+    """Create a pip-installable plugin package finetune-NAME with a task that runs, a test and a README."""
+    from finetune.scaffold import create_plugin
+
+    root = create_plugin(name, parent, task_name)
+    click.echo(f"created {root}\n\nnext:\n  pip install -e {root}\n  finetune tasks          # lists the new task"
+               f"\n  pytest {root}/tests      # trains a tiny model end to end")
 
 
 def _quiet_libraries() -> None:

@@ -103,10 +103,17 @@ def resolve_mixed_precision(setting: str) -> str:
     return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "no"
 
 
-def metric_mode(metric: str, setting: str) -> str:
+_LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "rmse", "wer", "cer", "error")
+
+
+def metric_mode(metric: str, setting: str, lower_is_better: tuple[str, ...] = ()) -> str:
+    """'max' or 'min' for best-checkpoint selection: the recipe's setting, else the task's
+    ``lower_is_better`` names, else by name (losses, perplexity, error rates are minimised)."""
     if setting != "auto":
         return setting
-    return "min" if ("loss" in metric or "perplexity" in metric or metric.endswith("er")) else "max"
+    if metric in lower_is_better or any(word in metric.lower() for word in _LOWER_IS_BETTER):
+        return "min"
+    return "max"
 
 
 # ---------------------------------------------------------------------------
@@ -224,7 +231,7 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
         accelerator.init_trackers("finetune")
 
     metric = cfg.metric or task.default_metric
-    mode = metric_mode(metric, cfg.metric_mode)
+    mode = metric_mode(metric, cfg.metric_mode, tuple(getattr(task, "lower_is_better", ()) or ()))
     accum = cfg.gradient_accumulation_steps
     world, rank = accelerator.num_processes, accelerator.process_index
 
@@ -441,5 +448,6 @@ def _call(callback: Any, method: str, **kwargs: Any) -> None:
     except Exception as exc:
         from finetune.errors import PluginError
 
-        raise PluginError(f"callback {type(callback).__name__}.{method} raised {type(exc).__name__}: {exc}") \
-            from exc
+        owner = getattr(callback, "finetune_owner", f"callback {type(callback).__name__}")
+        raise PluginError(f"{owner} raised in {method}: {type(exc).__name__}: {exc}; the run is resumable "
+                          "(finetune run RECIPE --resume) once that is fixed") from exc

@@ -173,14 +173,32 @@ class PluginRegistry:
         return self.tasks[name].cls
 
     def callbacks(self) -> list[Any]:
+        """Every registered callback, wrapped so that its errors name the plugin that registered it."""
         found: list[Any] = []
-        self.pm.hook.finetune_register_callbacks(register=found.append)
+        for impl in self.pm.hook.finetune_register_callbacks.get_hookimpls():
+            owner = f"plugin {impl.plugin_name!r}"
+            try:
+                impl.function(register=lambda cb, owner=owner: found.append(NamedCallback(cb, owner)))
+            except Exception as exc:  # noqa: BLE001
+                raise PluginError(f"{owner} raised in finetune_register_callbacks: {type(exc).__name__}: {exc}") \
+                    from exc
         return found
 
     def loaded(self) -> list[dict[str, str]]:
         """Name, distribution and version of every plugin that loaded (for the run folder)."""
         return [{"name": p.name, "distribution": p.distribution, "version": p.version}
                 for p in self.plugins if p.error is None]
+
+
+class NamedCallback:
+    """A callback and the plugin that registered it (for error messages)."""
+
+    def __init__(self, callback: Any, owner: str) -> None:
+        self.callback = callback
+        self.finetune_owner = f"{owner}, callback {type(callback).__name__}"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.callback, name)
 
 
 def _allowed_plugins() -> set[str] | None:

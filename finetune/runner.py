@@ -6,6 +6,7 @@ checked before the run folder is touched, so bad input loses nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -55,6 +56,11 @@ class Session:
     splits: DataSplits
 
 
+def _owner(task: Task) -> str:
+    entry = get_registry().tasks.get(task.name)
+    return f"plugin {entry.plugin!r} ({entry.distribution})" if entry else "the task plugin"
+
+
 def _guard(plugin_task: Task, what: str, fn, *args, **kwargs):
     """Call a task method; a non-finetune exception is reported naming the plugin."""
     try:
@@ -64,10 +70,26 @@ def _guard(plugin_task: Task, what: str, fn, *args, **kwargs):
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:
-        entry = get_registry().tasks.get(plugin_task.name)
-        owner = f"plugin {entry.plugin!r} ({entry.distribution})" if entry else "the task plugin"
-        raise PluginError(f"{owner} raised in {type(plugin_task).__name__}.{what}: "
+        raise PluginError(f"{_owner(plugin_task)} raised in {type(plugin_task).__name__}.{what}: "
                           f"{type(exc).__name__}: {exc}") from exc
+
+
+class GuardedTask:
+    """Passes everything through to a task; exceptions from its methods name the plugin."""
+
+    def __init__(self, task: Task) -> None:
+        object.__setattr__(self, "_task", task)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._task, name)
+        if callable(value) and not isinstance(value, type):
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                return _guard(self._task, name, value, *args, **kwargs)
+            return guarded
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._task, name, value)
 
 
 def open_session(recipe_path: str | Path, overrides: list[str] | None = None) -> Session:
@@ -191,8 +213,10 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
             console.print(f"baseline ({baseline.get('name', 'simple')}): {shown}")
         from finetune import loop
 
-        result = loop.train(task=task, recipe=recipe, run=run, model=model, processor=processor,
-                            train_ds=train_ds, eval_ds=eval_ds, collate=collate, resume_from=resume_from,
+        result = loop.train(task=GuardedTask(task), recipe=recipe, run=run, model=model, processor=processor,
+                            train_ds=train_ds, eval_ds=eval_ds,
+                            collate=functools.partial(_guard, task, "collate_fn() collator", collate),
+                            resume_from=resume_from,
                             callbacks=session.registry.callbacks(),
                             save_adapter=_save_adapter_fn(run, task, processor, recipe.peft.method),
                             console=console)
@@ -240,6 +264,15 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     write_text_atomic(run.card_file, card)
     run.update_info(status="finished", finished_at=time.time())
     _print_summary(console, run, metrics)
+    if recipe.hub.push:
+        from finetune.hub import HubError, push_run
+
+        try:
+            result = push_run(run.path, recipe.hub.repo_id, private=recipe.hub.private)
+        except HubError as exc:
+            raise HubError(f"the run finished, but pushing it failed: {exc} Retry with: finetune push {run.path} "
+                           f"--repo-id {recipe.hub.repo_id}") from None
+        console.print(f"pushed to {result['repo_id']} (commit {result['commit'][:8]})")
     return run
 
 
@@ -254,6 +287,13 @@ def check_train_settings(session: Session) -> None:
         except ImportError:
             raise RecipeError("train.tensorboard = true needs TensorBoard, which is not installed: "
                               "pip install 'finetune[tensorboard]' (or set it to false).") from None
+    hub = session.recipe.hub
+    if hub.push:
+        from finetune.hub import HUB_ID
+
+        if not hub.repo_id or not HUB_ID.match(hub.repo_id):
+            raise RecipeError(f"hub.repo_id: {hub.repo_id!r} is not a Hub repo id; [hub] push = true needs "
+                              "repo_id = \"user/name\".")
     names = getattr(task, "metric_names", None)
     if cfg.metric and names is not None and cfg.metric not in ("eval_loss", *names):
         from finetune.errors import did_you_mean

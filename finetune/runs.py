@@ -94,7 +94,11 @@ class RunDir:
 
     @property
     def adapter_dir(self) -> Path:
-        return self.path / "adapter"
+        """``adapter/``; for a folder pulled from the Hub the adapter files sit at the top level."""
+        nested = self.path / "adapter"
+        if not nested.exists() and (self.path / "finetune_task.json").exists():
+            return self.path
+        return nested
 
     @property
     def checkpoints_dir(self) -> Path:

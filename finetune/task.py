@@ -64,6 +64,9 @@ class Task:
     #: Scalar metric names :meth:`compute_metrics` returns (besides ``eval_loss``); lets a
     #: misspelled ``[train] metric`` fail before training. ``None``: not declared.
     metric_names: ClassVar[tuple[str, ...] | None] = None
+    #: Metric names for which lower is better (best-checkpoint selection); names containing
+    #: loss, perplexity, mse, mae, wer, cer or error are treated so without being listed.
+    lower_is_better: ClassVar[tuple[str, ...]] = ()
     #: Hub metadata for the model card.
     pipeline_tag: ClassVar[str | None] = None
     library_name: ClassVar[str] = "peft"

@@ -21,21 +21,9 @@ NEUTRAL = ["the", "a", "day", "movie", "food", "it", "was", "is", "very", "so"]
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT with a word-level vocabulary, randomly initialised."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from finetune.testing import tiny_text_backbone
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL,
-             *"abcdefghijklmnopqrstuvwxyz"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"))  # transformers 5: vocab=, not vocab_file=
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64,
-                        initializer_range=0.2)  # wider init: token identity survives to [CLS]
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_text_backbone(tmp_path_factory.mktemp("tiny-bert"), POSITIVE + NEGATIVE + NEUTRAL)
 
 
 def make_sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
