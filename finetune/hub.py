@@ -111,12 +111,14 @@ def _public_recipe(recipe: dict[str, Any], upstream: str | None) -> dict[str, An
     import copy
 
     out = copy.deepcopy(recipe)
-    for section in out.values():
+    for name, section in out.items():
         if not isinstance(section, dict):
             continue
         for key, value in section.items():
-            if isinstance(value, str) and os.path.isabs(value):
+            if isinstance(value, str) and os.path.isabs(value) and (name, key) != ("model", "backbone"):
                 section[key] = Path(value).name
+    # The backbone becomes its Hub id when known; a private local backbone stays as written (only a
+    # machine that has it can rebuild the model, and the card says the base is not on the Hub).
     if upstream:
         out.setdefault("model", {})["backbone"] = upstream
     if "output" in out:

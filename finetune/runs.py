@@ -29,6 +29,11 @@ from typing import Any
 from finetune.errors import RunError
 
 RUN_FILE = "run.json"
+#: Recipe keys that may change when an unfinished run resumes; any other difference is refused.
+SAFE_RESUME_CHANGES = frozenset({
+    "train.epochs", "train.early_stopping_patience", "train.log_every_steps", "train.checkpoint_every_steps",
+    "train.keep_checkpoints", "train.num_workers", "train.tensorboard", "hub.push", "hub.repo_id", "hub.private",
+})
 CHECKPOINT_PREFIX = "ckpt-"
 COMPLETE_MARKER = "loop_state.json"  # written last inside a checkpoint's temp folder
 
@@ -177,12 +182,18 @@ class RunDir:
             raise RunError(f"output.dir: {self.path} holds a finished run; pass --overwrite to replace it, "
                            "or set output.dir (e.g. --set output.dir=runs/new-name) to keep it.")
         diffs = recipe_differences(self.resolved_recipe(), recipe_dict)
+        if diffs and all(line.split(":", 1)[0] in SAFE_RESUME_CHANGES for line in diffs):
+            # e.g. more epochs: continue the same run under the new recipe, and record it
+            write_text_atomic(self.recipe_file, recipe_toml)
+            self.update_info(status="running", resumed_at=time.time(),
+                             recipe_changes=self.info().get("recipe_changes", []) + diffs)
+            return True
         if diffs:
             raise RunError(
                 f"output.dir: {self.path} holds an unfinished run with a different recipe, so it cannot be "
                 "resumed:\n  " + "\n  ".join(diffs) +
                 "\nRestore the old values to resume it, pass --overwrite to start over, or choose another "
-                "output.dir.")
+                f"output.dir. Keys that may change on resume: {', '.join(sorted(SAFE_RESUME_CHANGES))}.")
         self.update_info(status="running", resumed_at=time.time())
         return True
 

@@ -3,7 +3,7 @@
 It implements what huggingface_hub's client calls to create a repo, commit files
 (regular uploads, base64 in NDJSON), validate README YAML, read repo info and download
 files. Repos live in memory as a list of commits per branch. ``fail`` injects failures:
-``server.fail["commit"] = 500`` makes the next commit answer HTTP 500, etc.
+``server.fail["commit"] = 500`` makes the next commit answer HTTP 500; ``(500, 10)`` the next ten.
 """
 
 from __future__ import annotations
@@ -93,11 +93,16 @@ class Handler(BaseHTTPRequestHandler):
     def _injected(self, kind: str) -> bool:
         if kind in self.state.slow:
             time.sleep(self.state.slow.pop(kind))
-        status = self.state.fail.pop(kind, None)
-        if status:
-            self._error(status, f"injected failure on {kind}")
-            return True
-        return False
+        entry = self.state.fail.get(kind)
+        if entry is None:
+            return False
+        status, times = entry if isinstance(entry, tuple) else (entry, 1)
+        if times <= 1:
+            self.state.fail.pop(kind)
+        else:
+            self.state.fail[kind] = (status, times - 1)
+        self._error(status, f"injected failure on {kind}")
+        return True
 
     def _body(self) -> bytes:
         length = int(self.headers.get("content-length") or 0)
@@ -121,8 +126,9 @@ class Handler(BaseHTTPRequestHandler):
             data = json.loads(body)
             repo_id = f"{data['organization']}/{data['name']}" if data.get("organization") else data["name"]
             with self.state.lock:
-                if repo_id in self.state.repos:
-                    return self._error(409, "You already created this model repo")
+                if repo_id in self.state.repos:  # the Hub answers 409 with the repo's url
+                    return self._json(409, {"error": "You already created this model repo",
+                                            "url": f"{self.server.url}/{repo_id}"})
                 self.state.repos[repo_id] = Repo(repo_id, data.get("visibility") == "private" or
                                                  bool(data.get("private")))
             return self._json(200, {"url": f"{self.server.url}/{repo_id}", "name": repo_id})
@@ -201,8 +207,13 @@ class Handler(BaseHTTPRequestHandler):
             repo = self.state.repos.get(f"{parts[3]}/{parts[4]}")
             if repo is None or (repo.private and not self._authorized()):
                 return self._error(404, "Repository not found")
-            rev = "/".join(parts[6:]) if len(parts) > 6 and parts[5] == "revision" else "main"
+            rev = "/".join(parts[6:]) if len(parts) > 6 and parts[5] in ("revision", "tree") else "main"
             sha = repo.head(rev)
+            if len(parts) > 6 and parts[5] == "tree":
+                if sha is None:
+                    return self._error(404, f"Revision not found: {rev}")
+                return self._json(200, [{"type": "file", "path": name, "size": len(data), "oid": git_blob_sha(data)}
+                                        for name, data in sorted(repo.files(rev).items())])
             if sha is None:
                 return self._error(404, f"Revision not found: {rev}")
             files = repo.files(rev)

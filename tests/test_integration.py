@@ -63,3 +63,18 @@ def test_quickstart_beats_the_baseline(tmp_path):
     assert result.returncode == 0, result.stderr
     labels = [json.loads(line)["label"] for line in result.stdout.splitlines()]
     assert labels == ["positive", "negative"]
+
+    # pushed to a (local) Hub, the card names the true upstream model and its license
+    from hub_server import HubServer
+
+    from finetune.hub import parse_front_matter
+
+    with HubServer("hf_token_for_tests") as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_token_for_tests"}
+        pushed = run_cli("push", str(tmp_path / "qs"), "--repo-id", "me/minilm-sentiment", env=env)
+        assert pushed.returncode == 0, pushed.stderr
+        files = hub.state.repos["me/minilm-sentiment"].branches["main"][-1]["files"]
+    meta = parse_front_matter(files["README.md"].decode())
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["license"] == "apache-2.0"
+    assert 'backbone = "sentence-transformers/all-MiniLM-L6-v2"' in files["recipe.toml"].decode()

@@ -228,3 +228,23 @@ def test_gradient_accumulation_counts_optimizer_steps(make_recipe):
     # 120 training rows / batch 16 = 8 micro-batches -> 4 optimizer steps
     assert metrics["train"]["steps"] == 4
     assert metrics["train"]["samples_seen"] == 120
+
+
+def test_resume_with_more_epochs_is_allowed_and_recorded(make_recipe, tmp_path, callback_plugin):
+    class CtrlC:
+        def on_log(self, run, state, logs):
+            if state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    callback_plugin.callbacks = [CtrlC()]
+    recipe = make_recipe()
+    with pytest.raises(Interrupted):
+        run_recipe(recipe, [], console=QUIET)
+    callback_plugin.callbacks = []
+    with pytest.raises(RunError, match=r"(?s)train.learning_rate: 0.01 -> 0.5.*Keys that may change on resume"):
+        run_recipe(recipe, ["train.learning_rate=0.5"], console=QUIET)
+    run = run_recipe(recipe, ["train.epochs=3"], console=QUIET)
+    metrics = json.loads(run.metrics_file.read_text())
+    assert metrics["train"]["epochs_completed"] == 3 and metrics["train"]["steps"] == 24
+    assert run.info()["recipe_changes"] == ["train.epochs: 2 -> 3"]
+    assert "epochs = 3" in run.recipe_file.read_text()
