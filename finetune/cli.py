@@ -6,6 +6,7 @@ so ``finetune --help`` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -88,8 +89,22 @@ _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VAL
 @click.option("--overwrite", is_flag=True, help="Replace a finished (or different) run in output.dir.")
 @click.option("--dry-run", is_flag=True, help="Validate and show one batch; do not train (same as `validate`).")
 @click.option("-q", "--quiet", is_flag=True, help="Only print errors and the final summary.")
-def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool, dry_run: bool, quiet: bool) -> None:
+@click.option("--num-processes", type=int, default=1, show_default=True,
+              help="Data-parallel processes on this machine (launched through Accelerate).")
+@click.option("--num-machines", type=int, default=1, show_default=True, help="Machines taking part.")
+@click.option("--machine-rank", type=int, default=0, show_default=True, help="This machine's rank.")
+@click.option("--main-process-ip", help="Address of the machine with rank 0 (several machines).")
+@click.option("--main-process-port", type=int, help="Port for the processes to meet on.")
+def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool, dry_run: bool, quiet: bool,
+        num_processes: int, num_machines: int, machine_rank: int, main_process_ip: str | None,
+        main_process_port: int | None) -> None:
     """Train a LoRA adapter as RECIPE says and write the run folder."""
+    if (num_processes > 1 or num_machines > 1) and "WORLD_SIZE" not in os.environ and not dry_run:
+        from finetune.launch import launch
+
+        sys.exit(launch(sys.argv[1:], num_processes=num_processes, num_machines=num_machines,
+                        machine_rank=machine_rank, main_process_ip=main_process_ip,
+                        main_process_port=main_process_port))
     _quiet_libraries()
     from finetune.console import Console
 

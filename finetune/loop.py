@@ -210,23 +210,33 @@ class TrainResult:
     interrupted: bool = False
 
 
-def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any, train_ds: Any, eval_ds: Any,
-          collate: Any, resume_from: Path | None, callbacks: list[Any], save_adapter: Any,
-          console: Any) -> TrainResult:
-    """Train ``model`` (already wrapped by PEFT) and keep ``run`` up to date."""
+def make_accelerator(recipe: Recipe, run_path: Path) -> Any:
+    """The Accelerator for a run. On CPU it must be ``cpu=True``: otherwise each process of a
+    multi-process launch silently trains its own unsynchronised copy."""
     import torch
     from accelerate import Accelerator
+
+    cfg = recipe.train
+    log_with = "tensorboard" if cfg.tensorboard else None  # availability checked before the run folder exists
+    return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+                       cpu=not torch.cuda.is_available(), log_with=log_with,
+                       project_dir=str(run_path / "tensorboard") if log_with else None)
+
+
+def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any, train_ds: Any, eval_ds: Any,
+          collate: Any, resume_from: Path | None, callbacks: list[Any], save_adapter: Any,
+          console: Any, accelerator: Any = None) -> TrainResult:
+    """Train ``model`` (already wrapped by PEFT) and keep ``run`` up to date (main process writes)."""
+    import torch
     from accelerate.utils import send_to_device
     from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
     cfg = recipe.train
-    mixed = resolve_mixed_precision(cfg.mixed_precision)
-    log_with = None
-    if cfg.tensorboard:  # availability checked by runner.check_train_settings before the run folder exists
-        log_with = "tensorboard"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), log_with=log_with,
-                              project_dir=str(run.path / "tensorboard") if log_with else None)
+    if accelerator is None:
+        accelerator = make_accelerator(recipe, run.path)
+    mixed = accelerator.mixed_precision
+    log_with = "tensorboard" if cfg.tensorboard else None
     if log_with:
         accelerator.init_trackers("finetune")
 
@@ -408,8 +418,14 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                     state.batches_done_in_epoch = 0
                     after_eval(evaluate())
                     write_checkpoint()
-                elif (cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0) \
-                        or stop.requested or state.should_stop:
+                if world > 1:  # every process must stop at the same step, or the next collective hangs
+                    flags = torch.tensor([[float(stop.requested is not None), float(state.should_stop)]])
+                    flags = accelerator.gather(flags).max(dim=0).values
+                    if flags[0] and stop.requested is None:
+                        stop.requested = "peer"
+                    state.should_stop = bool(flags[1])
+                periodic = cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0
+                if not epoch_done and (periodic or stop.requested or state.should_stop):
                     write_checkpoint()
                 if stop.requested:
                     interrupted = True

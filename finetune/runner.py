@@ -192,16 +192,38 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     eval_ds = _guard(task, "build_dataset", task.build_dataset, session.splits.eval, processor, training=False)
     collate = _guard(task, "collate_fn", task.collate_fn, processor)
     run = RunDir(recipe.output.dir)
-    resuming = run.prepare(recipe.to_dict(), recipe.to_toml(), overwrite=overwrite, resume=resume)
+    from finetune import loop
+
+    accelerator = loop.make_accelerator(recipe, run.path)
+    main = accelerator.is_main_process
+    if not main:
+        console = Console(enabled=False)  # one progress display, one summary
+    # Only the main process touches the run folder; the others learn its decision.
+    outcome: list[Any] = [None]
+    if main:
+        try:
+            outcome[0] = ("ok", run.prepare(recipe.to_dict(), recipe.to_toml(), overwrite=overwrite, resume=resume))
+        except FinetuneError as exc:
+            outcome[0] = ("error", exc)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome, from_process=0)
+    if outcome[0][0] == "error":
+        raise outcome[0][1]
+    resuming = outcome[0][1]
     resume_from = run.latest_checkpoint() if resuming else None
-    if resuming and resume_from is None:
+    if resuming and resume_from is None and main:
         console.print(f"{run.path}: unfinished run without a complete checkpoint; starting it again.")
-        for stale in (run.metrics_log,):
-            stale.unlink(missing_ok=True)
+        run.metrics_log.unlink(missing_ok=True)
     plugins = session.registry.loaded()
-    run.update_info(status="running", backbone=session.backbone.to_dict(), plugins=plugins,
-                    finetune_version=_version(), python=platform.python_version(), data=session.splits.info)
-    console.print(f"run folder: {run.path}")
+    if main:
+        run.update_info(status="running", backbone=session.backbone.to_dict(), plugins=plugins,
+                        finetune_version=_version(), python=platform.python_version(), data=session.splits.info,
+                        trust_remote_code=recipe.model.trust_remote_code,
+                        processes=accelerator.num_processes)
+    console.print(f"run folder: {run.path}" + (f" ({accelerator.num_processes} processes)"
+                                               if accelerator.num_processes > 1 else ""))
     try:
         console.print(f"backbone {session.backbone.name} ({session.backbone.source}); loaded in {load_s:.1f} s")
         console.print(f"LoRA on {report.target_modules}; trained in full: {report.modules_to_save}; trainable "
@@ -211,28 +233,31 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
         if baseline:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in baseline.items() if isinstance(v, float))
             console.print(f"baseline ({baseline.get('name', 'simple')}): {shown}")
-        from finetune import loop
-
-        result = loop.train(task=GuardedTask(task), recipe=recipe, run=run, model=model, processor=processor,
-                            train_ds=train_ds, eval_ds=eval_ds,
+        result = loop.train(accelerator=accelerator, task=GuardedTask(task), recipe=recipe, run=run, model=model,
+                            processor=processor, train_ds=train_ds, eval_ds=eval_ds,
                             collate=functools.partial(_guard, task, "collate_fn() collator", collate),
                             resume_from=resume_from,
                             callbacks=session.registry.callbacks(),
                             save_adapter=_save_adapter_fn(run, task, processor, recipe.peft.method),
                             console=console)
     except KeyboardInterrupt:
-        run.update_info(status="interrupted")
+        if main:
+            run.update_info(status="interrupted")
         raise
     except BaseException as exc:
-        run.update_info(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if main:
+            run.update_info(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     if result.interrupted:
-        run.update_info(status="interrupted")
+        if main:
+            run.update_info(status="interrupted")
         from finetune.loop import Interrupted
 
         raise Interrupted(f"training stopped at step {result.state.global_step}; the run is resumable: "
                           f"finetune run {recipe.source} --resume")
     state = result.state
+    if not main:
+        return run  # the main process writes the results
     metrics = {
         "selection_metric": result.metric,
         "selection_mode": result.mode,

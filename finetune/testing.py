@@ -109,8 +109,10 @@ def _heavy_imports_of(module: str) -> list[str]:
 # ---------------------------------------------------------------------------
 # tiny models and an end-to-end smoke run
 
-def tiny_text_backbone(folder: str | Path, words: list[str] | None = None, seed: int = 0) -> Path:
-    """Save a 2-layer, 32-wide, randomly initialised BERT with a word-level vocabulary in ``folder``."""
+def tiny_text_backbone(folder: str | Path, words: list[str] | None = None, seed: int = 0,
+                       **config: Any) -> Path:
+    """Save a 2-layer, 32-wide, randomly initialised BERT with a word-level vocabulary in ``folder``
+    (``config`` overrides BertConfig fields, e.g. ``hidden_dropout_prob=0.0``)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -123,7 +125,7 @@ def tiny_text_backbone(folder: str | Path, words: list[str] | None = None, seed:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(dict.fromkeys(vocab)), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                        initializer_range=0.2)  # a wide init: token identity survives to [CLS]
+                        **{"initializer_range": 0.2, **config})  # a wide init: token identity survives to [CLS]
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
