@@ -198,9 +198,13 @@ class RunDir:
         return True
 
     def _create(self, recipe_dict: dict[str, Any], recipe_toml: str) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.recipe_file, recipe_toml)
-        write_json_atomic(self.run_file, {"status": "running", "created_at": time.time()})
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.recipe_file, recipe_toml)
+            write_json_atomic(self.run_file, {"status": "running", "created_at": time.time()})
+        except OSError as exc:
+            raise RunError(f"output.dir: cannot write the run folder {self.path} ({exc.strerror or exc}); "
+                           "choose a writable output.dir with free space.") from None
 
     def _wipe(self) -> None:
         # Only what a run writes; anything else makes prepare() refuse before we get here.
@@ -240,6 +244,12 @@ class RunDir:
                 raise RuntimeError(f"checkpoint writer did not write {COMPLETE_MARKER}")
             _fsync_dir(tmp)
             replace_dir_atomic(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest_checkpoint()
+            raise RunError(f"cannot write checkpoint {final} ({exc.strerror or exc}); "
+                           + (f"the previous checkpoint {previous.name} is intact and " if previous else "")
+                           + "the run resumes from it with --resume once there is space/permission.") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

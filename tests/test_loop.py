@@ -248,3 +248,29 @@ def test_resume_with_more_epochs_is_allowed_and_recorded(make_recipe, tmp_path, 
     assert metrics["train"]["epochs_completed"] == 3 and metrics["train"]["steps"] == 24
     assert run.info()["recipe_changes"] == ["train.epochs: 2 -> 3"]
     assert "epochs = 3" in run.recipe_file.read_text()
+
+
+def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous_checkpoint(make_recipe, monkeypatch,
+                                                                                         tmp_path):
+    import errno
+
+    import finetune.loop as loop_module
+
+    real_save = loop_module.save_rng_state
+    calls = {"n": 0}
+
+    def flaky(path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(path)
+
+    monkeypatch.setattr(loop_module, "save_rng_state", flaky)
+    with pytest.raises(RunError, match=r"No space left on device.*ckpt-00000003 is intact.*--resume"):
+        run_recipe(make_recipe(), [], console=QUIET)
+    run = RunDir(tmp_path / "run")
+    assert run.status == "failed"
+    assert [c.name for c in run.checkpoints()] == ["ckpt-00000003"]
+    assert not list(run.checkpoints_dir.glob(".tmp-*"))
+    monkeypatch.setattr(loop_module, "save_rng_state", real_save)
+    assert run_recipe(make_recipe(), [], resume=True, console=QUIET).is_finished()
