@@ -29,7 +29,7 @@ quickstart: $(STAMP)
 
 ## Set up and run the whole test suite (unit + integration with real weights).
 test: $(STAMP) $(EXAMPLE_STAMP)
-	$(BIN)/ruff check finetune plugins tests examples
+	$(BIN)/ruff check finetune plugins tests examples benchmarks
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) $(EXAMPLE_STAMP)
