@@ -105,6 +105,10 @@ class ImageClassification(Task):
 
         data = self.recipe.data
         path = Path(location)
+        if not path.exists():
+            raise DataError(f"{key}: folder not found: {path}. Give an image folder (one subfolder per class) or "
+                            "a .csv/.jsonl table of image paths and labels (relative paths resolve against the "
+                            "recipe's folder).")
         if path.is_dir():
             from finetune_vision.images import scan_class_folders
 
