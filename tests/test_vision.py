@@ -194,6 +194,21 @@ def test_transformers_backend_trains_and_reloads_with_plain_peft(vision_recipe, 
     assert (run.adapter_dir / "preprocessor_config.json").exists()
 
 
+def test_automodel_plus_head_for_vision_towers_without_a_classifier_class(vision_recipe, tiny_hf_clip_vision,
+                                                                           tmp_path):
+    recipe = vision_recipe(backbone=tiny_hf_clip_vision, train="epochs = 1", output=str(tmp_path / "clip"))
+    session = open_session(recipe)
+    model, _, report = build_model(session)
+    assert report.modules_to_save == ["classifier"]
+    assert {"q_proj", "v_proj", "fc1"} <= {t.rsplit(".", 1)[-1] for t in report.target_modules}
+    run = run_recipe(recipe, [], console=Console(quiet=True))
+    task, ours, processor, _ = load_run(run.path)
+    batch = _eval_batch(task, processor, session.splits)
+    with torch.no_grad():
+        accuracy = _accuracy(ours(batch["pixel_values"]), batch["labels"])
+    assert accuracy == pytest.approx(json.loads(run.metrics_file.read_text())["best"]["accuracy"], abs=1e-9)
+
+
 def test_table_data_csv_and_jsonl(vision_recipe, colour_folder, tmp_path):
     rows = [{"path": str(p.relative_to(colour_folder)), "y": p.parent.name}
             for p in sorted(colour_folder.rglob("*.png"))]

@@ -70,6 +70,21 @@ def tiny_hf_vit(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_hf_clip_vision(tmp_path_factory) -> Path:
+    """A vision tower with no transformers image-classification class (AutoModel + head)."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    folder = tmp_path_factory.mktemp("tiny-hf-clip-vision")
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_mobilenet(tmp_path_factory) -> Path:
     import torch
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2ImageProcessor

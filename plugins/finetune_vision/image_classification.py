@@ -59,6 +59,8 @@ class ImageClassificationData(DataOptions):
                             "'skip' lists them and trains without them.")
     image_size: int | None = Field(None, gt=0, le=2048, description="Input side in pixels; default: the "
                                                                      "backbone's pretrained input size.")
+    crop_pct: float | None = Field(None, gt=0, le=1, description="Eval centre crop as a fraction of the resized "
+                                   "image (1.0: no crop); default: the backbone's pretrained crop_pct.")
     random_resized_crop: bool = Field(False, description="Training augmentation: random resized crop.")
     crop_scale_min: float = Field(0.35, gt=0, le=1, description="Smallest area fraction of a random resized crop.")
     hflip: bool = Field(False, description="Training augmentation: random horizontal flip.")
@@ -204,8 +206,9 @@ class ImageClassification(Task):
         torch.set_flush_denormal(True)
         from finetune_vision.models import load_backbone_model
 
+        data = self.recipe.data
         model, processor, facts = load_backbone_model(backbone, self.state["labels"], self.recipe.task.init,
-                                                      self.recipe.data.image_size)
+                                                      data.image_size, data.crop_pct)
         self.state.update(facts)
         return model, processor
 
@@ -268,7 +271,6 @@ class ImageClassification(Task):
             "accuracy": float((pred == references).mean()),
             "top_k_accuracy": float((topk == references[:, None]).any(-1).mean()),
             "macro_f1": float(f1_score(references, pred, labels=ids, average="macro", zero_division=0)),
-            "top_k": k,
             "per_class": {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                                       "support": int(s[i])} for i in ids},
             "confusion_matrix": confusion_matrix(references, pred, labels=ids).tolist(),

@@ -1,5 +1,7 @@
 """Loading timm and transformers image backbones with a new head, and their preprocessing.
 
+(Imported only inside Task methods, so torch may be imported at module level here.)
+
 A folder whose ``config.json`` names an ``architecture`` (timm's Hub layout, also what the vision zoo
 writes) loads with timm; a folder with a ``model_type`` loads with transformers'
 ``AutoModelForImageClassification``. Either way the head is replaced by one with ``len(labels)``
@@ -13,6 +15,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from finetune import BackboneError
 from finetune_vision.zoo import IMAGENET_MEAN, IMAGENET_STD, TIMM_ARCH_PREFIX
@@ -69,17 +73,26 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise BackboneError(f"model.backbone: {config} is not valid JSON ({exc}).") from None
 
 
-def load_backbone_model(backbone: Any, labels: list[str], init: str,
-                        image_size: int | None) -> tuple[Any, VisionProcessor, dict[str, Any]]:
-    """``(model, processor, facts)``; facts (backend, architecture, preprocessing) go into the task state."""
+def load_backbone_model(backbone: Any, labels: list[str], init: str, image_size: int | None = None,
+                        crop_pct: float | None = None) -> tuple[Any, VisionProcessor, dict[str, Any]]:
+    """``(model, processor, facts)``; facts (backend, architecture, preprocessing) go into the task state.
+
+    ``image_size`` / ``crop_pct`` override the backbone's pretrained input size and eval crop."""
     path = backbone.path
     if path.startswith(TIMM_ARCH_PREFIX):
-        return _load_timm(path[len(TIMM_ARCH_PREFIX):], None, {}, backbone, labels, init, image_size)
-    folder = Path(path)
-    config = _read_config(folder)
-    if "architecture" in config and "model_type" not in config:
-        return _load_timm(config["architecture"], folder, config, backbone, labels, init, image_size)
-    return _load_transformers(folder, backbone, labels, init, image_size)
+        model, processor, facts = _load_timm(path[len(TIMM_ARCH_PREFIX):], None, {}, backbone, labels, init,
+                                             image_size)
+    else:
+        folder = Path(path)
+        config = _read_config(folder)
+        if "architecture" in config and "model_type" not in config:
+            model, processor, facts = _load_timm(config["architecture"], folder, config, backbone, labels, init,
+                                                 image_size)
+        else:
+            model, processor, facts = _load_transformers(folder, backbone, labels, init, image_size)
+    if crop_pct:
+        processor.preprocess["crop_pct"] = float(crop_pct)
+    return model, processor, facts
 
 
 def _load_timm(arch: str, folder: Path | None, config: dict[str, Any], backbone: Any, labels: list[str],
@@ -117,8 +130,6 @@ def _load_timm(arch: str, folder: Path | None, config: dict[str, Any], backbone:
 
 
 def _load_timm_weights(model: Any, folder: Path) -> None:
-    import torch
-
     st, pt = folder / "model.safetensors", folder / "pytorch_model.bin"
     if st.exists():
         from safetensors.torch import load_file
@@ -159,9 +170,9 @@ def _load_transformers(folder: Path, backbone: Any, labels: list[str], init: str
         else:
             model = AutoModelForImageClassification.from_pretrained(str(folder), config=config,
                                                                     ignore_mismatched_sizes=True, **kw)
-    except ValueError as exc:
-        raise BackboneError(f"model.backbone: {folder} ({config.model_type}) has no transformers image-"
-                            f"classification class ({str(exc)[:200]}).") from None
+    except ValueError:
+        # No image-classification class for this model type (e.g. CLIP/SigLIP vision towers): AutoModel + head.
+        model = _backbone_with_head(folder, config, labels, init, kw)
     try:
         hf_processor = AutoImageProcessor.from_pretrained(str(folder), **kw)
     except (OSError, ValueError):
@@ -172,6 +183,46 @@ def _load_transformers(folder: Path, backbone: Any, labels: list[str], init: str
     facts = {"backend": "transformers", "architecture": type(model).__name__, "preprocess": preprocess,
              "init": init}
     return model, VisionProcessor(preprocess, hf_processor), facts
+
+
+def _backbone_with_head(folder: Path, config: Any, labels: list[str], init: str, kw: dict[str, Any]) -> Any:
+    from transformers import AutoModel
+
+    try:
+        if init == "random":
+            backbone = AutoModel.from_config(config, trust_remote_code=kw["trust_remote_code"])
+        else:
+            backbone = AutoModel.from_pretrained(str(folder), **kw)
+    except ValueError as exc:
+        raise BackboneError(f"model.backbone: {folder} ({config.model_type}) loads neither as a transformers "
+                            f"image classifier nor as an AutoModel ({str(exc)[:200]}).") from None
+    size = int(getattr(config, "image_size", 224) or 224)
+    with torch.no_grad():
+        features = BackboneWithHead.pool(backbone.eval()(pixel_values=torch.zeros(1, 3, size, size)))
+    return BackboneWithHead(backbone, features.shape[-1], len(labels))
+
+
+class BackboneWithHead(torch.nn.Module):
+    """A transformers vision backbone (AutoModel) + a linear classifier on its pooled features.
+
+    Pooled features: ``pooler_output`` when the model has one, else the mean of ``last_hidden_state``
+    over tokens (or spatial positions)."""
+
+    def __init__(self, backbone: Any, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = torch.nn.Linear(num_features, num_classes)
+
+    @staticmethod
+    def pool(outputs: Any) -> Any:
+        pooled = getattr(outputs, "pooler_output", None)
+        if pooled is not None:
+            return pooled.flatten(1)
+        hidden = outputs.last_hidden_state
+        return hidden.mean(dim=1) if hidden.dim() == 3 else hidden.flatten(2).mean(-1)
+
+    def forward(self, pixel_values: Any) -> Any:
+        return self.classifier(self.pool(self.backbone(pixel_values=pixel_values)))
 
 
 def _hf_preprocess(proc: Any, config: Any) -> dict[str, Any]:
