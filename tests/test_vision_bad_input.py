@@ -100,15 +100,21 @@ def test_image_mode_surprises_become_sensible_rgb(tmp_path):
     assert to_rgb(Image.new("1", (4, 4), 1)).getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_mixed_image_modes_train(vision_recipe, colour_folder, tmp_path):
-    """Greyscale, RGBA, CMYK and 16-bit images in one dataset train without a hiccup."""
+def test_mixed_image_modes_load_as_batches(vision_recipe, colour_folder):
+    """Greyscale, RGBA, CMYK and 16-bit images in one dataset become ordinary RGB batches."""
+    from finetune.runner import build_model
+
     Image.new("L", (20, 20), 90).save(colour_folder / "red" / "grey.png")
     Image.new("RGBA", (20, 20), (40, 40, 200, 128)).save(colour_folder / "blue" / "alpha.png")
     Image.new("CMYK", (20, 20), (200, 0, 200, 0)).save(colour_folder / "green" / "cmyk.jpg")
     Image.fromarray(np.full((20, 20), 50000, np.uint16)).save(colour_folder / "red" / "deep.png")
-    run = run_recipe(vision_recipe(train="epochs = 1"), [], console=Console(quiet=True))
-    assert json.loads(run.metrics_file.read_text())["data"]["train_examples"] + \
-        json.loads(run.metrics_file.read_text())["data"]["eval_examples"] == 52
+    session = open_session(vision_recipe(data="split = 0.1"))
+    _, processor, _ = build_model(session)
+    task = session.task
+    ds = task.build_dataset(session.splits.train, processor, training=True)
+    batch = task.collate_fn(processor)([ds[i] for i in range(len(ds))])
+    assert batch["pixel_values"].shape == (len(ds), 3, 32, 32) and len(ds) + len(session.splits.eval) == 52
+    assert bool(batch["pixel_values"].isfinite().all())
 
 
 def test_resume_with_a_changed_number_of_classes_is_refused(vision_recipe, colour_folder, tmp_path):
