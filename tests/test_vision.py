@@ -254,3 +254,17 @@ def test_predict_cli_on_a_folder_prints_top_k(timm_run, tmp_path):
     result = run_cli("predict", str(run.path), "--text", str(inputs / "blue" / "img_00.png"))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[0])["label"] in ("red", "green", "blue")
+
+
+def test_timm_name_resolves_from_the_local_hugging_face_cache(vision_recipe, tiny_timm_cnn, tmp_path):
+    """`timm/<name>` comes from the HF cache (offline) when a timm checkpoint was downloaded there."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--timm--test_efficientnet.r160_in1k" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_timm_cnn, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    recipe = vision_recipe(backbone="timm/test_efficientnet.r160_in1k")
+    result = run_cli("validate", str(recipe), env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert result.returncode == 0, result.stderr
+    assert "Hugging Face cache" in result.stdout and "pixel_values: (8, 3, 32, 32) float32" in result.stdout
