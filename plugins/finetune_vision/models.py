@@ -270,7 +270,9 @@ def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
             "model.load_state_dict(load_file('adapter/trained.safetensors'), strict=False)\nmodel.eval()")
     transform = (
         "from torchvision import transforms as T\n"
-        f"transform = T.Compose([T.Resize({int(pre.get('input_size', 224) / pre.get('crop_pct', 1.0))}), "
+        f"interpolation = T.InterpolationMode.{str(pre.get('interpolation', 'bilinear')).upper()}\n"
+        f"transform = T.Compose([T.Resize({int(pre.get('input_size', 224) / pre.get('crop_pct', 1.0))}, "
+        "interpolation=interpolation), "
         f"T.CenterCrop({pre.get('input_size', 224)}), T.ToTensor(),\n"
         f"                       T.Normalize({pre.get('mean')}, {pre.get('std')})])\n")
     if state.get("backend") == "timm":
