@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/vision_transfer.py            # pretrained LoRA vs from-scratch full training
     .venv/bin/python benchmarks/vision_transfer.py --all      # also linear probe and LoRA on a random backbone
+    .venv/bin/python benchmarks/vision_transfer.py --only 2 3 # just those two
     .venv/bin/python benchmarks/vision_transfer.py --set train.epochs=1 --set data.limit=400   # quick look
 
 The from-scratch baseline is the fair one: the same architecture from random initialisation, every
@@ -31,15 +32,17 @@ VARIANTS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="also the linear probe and LoRA on a random backbone")
+    parser.add_argument("--only", type=int, nargs="+", help="variant numbers to run (0-3, in the order above)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
     args = parser.parse_args()
 
     from finetune.console import Console
     from finetune.runner import run_recipe
 
-    names = list(VARIANTS) if args.all else list(VARIANTS)[:2]
+    indices = args.only if args.only else (range(len(VARIANTS)) if args.all else range(2))
     rows = []
-    for i, name in enumerate(names):
+    for i in indices:
+        name = list(VARIANTS)[i]
         out = RECIPE.parent / "runs" / f"bench-vision-{i}"
         start = time.perf_counter()
         run = run_recipe(RECIPE, [*VARIANTS[name], *args.overrides, f"output.dir=\"{out}\""], overwrite=True,
