@@ -178,6 +178,14 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> L
     if missing:
         raise RunError(f"checkpoint {ckpt / 'trainable.safetensors'} does not match the model "
                        f"(missing {missing[:3]}...); delete {ckpt} or pass --overwrite.")
+    # A model whose shapes changed since the checkpoint (e.g. the data gained a class, so the head has
+    # another size) must fail with a message, not a tensor-size RuntimeError mid-copy.
+    wrong = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(params[k].shape)}" for k, v in weights.items()
+             if k in params and tuple(v.shape) != tuple(params[k].shape)]
+    if wrong:
+        raise RunError(f"checkpoint {ckpt / 'trainable.safetensors'} does not fit the model ({'; '.join(wrong[:3])})"
+                       ": the model changed since the checkpoint was written (for a classifier: the number of "
+                       "classes in the data). Restore the data to resume, or pass --overwrite to start over.")
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)

@@ -146,15 +146,15 @@ def test_broken_plugin_is_listed_as_failed_and_others_still_work(site, statement
 
     tasks = cli("tasks", site=site)
     assert tasks.returncode == 0, tasks.stderr
-    assert tasks.stdout.startswith("text-classification ")
+    assert any(line.startswith("text-classification ") for line in tasks.stdout.splitlines())
 
 
 def test_broken_plugin_is_mentioned_when_a_task_is_unknown(site, tmp_path):
     make_dist(site, "brokenplug", {"broken": "broken_mod"},
               {"broken_mod": 'raise ImportError("needs libfoo")\n'})
-    result = cli("validate", str(write_recipe(tmp_path, "image-classification")), site=site)
+    result = cli("validate", str(write_recipe(tmp_path, "no-such-task-family")), site=site)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: task.name: unknown task 'image-classification'")
+    assert result.stderr.startswith("error: task.name: unknown task 'no-such-task-family'")
     assert "Some plugins failed to load: broken: failed to import 'broken_mod': ImportError: needs libfoo" \
         in result.stderr
     assert "Traceback" not in result.stderr

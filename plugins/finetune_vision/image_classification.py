@@ -1,0 +1,381 @@
+"""``image-classification``: LoRA (or linear probing / full fine-tuning) of timm and transformers backbones.
+
+Data: an image folder (one subfolder per class), a CSV/JSONL/Parquet table of image paths and labels,
+or a built-in source exported from a PyPI package (``data.source = "sklearn-digits"``). Unreadable
+images are listed (names and count) before anything is written, then skipped or fatal
+(``data.on_bad_image``). Preprocessing follows the backbone's own pretrained configuration (timm data
+config or the transformers image processor); augmentation is opt-in and applies to training only.
+
+BatchNorm: with LoRA or a linear probe, BatchNorm layers stay in eval mode during training, so their
+running statistics (base-model buffers, which an adapter does not save) never change and a reloaded
+adapter reproduces the trained model exactly. Full fine-tuning trains them and saves every buffer.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from finetune import (
+    DataError,
+    DataOptions,
+    DataSplits,
+    PathStr,
+    RecipeError,
+    Task,
+    TaskOptions,
+    load_table,
+    require_columns,
+    split_frame,
+)
+from finetune_vision.images import (
+    EVAL_FOLDER_NAMES,
+    IMAGE_EXTENSIONS,
+    check_images,
+    list_image_files,
+    load_rgb,
+)
+
+SOURCES = ("sklearn-digits",)
+_HEAD_NAMES = ("classifier", "head", "fc", "score")
+
+
+class ImageClassificationData(DataOptions):
+    train: PathStr | None = Field(
+        None, description="Image folder (one subfolder per class; or with train/ and val/ inside), or a "
+                          ".csv/.jsonl/.parquet table of image paths and labels. Not needed with `source`.")
+    eval: PathStr | None = Field(None, description="Eval image folder or table; if absent, `split` of train is "
+                                                   "held out (stratified by class).")
+    source: Literal["sklearn-digits"] | None = Field(
+        None, description="Built-in dataset exported as an image folder on first use: 'sklearn-digits' "
+                          "(scikit-learn's 1,797 8x8 handwritten digits, 10 classes).")
+    image_column: str = Field("image", description="Table column with image paths (relative to the table file).")
+    label_column: str = Field("label", description="Table column with labels (string or integer).")
+    on_bad_image: Literal["fail", "skip"] = Field(
+        "fail", description="Missing or undecodable images: 'fail' lists them and stops before training; "
+                            "'skip' lists them and trains without them.")
+    image_size: int | None = Field(None, gt=0, le=2048, description="Input side in pixels; default: the "
+                                                                     "backbone's pretrained input size.")
+    crop_pct: float | None = Field(None, gt=0, le=1, description="Eval centre crop as a fraction of the resized "
+                                   "image (1.0: no crop); default: the backbone's pretrained crop_pct.")
+    random_resized_crop: bool = Field(False, description="Training augmentation: random resized crop.")
+    crop_scale_min: float = Field(0.35, gt=0, le=1, description="Smallest area fraction of a random resized crop.")
+    hflip: bool = Field(False, description="Training augmentation: random horizontal flip.")
+    auto_augment: Literal["none", "trivial", "randaugment"] = Field(
+        "none", description="Training augmentation policy: TrivialAugmentWide or RandAugment.")
+    randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude.")
+
+
+class ImageClassificationOptions(TaskOptions):
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="'random': the same architecture from random initialisation (a from-scratch "
+                                  "baseline; use with peft.method = 'full').")
+    top_k: int = Field(5, gt=0, description="k of the top-k accuracy metric and of the classes predict prints.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+
+
+class ImageClassification(Task):
+    name = "image-classification"
+    description = "Classify images with a timm or transformers backbone (LoRA, linear probe or full)."
+    task_options = ImageClassificationOptions
+    data_options = ImageClassificationData
+    default_metric = "accuracy"
+    metric_names = ("accuracy", "top_k_accuracy", "macro_f1")
+    pipeline_tag = "image-classification"
+    library_name = "peft"
+
+    # -- data ----------------------------------------------------------
+    def _train_location(self) -> tuple[str, str]:
+        data = self.recipe.data
+        if data.source:
+            if data.train:
+                raise RecipeError("data.source and data.train are both set; keep one.")
+            from finetune_vision.sources import export_source
+
+            return str(export_source(data.source)), "data.source"
+        if not data.train:
+            raise RecipeError("data.train: required: an image folder or a table of image paths (or set "
+                              f"data.source to one of {list(SOURCES)}).")
+        return data.train, "data.train"
+
+    def _read(self, location: str, key: str):
+        """A DataFrame with columns ``image`` (absolute path) and ``label`` (str)."""
+        import pandas as pd
+
+        data = self.recipe.data
+        path = Path(location)
+        if not path.exists():
+            raise DataError(f"{key}: folder not found: {path}. Give an image folder (one subfolder per class) or "
+                            "a .csv/.jsonl table of image paths and labels (relative paths resolve against the "
+                            "recipe's folder).")
+        if path.is_dir():
+            from finetune_vision.images import scan_class_folders
+
+            rows = scan_class_folders(path, key)
+            return pd.DataFrame(rows, columns=["image", "label"])
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            raise DataError(f"{key}: {path} is a single image; give a folder with one subfolder per class, "
+                            "or a table of image paths and labels.")
+        df = load_table(path, data.format, key=key)
+        require_columns(df, {"data.image_column": data.image_column, "data.label_column": data.label_column,
+                             "data.group_column": data.group_column}, path)
+        missing = df[data.image_column].isna() | df[data.label_column].isna()
+        if missing.any():
+            bad = [i + 2 for i, m in enumerate(missing.tolist()) if m][:5]
+            raise DataError(f"{key}: {path}: {int(missing.sum())} row(s) have no image path or label (e.g. line(s) "
+                            f"{bad}); fill or remove them.")
+        base = path.parent
+        out = pd.DataFrame({
+            "image": [str((base / str(p)).resolve()) if not Path(str(p)).is_absolute() else str(p)
+                      for p in df[data.image_column]],
+            "label": [_label_str(v) for v in df[data.label_column]],
+        })
+        if data.group_column:
+            out[data.group_column] = df[data.group_column].astype(str).values
+        return out
+
+    def _drop_bad_images(self, df, key: str):
+        bad = check_images(df["image"].tolist())
+        if not bad:
+            return df, []
+        shown = "; ".join(f"{p} ({why})" for p, why in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        if self.recipe.data.on_bad_image == "fail":
+            raise DataError(f"{key}: {len(bad)} of {len(df)} image(s) are missing or unreadable: {shown}. Fix or "
+                            "remove them, or set data.on_bad_image = \"skip\" to train without them.")
+        print(f"warning: {key}: skipping {len(bad)} of {len(df)} unreadable image(s): {shown}", file=sys.stderr)
+        names = {p for p, _ in bad}
+        return df[~df["image"].isin(names)].reset_index(drop=True), [p for p, _ in bad]
+
+    def prepare_data(self) -> DataSplits:
+        data = self.recipe.data
+        location, key = self._train_location()
+        eval_location = data.eval
+        folder = Path(location)
+        if not eval_location and folder.is_dir():
+            # "split by folder": train/ beside val/ (or eval/, validation/, test/)
+            subs = {p.name for p in folder.iterdir() if p.is_dir()}
+            eval_name = next((n for n in EVAL_FOLDER_NAMES if n in subs), None)
+            if "train" in subs and eval_name and len(subs) == 2:
+                location, eval_location = str(folder / "train"), str(folder / eval_name)
+        train = self._read(location, key)
+        train, skipped = self._drop_bad_images(train, key)
+        if data.limit:
+            train = train.sample(n=min(data.limit, len(train)), random_state=self.recipe.train.seed) \
+                .reset_index(drop=True)
+        if eval_location:
+            eval_ = self._read(eval_location, "data.eval")
+            eval_, skipped_eval = self._drop_bad_images(eval_, "data.eval")
+            skipped += skipped_eval
+        else:
+            train, eval_ = split_frame(train, data.split, self.recipe.train.seed, stratify="label",
+                                       group=data.group_column)
+        labels = sorted(train["label"].unique(), key=_label_sort_key)
+        if len(labels) < 2:
+            raise DataError(f"{key}: only one class ({labels[0] if labels else 'none'!r}) in the training data "
+                            f"({location}); classification needs at least two.")
+        if len(eval_) == 0:
+            raise DataError(f"data.eval: no eval images ({eval_location or 'split of ' + location}).")
+        unseen = sorted(set(eval_["label"]) - set(labels), key=_label_sort_key)
+        if unseen:
+            raise DataError(f"data.eval: classes {unseen} appear in the eval data but never in training "
+                            f"(training classes: {labels}); add training images for them or drop them.")
+        self.state = {"labels": labels}
+        counts = train["label"].value_counts().to_dict()
+        info = {"train_examples": len(train), "eval_examples": len(eval_), "labels": labels,
+                "train_label_counts": {k: int(counts.get(k, 0)) for k in labels}, "train_from": location}
+        if skipped:
+            info["skipped_images"] = skipped
+        return DataSplits(train=train, eval=eval_, info=info)
+
+    def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
+        label_ids = {label: i for i, label in enumerate(self.state["labels"])}
+        transform = processor.transform(training=training, options=self.recipe.data)
+        return _ImageDataset(examples["image"].tolist(), [label_ids[v] for v in examples["label"]], transform)
+
+    def collate_fn(self, processor: Any):
+        return _collate
+
+    # -- model ---------------------------------------------------------
+    def load_model(self, backbone: Any) -> tuple[Any, Any]:
+        import torch
+
+        # A random-init network with frozen BatchNorm statistics produces subnormal floats that halve CPU speed.
+        torch.set_flush_denormal(True)
+        from finetune_vision.models import load_backbone_model
+
+        data = self.recipe.data
+        model, processor, facts = load_backbone_model(backbone, self.state["labels"], self.recipe.task.init,
+                                                      data.image_size, data.crop_pct)
+        self.state.update(facts)
+        return model, processor
+
+    def lora_targets(self, model: Any) -> list[str]:
+        import torch.nn as nn
+
+        heads = set(self.modules_to_save(model))
+
+        def in_head(name: str) -> bool:
+            return any(name == h or name.startswith(h + ".") for h in heads)
+
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not in_head(n)]
+        if linears:  # transformer-style (ViT, ConvNeXt, MLP-Mixer...): attention and MLP projections
+            return linears
+        convs = [n for n, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.groups == 1 and not in_head(n)]
+        if convs:  # CNNs: every non-depthwise convolution (for MobileNets: the pointwise ones and the stem)
+            return convs
+        raise RecipeError("peft.target_modules: found no Linear or (non-depthwise) Conv2d layer outside the head; "
+                          "set peft.target_modules to module names of this model.")
+
+    def modules_to_save(self, model: Any) -> list[str]:
+        from finetune_vision.models import head_module_names
+
+        return head_module_names(model)
+
+    def train_mode(self, model: Any) -> None:
+        model.train()
+        if self.recipe.peft.method != "full":
+            from torch.nn.modules.batchnorm import _BatchNorm
+
+            for module in model.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+
+    # -- training and evaluation -----------------------------------------
+    def _loss(self, logits: Any, labels: Any) -> Any:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.task.label_smoothing)
+
+    def training_loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        return self._loss(_logits(model, batch["pixel_values"]), batch["labels"])
+
+    def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        logits = _logits(model, batch["pixel_values"]).float()
+        return {"loss": self._loss(logits, batch["labels"]), "predictions": logits, "references": batch["labels"]}
+
+    def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
+        import numpy as np
+        from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+        labels = self.state["labels"]
+        ids = list(range(len(labels)))
+        pred = predictions.argmax(-1)
+        k = min(self.recipe.task.top_k, len(labels))
+        topk = np.argsort(-predictions, axis=-1)[:, :k]
+        p, r, f, s = precision_recall_fscore_support(references, pred, labels=ids, zero_division=0)
+        return {
+            "accuracy": float((pred == references).mean()),
+            "top_k_accuracy": float((topk == references[:, None]).any(-1).mean()),
+            "macro_f1": float(f1_score(references, pred, labels=ids, average="macro", zero_division=0)),
+            "per_class": {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                                      "support": int(s[i])} for i in ids},
+            "confusion_matrix": confusion_matrix(references, pred, labels=ids).tolist(),
+        }
+
+    def finalize_run(self, run_path: Path, metrics: dict[str, Any]) -> None:
+        matrix = metrics.get("best_details", {}).get("confusion_matrix")
+        if matrix:
+            from finetune_vision.plots import plot_confusion_matrix
+
+            plot_confusion_matrix(matrix, self.state["labels"], run_path / "confusion_matrix.png",
+                                  title=f"{self.name}: best eval (accuracy {metrics['best'].get('accuracy', 0):.3f})")
+
+    # -- inference -----------------------------------------------------
+    def predict_input_columns(self) -> list[str]:
+        return ["image"]
+
+    def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
+        path = Path(path)
+        if path.is_dir():
+            files = list_image_files(path)
+            if not files:
+                raise DataError(f"--input: {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+            return [{"image": str(f)} for f in files]
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            return [{"image": str(path)}]
+        column = self.recipe.data.image_column
+        df = load_table(path, key="--input")
+        require_columns(df, {"--input image column (data.image_column)": column}, path)
+        return [{"image": str(p) if Path(str(p)).is_absolute() else str((path.parent / str(p)).resolve())}
+                for p in df[column]]
+
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
+                batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
+        import torch
+
+        labels = self.state["labels"]
+        k = min(self.recipe.task.top_k, len(labels))
+        transform = processor.transform(training=False, options=self.recipe.data)
+        device = next(model.parameters()).device
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            tensors, ok = [], []
+            for record in chunk:
+                try:
+                    tensors.append(transform(load_rgb(record["image"])))
+                    ok.append(record)
+                except Exception as exc:  # noqa: BLE001 - one bad file must not lose the others
+                    rows.append({**record, "label": None, "score": None,
+                                 "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+            if not tensors:
+                continue
+            probs = torch.softmax(_logits(model, torch.stack(tensors).to(device)).float(), dim=-1).cpu()
+            for record, p in zip(ok, probs):
+                values, indices = p.topk(k)
+                row = {**record, "label": labels[int(indices[0])], "score": float(values[0])}
+                for j, (v, i) in enumerate(zip(values, indices), start=1):
+                    row[f"label_{j}"] = labels[int(i)]
+                    row[f"prob_{j}"] = float(v)
+                rows.append(row)
+        return rows
+
+    def usage_snippet(self, base: str) -> str:
+        from finetune_vision.models import usage_snippet
+
+        return usage_snippet(self.state, base, self.recipe.peft.method)
+
+
+def _logits(model: Any, pixel_values: Any) -> Any:
+    out = model(pixel_values)
+    return getattr(out, "logits", out)
+
+
+class _ImageDataset:
+    def __init__(self, paths: list[str], labels: list[int], transform: Any) -> None:
+        self.paths, self.labels, self.transform = paths, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            image = load_rgb(self.paths[i])
+        except Exception as exc:  # noqa: BLE001 - checked in prepare_data; changed on disk since
+            raise DataError(f"image {self.paths[i]} became unreadable during training "
+                            f"({type(exc).__name__}: {exc}); fix it and resume with --resume.") from None
+        return {"pixel_values": self.transform(image), "labels": self.labels[i]}
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            "labels": torch.tensor([it["labels"] for it in items], dtype=torch.long)}
+
+
+def _label_str(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _label_sort_key(label: str) -> tuple[int, Any]:
+    try:
+        return (0, int(label))
+    except ValueError:
+        return (1, label)
