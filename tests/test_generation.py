@@ -319,3 +319,16 @@ def test_merge_refuses_a_quantized_base_without_the_flag(tmp_path, tiny_llama, m
     result = run_cli("merge", str(run.path), str(tmp_path / "m"), "--allow-quantized-base")
     assert result.returncode == 0, result.stderr
     assert "warning:" in result.stderr and "Q4_1" in (tmp_path / "m" / "README.md").read_text()
+
+
+def test_every_key_of_the_generation_quickstart_is_documented():
+    import tomllib
+
+    from conftest import REPO
+
+    reference = (REPO / "docs" / "recipes.md").read_text()
+    recipe = tomllib.loads((REPO / "recipes" / "generation-quickstart.toml").read_text())
+    for section, keys in recipe.items():
+        assert f"## [{section}]" in reference
+        for key in keys:
+            assert f"`{key}`" in reference, f"{section}.{key} missing from docs/recipes.md"
