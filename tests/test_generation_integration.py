@@ -69,6 +69,10 @@ def test_short_quickstart_learns_the_format_and_to_stop(tmp_path):
     row = json.loads(result.stdout.splitlines()[0])
     assert row["finish_reason"] == "stop" and row["generation"].strip()
 
-    result = run_cli("merge", str(out), str(tmp_path / "merged"))
-    assert result.returncode == 2 and "Q4_1 GGUF" in result.stderr and "--allow-quantized-base" in result.stderr
+    from click.testing import CliRunner
+
+    from finetune.cli import cli
+
+    result = CliRunner().invoke(cli, ["merge", str(out), str(tmp_path / "merged")])  # refused before any loading
+    assert result.exit_code == 2 and "Q4_1 GGUF" in result.stderr and "--allow-quantized-base" in result.stderr
     assert not (tmp_path / "merged").exists()
