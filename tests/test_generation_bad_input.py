@@ -92,3 +92,12 @@ def test_cli_reports_bad_line_cleanly_and_writes_nothing(make_gen_recipe, tmp_pa
     assert result.stderr.startswith("error: data.train: ") and "Traceback" not in result.stderr
     assert "line 1: field 'messages' (data.messages_column) must be a non-empty list" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_chat_template_that_looks_ahead_is_refused(make_gen_recipe):
+    # marks the last message: rendering the prompt is then not a prefix of rendering prompt + answer
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} END{% endif %}\n"
+                "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(RecipeError, match="task.chat_template: the chat template does not render a conversation "
+                                          "as a growing prefix"):
+        build(make_gen_recipe(task=f"chat_template = {json.dumps(template)}"))
