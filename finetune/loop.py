@@ -364,7 +364,10 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
     with _StopRequest() as stop, progress:
         window_t, window_samples, window_losses = time.perf_counter(), 0, []
         while state.epoch < cfg.epochs and not state.should_stop:
-            batches = epoch_batches(len(train_ds), cfg.batch_size, cfg.seed, state.epoch)
+            batches = task.train_batches(train_ds, cfg.batch_size, cfg.seed, state.epoch)
+            if len(batches) != n_batches:
+                raise FinetuneError(f"task {task.name!r}: train_batches returned {len(batches)} batches for "
+                                    f"{len(train_ds)} examples; expected {n_batches} (ceil(examples / batch_size)).")
             if world > 1:
                 batches = batches[: batches_per_rank * world][rank::world]
             remaining = batches[state.batches_done_in_epoch:]

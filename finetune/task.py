@@ -17,7 +17,8 @@ Lifecycle of one run (the core calls, in order)::
     train_ds = task.build_dataset(splits.train, processor, training=True)
     eval_ds = task.build_dataset(splits.eval, processor, training=False)
     collate = task.collate_fn(processor)
-    ... loop: task.training_loss(model, batch); task.evaluation_step(model, batch)
+    ... loop: task.train_batches(train_ds, batch_size, seed, epoch)  # each epoch's index batches
+          task.training_loss(model, batch); task.evaluation_step(model, batch)
     task.compute_metrics(predictions, references)
     task.baseline(splits)                     # optional non-neural baseline
 
@@ -139,6 +140,18 @@ class Task:
         """Called once when training finished, before the model card; ``metrics`` is what
         metrics.json holds (``best`` includes non-scalar entries of the best evaluation under
         ``best_details``). Write final artifacts (e.g. a confusion-matrix image)."""
+
+    def train_batches(self, dataset: Any, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+        """The training batches of one epoch, as lists of dataset indices.
+
+        Default: a permutation seeded by ``(seed, epoch)`` cut into batches of ``batch_size``.
+        Override to batch differently (e.g. group examples of similar length to save padding).
+        The result must depend only on the arguments (exact resume replays it) and hold
+        ``ceil(len(dataset) / batch_size)`` batches (the loop plans its steps from that count).
+        """
+        from finetune.loop import epoch_batches
+
+        return epoch_batches(len(dataset), batch_size, seed, epoch)
 
     def train_mode(self, model: Any) -> None:
         """Put the model in training mode (default ``model.train()``). Override to keep e.g.

