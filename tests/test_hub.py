@@ -10,6 +10,7 @@ import torch
 import yaml
 from conftest import run_cli
 from hub_server import HubServer, git_blob_sha
+from vision_fixtures import tiny_timm_cnn  # noqa: F401,F811 - fixture
 
 from finetune.console import Console
 from finetune.hub import HubError, parse_front_matter, push_run
@@ -202,3 +203,52 @@ def test_push_true_needs_a_repo_id(make_recipe, tmp_path):
 
 def test_server_stores_blobs_by_git_sha():
     assert git_blob_sha(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's empty blob
+
+
+@pytest.fixture
+def vision_run(tmp_path, tiny_timm_cnn):  # noqa: F811 - the imported fixture
+    from vision_fixtures import write_colour_images
+
+    images = write_colour_images(tmp_path / "images")
+    recipe = tmp_path / "vision.toml"
+    recipe.write_text(f"""
+[task]
+name = "image-classification"
+[model]
+backbone = "{tiny_timm_cnn}"
+[data]
+train = "{images}"
+split = 0.25
+image_size = 32
+[peft]
+r = 4
+alpha = 8
+[train]
+epochs = 1
+batch_size = 8
+mixed_precision = "no"
+[output]
+dir = "{tmp_path / 'vision-run'}"
+""")
+    return run_recipe(recipe, [], console=Console(quiet=True)), images
+
+
+@pytest.fixture
+def generation_run(make_gen_recipe):
+    return run_recipe(make_gen_recipe(train="epochs = 1", output=None), [], console=Console(quiet=True))
+
+
+def test_every_task_family_round_trips_through_the_hub(hub, vision_run, generation_run):
+    """Pushed, pulled and used by id: the same predictions as from the run folder, for each family."""
+    run, images = vision_run
+    image = next(p for p in images.rglob("*.png"))
+    cases = {"me/vision": (run, ["--text", str(image)], "peft"),
+             "me/generation": (generation_run, ["--prompt", "What is 2 + 3?"], "peft")}
+    for repo_id, (family_run, args, library) in cases.items():
+        push_run(family_run.path, repo_id)
+        meta = parse_front_matter(commits(hub, repo_id)[-1]["files"]["README.md"].decode())
+        assert meta["library_name"] == library
+        from_hub = run_cli("predict", repo_id, *args, env=hub_env(hub))
+        from_run = run_cli("predict", str(family_run.path), *args)
+        assert from_hub.returncode == 0, from_hub.stderr[-2000:]
+        assert json.loads(from_hub.stdout.splitlines()[-1]) == json.loads(from_run.stdout.splitlines()[-1])

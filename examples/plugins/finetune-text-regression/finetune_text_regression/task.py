@@ -42,7 +42,7 @@ class TextRegressionTask(Task):
         if bad:
             raise DataError(f"{key}: {path}: data.target_column ({data.target_column!r}) must hold numbers; "
                             f"row(s) {', '.join(str(i + 1) for i in bad[:5])} do not (e.g. "
-                            f"{df[data.target_column].iloc[bad[0]]!r}). Fix or remove them.")
+                            f"{_shown(df[data.target_column].iloc[bad[0]])}). Fix or remove them.")
         df[data.target_column] = target.astype(float)
         df[data.text_column] = df[data.text_column].astype(str)
         return df
@@ -136,3 +136,10 @@ class TextRegressionTask(Task):
             values = model(**enc).logits.squeeze(-1).float().cpu() * self.state["std"] + self.state["center"]
             rows += [{**r, "prediction": float(v)} for r, v in zip(chunk, values)]
         return rows
+
+
+def _shown(value: Any) -> str:
+    """A cell as a person reads it: (empty) for a missing value, else its text."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "(empty)"
+    return repr(str(value))
