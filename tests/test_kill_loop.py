@@ -45,7 +45,7 @@ def test_repeated_kill_9_then_resume_equals_uninterrupted(make_recipe, tmp_path)
     rng = random.Random(1234)
     kills, steps_at_kill = 0, []
     deadline = time.time() + 180
-    while time.time() < deadline and kills < 4:
+    while time.time() < deadline and kills < 4 and not run.is_finished():  # a kill may land after the end
         proc = start(recipe)
         # wait until this process has trained a step, then kill at a random moment
         logged = len(run.read_metrics_log())

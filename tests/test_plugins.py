@@ -424,7 +424,9 @@ def test_callbacks_are_collected_from_plugins():
     registry = PluginRegistry()
     registry.register_module(module_with("cb", finetune_register_callbacks=finetune_register_callbacks), name="cb")
     assert registry.plugins[0].hooks == ["finetune_register_callbacks"]
-    assert registry.callbacks() == [observer]
+    callbacks = registry.callbacks()
+    assert [cb.callback for cb in callbacks] == [observer]  # wrapped so errors name the plugin
+    assert callbacks[0].finetune_owner == "plugin 'cb', callback Observer"
 
 
 def test_plugin_task_options_become_the_recipe_schema(tmp_path):
