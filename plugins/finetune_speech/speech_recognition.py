@@ -1,0 +1,5 @@
+from finetune_speech.common import SpeechTask
+
+
+class SpeechRecognition(SpeechTask):
+    name = "speech-recognition"
