@@ -106,12 +106,13 @@ class SpeechTask(Task):
     def decode_all(self, paths: list[str], rate: int) -> list[Any]:
         return [decode(p, rate, self.max_seconds()) for p in paths]
 
-    def features(self, processor: Any, waves: list[Any]) -> dict[str, Any]:
-        """Model inputs for a batch of waveforms, computed per batch (bounded memory)."""
+    def features(self, processor: Any, waves: list[Any], whisper_input: str | None = None) -> dict[str, Any]:
+        """Model inputs for a batch of waveforms, computed per batch (bounded memory). ``whisper_input``
+        overrides ``task.whisper_input`` ('clip' or '30s')."""
         fe = getattr(processor, "feature_extractor", processor)
         rate = fe.sampling_rate
         if self.state.get("backbone_type") == "whisper":
-            clip = self.recipe.task.whisper_input == "clip"
+            clip = (whisper_input or self.recipe.task.whisper_input) == "clip"
             out = fe(waves, sampling_rate=rate, return_tensors="pt", return_attention_mask=True,
                      padding="longest" if clip else "max_length")
             feats, mask = out["input_features"], out["attention_mask"]

@@ -1,7 +1,8 @@
 """``speech-recognition``: fine-tune Whisper (seq2seq; LoRA on the attention projections) on (audio, transcript).
 
 Data: a manifest with path,text columns. Metrics: WER and CER on normalised text (lower case, punctuation
-removed, whitespace collapsed). Baseline: the unadapted backbone's WER/CER on the same eval split.
+removed, whitespace collapsed). Baseline: the unadapted backbone's WER/CER on the same eval split, with
+Whisper's native 30-s input.
 Generation settings (``task.language``/``task.task`` for multilingual models, ``task.max_new_tokens``,
 ``task.num_beams``) live in ``[task]``.
 """
@@ -208,10 +209,12 @@ class SpeechRecognition(SpeechTask):
         hyps = []
         with torch.no_grad():
             for start in range(0, len(waves), 16):
-                feats = self.features(self._processor, waves[start:start + 16])["input_features"]
+                # Whisper's native input (30 s) whatever task.whisper_input says: the strongest zero-shot
+                feats = self.features(self._processor, waves[start:start + 16], "30s")["input_features"]
                 ids = model.generate(input_features=feats, **self._gen_kwargs)
                 hyps += self._processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return {"name": "unadapted backbone (zero-shot)", **error_rates(hyps, splits.eval["target"].tolist())}
+        rates = error_rates(hyps, splits.eval["target"].tolist())
+        return {"name": "unadapted backbone (zero-shot, 30-s input)", **rates}
 
     # -- inference -----------------------------------------------------
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
