@@ -24,13 +24,19 @@ QUICKSTART = REPO / "recipes" / "speech-quickstart.toml"
 
 @pytest.fixture(scope="module")
 def whisper(tmp_path_factory):
-    os.environ.setdefault("FINETUNE_CACHE", str(tmp_path_factory.mktemp("ftcache")))
+    """Convert into a fresh cache (proves the conversion from scratch); restore the environment after."""
+    saved = os.environ.get("FINETUNE_CACHE")
+    os.environ["FINETUNE_CACHE"] = str(tmp_path_factory.mktemp("ftcache"))
     from finetune.backbones import resolve_backbone
 
     start = time.perf_counter()
     resolved = resolve_backbone("openai/whisper-tiny.en")
     print(f"resolve (conversion on first use): {time.perf_counter() - start:.1f}s")
-    return resolved
+    yield resolved
+    if saved is None:
+        os.environ.pop("FINETUNE_CACHE", None)
+    else:
+        os.environ["FINETUNE_CACHE"] = saved
 
 
 def test_conversion_maps_every_weight_and_records_provenance(whisper):
