@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,15 +30,17 @@ def run(mode: str, args: argparse.Namespace, out: Path) -> dict:
            "--set", "task.baseline=false", "--set", f"output.dir=\"{out}\""]
     if args.limit:
         cmd += ["--set", f"data.limit={args.limit}"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO, capture_output=not args.verbose)
+    quiet = None if args.verbose else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=quiet, stderr=quiet)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if status != 0:
+        raise SystemExit(f"{mode}: finetune run failed (status {status}); rerun with --verbose")
     m = json.loads((out / "metrics.json").read_text())
     return {"mode": mode, "clips_per_s": m["train"]["samples_per_s"], "accuracy": m["best"]["accuracy"],
             "last_accuracy": m["last"]["accuracy"], "wall_s": wall,
-            "peak_rss_mb": max(peak, before) / 1024 if peak > before else None}
+            "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
 def main() -> None:
@@ -58,7 +60,7 @@ def main() -> None:
     print("| input | train clips/s | speed-up | best accuracy | last accuracy | wall s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "n/a"
+        rss = f"{r['peak_rss_mb']:.0f}"
         print(f"| {r['mode']} | {r['clips_per_s']:.2f} | {r['clips_per_s'] / base:.1f}x | {r['accuracy']:.3f} | "
               f"{r['last_accuracy']:.3f} | {r['wall_s']:.0f} | {rss} |")
 
