@@ -36,7 +36,7 @@ def assert_not_corrupt(run: RunDir) -> None:
 
 
 def test_repeated_kill_9_then_resume_equals_uninterrupted(make_recipe, tmp_path):
-    settings = 'epochs = 6\ncheckpoint_every_steps = 2\neval_every_steps = 3\nlog_every_steps = 1'
+    settings = 'epochs = 12\ncheckpoint_every_steps = 2\neval_every_steps = 3\nlog_every_steps = 1'
     reference = make_recipe(train=settings, name="ref.toml", output=str(tmp_path / "ref"))
     assert subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(reference)], cwd=str(REPO),
                           capture_output=True).returncode == 0
@@ -51,7 +51,7 @@ def test_repeated_kill_9_then_resume_equals_uninterrupted(make_recipe, tmp_path)
         logged = len(run.read_metrics_log())
         while len(run.read_metrics_log()) <= logged and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(rng.uniform(0.0, 1.0))
         if proc.poll() is not None:
             assert proc.returncode == 0, proc.stderr.read()[-2000:]
             break
@@ -66,7 +66,7 @@ def test_repeated_kill_9_then_resume_equals_uninterrupted(make_recipe, tmp_path)
     if not run.is_finished():
         assert final.returncode == 0, final.stderr[-2000:]
     print(f"kills: {kills}, last complete checkpoint at each kill: {steps_at_kill}")
-    assert kills >= 3 and len(set(steps_at_kill)) >= 2  # killed at several different points
+    assert kills >= 3 and len(set(steps_at_kill)) >= 2  # killed at several different points (96 steps to go)
     assert run.is_finished()
     ref_run = RunDir(tmp_path / "ref")
     a, b = (load_file(str(r.adapter_dir / "adapter_model.safetensors")) for r in (ref_run, run))

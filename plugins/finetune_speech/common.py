@@ -1,0 +1,154 @@
+"""What both speech tasks share: reading clips, splitting, decoding, per-batch features, prediction input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from finetune import DataError, DataSplits, Task, TaskOptions, split_frame
+from finetune_speech.audio import Clip, decode, inspect_clips, list_input_clips, read_manifest, scan_folder
+
+WHISPER_MAX_SECONDS = 30.0
+
+
+class SpeechOptions(TaskOptions):
+    whisper_input: Literal["clip", "30s"] = Field(
+        "clip", description="Whisper backbones: 'clip' truncates log-mel features to the batch's longest clip "
+                            "and slices the positional embeddings (cost scales with clip length); '30s' pads "
+                            "every clip to 30 s as in Whisper's pre-training.")
+
+
+def model_type(path: str) -> str:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return ""
+
+
+class WaveDataset:
+    """Decoded waveforms (float32 mono at the model's rate) and targets; features are made per batch."""
+
+    def __init__(self, waves: list[Any], targets: list[Any], paths: list[str]) -> None:
+        self.waves, self.targets, self.paths = waves, targets, paths
+
+    def __len__(self) -> int:
+        return len(self.waves)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"audio": self.waves[i], "target": self.targets[i]}
+
+
+class SpeechTask(Task):
+    """Base of the speech tasks; subclasses set ``target_column_key`` and validate targets."""
+
+    target_key = "data.label_column"
+
+    def target_column(self) -> str:
+        raise NotImplementedError
+
+    def _items(self, path: str, key: str) -> list[tuple[Path, str, str | None]]:
+        p = Path(path)
+        if not p.exists():
+            raise DataError(f"{key}: {p} not found.")
+        if p.is_dir():
+            if self.target_key != "data.label_column":
+                raise DataError(f"{key}: {p} is a folder; speech-recognition needs a manifest (.csv/.jsonl) "
+                                f"with {self.recipe.data.path_column!r} and {self.target_column()!r} columns.")
+            if self.recipe.data.group_column:
+                raise DataError("data.group_column needs a manifest (a folder of class subfolders has no "
+                                "group column); use a CSV/JSONL manifest with path,label,group columns.")
+            return scan_folder(p, key)
+        return read_manifest(p, self.recipe.data, self.target_column(), self.target_key, key)
+
+    def _frame(self, clips: list[Clip]):
+        import pandas as pd
+
+        return pd.DataFrame({"path": [c.path for c in clips], "target": [c.target for c in clips],
+                             "group": [c.group for c in clips], "seconds": [c.seconds for c in clips]})
+
+    def check_targets(self, df: Any, key: str) -> None:
+        """Raise DataError for unusable labels/transcripts (subclasses)."""
+
+    def read_splits(self, stratify: bool) -> DataSplits:
+        data = self.recipe.data
+        clips, stats = inspect_clips(self._items(data.train, "data.train"), data, "data.train")
+        train = self._frame(clips)
+        self.check_targets(train, "data.train")
+        if data.limit:
+            train = train.sample(n=min(data.limit, len(train)), random_state=self.recipe.train.seed) \
+                .reset_index(drop=True)
+        info: dict[str, Any] = {"train_audio": stats}
+        if data.eval:
+            eval_clips, eval_stats = inspect_clips(self._items(data.eval, "data.eval"), data, "data.eval")
+            eval_ = self._frame(eval_clips)
+            self.check_targets(eval_, "data.eval")
+            info["eval_audio"] = eval_stats
+        else:
+            train, eval_ = split_frame(train, data.split, self.recipe.train.seed,
+                                       stratify="target" if stratify else None,
+                                       group="group" if data.group_column else None)
+            if len(train) == 0 or len(eval_) == 0:
+                raise DataError(f"data.split: holding out {data.split} of {len(train) + len(eval_)} clips leaves "
+                                "an empty side; add clips or give data.eval.")
+        info.update({"train_examples": len(train), "eval_examples": len(eval_)})
+        return DataSplits(train=train, eval=eval_, info=info)
+
+    # -- decoding and features -------------------------------------------------
+    def max_seconds(self) -> float:
+        limit = self.recipe.data.max_seconds
+        if self.state.get("backbone_type") == "whisper":
+            limit = min(limit, WHISPER_MAX_SECONDS)
+        return limit
+
+    def decode_all(self, paths: list[str], rate: int) -> list[Any]:
+        return [decode(p, rate, self.max_seconds()) for p in paths]
+
+    def features(self, processor: Any, waves: list[Any], whisper_input: str | None = None) -> dict[str, Any]:
+        """Model inputs for a batch of waveforms, computed per batch (bounded memory). ``whisper_input``
+        overrides ``task.whisper_input`` ('clip' or '30s')."""
+        fe = getattr(processor, "feature_extractor", processor)
+        rate = fe.sampling_rate
+        if self.state.get("backbone_type") == "whisper":
+            clip = (whisper_input or self.recipe.task.whisper_input) == "clip"
+            out = fe(waves, sampling_rate=rate, return_tensors="pt", return_attention_mask=True,
+                     padding="longest" if clip else "max_length")
+            feats, mask = out["input_features"], out["attention_mask"]
+            if clip and feats.shape[-1] % 2:  # conv2 has stride 2: keep the frame count even
+                import torch
+
+                feats = torch.nn.functional.pad(feats, (0, 1), value=float(feats.min()))
+                mask = torch.nn.functional.pad(mask, (0, 1))
+            return {"input_features": feats, "attention_mask": mask}
+        out = fe(waves, sampling_rate=rate, return_tensors="pt", padding=True, return_attention_mask=True)
+        result = {"input_values": out["input_values"]}
+        if "attention_mask" in out:
+            result["attention_mask"] = out["attention_mask"]
+        return result
+
+    def sampling_rate(self, processor: Any) -> int:
+        return int(getattr(processor, "feature_extractor", processor).sampling_rate)
+
+    # -- prediction input -------------------------------------------------------
+    def predict_input_columns(self) -> list[str]:
+        return [self.recipe.data.path_column]
+
+    def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
+        files = list_input_clips(path)
+        if files:
+            return [{self.recipe.data.path_column: str(f)} for f in files]
+        records = super().read_predict_input(path)  # a manifest: paths relative to it
+        col = self.recipe.data.path_column
+        for r in records:
+            p = Path(str(r[col])).expanduser()
+            r[col] = str(p if p.is_absolute() else path.parent / p)
+        return records
+
+    def predict_waves(self, records: list[dict[str, Any]], rate: int) -> list[Any]:
+        col = self.recipe.data.path_column
+        missing = [str(r[col]) for r in records if not Path(str(r[col])).is_file()]
+        if missing:
+            raise DataError(f"predict: {len(missing)} audio file(s) not found: {', '.join(missing[:5])}.")
+        return self.decode_all([str(r[col]) for r in records], rate)
