@@ -185,6 +185,7 @@ class RunDir:
         if diffs and all(line.split(":", 1)[0] in SAFE_RESUME_CHANGES for line in diffs):
             # e.g. more epochs: continue the same run under the new recipe, and record it
             write_text_atomic(self.recipe_file, recipe_toml)
+            self._drop_final_files()
             self.update_info(status="running", resumed_at=time.time(),
                              recipe_changes=self.info().get("recipe_changes", []) + diffs)
             return True
@@ -194,8 +195,15 @@ class RunDir:
                 "resumed:\n  " + "\n  ".join(diffs) +
                 "\nRestore the old values to resume it, pass --overwrite to start over, or choose another "
                 f"output.dir. Keys that may change on resume: {', '.join(sorted(SAFE_RESUME_CHANGES))}.")
+        self._drop_final_files()
         self.update_info(status="running", resumed_at=time.time())
         return True
+
+    def _drop_final_files(self) -> None:
+        """A kill between writing the final files and marking the run finished (a few milliseconds)
+        leaves them behind; a resumed run rewrites them, so never show them mid-training."""
+        for stale in (self.metrics_file, self.card_file):
+            stale.unlink(missing_ok=True)
 
     def _create(self, recipe_dict: dict[str, Any], recipe_toml: str) -> None:
         try:
