@@ -36,6 +36,19 @@ def endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
 
 
+def use_request_timeout() -> float:
+    """Give every Hub request a time limit (huggingface_hub's client has none by default, so a server
+    that stops answering would hang a push forever). ``FINETUNE_HUB_TIMEOUT`` seconds, default 60."""
+    import httpx2
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    seconds = float(os.environ.get("FINETUNE_HUB_TIMEOUT") or 60)
+    set_client_factory(lambda: httpx2.Client(event_hooks={"request": [_http.hf_request_event_hook]},
+                                             follow_redirects=True, timeout=seconds))
+    return seconds
+
+
 def is_hub_id(value: str) -> bool:
     return bool(HUB_ID.match(value)) and not Path(value).exists()
 
@@ -163,6 +176,7 @@ def push_run(run_path: str | Path, repo_id: str, *, private: bool = False, revis
         raise HubError(f"{run.card_file}: no model card; the run must finish to write it "
                        "(or pass --allow-incomplete after a finished evaluation).")
     validate_card(run.card_file.read_text())
+    use_request_timeout()
     api = HfApi(endpoint=endpoint())
     with tempfile.TemporaryDirectory(prefix="finetune-push-") as tmp:
         files = stage_repo(run, Path(tmp))
@@ -219,6 +233,7 @@ def pull(repo_id: str, revision: str | None = None) -> Path:
 
     if not HUB_ID.match(repo_id):
         raise HubError(f"{repo_id!r} is not a Hub repo id ('user/name').")
+    use_request_timeout()
     try:
         path = Path(snapshot_download(repo_id, revision=revision, endpoint=endpoint()))
     except Exception as exc:  # noqa: BLE001

@@ -179,6 +179,14 @@ def test_wrong_token_and_server_down(hub, finished_run):
     assert down.returncode == 2 and "cannot reach" in down.stderr and "Traceback" not in down.stderr
 
 
+def test_a_server_that_stops_answering_times_out_with_a_clear_message(hub, finished_run):
+    hub.state.slow["create"] = 8.0  # longer than the client's limit below
+    result = run_cli("push", str(finished_run.path), "--repo-id", "me/tiny",
+                     env={**hub_env(hub), "FINETUNE_HUB_TIMEOUT": "1"})
+    assert result.returncode == 2 and "did not answer in time" in result.stderr
+    assert "Nothing was changed" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_recipe_push_true_pushes_when_the_run_finishes_and_never_writes_the_token(hub, make_recipe):
     recipe = make_recipe(extra='[hub]\npush = true\nrepo_id = "me/auto"')
     result = run_cli("run", str(recipe), env=hub_env(hub))
