@@ -185,6 +185,7 @@ class RunDir:
         if diffs and all(line.split(":", 1)[0] in SAFE_RESUME_CHANGES for line in diffs):
             # e.g. more epochs: continue the same run under the new recipe, and record it
             write_text_atomic(self.recipe_file, recipe_toml)
+            self.recover_after_kill()
             self._drop_final_files()
             self.update_info(status="running", resumed_at=time.time(),
                              recipe_changes=self.info().get("recipe_changes", []) + diffs)
@@ -195,9 +196,24 @@ class RunDir:
                 "resumed:\n  " + "\n  ".join(diffs) +
                 "\nRestore the old values to resume it, pass --overwrite to start over, or choose another "
                 f"output.dir. Keys that may change on resume: {', '.join(sorted(SAFE_RESUME_CHANGES))}.")
+        self.recover_after_kill()
         self._drop_final_files()
         self.update_info(status="running", resumed_at=time.time())
         return True
+
+    def recover_after_kill(self) -> None:
+        """Undo what a kill in the middle of an atomic replace can leave: the previous adapter moved
+        aside (restored), half-written temporary folders and files (removed)."""
+        if not self.adapter_dir.exists():
+            previous = sorted(self.path.glob(".adapter.old-*"))
+            if previous:
+                os.replace(previous[-1], self.adapter_dir)
+        for stale in list(self.path.glob(".adapter.tmp-*")) + list(self.path.glob(".adapter.old-*")) + \
+                list(self.path.glob(".*.tmp-*")):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
     def _drop_final_files(self) -> None:
         """A kill between writing the final files and marking the run finished (a few milliseconds)

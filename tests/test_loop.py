@@ -274,3 +274,25 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous_c
     assert not list(run.checkpoints_dir.glob(".tmp-*"))
     monkeypatch.setattr(loop_module, "save_rng_state", real_save)
     assert run_recipe(make_recipe(), [], resume=True, console=QUIET).is_finished()
+
+
+def test_resume_repairs_what_a_kill_mid_replace_leaves(make_recipe, tmp_path, callback_plugin):
+    class CtrlC:
+        def on_log(self, run, state, logs):
+            if state.global_step == 10:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    callback_plugin.callbacks = [CtrlC()]
+    recipe = make_recipe()
+    with pytest.raises(Interrupted):
+        run_recipe(recipe, [], console=QUIET)
+    callback_plugin.callbacks = []
+    run = RunDir(tmp_path / "run")
+    # as if killed between the two renames of an adapter replace, and while writing a temp folder
+    run.adapter_dir.rename(run.path / ".adapter.old-999")
+    (run.path / ".adapter.tmp-998").mkdir()
+    (run.path / ".run.json.tmp-997").write_text("{")
+    run.prepare(json.loads(json.dumps(__import__("tomllib").loads(run.recipe_file.read_text()))),
+                run.recipe_file.read_text(), overwrite=False, resume=True)
+    assert (run.adapter_dir / "adapter_config.json").exists()
+    assert not [p.name for p in run.path.glob(".*")]
