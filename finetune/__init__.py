@@ -4,12 +4,13 @@ The public API for plugin authors is the names in ``__all__``; everything else
 may change. Importing this package does not import torch.
 """
 
-from finetune.backbones import ResolvedBackbone
+from finetune.backbones import ResolvedBackbone, resolve_layers, transformer_layers
 from finetune.data import load_table, require_columns, split_frame
 from finetune.errors import BackboneError, DataError, FinetuneError, PluginError, RecipeError
-from finetune.loop import LoopState
+from finetune.loop import LoopState, epoch_batches, length_grouped_batches
 from finetune.plugins import HOOK_VERSION as FINETUNE_HOOK_VERSION
 from finetune.plugins import hookimpl
+from finetune.prefix_cache import FrozenPrefixCache
 from finetune.recipe import DataOptions, PathStr, TaskOptions
 from finetune.runner import load_run
 from finetune.runs import RunDir
@@ -25,6 +26,7 @@ __all__ = [
     "DataOptions",
     "DataSplits",
     "FinetuneError",
+    "FrozenPrefixCache",
     "LoopState",
     "PathStr",
     "PluginError",
@@ -35,9 +37,13 @@ __all__ = [
     "TaskOptions",
     "cache_root",
     "cached_folder",
+    "epoch_batches",
     "hookimpl",
+    "length_grouped_batches",
     "load_run",
     "load_table",
     "require_columns",
+    "resolve_layers",
     "split_frame",
+    "transformer_layers",
 ]

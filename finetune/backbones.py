@@ -112,6 +112,7 @@ class LoraReport:
     modules_to_save: list[str]
     trainable_params: int
     total_params: int
+    layers: list[int] | None = None  #: transformer layers holding LoRA (None: all)
 
     @property
     def trainable_fraction(self) -> float:
@@ -129,6 +130,11 @@ def attach_lora(model: Any, peft_cfg: Any, task: Any) -> tuple[Any, LoraReport]:
     saved = task.modules_to_save(model) if peft_cfg.modules_to_save == "auto" else (
         [peft_cfg.modules_to_save] if isinstance(peft_cfg.modules_to_save, str) else list(peft_cfg.modules_to_save))
     if peft_cfg.method in ("none", "full"):
+        if peft_cfg.layers is not None:
+            from finetune.errors import RecipeError
+
+            raise RecipeError(f"peft.layers places LoRA in some layers; it does not apply to peft.method = "
+                              f"\"{peft_cfg.method}\". Remove peft.layers or use method = \"lora\".")
         return _plain_training(model, peft_cfg.method, saved)
     targets = task.lora_targets(model) if peft_cfg.target_modules == "auto" else peft_cfg.target_modules
     names = [n for n, _ in model.named_modules()]
@@ -141,8 +147,13 @@ def attach_lora(model: Any, peft_cfg: Any, task: Any) -> tuple[Any, LoraReport]:
                            if type(m).__name__ in ("Linear", "Conv2d", "Conv1D")})
             raise RecipeError(f"peft.target_modules: {unknown} match no module of this model. "
                               f"Linear/conv module names here: {', '.join(leaf)}.")
+    layer_kwargs: dict[str, Any] = {}
+    if peft_cfg.layers is not None:
+        pattern, indices = resolve_layers(model, peft_cfg.layers)
+        layer_kwargs = {"layers_to_transform": indices, "layers_pattern": pattern}
     config = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
-                        target_modules=targets, modules_to_save=list(saved) or None, task_type=task.peft_task_type())
+                        target_modules=targets, modules_to_save=list(saved) or None, task_type=task.peft_task_type(),
+                        **layer_kwargs)
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
@@ -152,7 +163,38 @@ def attach_lora(model: Any, peft_cfg: Any, task: Any) -> tuple[Any, LoraReport]:
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     return peft_model, LoraReport(target_modules=targets, modules_to_save=saved, trainable_params=trainable,
-                                  total_params=total)
+                                  total_params=total, layers=layer_kwargs.get("layers_to_transform"))
+
+
+_LAYER_LISTS = ("layer", "layers", "h", "block", "blocks")  # PEFT's layers_pattern names
+
+
+def transformer_layers(model: Any) -> tuple[str, str, Any]:
+    """``(qualified name, attribute name, ModuleList)`` of the model's stack of transformer layers
+    (the longest ModuleList named like PEFT's layer patterns, e.g. ``bert.encoder.layer``)."""
+    import torch
+
+    found = [(name, name.rsplit(".", 1)[-1], module) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in _LAYER_LISTS and len(module)]
+    if not found:
+        from finetune.errors import RecipeError
+
+        raise RecipeError("peft.layers: this model has no recognisable stack of transformer layers (a ModuleList "
+                          f"named one of {', '.join(_LAYER_LISTS)}); remove peft.layers.")
+    return max(found, key=lambda f: len(f[2]))
+
+
+def resolve_layers(model: Any, layers: list[int]) -> tuple[str, list[int]]:
+    """``peft.layers`` (negative = from the top) -> (layers_pattern, sorted 0-based indices)."""
+    from finetune.errors import RecipeError
+
+    _, pattern, stack = transformer_layers(model)
+    n = len(stack)
+    bad = [i for i in layers if not -n <= i < n]
+    if bad or not layers:
+        raise RecipeError(f"peft.layers: {bad or layers} out of range: this model has {n} layers (0..{n - 1}, "
+                          f"or -{n}..-1 from the top).")
+    return pattern, sorted({i % n for i in layers})
 
 
 def _plain_training(model: Any, method: str, saved: list[str]) -> tuple[Any, LoraReport]:

@@ -65,12 +65,14 @@ class Progress:
         elapsed = time.perf_counter() - self._start
         return (step - self._start_step) / elapsed if elapsed > 0 else 0.0
 
-    def update(self, step: int, loss: float, epoch: int) -> None:
+    def update(self, step: int, epoch: int, loss: float | None = None) -> None:
+        """Advance to ``step``; ``loss`` is shown when given (the loop reads it only at sync points)."""
         self.completed = step
         if self._bar is not None:
             rate = self._rate(step)
-            self._bar.update(self._task, completed=step, loss=loss, epoch=epoch,
-                             rate=f"{rate:.2f} it/s" if rate else "")
+            fields = {"loss": loss} if loss is not None else {}
+            self._bar.update(self._task, completed=step, epoch=epoch, rate=f"{rate:.2f} it/s" if rate else "",
+                             **fields)
 
     def log_line(self, step: int, logs: dict[str, float], epoch: int) -> None:
         if not self.plain:

@@ -103,6 +103,11 @@ def resolve_mixed_precision(setting: str) -> str:
     return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "no"
 
 
+#: Read the loss on the host after every micro-batch (None: only on CPU, where it costs nothing;
+#: on an accelerator every read waits for the device, so losses are read at log, evaluation and
+#: checkpoint points instead). Tests set it to exercise both paths.
+READ_LOSS_EVERY_STEP: bool | None = None
+
 _LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "rmse", "wer", "cer", "error")
 
 
@@ -125,6 +130,34 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                           group_batches: int | None = None) -> list[list[int]]:
+    """The batches of one epoch with examples of similar length together (less padding).
+
+    A permutation seeded by ``(seed, epoch)`` is cut into groups of ``group_batches`` batches;
+    each group is sorted by length (longest first) and cut into batches; the batch order is
+    then shuffled. Epochs stay random (which examples meet, and in which order batches come),
+    the count is ``ceil(n / batch_size)`` like :func:`epoch_batches`, and the result depends
+    only on the arguments, so resume replays it exactly. The default group is a quarter of
+    the epoch, at most 50 batches: on SMS-like data that keeps padding within 4% of the real
+    tokens (against 140% for a plain shuffle), while a small dataset still gets at least four
+    independently drawn groups per epoch, so batches do not repeat epoch after epoch.
+    """
+    import torch
+
+    n = len(lengths)
+    if group_batches is None:
+        group_batches = min(50, max(1, math.ceil(math.ceil(n / batch_size) / 4)))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    size = batch_size * group_batches
+    batches: list[list[int]] = []
+    for start in range(0, n, size):
+        group = sorted(order[start:start + size], key=lambda i: -lengths[i])  # stable: ties keep random order
+        batches.extend(group[i:i + batch_size] for i in range(0, len(group), batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def trainable_state_dict(model: Any) -> dict[str, Any]:
@@ -356,13 +389,26 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
         for cb in callbacks:
             _call(cb, "on_evaluate", run=run, state=state, metrics=metrics)
 
+    host_checks = accelerator.device.type == "cpu" if READ_LOSS_EVERY_STEP is None else READ_LOSS_EVERY_STEP
+
+    def check_finite(losses: Any, first_step: int) -> None:
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            step = first_step + int(bad[0])
+            raise TrainingError(
+                f"loss became {float(losses[int(bad[0])])} at step {step} (epoch {state.epoch + 1}). "
+                "Lower train.learning_rate, set train.mixed_precision = \"no\", or check the data "
+                f"for extreme values. The last checkpoint in {run.checkpoints_dir} is intact.")
+
     for cb in callbacks:
         _call(cb, "on_train_start", run=run, state=state)
     progress = console.progress(total=steps_total, completed=state.global_step)
     task.train_mode(model)
     interrupted = False
     with _StopRequest() as stop, progress:
-        window_t, window_samples, window_losses = time.perf_counter(), 0, []
+        window_t, window_samples = time.perf_counter(), 0
+        window_losses: list[Any] = []  # loss tensors not yet read on the host
+        window_values: list[float] = []  # losses of this log window, read
         while state.epoch < cfg.epochs and not state.should_stop:
             batches = task.train_batches(train_ds, cfg.batch_size, cfg.seed, state.epoch)
             if len(batches) != n_batches:
@@ -381,19 +427,17 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                     continue
                 # one optimizer step over the accumulated micro-batches
                 step_start = time.perf_counter()
-                step_loss = 0.0
+                step_loss = None
                 for j, micro in enumerate(group):
                     sync = j == len(group) - 1
                     ctx = accelerator.no_sync(model) if not sync else _nullcontext()
                     with ctx, accelerator.autocast():
                         loss = task.training_loss(model, micro)
-                    if not torch.isfinite(loss.detach()):
-                        raise TrainingError(
-                            f"loss became {loss.item()} at step {state.global_step + 1} (epoch {state.epoch + 1}). "
-                            "Lower train.learning_rate, set train.mixed_precision = \"no\", or check the data "
-                            f"for extreme values. The last checkpoint in {run.checkpoints_dir} is intact.")
+                    if host_checks:  # on CPU reading the loss costs nothing: stop before a bad backward
+                        check_finite(loss.detach().float().reshape(1), state.global_step + 1)
                     accelerator.backward(loss / len(group))
-                    step_loss += loss.detach().float().item() / len(group)
+                    part = loss.detach().float() / len(group)
+                    step_loss = part if step_loss is None else step_loss + part
                 if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
@@ -403,14 +447,27 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                 state.batches_done_in_epoch += len(group)
                 state.global_step += 1
                 state.samples_seen += n_samples
-                state.train_time_s += time.perf_counter() - step_start
                 group = []
                 window_samples += n_samples
                 window_losses.append(step_loss)
-                progress.update(state.global_step, loss=step_loss, epoch=state.epoch + 1)
-                if state.global_step % cfg.log_every_steps == 0 or state.global_step == steps_total:
+                log_now = state.global_step % cfg.log_every_steps == 0 or state.global_step == steps_total
+                epoch_done = state.batches_done_in_epoch == len(batches)
+                eval_now = epoch_done or bool(cfg.eval_every_steps and state.global_step % cfg.eval_every_steps == 0)
+                periodic = bool(cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0)
+                if host_checks or log_now or eval_now or periodic or stop.requested or state.should_stop:
+                    # The only host sync of a step on an accelerator: losses are read here, at log,
+                    # evaluation and checkpoint points, so a bad loss never reaches a checkpoint.
+                    losses = torch.stack(window_losses).cpu()
+                    check_finite(losses, state.global_step - len(window_losses) + 1)
+                    window_values.extend(losses.tolist())
+                    window_losses = []
+                    progress.update(state.global_step, loss=window_values[-1], epoch=state.epoch + 1)
+                else:
+                    progress.update(state.global_step, epoch=state.epoch + 1)
+                state.train_time_s += time.perf_counter() - step_start
+                if log_now:
                     elapsed = time.perf_counter() - window_t
-                    logs = {"loss": sum(window_losses) / len(window_losses), "lr": scheduler.get_last_lr()[0],
+                    logs = {"loss": sum(window_values) / len(window_values), "lr": scheduler.get_last_lr()[0],
                             "samples_per_s": window_samples / elapsed if elapsed > 0 else 0.0}
                     if accelerator.is_main_process:
                         run.log_metrics({"kind": "train", "step": state.global_step,
@@ -420,9 +477,8 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                     progress.log_line(state.global_step, logs, state.epoch + 1)
                     for cb in callbacks:
                         _call(cb, "on_log", run=run, state=state, logs=logs)
-                    window_t, window_samples, window_losses = time.perf_counter(), 0, []
-                epoch_done = state.batches_done_in_epoch == len(batches)
-                if cfg.eval_every_steps and state.global_step % cfg.eval_every_steps == 0 and not epoch_done:
+                    window_t, window_samples, window_values = time.perf_counter(), 0, []
+                if eval_now and not epoch_done:
                     after_eval(evaluate())
                 if epoch_done:
                     state.epoch += 1
@@ -435,7 +491,6 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                     if flags[0] and stop.requested is None:
                         stop.requested = "peer"
                     state.should_stop = bool(flags[1])
-                periodic = cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0
                 if not epoch_done and (periodic or stop.requested or state.should_stop):
                     write_checkpoint()
                 if stop.requested:

@@ -75,6 +75,9 @@ class PeftSection(Section):
         "auto", description="'auto' (the task's defaults), a list of module names, or a regex string.")
     modules_to_save: str | list[str] = Field(
         "auto", description="Fully trained and saved modules (the task head); 'auto' lets the task decide.")
+    layers: list[int] | None = Field(
+        None, description="LoRA only in these transformer layers (0-based; negative counts from the top: "
+        "[-2, -1] is the top two); unset: every layer. Frozen layers below the lowest one need no backward pass.")
 
 
 class TrainSection(Section):
@@ -98,6 +101,9 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
     log_every_steps: int = Field(10, gt=0)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding, faster) where the task "
+        "reports lengths; the batch order stays random. Changes which examples share a batch.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the 'tensorboard' extra).")
 
 

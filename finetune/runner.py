@@ -112,6 +112,16 @@ def build_model(session: Session) -> tuple[Any, Any, LoraReport]:
     return model, processor, report
 
 
+def speed_settings(task: Task, recipe: Recipe, train_ds: Any) -> list[str]:
+    """Speed options in effect that change results compared with plain training, one line each."""
+    notes = []
+    plain_batches = getattr(type(task), "train_batches", None) is Task.train_batches
+    if recipe.train.group_by_length and plain_batches and task.example_lengths(train_ds) is not None:
+        notes.append("train.group_by_length: examples of similar length share a batch (less padding); batches "
+                     "differ from a plain shuffle (set it to false for plain shuffled batches)")
+    return notes + list(task.speed_notes() or [])
+
+
 def describe_batch(batch: dict[str, Any]) -> dict[str, str]:
     out = {}
     for key, value in batch.items():
@@ -131,6 +141,7 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> 
     collate = task.collate_fn(processor)
     n = min(session.recipe.train.batch_size, len(train_ds))
     batch = _guard(task, "collate_fn", collate, [train_ds[i] for i in range(n)])
+    speed = _guard(task, "speed_notes", speed_settings, task, session.recipe, train_ds)
     console.print("# resolved recipe\n" + session.recipe.to_toml())
     info = {
         "task": f"{task.name} ({type(task).__module__}.{type(task).__name__})",
@@ -141,16 +152,20 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> 
         "total_params": report.total_params,
         "data": session.splits.info,
         "batch": describe_batch(batch),
+        "speed_settings": speed,
     }
     console.print(f"task:             {info['task']}")
     console.print(f"backbone:         {session.backbone.name} -> {session.backbone.path}")
     console.print(f"                  ({session.backbone.source})")
-    console.print(f"LoRA targets:     {report.target_modules}")
+    console.print(f"LoRA targets:     {report.target_modules}"
+                  + (f" in layers {report.layers}" if report.layers is not None else ""))
     console.print(f"trained in full:  {report.modules_to_save}")
     console.print(f"trainable params: {report.trainable_params:,} of {report.total_params:,} "
                   f"({100 * report.trainable_fraction:.2f}%)")
     for key, value in session.splits.info.items():
         console.print(f"data.{key}: {value}")
+    for note in speed:
+        console.print(f"speed setting:    {note}")
     console.print("one collated batch:")
     for key, value in info["batch"].items():
         console.print(f"  {key}: {value}")
@@ -191,6 +206,7 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     train_ds = _guard(task, "build_dataset", task.build_dataset, session.splits.train, processor, training=True)
     eval_ds = _guard(task, "build_dataset", task.build_dataset, session.splits.eval, processor, training=False)
     collate = _guard(task, "collate_fn", task.collate_fn, processor)
+    speed = _guard(task, "speed_notes", speed_settings, task, recipe, train_ds)
     run = RunDir(recipe.output.dir)
     from finetune import loop
 
@@ -221,13 +237,14 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
         run.update_info(status="running", backbone=session.backbone.to_dict(), plugins=plugins,
                         finetune_version=_version(), python=platform.python_version(), data=session.splits.info,
                         trust_remote_code=recipe.model.trust_remote_code,
-                        processes=accelerator.num_processes)
+                        processes=accelerator.num_processes, speed_settings=speed)
     console.print(f"run folder: {run.path}" + (f" ({accelerator.num_processes} processes)"
                                                if accelerator.num_processes > 1 else ""))
     try:
         console.print(f"backbone {session.backbone.name} ({session.backbone.source}); loaded in {load_s:.1f} s")
-        console.print(f"LoRA on {report.target_modules}; trained in full: {report.modules_to_save}; trainable "
-                      f"{report.trainable_params:,} of {report.total_params:,} "
+        where = f" in layers {report.layers}" if report.layers is not None else ""
+        console.print(f"LoRA on {report.target_modules}{where}; trained in full: {report.modules_to_save}; "
+                      f"trainable {report.trainable_params:,} of {report.total_params:,} "
                       f"({100 * report.trainable_fraction:.2f}%)")
         baseline = _guard(task, "baseline", task.baseline, session.splits)
         if baseline:

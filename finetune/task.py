@@ -148,10 +148,28 @@ class Task:
         Override to batch differently (e.g. group examples of similar length to save padding).
         The result must depend only on the arguments (exact resume replays it) and hold
         ``ceil(len(dataset) / batch_size)`` batches (the loop plans its steps from that count).
+        With ``train.group_by_length`` (the default) and :meth:`example_lengths` implemented,
+        examples of similar length are batched together (:func:`finetune.length_grouped_batches`).
         """
-        from finetune.loop import epoch_batches
+        from finetune.loop import epoch_batches, length_grouped_batches
 
+        if self.recipe.train.group_by_length:
+            lengths = self.example_lengths(dataset)
+            if lengths is not None:
+                return length_grouped_batches(list(lengths), batch_size, seed, epoch)
         return epoch_batches(len(dataset), batch_size, seed, epoch)
+
+    def speed_notes(self) -> list[str]:
+        """Task speed options in effect that change results (shown by ``finetune validate`` and
+        recorded in run.json), one sentence each. Default: none."""
+        return []
+
+    def example_lengths(self, dataset: Any) -> list[int] | None:
+        """The length of each example of a dataset built by :meth:`build_dataset` (tokens,
+        audio samples, ...), in dataset order, or ``None`` (the default) when batches should
+        not be grouped by length. Implement it when the collator pads batches to their longest
+        example: ``train.group_by_length`` then cuts the padding (and the time spent on it)."""
+        return None
 
     def train_mode(self, model: Any) -> None:
         """Put the model in training mode (default ``model.train()``). Override to keep e.g.
