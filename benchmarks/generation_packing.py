@@ -49,15 +49,15 @@ def main() -> None:
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in conversations(args.examples)))
     results = []
-    for label, extra in (("padding (random batches)", {}), ("length-grouped batches", {"group_by_length": True}),
-                         ("packing", {"packing": True})):
+    for label, extra, grouped in (("padding (random batches)", {}, False), ("length-grouped batches", {}, True),
+                                  ("packing", {"packing": True}, False)):
         recipe = tmp / "recipe.toml"
         recipe.write_text(tomli_w.dumps({
             "task": {"name": "causal-lm", "baseline": False, "sample_prompts": 0},
             "model": {"backbone": args.backbone},
             "data": {"train": str(data), "eval": str(data), "max_length": args.max_length, **extra},
             "peft": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-            "train": {"batch_size": args.batch_size, "mixed_precision": "no", "seed": 0},
+            "train": {"batch_size": args.batch_size, "mixed_precision": "no", "seed": 0, "group_by_length": grouped},
             "output": {"dir": str(tmp / "run")}}))
         session = open_session(recipe)
         model, tok, _ = build_model(session)

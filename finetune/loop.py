@@ -301,8 +301,17 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                               num_training_steps=steps_total)
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    # Evaluation sees examples longest first when the task reports lengths: batches of similar length
+    # waste little on padding, and metrics do not depend on the order (predictions and references
+    # travel together).
+    eval_lengths = task.example_lengths(eval_ds) if cfg.group_by_length else None
+    eval_source = eval_ds
+    if eval_lengths is not None:
+        from torch.utils.data import Subset
+
+        eval_source = Subset(eval_ds, sorted(range(len(eval_ds)), key=lambda i: -eval_lengths[i]))
     eval_loader = accelerator.prepare(DataLoader(
-        eval_ds, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, shuffle=False, collate_fn=collate,
+        eval_source, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, shuffle=False, collate_fn=collate,
         num_workers=cfg.num_workers))
 
     state = LoopState()

@@ -184,8 +184,7 @@ def test_packing_keeps_examples_apart_and_gives_the_same_loss(make_gen_recipe):
 
 
 def test_length_grouped_batches_are_exact_deterministic_and_save_padding(make_gen_recipe):
-    from finetune.loop import epoch_batches
-    from finetune_generation.data import length_grouped_batches
+    from finetune import epoch_batches, length_grouped_batches
 
     lengths = [(i * 37) % 101 + 1 for i in range(203)]
     a = length_grouped_batches(lengths, 8, seed=1, epoch=0)
@@ -200,8 +199,9 @@ def test_length_grouped_batches_are_exact_deterministic_and_save_padding(make_ge
 
 
 def test_group_by_length_run_trains(make_gen_recipe):
-    run = run_recipe(make_gen_recipe(data="group_by_length = true", train="epochs = 1"), [],
+    run = run_recipe(make_gen_recipe(train="epochs = 1\ngroup_by_length = true"), [],
                      console=Console(quiet=True))
+    assert any("group_by_length" in note for note in run.info()["speed_settings"])
     assert json.loads(run.metrics_file.read_text())["train"]["steps"] == 6
 
 

@@ -29,7 +29,6 @@ from finetune_generation.data import (
     collate,
     detect_shape,
     encode_all,
-    length_grouped_batches,
     normalise,
     pack,
     prompt_and_reference,
@@ -55,8 +54,6 @@ class GenerationData(DataOptions):
                                                               "the right (reported).")
     packing: bool = Field(False, description="Pack several short training examples per row (position ids "
                                              "restart per example, so attention stays within an example).")
-    group_by_length: bool = Field(False, description="Batch training examples of similar length together "
-                                                     "(less padding).")
 
 
 class CausalLMOptions(TaskOptions):
@@ -191,10 +188,9 @@ class CausalLM(Task):
         self._collate = fn
         return fn
 
-    def train_batches(self, dataset: Any, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-        if self.recipe.data.group_by_length and hasattr(dataset, "lengths"):
-            return length_grouped_batches(dataset.lengths(), batch_size, seed, epoch)
-        return super().train_batches(dataset, batch_size, seed, epoch)
+    def example_lengths(self, dataset: Any) -> list[int] | None:
+        # tokens per row (packed rows too): train.group_by_length batches similar lengths together
+        return dataset.lengths() if hasattr(dataset, "lengths") else None
 
     def _check_packing_support(self) -> None:
         """Packing is only safe when the model builds its attention mask from restarting position ids."""
@@ -216,8 +212,8 @@ class CausalLM(Task):
         if not torch.allclose(alone, both, atol=1e-4):
             raise RecipeError(f"data.packing: this model ({type(model).__name__}) does not keep packed examples "
                               "apart (its attention ignores restarting position ids), so packing would let "
-                              "examples attend to each other; set data.packing = false (data.group_by_length = "
-                              "true also saves most of the padding).")
+                              "examples attend to each other; set data.packing = false (train.group_by_length, "
+                              "on by default, also saves most of the padding).")
 
     # -- model ---------------------------------------------------------
     def load_model(self, backbone: Any) -> tuple[Any, Any]:

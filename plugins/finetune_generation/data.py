@@ -380,27 +380,6 @@ def pack(items: list[dict[str, list[int]]], max_length: int) -> list[dict[str, l
     return packed
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                           mega: int = 16) -> list[list[int]]:
-    """Batches of similar length (less padding), still shuffled per (seed, epoch).
-
-    A random permutation is cut into mega-batches of ``mega * batch_size`` examples, each sorted by
-    length and cut into batches; the batch order is then shuffled. Only the last mega-batch can
-    leave a short batch, so there are exactly ``ceil(n / batch_size)`` batches.
-    """
-    import torch
-
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    size = mega * batch_size
-    batches = []
-    for start in range(0, len(order), size):
-        chunk = sorted(order[start:start + size], key=lambda i: -lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    perm = torch.randperm(len(batches), generator=g).tolist()
-    return [batches[i] for i in perm]
-
-
 def collate(items: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
     """Right-pad a list of encoded examples. Padding is never learned: its labels are -100 even when the
     pad token is the EOS token (so the EOS of every example stays learned)."""
