@@ -132,15 +132,17 @@ def trainable_state_dict(model: Any) -> dict[str, Any]:
 
 
 def incomplete_tensors(tensors: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> list[str]:
-    """What is wrong with ``tensors`` against the expected ``name -> shape``: missing names, empty
-    (zero-size) tensors, wrong shapes. Empty when complete. Extra names are allowed."""
+    """What is wrong with ``tensors`` (name -> tensor, or name -> shape) against the expected
+    ``name -> shape``: missing names, empty (zero-size) tensors, wrong shapes. Empty when complete.
+    Extra names are allowed."""
     problems = []
     for name, shape in expected.items():
         if name not in tensors:
             problems.append(f"{name}: missing")
             continue
-        got = tuple(tensors[name].shape)
-        if tensors[name].numel() == 0 and math.prod(shape) != 0:
+        value = tensors[name]
+        got = tuple(value) if isinstance(value, (tuple, list)) else tuple(value.shape)
+        if math.prod(got) == 0 and math.prod(shape) != 0:
             problems.append(f"{name}: empty {got}, expected {shape}")
         elif got != shape:
             problems.append(f"{name}: shape {got}, expected {shape}")

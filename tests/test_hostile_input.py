@@ -136,6 +136,16 @@ def test_nan_and_null_labels_in_jsonl_name_the_lines(make_recipe, tmp_path):
     assert_no_run_folder(tmp_path / "run")
 
 
+def test_float_labels_that_are_whole_numbers_are_integer_classes(make_recipe, sentiment_csv):
+    from finetune.runner import open_session
+
+    rows = [{"text": r["text"], "label": "1.0" if r["label"] == "pos" else "0.0"} for r in make_sentiment_rows(40)]
+    write_csv(sentiment_csv, rows)
+    session = open_session(make_recipe())
+    assert session.splits.info["labels"] == ["0", "1"]  # not the classes '0.0' and '1.0'
+    assert session.task.state["integer_labels"] is True  # predictions give 0 / 1 back
+
+
 # ---------------------------------------------------------------------------
 # data files that change under a run
 
