@@ -292,7 +292,14 @@ class RunDir:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         for old in self.checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Rename first: a kill in the middle of rmtree must not leave a folder that still holds the
+            # completeness marker but not the weights (found by the kill-loop test).
+            doomed = self.checkpoints_dir / f".tmp-pruned-{old.name}-{os.getpid()}"
+            try:
+                os.replace(old, doomed)
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
         for stale in self.checkpoints_dir.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         return final
