@@ -35,6 +35,11 @@ def load_table(path: str | Path, fmt: str = "auto", key: str = "data.train") -> 
     import pandas as pd
 
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        import os
+
+        raise DataError(f"{key}: {path} is a symbolic link to {os.readlink(path)}, which does not exist; fix "
+                        f"the link or point {key} at the real file.")
     if not path.exists():
         raise DataError(f"{key}: file not found: {path}. Check the path (relative paths resolve "
                         "against the recipe's folder).")
@@ -61,7 +66,8 @@ def load_table(path: str | Path, fmt: str = "auto", key: str = "data.train") -> 
     except DataError:
         raise
     except UnicodeDecodeError as exc:
-        raise DataError(f"{key}: {path} is not UTF-8 text ({exc}); save it as UTF-8.") from None
+        raise DataError(f"{key}: {path} is not UTF-8 text: {_where_not_utf8(path, exc)}. Save it as UTF-8 "
+                        "(e.g. in a spreadsheet: 'CSV UTF-8'; or iconv -f LATIN1 -t UTF-8).") from None
     except pd.errors.ParserError as exc:
         raise DataError(f"{key}: cannot read {path} as {kind}: {str(exc).strip()}. A text containing the "
                         "delimiter, a quote or a line break must be quoted (\"...\").") from None
@@ -73,6 +79,25 @@ def load_table(path: str | Path, fmt: str = "auto", key: str = "data.train") -> 
         raise DataError(f"{key}: {path} has no rows (columns found: {', '.join(map(str, df.columns)) or 'none'}).")
     df.columns = [str(c) for c in df.columns]
     return df
+
+
+def _where_not_utf8(path: Path, exc: UnicodeDecodeError) -> str:
+    """'line 3 (byte 0xe9)', or 'it starts with a UTF-16 byte-order mark', for the first bad byte."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            return "it starts with a UTF-16 byte-order mark (saved as UTF-16 / 'Unicode')"
+        fh.seek(0)
+        line = 1
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                if bad.reason != "unexpected end of data":  # not just a character cut by the chunk edge
+                    byte, at = chunk[bad.start], line + chunk.count(b"\n", 0, bad.start)
+                    return f"line {at} has byte 0x{byte:02x}, which is not UTF-8 (Latin-1 / Windows-1252 text?)"
+            line += chunk.count(b"\n")
+    return str(exc)
 
 
 def _read_delimited(path: Path, sep: str, key: str) -> pd.DataFrame:
@@ -174,3 +199,61 @@ def split_frame(df: pd.DataFrame, fraction: float, seed: int, stratify: str | No
         raise DataError(f"data.split: holding out {fraction} of {len(df)} rows leaves an empty "
                         f"{'train' if len(train) == 0 else 'eval'} set; add rows or give data.eval.")
     return train, eval_
+
+
+#: Files larger than this are fingerprinted by size and modification time only (hashing would take long).
+HASH_LIMIT_BYTES = 2 * 1024**3
+
+
+def fingerprint_file(path: str | Path) -> dict[str, object]:
+    """Size, modification time and (up to HASH_LIMIT_BYTES) SHA-256 of a data file."""
+    import hashlib
+
+    path = Path(path)
+    st = path.stat()
+    out: dict[str, object] = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if st.st_size <= HASH_LIMIT_BYTES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        out["sha256"] = digest.hexdigest()
+    return out
+
+
+def data_fingerprints(data: object) -> dict[str, dict[str, object]]:
+    """``{recipe key: fingerprint}`` for every file a recipe's ``[data]`` section names (folders,
+    e.g. image folders, are not fingerprinted). Recorded in run.json when a run starts."""
+    from finetune.recipe import _is_path_field
+
+    out: dict[str, dict[str, object]] = {}
+    for name, info in type(data).model_fields.items():
+        if not _is_path_field(info):
+            continue
+        value = getattr(data, name)
+        values = value if isinstance(value, list) else [value]
+        for i, item in enumerate(values):
+            if isinstance(item, str) and item and Path(item).is_file():
+                key = f"data.{name}" + (f"[{i}]" if isinstance(value, list) else "")
+                out[key] = fingerprint_file(item)
+    return out
+
+
+def data_changes(recorded: dict[str, dict[str, object]], current: dict[str, dict[str, object]]) -> list[str]:
+    """One line per data file that differs between two :func:`data_fingerprints` (content, not mtime,
+    when both have a hash)."""
+    lines = []
+    for key, old in recorded.items():
+        new = current.get(key)
+        if new is None:
+            lines.append(f"{key}: {old.get('path')} is no longer a file the recipe names")
+            continue
+        if old.get("path") != new.get("path"):
+            lines.append(f"{key}: was {old.get('path')}, now {new.get('path')}")
+        elif "sha256" in old and "sha256" in new:
+            if old["sha256"] != new["sha256"]:
+                lines.append(f"{key}: {new['path']} changed (size {old.get('size')} -> {new.get('size')} bytes, "
+                             "different content)")
+        elif (old.get("size"), old.get("mtime_ns")) != (new.get("size"), new.get("mtime_ns")):
+            lines.append(f"{key}: {new['path']} changed (size or modification time)")
+    return lines

@@ -164,6 +164,36 @@ def trainable_state_dict(model: Any) -> dict[str, Any]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def incomplete_tensors(tensors: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> list[str]:
+    """What is wrong with ``tensors`` (name -> tensor, or name -> shape) against the expected
+    ``name -> shape``: missing names, empty (zero-size) tensors, wrong shapes. Empty when complete.
+    Extra names are allowed."""
+    problems = []
+    for name, shape in expected.items():
+        if name not in tensors:
+            problems.append(f"{name}: missing")
+            continue
+        value = tensors[name]
+        got = tuple(value) if isinstance(value, (tuple, list)) else tuple(value.shape)
+        if math.prod(got) == 0 and math.prod(shape) != 0:
+            problems.append(f"{name}: empty {got}, expected {shape}")
+        elif got != shape:
+            problems.append(f"{name}: shape {got}, expected {shape}")
+    return problems
+
+
+def check_complete(tensors: dict[str, Any], expected: dict[str, tuple[int, ...]], what: str) -> None:
+    """Refuse to write a ``what`` (adapter, checkpoint) that lacks trained tensors: the known failure
+    of sharded training, where a state dict taken from one shard holds empty or missing tensors."""
+    problems = incomplete_tensors(tensors, expected)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise RunError(f"the {what} is incomplete: {len(problems)} of {len(expected)} trained tensors are "
+                       f"missing or empty ({shown}). It was not written; the previous one is intact. This happens "
+                       "when weights are taken from one shard of a sharded (FSDP/DeepSpeed) model; please report "
+                       "it with the recipe's [distributed] section.")
+
+
 def save_rng_state(path: Path) -> None:
     import numpy as np
     import torch
@@ -194,7 +224,8 @@ def load_rng_state(path: Path) -> None:
 
 
 def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> LoopState:
-    """Restore a checkpoint written by :func:`train`; a damaged file is named in the error."""
+    """Restore a checkpoint written by :func:`train`; a damaged file is named in the error.
+    ``optimizer=None`` leaves the optimizer as it is."""
     import torch
     from safetensors.torch import load_file
 
@@ -223,6 +254,8 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> L
         for name, tensor in weights.items():
             params[name].copy_(tensor)
     for name, obj in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
+        if obj is None:  # sharded strategies: the optimizer state is not checkpointed (see docs/distributed.md)
+            continue
         try:
             obj.load_state_dict(torch.load(ckpt / name, weights_only=True))
         except Exception as exc:  # noqa: BLE001
@@ -251,17 +284,130 @@ class TrainResult:
     interrupted: bool = False
 
 
+SHARDED_STRATEGIES = ("fsdp", "deepspeed")
+_WRAP_POLICIES = {"transformer": "transformer_based_wrap", "size": "size_based_wrap", "none": "no_wrap"}
+
+
+def check_distributed(recipe: Recipe) -> None:
+    """What ``[distributed]`` needs from the machine, checked before the run folder exists."""
+    import importlib.util
+
+    from finetune.errors import RecipeError
+
+    strategy = recipe.distributed.strategy
+    if strategy == "ddp":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RecipeError(
+            f"distributed.strategy = {strategy!r} needs GPUs. On CPU, Accelerate runs several processes as "
+            f"plain data parallel and would silently ignore the {strategy} settings (FSDP and DeepSpeed are "
+            "not supported there); use strategy = \"ddp\" (the default) on CPU.")
+    if strategy == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise RecipeError("distributed.strategy = \"deepspeed\" needs DeepSpeed, which is not installed: "
+                              "pip install deepspeed (or use strategy = \"fsdp\", which needs nothing extra).")
+        deepspeed_config(recipe)
+
+
+def fsdp_plugin_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """Arguments of Accelerate's FullyShardedDataParallelPlugin for ``[distributed.fsdp]``.
+
+    The adapter and checkpoints always gather the full trainable weights on the main process
+    (FULL_STATE_DICT), so finetune never writes sharded files; ``use_orig_params`` lets frozen and
+    LoRA parameters share FSDP units."""
+    f = recipe.distributed.fsdp
+    kwargs: dict[str, Any] = {
+        "sharding_strategy": f.sharding_strategy,
+        "auto_wrap_policy": _WRAP_POLICIES[f.auto_wrap_policy],
+        "cpu_offload": f.cpu_offload,
+        "state_dict_type": "FULL_STATE_DICT",
+        "use_orig_params": True,
+        "sync_module_states": True,
+    }
+    if f.auto_wrap_policy == "transformer" and f.transformer_layer_cls:
+        kwargs["transformer_cls_names_to_wrap"] = list(f.transformer_layer_cls)
+    if f.auto_wrap_policy == "size":
+        kwargs["min_num_params"] = f.min_num_params
+    return kwargs
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """The DeepSpeed config for ``[distributed.deepspeed]`` (or its JSON file), with [train] filled in."""
+    from finetune.errors import RecipeError
+
+    ds, cfg = recipe.distributed.deepspeed, recipe.train
+    if ds.config:
+        key = "distributed.deepspeed.config"
+        try:
+            conf = json.loads(Path(ds.config).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RecipeError(f"{key}: file not found: {ds.config} (relative paths resolve against the "
+                              "recipe's folder).") from None
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"{key}: cannot read {ds.config} as JSON ({exc}).") from None
+        if not isinstance(conf, dict):
+            raise RecipeError(f"{key}: {ds.config} holds a JSON {type(conf).__name__}, not an object.")
+        for owned in ("optimizer", "scheduler"):
+            if owned in conf:
+                raise RecipeError(f"{key}: {ds.config} has an {owned!r} section; finetune builds the optimizer "
+                                  "and scheduler from [train]: remove it.")
+    else:
+        zero: dict[str, Any] = {"stage": ds.zero_stage}
+        if ds.offload_optimizer != "none":
+            if ds.zero_stage == 0:
+                raise RecipeError("distributed.deepspeed.offload_optimizer needs zero_stage >= 1.")
+            zero["offload_optimizer"] = {"device": ds.offload_optimizer}
+        if ds.offload_param != "none":
+            if ds.zero_stage != 3:
+                raise RecipeError("distributed.deepspeed.offload_param needs zero_stage = 3 (only stage 3 "
+                                  "shards the parameters).")
+            zero["offload_param"] = {"device": ds.offload_param}
+        if ds.zero_stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        conf = {"zero_optimization": zero}
+    for name, value in (("train_micro_batch_size_per_gpu", cfg.batch_size), ("gradient_accumulation_steps", 1),
+                        ("gradient_clipping", cfg.max_grad_norm or 0.0)):
+        if conf.get(name, "auto") == "auto":
+            conf[name] = value
+    if conf["gradient_accumulation_steps"] != 1 or cfg.gradient_accumulation_steps != 1:
+        raise RecipeError("distributed.strategy = \"deepspeed\" works with train.gradient_accumulation_steps = 1 "
+                          "(DeepSpeed counts accumulation itself); raise train.batch_size or use ddp/fsdp.")
+    if conf["train_micro_batch_size_per_gpu"] != cfg.batch_size:
+        raise RecipeError(f"distributed.deepspeed.config: train_micro_batch_size_per_gpu = "
+                          f"{conf['train_micro_batch_size_per_gpu']} differs from train.batch_size = "
+                          f"{cfg.batch_size}; set it to \"auto\".")
+    zero = conf.get("zero_optimization") or {}
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        raise RecipeError("distributed.deepspeed.config: ZeRO stage 3 needs "
+                          "zero_optimization.stage3_gather_16bit_weights_on_model_save = true, or the adapter "
+                          "cannot be gathered from the shards when it is saved.")
+    return conf
+
+
 def make_accelerator(recipe: Recipe, run_path: Path) -> Any:
     """The Accelerator for a run. On CPU it must be ``cpu=True``: otherwise each process of a
-    multi-process launch silently trains its own unsynchronised copy."""
+    multi-process launch silently trains its own unsynchronised copy. ``[distributed]`` picks the
+    strategy: plain data parallel (DDP), FSDP or DeepSpeed (both GPU only)."""
     import torch
     from accelerate import Accelerator
 
+    check_distributed(recipe)
     cfg = recipe.train
     log_with = "tensorboard" if cfg.tensorboard else None  # availability checked before the run folder exists
+    kwargs: dict[str, Any] = {}
+    if recipe.distributed.strategy == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**fsdp_plugin_kwargs(recipe))
+    elif recipe.distributed.strategy == "deepspeed":
+        from accelerate import DeepSpeedPlugin
+
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe))
     return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
                        cpu=not torch.cuda.is_available(), log_with=log_with,
-                       project_dir=str(run_path / "tensorboard") if log_with else None)
+                       project_dir=str(run_path / "tensorboard") if log_with else None, **kwargs)
 
 
 def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any, train_ds: Any, eval_ds: Any,
@@ -299,6 +445,13 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
     steps_total = steps_per_epoch * cfg.epochs
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps_total),
                               num_training_steps=steps_total)
+    # What Accelerate actually does: FSDP only with several processes, DeepSpeed even with one.
+    sharded = str(accelerator.distributed_type).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED")
+    trainable_shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    state = LoopState()
+    if resume_from is not None and sharded:
+        # Full weights go into the model before it is sharded; the optimizer state is not checkpointed.
+        state = load_checkpoint(resume_from, model, None, scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # Evaluation sees examples longest first when the task reports lengths: batches of similar length
@@ -314,9 +467,9 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
         eval_source, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, shuffle=False, collate_fn=collate,
         num_workers=cfg.num_workers))
 
-    state = LoopState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        if not sharded:
+            state = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
         run.truncate_metrics_log(state.global_step)
         console.print(f"Resuming from {resume_from.name}: epoch {state.epoch + 1}, step {state.global_step}"
                       f"/{steps_total}.")
@@ -344,16 +497,31 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
             result.update(task.compute_metrics(np.concatenate(preds), np.concatenate(refs)))
         return task.finalize_eval(result)
 
+    def full_state_dict() -> dict[str, Any] | None:
+        """Under FSDP/DeepSpeed: every process must call this (it gathers the shards); the main
+        process gets the whole state dict, the others None. Otherwise None (nothing to gather)."""
+        if not sharded:
+            return None
+        gathered = accelerator.get_state_dict(model)
+        return gathered if accelerator.is_main_process else None
+
     def write_checkpoint() -> None:
+        full = full_state_dict()
         if not accelerator.is_main_process:
             return
         from safetensors.torch import save_file
 
         unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        if full is not None:
+            weights = {k: v.detach().cpu().contiguous() for k, v in full.items() if k in trainable_shapes}
+        else:
+            weights = trainable_state_dict(unwrapped)
+        check_complete(weights, trainable_shapes, f"checkpoint at step {state.global_step}")
 
         def writer(tmp: Path) -> None:
-            save_file(trainable_state_dict(unwrapped), str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            if not sharded:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             save_rng_state(tmp / "rng.pt")
             (tmp / "loop_state.json").write_text(json.dumps(state.to_json(), indent=2))
@@ -382,8 +550,13 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
             state.best_metric, state.best_step = value, state.global_step
             state.best_eval = dict(state.last_eval)
             state.evals_without_improvement = 0
+            full = full_state_dict()  # a collective under FSDP/DeepSpeed: every process takes part
             if accelerator.is_main_process:
-                save_adapter(accelerator.unwrap_model(model, keep_fp32_wrapper=False))
+                unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+                if full is None:
+                    save_adapter(unwrapped)
+                else:
+                    save_adapter(unwrapped, state_dict=full)
         else:
             state.evals_without_improvement += 1
             if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:

@@ -107,6 +107,50 @@ class TrainSection(Section):
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the 'tensorboard' extra).")
 
 
+class FsdpOptions(Section):
+    """``[distributed.fsdp]``: Fully Sharded Data Parallel (PyTorch FSDP through Accelerate)."""
+
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = Field(
+        "FULL_SHARD", description="What is sharded across processes: parameters, gradients and optimizer "
+        "state (FULL_SHARD); gradients and optimizer state (SHARD_GRAD_OP); nothing (NO_SHARD); full "
+        "sharding within a machine, replicas across machines (HYBRID_SHARD).")
+    auto_wrap_policy: Literal["transformer", "size", "none"] = Field(
+        "transformer", description="How the model is cut into FSDP units: one per transformer block "
+        "('transformer'), by parameter count ('size'), or one unit for the whole model ('none').")
+    transformer_layer_cls: list[str] = Field(
+        default_factory=list, description="Block class names to wrap with auto_wrap_policy = 'transformer' "
+        "(e.g. [\"BertLayer\"]); empty: the model's own _no_split_modules.")
+    min_num_params: int = Field(100_000_000, gt=0, description="Parameters per unit with "
+                                "auto_wrap_policy = 'size'.")
+    cpu_offload: bool = Field(False, description="Keep parameters and gradients in CPU memory between uses "
+                              "(slower; fits larger models).")
+
+
+class DeepSpeedOptions(Section):
+    """``[distributed.deepspeed]``: DeepSpeed ZeRO through Accelerate (needs ``pip install deepspeed``)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="Keep the optimizer state in CPU memory (stage >= 1); NVMe offload: use `config`.")
+    offload_param: Literal["none", "cpu"] = Field(
+        "none", description="Keep the parameters in CPU memory between uses (stage 3 only).")
+    config: PathStr | None = Field(
+        None, description="A DeepSpeed JSON config file (relative to the recipe) used instead of the keys "
+        "above; 'auto' values are filled from [train].")
+
+
+class DistributedSection(Section):
+    """``[distributed]``: how several processes share the work (``--num-processes``, ``accelerate launch``)."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="'ddp': every process holds the whole model, gradients are averaged (CPU or "
+        "GPU); 'fsdp' / 'deepspeed': shard the model and optimizer state across GPUs (GPU only).")
+    fsdp: FsdpOptions = Field(default_factory=FsdpOptions, description="Options for strategy = 'fsdp'.")
+    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions,
+                                        description="Options for strategy = 'deepspeed'.")
+
+
 class OutputSection(Section):
     dir: PathStr = Field("", description="Run folder; default runs/<recipe name> beside the recipe.")
 
@@ -123,12 +167,13 @@ CORE_SECTIONS: dict[str, type[Section]] = {
     "data": DataOptions,
     "peft": PeftSection,
     "train": TrainSection,
+    "distributed": DistributedSection,
     "output": OutputSection,
     "hub": HubSection,
 }
 
 #: Sections that may be left out of a recipe entirely.
-_OPTIONAL_SECTIONS = {"peft", "train", "output", "hub"}
+_OPTIONAL_SECTIONS = {"peft", "train", "distributed", "output", "hub"}
 
 
 class Recipe(BaseModel):
@@ -141,6 +186,7 @@ class Recipe(BaseModel):
     data: DataOptions
     peft: PeftSection = Field(default_factory=PeftSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     output: OutputSection = Field(default_factory=OutputSection)
     hub: HubSection = Field(default_factory=HubSection)
 
@@ -176,15 +222,66 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"{path}: recipe file not found.")
     if path.is_dir():
         raise RecipeError(f"{path}: is a folder; give the path of a .toml recipe file.")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: is {size / 1e6:.1f} MB; a recipe is a few KB of settings (the limit is "
+                          f"{MAX_RECIPE_BYTES // 1_000_000} MB). Is this a data file? Put data in a file that "
+                          "data.train names.")
     try:
         text = path.read_text(encoding="utf-8-sig")  # tolerate the BOM some Windows editors write
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not UTF-8 text ({exc}); save the recipe as UTF-8.") from None
+    return parse_toml(text, str(path))
+
+
+#: A recipe is a few KB; anything this large is a mistake (and would take seconds to parse).
+MAX_RECIPE_BYTES = 1_000_000
+#: Arrays/inline tables nested deeper than this are refused before tomllib recurses into them.
+MAX_NESTING = 50
+
+
+def parse_toml(text: str, where: str) -> dict[str, Any]:
+    """tomllib.loads with clear errors: syntax (line and column), absurd nesting (tomllib recurses)."""
+    depth = _max_bracket_depth(text)
+    if depth > MAX_NESTING:
+        raise RecipeError(f"{where}: arrays or inline tables nested {depth} levels deep (the limit is "
+                          f"{MAX_NESTING}); a recipe needs at most a list of names. Fix the value.")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # Python 3.11 puts "(at line X, column Y)" in the message only.
-        raise RecipeError(f"{path}: malformed TOML: {exc}. Fix the syntax at that line.") from None
+        raise RecipeError(f"{where}: malformed TOML: {exc}. Fix the syntax at that line.") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: values nested too deeply to read; fix the value.") from None
+
+
+def _max_bracket_depth(text: str) -> int:
+    """Deepest [ / { nesting outside strings and comments (a cheap upper bound of TOML value depth;
+    table headers such as [a.b] count 1)."""
+    depth = deepest = 0
+    quote: str | None = None
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if quote:
+            if c == "\\" and quote == '"':
+                i += 2
+                continue
+            if c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c == "#":
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+    return deepest
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -201,6 +298,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set {item!r}: the key must be SECTION.KEY, e.g. train.epochs "
                           f"(sections: {', '.join(CORE_SECTIONS)})")
     raw_value = raw_value.strip()
+    if _max_bracket_depth(raw_value) > MAX_NESTING:
+        raise RecipeError(f"--set {key}: the value is nested more than {MAX_NESTING} levels deep.")
     try:
         value = tomllib.loads(f"v = {raw_value}")["v"]
     except tomllib.TOMLDecodeError:
@@ -293,6 +392,21 @@ def validate_recipe(raw: dict[str, Any], registry: PluginRegistry | None = None,
     return recipe
 
 
+def _check_link(key: str, path: Path) -> None:
+    """Symbolic links are followed (the resolved recipe records where they point); a link whose target
+    is missing is named with its target, not reported as a missing file at a path the user never wrote."""
+    import os
+
+    current = Path(path.anchor)
+    for part in path.parts[1:]:
+        current = current / part
+        if current.is_symlink() and not current.exists():
+            raise RecipeError(f"{key}: {current} is a symbolic link to {os.readlink(current)}, which does not "
+                              f"exist; fix the link or point {key} at the real file.")
+        if not current.exists():
+            return
+
+
 def _is_path_annotation(annotation: Any) -> bool:
     """True for ``PathStr`` also inside ``PathStr | None`` / ``Optional[PathStr]`` / ``list[PathStr]``."""
     if get_origin(annotation) is Annotated:
@@ -310,16 +424,25 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
     def resolve(value: str) -> str:
         return str((base_dir / Path(value).expanduser()).resolve())
 
-    for section_name in CORE_SECTIONS:
-        section = getattr(recipe, section_name)
+    def resolve_section(section: BaseModel, prefix: str) -> None:
         for field_name, info in type(section).model_fields.items():
+            value = getattr(section, field_name)
+            if isinstance(value, Section):  # a sub-table such as [distributed.deepspeed]
+                resolve_section(value, f"{prefix}{field_name}.")
+                continue
             if not _is_path_field(info):
                 continue
-            value = getattr(section, field_name)
             if isinstance(value, str) and value:
+                _check_link(f"{prefix}{field_name}", base_dir / Path(value).expanduser())
                 setattr(section, field_name, resolve(value))
             elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                for v in value:
+                    if v:
+                        _check_link(f"{prefix}{field_name}", base_dir / Path(v).expanduser())
                 setattr(section, field_name, [resolve(v) if v else v for v in value])
+
+    for section_name in CORE_SECTIONS:
+        resolve_section(getattr(recipe, section_name), f"{section_name}.")
     # A backbone written as a path ("./x", "../x", "~/x") is always a path relative to the recipe, so a
     # missing folder is reported with its full path; a bare name ("models/x") is a path when that folder
     # exists beside the recipe, else a Hub id or a name a plugin resolves.
@@ -363,7 +486,10 @@ def format_validation_error(exc: ValidationError, model_cls: type[BaseModel]) ->
             lines.append(f"{key}: required key is missing{what}; add it under [{'.'.join(loc[:-1])}].")
         else:
             msg = err["msg"]
-            lines.append(f"{key}: invalid value {value!r} ({type(value).__name__}): {msg}.")
+            shown = repr(value)
+            if len(shown) > 120:
+                shown = shown[:100] + f"... ({len(shown):,} characters)"
+            lines.append(f"{key}: invalid value {shown} ({type(value).__name__}): {msg}.")
     # one error per key is enough (unions report each branch)
     seen, unique = set(), []
     for line in lines:
@@ -371,7 +497,12 @@ def format_validation_error(exc: ValidationError, model_cls: type[BaseModel]) ->
         if k not in seen:
             seen.add(k)
             unique.append(line)
+    if len(unique) > MAX_ERROR_LINES:  # e.g. a table of 100,000 unknown keys: the first few say enough
+        unique = unique[:MAX_ERROR_LINES] + [f"... and {len(unique) - MAX_ERROR_LINES:,} more errors like these."]
     return "invalid recipe:\n  " + "\n  ".join(unique)
+
+
+MAX_ERROR_LINES = 10
 
 
 def _model_at(model_cls: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
@@ -405,8 +536,11 @@ def describe_fields(section: type[BaseModel]) -> list[tuple[str, str, str, str]]
 
     rows = []
     for name, info in section.model_fields.items():
-        default = "required" if info.default is PydanticUndefined and info.default_factory is None \
-            else repr(info.default)
+        if info.default_factory is not None:
+            made = info.default_factory()
+            default = "see below" if isinstance(made, BaseModel) else repr(made)
+        else:
+            default = "required" if info.default is PydanticUndefined else repr(info.default)
         rows.append((name, _type_name(info.annotation), default, info.description or ""))
     return rows
 

@@ -5,7 +5,7 @@ Regenerate with ``python -m finetune.reference > docs/recipes.md``; a test check
 
 from __future__ import annotations
 
-from finetune.recipe import CORE_SECTIONS, DataOptions, TaskOptions, describe_fields
+from finetune.recipe import CORE_SECTIONS, DataOptions, Section, TaskOptions, describe_fields
 
 INTRO = """# Recipe reference
 
@@ -30,10 +30,14 @@ def recipe_reference_markdown() -> str:
     from finetune.plugins import get_registry
 
     lines = [INTRO]
+    def add_section(name: str, section: type) -> None:
+        lines.extend([f"## [{name}]", ""] + _table(describe_fields(section)) + [""])
+        for field_name, info in section.model_fields.items():  # sub-tables such as [distributed.fsdp]
+            if isinstance(info.annotation, type) and issubclass(info.annotation, Section):
+                add_section(f"{name}.{field_name}", info.annotation)
+
     for name, section in CORE_SECTIONS.items():
-        lines += [f"## [{name}]", ""]
-        lines += _table(describe_fields(section))
-        lines.append("")
+        add_section(name, section)
     registry = get_registry()
     # Built-in task families only: third-party plugins document their own options.
     for task_name in sorted(n for n, e in registry.tasks.items() if e.distribution == "finetune"):

@@ -17,6 +17,7 @@ from typing import Any
 
 from finetune.backbones import LoraReport, ResolvedBackbone, attach_lora, resolve_backbone
 from finetune.console import Console
+from finetune.data import data_changes, data_fingerprints
 from finetune.errors import FinetuneError, PluginError, RunError
 from finetune.plugins import PluginRegistry, get_registry
 from finetune.recipe import Recipe, load_recipe
@@ -27,14 +28,22 @@ TASK_STATE_FILE = "finetune_task.json"
 TRAINED_WEIGHTS_FILE = "trained.safetensors"  # peft.method "none"/"full": the weights that changed
 
 
-def save_trained_weights(model: Any, path: Path, method: str) -> None:
-    """Trainable parameters (and, for full fine-tuning, every buffer such as BatchNorm statistics)."""
+def save_trained_weights(model: Any, path: Path, method: str, state_dict: dict[str, Any] | None = None) -> None:
+    """Trainable parameters (and, for full fine-tuning, every buffer such as BatchNorm statistics).
+    ``state_dict``: the full state dict gathered from a sharded model, used instead of the model's own."""
     from safetensors.torch import save_file
 
+    full = state_dict if state_dict is not None else model.state_dict()
     if method == "full":  # every weight and persistent buffer (BatchNorm statistics, ...)
-        tensors = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+        tensors = {n: t.detach().cpu().contiguous() for n, t in full.items()}
     else:
-        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if state_dict is None:
+            params = dict(model.named_parameters())
+            tensors = {n: params[n].detach().cpu().contiguous() for n in names}
+        else:
+            names = [n.replace("_fsdp_wrapped_module.", "") for n in names]  # FSDP's wrapper prefixes
+            tensors = {n: state_dict[n].detach().cpu().contiguous() for n in names if n in state_dict}
     save_file(tensors, str(path))
 
 
@@ -134,6 +143,9 @@ def describe_batch(batch: dict[str, Any]) -> dict[str, str]:
 def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> dict[str, Any]:
     """Everything up to the first batch, no training, no run folder. Returns the report shown."""
     session = open_session(recipe_path, overrides)
+    from finetune.loop import check_distributed
+
+    check_distributed(session.recipe)
     model, processor, report = build_model(session)
     task = session.task
     train_ds = _guard(task, "build_dataset", task.build_dataset, session.splits.train, processor, training=True)
@@ -173,22 +185,86 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> 
     return info
 
 
-def _save_adapter_fn(run: RunDir, task: Task, processor: Any, method: str):
-    def save(unwrapped_model: Any) -> None:
-        tmp = run.path / f".adapter.tmp-{os.getpid()}"
-        if tmp.exists():
-            import shutil
+ADAPTER_FILE = "adapter_model.safetensors"
 
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        if method == "lora":
-            unwrapped_model.save_pretrained(str(tmp))
-        else:
-            save_trained_weights(unwrapped_model, tmp / TRAINED_WEIGHTS_FILE, method)
-        if processor is not None and hasattr(processor, "save_pretrained"):
-            processor.save_pretrained(str(tmp))
-        (tmp / TASK_STATE_FILE).write_text(json.dumps({"task": task.name, "state": task.state}, indent=2))
-        replace_dir_atomic(tmp, run.adapter_dir)
+
+def expected_adapter_tensors(model: Any, method: str) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of every tensor the saved adapter must hold, taken from the whole (not yet
+    sharded) model: PEFT's adapter state dict for LoRA, else what :func:`save_trained_weights` writes."""
+    if method == "lora":
+        from peft import get_peft_model_state_dict
+
+        return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    if method == "full":
+        return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def verify_adapter(folder: Path, method: str, expected: dict[str, tuple[int, ...]]) -> None:
+    """Reload the weights file just written to ``folder`` and check it against ``expected``
+    (every tensor present, non-empty, right shape); a RunError names what is missing."""
+    from safetensors import safe_open
+
+    from finetune.loop import check_complete
+
+    name = ADAPTER_FILE if method == "lora" else TRAINED_WEIGHTS_FILE
+    try:  # shapes from the file's header: nothing but the header is read
+        with safe_open(str(folder / name), framework="pt") as fh:
+            tensors = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    except Exception as exc:  # noqa: BLE001 - a missing or truncated file
+        raise RunError(f"the adapter was not written completely ({name}: {type(exc).__name__}: {exc}); the "
+                       "previous adapter is intact.") from None
+    check_complete(tensors, expected, f"adapter ({name})")
+
+
+def _save_adapter_fn(run: RunDir, task: Task, processor: Any, method: str,
+                     expected: dict[str, tuple[int, ...]] | None = None):
+    """``save(unwrapped_model, state_dict=None)``: write the adapter to a temp folder, verify it holds
+    every trained tensor (``expected``), then swap it in; on any failure the previous adapter stays.
+    ``state_dict`` is the full state dict gathered from a sharded model (FSDP/DeepSpeed)."""
+    import shutil
+
+    def save(unwrapped_model: Any, state_dict: dict[str, Any] | None = None) -> None:
+        tmp = run.path / f".adapter.tmp-{os.getpid()}"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            if state_dict is not None:  # gathered from a sharded model: every trained tensor must be in it
+                trained = [n.replace("_fsdp_wrapped_module.", "") for n, p in unwrapped_model.named_parameters()
+                           if p.requires_grad]
+                missing = [n for n in trained if n not in state_dict]
+                if missing:
+                    raise RunError(f"the adapter is incomplete: {len(missing)} of {len(trained)} trained tensors "
+                                   f"are missing from the gathered state dict ({', '.join(missing[:5])}). It was "
+                                   "not written; the previous one is intact. This happens when weights are taken "
+                                   "from one shard of a sharded (FSDP/DeepSpeed) model; please report it with the "
+                                   "recipe's [distributed] section.")
+            if method == "lora":
+                try:
+                    unwrapped_model.save_pretrained(str(tmp), state_dict=state_dict)
+                except KeyError as exc:  # PEFT looks up each adapter tensor in the (gathered) state dict
+                    raise RunError(f"the adapter is incomplete: {exc} is missing from the model's state dict. "
+                                   "It was not written; the previous one is intact. This happens when weights are "
+                                   "taken from one shard of a sharded (FSDP/DeepSpeed) model; please report it "
+                                   "with the recipe's [distributed] section.") from None
+            else:
+                save_trained_weights(unwrapped_model, tmp / TRAINED_WEIGHTS_FILE, method, state_dict=state_dict)
+            if processor is not None and hasattr(processor, "save_pretrained"):
+                processor.save_pretrained(str(tmp))
+            (tmp / TASK_STATE_FILE).write_text(json.dumps({"task": task.name, "state": task.state}, indent=2))
+            if expected is not None:
+                verify_adapter(tmp, method, expected)
+            replace_dir_atomic(tmp, run.adapter_dir)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = "the previous adapter is intact; " if run.adapter_dir.exists() else ""
+            raise RunError(f"cannot write the adapter to {run.adapter_dir} ({exc.strerror or exc}); {kept}the run "
+                           "resumes from its last checkpoint with --resume once the folder is writable and has "
+                           "space.") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return save
 
 
@@ -216,11 +292,19 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
         console = Console(enabled=False)  # one progress display, one summary
     # Only the main process touches the run folder; the others learn its decision.
     outcome: list[Any] = [None]
+    fingerprints: dict[str, Any] = {}
     if main:
         try:
+            fingerprints = data_fingerprints(recipe.data)
+            if not overwrite:
+                check_data_unchanged(run, fingerprints)
             outcome[0] = ("ok", run.prepare(recipe.to_dict(), recipe.to_toml(), overwrite=overwrite, resume=resume))
         except FinetuneError as exc:
             outcome[0] = ("error", exc)
+        except OSError as exc:  # e.g. a read-only or full output folder
+            outcome[0] = ("error", RunError(f"output.dir: cannot write the run folder {run.path} "
+                                            f"({exc.strerror or exc}); nothing in it was changed. Make it "
+                                            "writable (or free space), or choose another output.dir."))
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -237,7 +321,10 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
         run.update_info(status="running", backbone=session.backbone.to_dict(), plugins=plugins,
                         finetune_version=_version(), python=platform.python_version(), data=session.splits.info,
                         trust_remote_code=recipe.model.trust_remote_code,
-                        processes=accelerator.num_processes, speed_settings=speed)
+                        processes=accelerator.num_processes, distributed=recipe.distributed.strategy,
+                        speed_settings=speed)
+        if not resuming or "data_files" not in run.info():
+            run.update_info(data_files=fingerprints)
     console.print(f"run folder: {run.path}" + (f" ({accelerator.num_processes} processes)"
                                                if accelerator.num_processes > 1 else ""))
     try:
@@ -255,15 +342,16 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
                             collate=functools.partial(_guard, task, "collate_fn() collator", collate),
                             resume_from=resume_from,
                             callbacks=session.registry.callbacks(),
-                            save_adapter=_save_adapter_fn(run, task, processor, recipe.peft.method),
+                            save_adapter=_save_adapter_fn(run, task, processor, recipe.peft.method,
+                                                          expected_adapter_tensors(model, recipe.peft.method)),
                             console=console)
     except KeyboardInterrupt:
         if main:
-            run.update_info(status="interrupted")
+            _record_status(run, status="interrupted")
         raise
     except BaseException as exc:
         if main:
-            run.update_info(status="failed", error=f"{type(exc).__name__}: {exc}")
+            _record_status(run, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     if result.interrupted:
         if main:
@@ -292,6 +380,11 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
         "params": {"trainable": report.trainable_params, "total": report.total_params},
         "data": {"train_examples": len(session.splits.train), "eval_examples": len(session.splits.eval)},
     }
+    changed = data_changes(fingerprints, data_fingerprints(recipe.data))
+    if changed:  # the data was read at the start, so the model is consistent with run.json's record
+        run.update_info(data_changed_during_run=changed)
+        console.print("warning: data files changed while the run was training (it used the content read at "
+                      "the start, fingerprinted in run.json):\n  " + "\n  ".join(changed))
     write_json_atomic(run.metrics_file, metrics)
     plot_curves(run.read_metrics_log(), run.curves_file, result.metric)
     _guard(task, "finalize_run", task.finalize_run, run.path, metrics)
@@ -318,6 +411,29 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     return run
 
 
+def _record_status(run: RunDir, **fields: Any) -> None:
+    """Best effort while an error is on its way out: a read-only or full folder must not replace the
+    clear error with a traceback from writing run.json (which then still says "running": resumable)."""
+    try:
+        run.update_info(**fields)
+    except (OSError, RunError):
+        pass
+
+
+def check_data_unchanged(run: RunDir, fingerprints: dict[str, Any]) -> None:
+    """An unfinished run resumes only on the data it started with (fingerprints in run.json)."""
+    if not run.run_file.exists():
+        return
+    info = run.info()
+    if info.get("status") == "finished" or "data_files" not in info:
+        return
+    changes = data_changes(info["data_files"], fingerprints)
+    if changes:
+        raise RunError(f"output.dir: {run.path} holds an unfinished run that started on other data, so it "
+                       "cannot be resumed:\n  " + "\n  ".join(changes) + "\nRestore the file(s) to resume, or "
+                       "pass --overwrite to start over (or set output.dir for a new run).")
+
+
 def check_train_settings(session: Session) -> None:
     """Settings that are only checkable against the task or the environment, checked before training."""
     from finetune.errors import RecipeError
@@ -336,6 +452,9 @@ def check_train_settings(session: Session) -> None:
         if not hub.repo_id or not HUB_ID.match(hub.repo_id):
             raise RecipeError(f"hub.repo_id: {hub.repo_id!r} is not a Hub repo id; [hub] push = true needs "
                               "repo_id = \"user/name\".")
+    from finetune.loop import check_distributed
+
+    check_distributed(session.recipe)
     names = getattr(task, "metric_names", None)
     if cfg.metric and names is not None and cfg.metric not in ("eval_loss", *names):
         from finetune.errors import did_you_mean

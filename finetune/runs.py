@@ -30,6 +30,8 @@ from finetune.errors import RunError
 
 RUN_FILE = "run.json"
 #: Recipe keys that may change when an unfinished run resumes; any other difference is refused.
+#: ``distributed.*`` is not among them: FSDP/DeepSpeed checkpoints hold no optimizer state, so a change of
+#: strategy would not continue the same optimisation (the number of processes may change: it is not a key).
 SAFE_RESUME_CHANGES = frozenset({
     "train.epochs", "train.early_stopping_patience", "train.log_every_steps", "train.checkpoint_every_steps",
     "train.keep_checkpoints", "train.num_workers", "train.tensorboard", "hub.push", "hub.repo_id", "hub.private",
@@ -73,8 +75,20 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _sections_added_since(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A run folder written before a recipe section existed lacks it; read it as the defaults (so a run
+    started by an older finetune still resumes), but only when the new recipe keeps those defaults."""
+    from finetune.recipe import DistributedSection, _drop_none
+
+    old = dict(old)
+    for name, section in (("distributed", DistributedSection),):
+        if name not in old and new.get(name) == _drop_none(section().model_dump(mode="json")):
+            old[name] = new[name]
+    return old
+
+
 def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = flatten(old), flatten(new)
+    a, b = flatten(_sections_added_since(old, new)), flatten(new)
     lines = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
@@ -256,13 +270,13 @@ class RunDir:
 
     def write_checkpoint(self, step: int, writer: Callable[[Path], None], keep: int) -> Path:
         """Call ``writer(tmp_dir)``, then rename into ``checkpoints/ckpt-<step>``; keep the last ``keep``."""
-        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
         tmp = self.checkpoints_dir / f".tmp-{CHECKPOINT_PREFIX}{step:08d}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
         try:
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
             writer(tmp)
             if not (tmp / COMPLETE_MARKER).exists():
                 raise RuntimeError(f"checkpoint writer did not write {COMPLETE_MARKER}")
@@ -278,7 +292,14 @@ class RunDir:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         for old in self.checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Rename first: a kill in the middle of rmtree must not leave a folder that still holds the
+            # completeness marker but not the weights (found by the kill-loop test).
+            doomed = self.checkpoints_dir / f".tmp-pruned-{old.name}-{os.getpid()}"
+            try:
+                os.replace(old, doomed)
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
         for stale in self.checkpoints_dir.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         return final
