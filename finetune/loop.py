@@ -439,8 +439,14 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
-    n_batches = math.ceil(len(train_ds) / cfg.batch_size)
-    batches_per_rank = n_batches // world if world > 1 else n_batches
+    # Batches are planned globally (batch_size x processes) and each global batch is dealt out to the
+    # processes, so a run's batches depend on the global batch only: N processes train like one with
+    # an N-times larger batch, and a resume may change the process count. A last global batch with
+    # fewer examples than processes is dropped (some process would get none).
+    global_batch = cfg.batch_size * world
+    n_batches = math.ceil(len(train_ds) / global_batch)
+    remainder = len(train_ds) % global_batch
+    batches_per_rank = n_batches - (1 if world > 1 and 0 < remainder < world else 0)
     steps_per_epoch = math.ceil(batches_per_rank / accum)
     steps_total = steps_per_epoch * cfg.epochs
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps_total),
@@ -592,12 +598,12 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
         window_losses: list[Any] = []  # loss tensors not yet read on the host
         window_values: list[float] = []  # losses of this log window, read
         while state.epoch < cfg.epochs and not state.should_stop:
-            batches = task.train_batches(train_ds, cfg.batch_size, cfg.seed, state.epoch)
+            batches = task.train_batches(train_ds, global_batch, cfg.seed, state.epoch)
             if len(batches) != n_batches:
                 raise FinetuneError(f"task {task.name!r}: train_batches returned {len(batches)} batches for "
                                     f"{len(train_ds)} examples; expected {n_batches} (ceil(examples / batch_size)).")
-            if world > 1:
-                batches = batches[: batches_per_rank * world][rank::world]
+            if world > 1:  # interleaved: with length-grouped batches every process gets similar lengths
+                batches = [b[rank::world] for b in batches[:batches_per_rank]]
             remaining = batches[state.batches_done_in_epoch:]
             loader = DataLoader(train_ds, batch_sampler=remaining, collate_fn=collate, num_workers=cfg.num_workers,
                                 generator=torch.Generator().manual_seed(cfg.seed + state.epoch))
