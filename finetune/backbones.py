@@ -113,6 +113,7 @@ class LoraReport:
     trainable_params: int
     total_params: int
     layers: list[int] | None = None  #: transformer layers holding LoRA (None: all)
+    fast_dropout_modules: int = 0  #: dropout layers switched to the fast CPU masks (train.fast_dropout)
 
     @property
     def trainable_fraction(self) -> float:

@@ -101,6 +101,9 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
     log_every_steps: int = Field(10, gt=0)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    fast_dropout: bool = Field(
+        True, description="On CPU, draw dropout masks with numpy's PCG64 (about half the cost of torch's "
+        "per-element generator; same probability, different masks, so results differ). No effect on GPUs.")
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding, faster) where the task "
         "reports lengths; the batch order stays random. Changes which examples share a batch.")

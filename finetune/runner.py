@@ -118,12 +118,25 @@ def build_model(session: Session) -> tuple[Any, Any, LoraReport]:
     task = session.task
     model, processor = _guard(task, "load_model", task.load_model, session.backbone)
     model, report = attach_lora(model, session.recipe.peft, task)
+    if session.recipe.train.fast_dropout and _trains_on_cpu():
+        from finetune.fast_dropout import install_fast_dropout
+
+        report.fast_dropout_modules = install_fast_dropout(model)
     return model, processor, report
 
 
-def speed_settings(task: Task, recipe: Recipe, train_ds: Any) -> list[str]:
+def _trains_on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def speed_settings(task: Task, recipe: Recipe, train_ds: Any, report: LoraReport | None = None) -> list[str]:
     """Speed options in effect that change results compared with plain training, one line each."""
     notes = []
+    if report is not None and report.fast_dropout_modules:
+        notes.append(f"train.fast_dropout: {report.fast_dropout_modules} dropout layers draw masks with numpy's PCG64 "
+                     "on CPU (same probability, different masks than torch's; set it to false for torch's)")
     plain_batches = getattr(type(task), "train_batches", None) is Task.train_batches
     if recipe.train.group_by_length and plain_batches and task.example_lengths(train_ds) is not None:
         notes.append("train.group_by_length: examples of similar length share a batch (less padding); batches "
@@ -153,7 +166,7 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> 
     collate = task.collate_fn(processor)
     n = min(session.recipe.train.batch_size, len(train_ds))
     batch = _guard(task, "collate_fn", collate, [train_ds[i] for i in range(n)])
-    speed = _guard(task, "speed_notes", speed_settings, task, session.recipe, train_ds)
+    speed = _guard(task, "speed_notes", speed_settings, task, session.recipe, train_ds, report)
     console.print("# resolved recipe\n" + session.recipe.to_toml())
     info = {
         "task": f"{task.name} ({type(task).__module__}.{type(task).__name__})",
@@ -282,7 +295,7 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     train_ds = _guard(task, "build_dataset", task.build_dataset, session.splits.train, processor, training=True)
     eval_ds = _guard(task, "build_dataset", task.build_dataset, session.splits.eval, processor, training=False)
     collate = _guard(task, "collate_fn", task.collate_fn, processor)
-    speed = _guard(task, "speed_notes", speed_settings, task, recipe, train_ds)
+    speed = _guard(task, "speed_notes", speed_settings, task, recipe, train_ds, report)
     run = RunDir(recipe.output.dir)
     from finetune import loop
 
@@ -376,7 +389,7 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
                   "train_time_s": round(state.train_time_s, 2),
                   "samples_per_s": round(state.samples_seen / state.train_time_s, 2) if state.train_time_s else None,
                   "wall_time_s": round(time.perf_counter() - started, 2), "model_load_s": round(load_s, 2),
-                  "mixed_precision": result.mixed_precision},
+                  "mixed_precision": result.mixed_precision, **_gpu_memory()},
         "params": {"trainable": report.trainable_params, "total": report.total_params},
         "data": {"train_examples": len(session.splits.train), "eval_examples": len(session.splits.eval)},
     }
@@ -432,6 +445,15 @@ def check_data_unchanged(run: RunDir, fingerprints: dict[str, Any]) -> None:
         raise RunError(f"output.dir: {run.path} holds an unfinished run that started on other data, so it "
                        "cannot be resumed:\n  " + "\n  ".join(changes) + "\nRestore the file(s) to resume, or "
                        "pass --overwrite to start over (or set output.dir for a new run).")
+
+
+def _gpu_memory() -> dict[str, int]:
+    """Peak GPU memory of this process (allocated by tensors), when training ran on a GPU."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"peak_gpu_memory_mib": int(torch.cuda.max_memory_allocated() // 2**20)}
 
 
 def check_train_settings(session: Session) -> None:

@@ -307,3 +307,51 @@ def test_deferred_loss_reads_still_stop_a_bad_run_before_its_checkpoint(make_rec
     assert ckpt is not None and ckpt.name.endswith("3")
     weights = load_file(str(ckpt / "trainable.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+# -- fast dropout masks on CPU --------------------------------------------------------------
+
+def test_fast_dropout_drops_p_scales_and_follows_torch_seed():
+    import torch
+
+    from finetune.fast_dropout import fast_dropout_module
+
+    drop = fast_dropout_module(0.1)
+    x = torch.ones(200, 1000)
+    torch.manual_seed(0)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.005
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    assert abs(y.mean().item() - 1.0) < 0.01  # expectation preserved
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # seeded by torch's RNG: reproducible, exact resume
+    assert not torch.equal(drop(x), y)  # and a new mask on every call
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    # gradients flow through the kept elements only, scaled
+    drop.train()
+    w = torch.ones(50, 40, requires_grad=True)
+    torch.manual_seed(1)
+    out = drop(w)
+    out.sum().backward()
+    assert torch.allclose(w.grad, (out != 0).float() / 0.9)
+
+
+def test_fast_dropout_is_installed_on_cpu_and_reported(make_recipe):
+    import torch
+
+    from finetune.runner import build_model, open_session
+
+    session = open_session(make_recipe())
+    model, _, report = build_model(session)
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert kinds == {"FastDropout"} and report.fast_dropout_modules > 0
+    lora_dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    assert lora_dropouts and all(type(m).__name__ == "FastDropout" for m in lora_dropouts)
+    off = open_session(make_recipe(train="fast_dropout = false"))
+    model, _, report = build_model(off)
+    assert report.fast_dropout_modules == 0
+    assert {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {"Dropout"}
+    shown = run_cli("validate", str(make_recipe()))
+    assert "train.fast_dropout" in shown.stdout
