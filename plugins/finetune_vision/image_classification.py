@@ -286,11 +286,16 @@ class ImageClassification(Task):
 
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.task.label_smoothing)
 
+    def _logits(self, model: Any, pixel_values: Any) -> Any:
+        # e.g. interpolate_pos_encoding=True for a transformers ViT at a non-native image size
+        out = model(pixel_values, **(self.state.get("forward_kwargs") or {}))
+        return getattr(out, "logits", out)
+
     def training_loss(self, model: Any, batch: dict[str, Any]) -> Any:
-        return self._loss(_logits(model, batch["pixel_values"]), batch["labels"])
+        return self._loss(self._logits(model, batch["pixel_values"]), batch["labels"])
 
     def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        logits = _logits(model, batch["pixel_values"]).float()
+        logits = self._logits(model, batch["pixel_values"]).float()
         return {"loss": self._loss(logits, batch["labels"]), "predictions": logits, "references": batch["labels"]}
 
     def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
@@ -360,7 +365,7 @@ class ImageClassification(Task):
                                  "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
             if not tensors:
                 continue
-            probs = torch.softmax(_logits(model, torch.stack(tensors).to(device)).float(), dim=-1).cpu()
+            probs = torch.softmax(self._logits(model, torch.stack(tensors).to(device)).float(), dim=-1).cpu()
             for record, p in zip(ok, probs):
                 values, indices = p.topk(k)
                 row = {**record, "label": labels[int(indices[0])], "score": float(values[0])}
@@ -374,11 +379,6 @@ class ImageClassification(Task):
         from finetune_vision.models import usage_snippet
 
         return usage_snippet(self.state, base, self.recipe.peft.method)
-
-
-def _logits(model: Any, pixel_values: Any) -> Any:
-    out = model(pixel_values)
-    return getattr(out, "logits", out)
 
 
 def _sources(frame: Any) -> list[Any]:
