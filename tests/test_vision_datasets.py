@@ -16,7 +16,7 @@ from vision_fixtures import *  # noqa: F403 - the vision fixtures
 
 from finetune.console import Console
 from finetune.errors import DataError, RecipeError
-from finetune.runner import open_session, run_recipe
+from finetune.runner import load_run, open_session, run_recipe
 
 # ClassLabel order on purpose not alphabetical: its names (in its order) become the label names
 CLASSES = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
@@ -83,6 +83,22 @@ def test_save_to_disk_dict_with_classlabel_trains_evaluates_on_its_split_and_pre
     assert tomllib.loads(run.recipe_file.read_text())["data"]["dataset"] == str(tmp_path / "my-data")
     saved = json.loads((run.adapter_dir / "finetune_task.json").read_text())["state"]
     assert saved["labels"] == ["red", "green", "blue"]
+    # predict reads a split folder (embedded bytes) or a parquet file; output rows carry names, not bytes
+    from finetune.predict import read_records, write_predictions
+
+    task, model, processor, _ = load_run(run.path)
+    records = read_records(task, tmp_path / "my-data" / "test")
+    assert len(records) == 6 and isinstance(records[0]["source"], bytes)
+    rows = task.predict(model, processor, records)
+    assert [r["image"] for r in rows] == [f"{tmp_path / 'my-data' / 'test'}[{i}]" for i in range(6)]
+    assert all(r["label"] in CLASSES and "source" not in r for r in rows)
+    write_predictions(rows, tmp_path / "preds.csv")
+    assert "bytes" not in (tmp_path / "preds.csv").read_text()
+    colour_dataset(1, seed=7, image_feature=False, label="str").to_parquet(str(tmp_path / "new.parquet"))
+    rows = task.predict(model, processor, read_records(task, tmp_path / "new.parquet"))
+    assert len(rows) == 3 and all(r["label"] in CLASSES for r in rows)
+    with pytest.raises(DataError, match=r"holds the splits \['train', 'test'\]; give one split"):
+        read_records(task, tmp_path / "my-data")
 
 
 def test_single_saved_dataset_holds_out_a_fraction(recipe_for, tmp_path):

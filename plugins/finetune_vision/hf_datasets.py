@@ -310,3 +310,37 @@ def load_frames(data: Any, recipe_dir: Path | None) -> Frames:
             "dataset_split": None if single else data.dataset_split,
             "dataset_eval_split": data.dataset_eval_split}
     return Frames(train=train, eval=eval_, label_order=class_names, info=info, resolved=resolved)
+
+
+def is_datasets_input(path: Path) -> bool:
+    """Whether ``finetune predict --input PATH`` should be read with datasets (not as an image folder/table)."""
+    return (path.is_dir() and _is_saved_to_disk(path)) or path.suffix.lower() in (".arrow", ".parquet")
+
+
+def predict_records(path: Path, image_column: str) -> list[dict[str, Any]]:
+    """Records for ``finetune predict``: ``image`` (a path or ``file[split][row]``) and ``source`` (what to
+    decode: a path or encoded bytes) from a save_to_disk folder or a .parquet/.arrow file."""
+    key = "--input image column (data.image_column)"
+    with _offline_quiet():
+        try:
+            dataset = _load_local(path, None)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a bad file
+            raise DataError(f"--input: {path} does not load with datasets ({type(exc).__name__}: "
+                            f"{str(exc)[:300]}).") from None
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        ds, where = dataset, str(path)
+    else:
+        splits = [s for s in dataset if dataset[s] is not None]
+        if len(splits) != 1:
+            raise DataError(f"--input: {path} holds the splits {list(dataset)}; give one split, e.g. "
+                            f"{path / splits[0] if splits and path.is_dir() else path} (save_to_disk writes "
+                            "one folder per split).")
+        ds, where = dataset[splits[0]], f"{path}[{splits[0]}]"
+    if image_column not in ds.column_names:
+        raise _column_error(key, image_column, ds, where)
+    names, sources = _image_sources(ds, image_column, path if path.is_dir() else path.parent, where)
+    return [{"image": n, "source": s} if not isinstance(s, str) else {"image": s} for n, s in zip(names, sources)]

@@ -331,13 +331,19 @@ class ImageClassification(Task):
 
     def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
         path = Path(path)
-        if path.is_dir():
+        from finetune_vision.hf_datasets import is_datasets_input
+
+        if path.is_dir() and not is_datasets_input(path):
             files = list_image_files(path)
             if not files:
                 raise DataError(f"--input: {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
             return [{"image": str(f)} for f in files]
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             return [{"image": str(path)}]
+        from finetune_vision.hf_datasets import is_datasets_input, predict_records
+
+        if is_datasets_input(path):  # a save_to_disk folder, .parquet or .arrow: Image features, bytes or paths
+            return predict_records(path, self.recipe.data.image_column)
         column = self.recipe.data.image_column
         df = load_table(path, key="--input")
         require_columns(df, {"--input image column (data.image_column)": column}, path)
@@ -358,17 +364,17 @@ class ImageClassification(Task):
             tensors, ok = [], []
             for record in chunk:
                 try:
-                    tensors.append(transform(load_rgb(record["image"])))
+                    tensors.append(transform(load_rgb(record.get("source", record["image"]))))
                     ok.append(record)
                 except Exception as exc:  # noqa: BLE001 - one bad file must not lose the others
-                    rows.append({**record, "label": None, "score": None,
+                    rows.append({**_shown(record), "label": None, "score": None,
                                  "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
             if not tensors:
                 continue
             probs = torch.softmax(self._logits(model, torch.stack(tensors).to(device)).float(), dim=-1).cpu()
             for record, p in zip(ok, probs):
                 values, indices = p.topk(k)
-                row = {**record, "label": labels[int(indices[0])], "score": float(values[0])}
+                row = {**_shown(record), "label": labels[int(indices[0])], "score": float(values[0])}
                 for j, (v, i) in enumerate(zip(values, indices), start=1):
                     row[f"label_{j}"] = labels[int(i)]
                     row[f"prob_{j}"] = float(v)
@@ -379,6 +385,11 @@ class ImageClassification(Task):
         from finetune_vision.models import usage_snippet
 
         return usage_snippet(self.state, base, self.recipe.peft.method)
+
+
+def _shown(record: dict[str, Any]) -> dict[str, Any]:
+    """A predict record without the encoded image bytes (not for output files)."""
+    return {k: v for k, v in record.items() if k != "source"}
 
 
 def _sources(frame: Any) -> list[Any]:
