@@ -32,7 +32,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv", ".jsonl": "json",
                   ".json": "json"}
 HOW_TO_PROVIDE = (
-    "finetune works offline and never downloads datasets. On a machine with network, run "
+    "To use it, on a machine with network run "
     "`datasets.load_dataset(NAME).save_to_disk(\"my-data\")` (or download the repo's parquet files) and set "
     "data.dataset to that folder or file; or load it there once so it lands in the Hugging Face cache "
     "(HF_DATASETS_CACHE / HF_HUB_CACHE) and copy the cache here.")
@@ -306,7 +306,7 @@ def load_frames(data: Any, recipe_dir: Path | None) -> Frames:
     if data.dataset_eval_split:
         eval_ds = _pick_split(dataset, data.dataset_eval_split, "data.dataset_eval_split", where)
         eval_, _ = _frame(eval_ds, data, base, f"{resolved}[{data.dataset_eval_split}]", "data.dataset_eval_split")
-    info = {"dataset": resolved, "dataset_loaded_from": where,
+    info = {"dataset": resolved, "dataset_loaded_from": where if path is None else None,
             "dataset_split": None if single else data.dataset_split,
             "dataset_eval_split": data.dataset_eval_split}
     return Frames(train=train, eval=eval_, label_order=class_names, info=info, resolved=resolved)
