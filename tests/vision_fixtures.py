@@ -27,19 +27,22 @@ def write_colour_images(folder: Path, per_class: int = 16, seed: int = 0, size: 
     return folder
 
 
-def save_timm_folder(folder: Path, arch: str, num_classes: int = 7, seed: int = 0) -> Path:
-    """A timm Hub-layout folder (config.json naming the architecture + model.safetensors)."""
+def save_timm_folder(folder: Path, arch: str, num_classes: int = 7, seed: int = 0,
+                     model_args: dict | None = None) -> Path:
+    """A timm Hub-layout folder (config.json naming the architecture (+ model_args) + model.safetensors)."""
     import timm
     import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    model = timm.create_model(arch, num_classes=num_classes)
+    model = timm.create_model(arch, num_classes=num_classes, **(model_args or {}))
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in model.pretrained_cfg.items()
            if k in ("mean", "std", "interpolation", "crop_pct", "input_size", "classifier", "first_conv")}
-    (folder / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": num_classes,
-                                                    "pretrained_cfg": cfg}))
+    config = {"architecture": arch, "num_classes": num_classes, "pretrained_cfg": cfg}
+    if model_args:
+        config["model_args"] = model_args
+    (folder / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     return folder
 
@@ -53,6 +56,14 @@ def tiny_timm_cnn(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_timm_vit(tmp_path_factory) -> Path:
     return save_timm_folder(tmp_path_factory.mktemp("tiny-timm-vit"), "test_vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_timm_vit_strict(tmp_path_factory) -> Path:
+    """vit_tiny_patch16_224's layout shrunk (2 blocks, width 32): pretrained at 224 px with a fixed input size
+    (unlike timm's test_vit, which is built with dynamic_img_size)."""
+    return save_timm_folder(tmp_path_factory.mktemp("tiny-timm-vit-strict"), "vit_tiny_patch16_224",
+                            model_args={"depth": 2, "embed_dim": 32, "num_heads": 2})
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """``image-classification``: LoRA (or linear probing / full fine-tuning) of timm and transformers backbones.
 
 Data: an image folder (one subfolder per class), a CSV/JSONL/Parquet table of image paths and labels,
+a Hugging Face ``datasets`` source read offline (``data.dataset``: a save_to_disk folder, local
+parquet/arrow files, or a Hub name already in the local cache; see ``finetune_vision.hf_datasets``),
 or a built-in source exported from a PyPI package (``data.source = "sklearn-digits"``). Unreadable
 images are listed (names and count) before anything is written, then skipped or fatal
 (``data.on_bad_image``). Preprocessing follows the backbone's own pretrained configuration (timm data
@@ -52,8 +54,23 @@ class ImageClassificationData(DataOptions):
     source: Literal["sklearn-digits"] | None = Field(
         None, description="Built-in dataset exported as an image folder on first use: 'sklearn-digits' "
                           "(scikit-learn's 1,797 8x8 handwritten digits, 10 classes).")
-    image_column: str = Field("image", description="Table column with image paths (relative to the table file).")
-    label_column: str = Field("label", description="Table column with labels (string or integer).")
+    dataset: str | None = Field(
+        None, description="A Hugging Face `datasets` source, read offline: a folder written by save_to_disk, a "
+                          "local .parquet/.arrow/.csv/.jsonl file or folder of them, or a Hub dataset name (user/name) "
+                          "already in the local Hugging Face cache (never downloaded). Relative paths resolve "
+                          "against the recipe's folder. Replaces `train`/`source`.")
+    dataset_config: str | None = Field(None, description="Configuration (subset) name of `dataset`, if it has "
+                                                          "several.")
+    dataset_split: str = Field("train", description="Split of `dataset` to train on (ignored for a single saved "
+                                                    "Dataset, which has no splits).")
+    dataset_eval_split: str | None = Field(
+        None, description="Split of `dataset` to evaluate on (e.g. 'validation' or 'test'); if unset, `split` of "
+                          "the train split is held out (stratified).")
+    image_column: str = Field("image", description="Table/dataset column with the images: file paths (relative to "
+                                                   "the table or dataset folder), or with `dataset` a datasets Image "
+                                                   "feature or encoded image bytes.")
+    label_column: str = Field("label", description="Table/dataset column with labels: strings or integers, or with "
+                                                   "`dataset` a ClassLabel (its names become the label names).")
     on_bad_image: Literal["fail", "skip"] = Field(
         "fail", description="Missing or undecodable images: 'fail' lists them and stops before training; "
                             "'skip' lists them and trains without them.")
@@ -138,7 +155,7 @@ class ImageClassification(Task):
         return out
 
     def _drop_bad_images(self, df, key: str):
-        bad = check_images(df["image"].tolist())
+        bad = check_images(_sources(df), df["image"].tolist())
         if not bad:
             return df, []
         shown = "; ".join(f"{p} ({why})" for p, why in bad[:10]) + (" ..." if len(bad) > 10 else "")
@@ -151,28 +168,45 @@ class ImageClassification(Task):
 
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
-        location, key = self._train_location()
-        eval_location = data.eval
-        folder = Path(location)
-        if not eval_location and folder.is_dir():
-            # "split by folder": train/ beside val/ (or eval/, validation/, test/)
-            subs = {p.name for p in folder.iterdir() if p.is_dir()}
-            eval_name = next((n for n in EVAL_FOLDER_NAMES if n in subs), None)
-            if "train" in subs and eval_name and len(subs) == 2:
-                location, eval_location = str(folder / "train"), str(folder / eval_name)
-        train = self._read(location, key)
+        eval_ = None
+        label_order = None
+        extra_info: dict[str, Any] = {}
+        if data.dataset:
+            from finetune_vision.hf_datasets import load_frames
+
+            source = self.recipe.source
+            frames = load_frames(data, source.parent if source is not None else None)
+            data.dataset = frames.resolved  # recorded absolute in the run folder's recipe
+            location, key = frames.resolved, "data.dataset"
+            train, eval_, label_order, extra_info = frames.train, frames.eval, frames.label_order, frames.info
+            eval_location = data.dataset_eval_split and f"{location}[{data.dataset_eval_split}]"
+        else:
+            location, key = self._train_location()
+            eval_location = data.eval
+            folder = Path(location)
+            if not eval_location and folder.is_dir():
+                # "split by folder": train/ beside val/ (or eval/, validation/, test/)
+                subs = {p.name for p in folder.iterdir() if p.is_dir()}
+                eval_name = next((n for n in EVAL_FOLDER_NAMES if n in subs), None)
+                if "train" in subs and eval_name and len(subs) == 2:
+                    location, eval_location = str(folder / "train"), str(folder / eval_name)
+            train = self._read(location, key)
         train, skipped = self._drop_bad_images(train, key)
         if data.limit:
             train = train.sample(n=min(data.limit, len(train)), random_state=self.recipe.train.seed) \
                 .reset_index(drop=True)
         if eval_location:
-            eval_ = self._read(eval_location, "data.eval")
-            eval_, skipped_eval = self._drop_bad_images(eval_, "data.eval")
+            if eval_ is None:
+                eval_ = self._read(eval_location, "data.eval")
+            eval_, skipped_eval = self._drop_bad_images(eval_, "data.dataset_eval_split" if data.dataset
+                                                        else "data.eval")
             skipped += skipped_eval
         else:
             train, eval_ = split_frame(train, data.split, self.recipe.train.seed, stratify="label",
                                        group=data.group_column)
-        labels = sorted(train["label"].unique(), key=_label_sort_key)
+        present = set(train["label"])
+        labels = ([n for n in label_order if n in present] if label_order
+                  else sorted(present, key=_label_sort_key))
         if len(labels) < 2:
             raise DataError(f"{key}: only one class ({labels[0] if labels else 'none'!r}) in the training data "
                             f"({location}); classification needs at least two.")
@@ -185,7 +219,8 @@ class ImageClassification(Task):
         self.state = {"labels": labels}
         counts = train["label"].value_counts().to_dict()
         info = {"train_examples": len(train), "eval_examples": len(eval_), "labels": labels,
-                "train_label_counts": {k: int(counts.get(k, 0)) for k in labels}, "train_from": location}
+                "train_label_counts": {k: int(counts.get(k, 0)) for k in labels}, "train_from": location,
+                **{k: v for k, v in extra_info.items() if v is not None}}
         if skipped:
             info["skipped_images"] = skipped
         return DataSplits(train=train, eval=eval_, info=info)
@@ -193,7 +228,8 @@ class ImageClassification(Task):
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
         label_ids = {label: i for i, label in enumerate(self.state["labels"])}
         transform = processor.transform(training=training, options=self.recipe.data)
-        return _ImageDataset(examples["image"].tolist(), [label_ids[v] for v in examples["label"]], transform)
+        return _ImageDataset(_sources(examples), [label_ids[v] for v in examples["label"]], transform,
+                             examples["image"].tolist())
 
     def collate_fn(self, processor: Any):
         return _collate
@@ -250,11 +286,16 @@ class ImageClassification(Task):
 
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.task.label_smoothing)
 
+    def _logits(self, model: Any, pixel_values: Any) -> Any:
+        # e.g. interpolate_pos_encoding=True for a transformers ViT at a non-native image size
+        out = model(pixel_values, **(self.state.get("forward_kwargs") or {}))
+        return getattr(out, "logits", out)
+
     def training_loss(self, model: Any, batch: dict[str, Any]) -> Any:
-        return self._loss(_logits(model, batch["pixel_values"]), batch["labels"])
+        return self._loss(self._logits(model, batch["pixel_values"]), batch["labels"])
 
     def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        logits = _logits(model, batch["pixel_values"]).float()
+        logits = self._logits(model, batch["pixel_values"]).float()
         return {"loss": self._loss(logits, batch["labels"]), "predictions": logits, "references": batch["labels"]}
 
     def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
@@ -290,13 +331,19 @@ class ImageClassification(Task):
 
     def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
         path = Path(path)
-        if path.is_dir():
+        from finetune_vision.hf_datasets import is_datasets_input
+
+        if path.is_dir() and not is_datasets_input(path):
             files = list_image_files(path)
             if not files:
                 raise DataError(f"--input: {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
             return [{"image": str(f)} for f in files]
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             return [{"image": str(path)}]
+        from finetune_vision.hf_datasets import is_datasets_input, predict_records
+
+        if is_datasets_input(path):  # a save_to_disk folder, .parquet or .arrow: Image features, bytes or paths
+            return predict_records(path, self.recipe.data.image_column)
         column = self.recipe.data.image_column
         df = load_table(path, key="--input")
         require_columns(df, {"--input image column (data.image_column)": column}, path)
@@ -317,17 +364,17 @@ class ImageClassification(Task):
             tensors, ok = [], []
             for record in chunk:
                 try:
-                    tensors.append(transform(load_rgb(record["image"])))
+                    tensors.append(transform(load_rgb(record.get("source", record["image"]))))
                     ok.append(record)
                 except Exception as exc:  # noqa: BLE001 - one bad file must not lose the others
-                    rows.append({**record, "label": None, "score": None,
+                    rows.append({**_shown(record), "label": None, "score": None,
                                  "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
             if not tensors:
                 continue
-            probs = torch.softmax(_logits(model, torch.stack(tensors).to(device)).float(), dim=-1).cpu()
+            probs = torch.softmax(self._logits(model, torch.stack(tensors).to(device)).float(), dim=-1).cpu()
             for record, p in zip(ok, probs):
                 values, indices = p.topk(k)
-                row = {**record, "label": labels[int(indices[0])], "score": float(values[0])}
+                row = {**_shown(record), "label": labels[int(indices[0])], "score": float(values[0])}
                 for j, (v, i) in enumerate(zip(values, indices), start=1):
                     row[f"label_{j}"] = labels[int(i)]
                     row[f"prob_{j}"] = float(v)
@@ -340,23 +387,28 @@ class ImageClassification(Task):
         return usage_snippet(self.state, base, self.recipe.peft.method)
 
 
-def _logits(model: Any, pixel_values: Any) -> Any:
-    out = model(pixel_values)
-    return getattr(out, "logits", out)
+def _shown(record: dict[str, Any]) -> dict[str, Any]:
+    """A predict record without the encoded image bytes (not for output files)."""
+    return {k: v for k, v in record.items() if k != "source"}
+
+
+def _sources(frame: Any) -> list[Any]:
+    """Per row: the image file path, or encoded bytes (``source`` column, from a datasets source)."""
+    return (frame["source"] if "source" in frame.columns else frame["image"]).tolist()
 
 
 class _ImageDataset:
-    def __init__(self, paths: list[str], labels: list[int], transform: Any) -> None:
-        self.paths, self.labels, self.transform = paths, labels, transform
+    def __init__(self, sources: list[Any], labels: list[int], transform: Any, names: list[str]) -> None:
+        self.sources, self.labels, self.transform, self.names = sources, labels, transform, names
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.sources)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
-            image = load_rgb(self.paths[i])
+            image = load_rgb(self.sources[i])
         except Exception as exc:  # noqa: BLE001 - checked in prepare_data; changed on disk since
-            raise DataError(f"image {self.paths[i]} became unreadable during training "
+            raise DataError(f"image {self.names[i]} became unreadable during training "
                             f"({type(exc).__name__}: {exc}); fix it and resume with --resume.") from None
         return {"pixel_values": self.transform(image), "labels": self.labels[i]}
 

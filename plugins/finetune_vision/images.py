@@ -7,6 +7,7 @@ palette / greyscale converted.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -81,22 +82,30 @@ def to_rgb(image: Any) -> Any:
     return image
 
 
-def load_rgb(path: str | Path) -> Any:
+def load_rgb(source: str | Path | bytes) -> Any:
+    """An image file (path) or encoded image bytes (e.g. from a datasets Image column) as 8-bit RGB."""
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as image:
+    if source is None:
+        raise ValueError("no image")
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
         image.load()
         return to_rgb(image)
 
 
-def check_images(paths: list[str]) -> list[tuple[str, str]]:
-    """``(path, reason)`` for every image that is missing or cannot be decoded."""
+def check_images(paths: list[Any], names: list[str] | None = None) -> list[tuple[str, str]]:
+    """``(name, reason)`` for every image (a path, or encoded bytes named by ``names``) that is missing or
+    cannot be decoded."""
     bad = []
-    for path in paths:
+    for i, source in enumerate(paths):
+        path = names[i] if names is not None else source
         try:
-            load_rgb(path)
+            load_rgb(source)
         except FileNotFoundError:
             bad.append((path, "file not found"))
         except Exception as exc:  # noqa: BLE001 - PIL raises many kinds; all mean "unreadable"
-            bad.append((path, f"{type(exc).__name__}: {str(exc)[:120]}"))
+            why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(encoded bytes)", str(exc))
+            bad.append((path, f"{type(exc).__name__}: {why[:120]}"))
     return bad

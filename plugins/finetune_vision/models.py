@@ -7,6 +7,12 @@ writes) loads with timm; a folder with a ``model_type`` loads with transformers'
 ``AutoModelForImageClassification``. Either way the head is replaced by one with ``len(labels)``
 outputs, and every other pretrained tensor must load (a missing backbone tensor is an error, not a
 warning buried in a log).
+
+A non-native input size (``data.image_size`` differing from the pretrained one) works for ViT-style
+models: timm models that take ``img_size`` are built at that size and their position embeddings are
+resampled once from the pretrained ones (timm's own ``checkpoint_filter_fn``); transformers models
+whose forward takes ``interpolate_pos_encoding`` get it (``facts["forward_kwargs"]``) in training,
+evaluation and prediction.
 """
 
 from __future__ import annotations
@@ -104,8 +110,19 @@ def _load_timm(arch: str, folder: Path | None, config: dict[str, Any], backbone:
                if k in ("mean", "std", "interpolation", "crop_pct", "crop_mode", "input_size", "tag", "classifier",
                         "first_conv", "num_classes", "test_input_size")}
     kwargs = {**(config.get("model_args") or {}), "num_classes": len(labels)}
+    model_kwargs: dict[str, Any] = {}
     try:
-        model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay or None, **kwargs)
+        model = None
+        if image_size:  # ViT-style models take img_size (position embeddings resampled on load); CNNs do not
+            try:
+                model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay or None,
+                                          img_size=int(image_size), **kwargs)
+                model_kwargs = {"img_size": int(image_size)}
+            except TypeError as exc:
+                if "img_size" not in str(exc):
+                    raise
+        if model is None:
+            model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay or None, **kwargs)
     except Exception as exc:  # noqa: BLE001 - unknown architecture, bad model_args
         raise BackboneError(f"model.backbone: timm cannot build {arch!r} ({type(exc).__name__}: {exc}).") from None
     if init == "pretrained":
@@ -117,7 +134,7 @@ def _load_timm(arch: str, folder: Path | None, config: dict[str, Any], backbone:
                 f"available offline (not in the local Hugging Face cache as timm/{arch}). Offline vision "
                 f"backbones: {', '.join(known_names())}; or set task.init = \"random\" to train it from scratch.")
         _load_timm_weights(model, folder)
-    data_cfg = timm.data.resolve_model_data_config(model)
+    data_cfg = timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)  # the pretrained, not img_size
     preprocess = {
         "input_size": int(image_size or data_cfg["input_size"][-1]),
         "interpolation": str(data_cfg.get("interpolation", "bicubic")),
@@ -125,7 +142,8 @@ def _load_timm(arch: str, folder: Path | None, config: dict[str, Any], backbone:
         "crop_pct": float(data_cfg.get("crop_pct", 0.875)),
         "pretrained_input_size": int(data_cfg["input_size"][-1]),
     }
-    facts = {"backend": "timm", "architecture": arch, "preprocess": preprocess, "init": init}
+    facts = {"backend": "timm", "architecture": arch, "preprocess": preprocess, "init": init,
+             "model_kwargs": model_kwargs}
     return model, VisionProcessor(preprocess), facts
 
 
@@ -146,8 +164,23 @@ def _load_timm_weights(model: Any, folder: Path) -> None:
 
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not in_head(k)}
-    wrong = {k: f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and tuple(v.shape) != tuple(own[k].shape)}
+
+    def wrong_shapes(state: dict[str, Any]) -> dict[str, str]:
+        return {k: f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                if k in own and tuple(v.shape) != tuple(own[k].shape)}
+
+    wrong = wrong_shapes(state)
+    if wrong:  # e.g. a ViT built at another img_size: timm's own filter resamples position embeddings
+        import sys
+
+        filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            try:
+                state = {k: v for k, v in filter_fn(dict(state), model).items() if not in_head(k)}
+            except Exception as exc:  # noqa: BLE001 - report the shapes below, with the reason
+                wrong["checkpoint_filter_fn"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            else:
+                wrong = wrong_shapes(state)
     result = model.load_state_dict({k: v for k, v in state.items() if k in own and k not in wrong}, strict=False)
     missing = [k for k in result.missing_keys if not in_head(k) and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
@@ -180,9 +213,25 @@ def _load_transformers(folder: Path, backbone: Any, labels: list[str], init: str
     preprocess = _hf_preprocess(hf_processor, config)
     if image_size:
         preprocess["input_size"] = int(image_size)
+    forward_kwargs = {}
+    native = getattr(config, "image_size", None)
+    if isinstance(native, (list, tuple)):
+        native = native[-1]
+    if native and int(native) != preprocess["input_size"] and _accepts(model, "interpolate_pos_encoding"):
+        forward_kwargs["interpolate_pos_encoding"] = True  # position embeddings interpolated to the input size
     facts = {"backend": "transformers", "architecture": type(model).__name__, "preprocess": preprocess,
-             "init": init}
+             "init": init, "forward_kwargs": forward_kwargs}
     return model, VisionProcessor(preprocess, hf_processor), facts
+
+
+def _accepts(model: Any, name: str) -> bool:
+    import inspect
+
+    target = model.backbone if isinstance(model, BackboneWithHead) else model
+    try:
+        return name in inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _backbone_with_head(folder: Path, config: Any, labels: list[str], init: str, kw: dict[str, Any]) -> Any:
@@ -221,8 +270,8 @@ class BackboneWithHead(torch.nn.Module):
         hidden = outputs.last_hidden_state
         return hidden.mean(dim=1) if hidden.dim() == 3 else hidden.flatten(2).mean(-1)
 
-    def forward(self, pixel_values: Any) -> Any:
-        return self.classifier(self.pool(self.backbone(pixel_values=pixel_values)))
+    def forward(self, pixel_values: Any, **kwargs: Any) -> Any:
+        return self.classifier(self.pool(self.backbone(pixel_values=pixel_values, **kwargs)))
 
 
 def _hf_preprocess(proc: Any, config: Any) -> dict[str, Any]:
@@ -280,7 +329,8 @@ def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
             "import timm\nimport torch\nfrom peft import PeftModel\nfrom PIL import Image\n"
             "from safetensors.torch import load_file\n\n"
             f"labels = {labels!r}\n"
-            f"model = timm.create_model({state.get('architecture')!r}, num_classes=len(labels))\n"
+            f"model = timm.create_model({state.get('architecture')!r}, num_classes=len(labels)"
+            + "".join(f", {k}={v!r}" for k, v in (state.get("model_kwargs") or {}).items()) + ")\n"
             f"weights = load_file({str(Path(base) / 'model.safetensors')!r})  # the backbone (head not used)\n"
             "model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()\n"
             "                       and v.shape == model.state_dict()[k].shape}, strict=False)\n"
@@ -295,4 +345,6 @@ def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
         "                                                        ignore_mismatched_sizes=True)\n"
         f"{load}\n{transform}"
         "x = transform(Image.open('image.jpg').convert('RGB'))[None]\n"
-        "print(labels[model(pixel_values=x).logits.argmax(-1).item()])")
+        "print(labels[model(pixel_values=x"
+        + "".join(f", {k}={v!r}" for k, v in (state.get("forward_kwargs") or {}).items())
+        + ").logits.argmax(-1).item()])")
