@@ -30,7 +30,7 @@ quickstart: $(STAMP)
 ## Set up and run the whole test suite (unit + integration with real weights).
 test: $(STAMP) $(EXAMPLE_STAMP)
 	$(BIN)/ruff check finetune plugins tests examples benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP) $(EXAMPLE_STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"

@@ -133,21 +133,23 @@ def test_peft_layers_places_lora_only_there(make_recipe):
 
 
 @pytest.mark.parametrize("override,fragment", [
-    ("peft.layers=[2]", "out of range: this model has 2 layers"),
-    ("peft.layers=[-3]", "out of range"),
-    ("peft.layers=[]", "out of range"),
+    (["peft.layers=[2]"], "out of range: this model has 2 layers"),
+    (["peft.layers=[-3]"], "out of range"),
+    (["peft.layers=[]"], "out of range"),
+    (["peft.layers=[1]", 'peft.method="full"'], "does not apply to peft.method"),
 ])
 def test_bad_peft_layers(make_recipe, tmp_path, override, fragment):
-    result = run_cli("run", str(make_recipe()), "--set", override)
-    assert result.returncode != 0
-    assert "peft.layers" in result.stderr and fragment in result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(RecipeError, match=r"peft\.layers") as err:
+        run_recipe(make_recipe(), override, console=QUIET)
+    assert fragment in str(err.value)
     assert not (tmp_path / "run").exists()
 
 
-def test_peft_layers_with_full_training_is_refused(make_recipe, tmp_path):
-    result = run_cli("run", str(make_recipe()), "--set", "peft.layers=[1]", "--set", 'peft.method="full"')
-    assert result.returncode != 0 and "does not apply to peft.method" in result.stderr
+def test_bad_peft_layers_on_the_command_line_is_one_clear_paragraph(make_recipe, tmp_path):
+    result = run_cli("run", str(make_recipe()), "--set", "peft.layers=[7]")
+    assert result.returncode != 0
+    assert "peft.layers" in result.stderr and "out of range" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -242,9 +244,10 @@ CACHE_RECIPE = ["task.cache_frozen_layers=true", "peft.layers=[-1]"]
 
 def test_cached_run_end_to_end_and_reported(make_recipe, tmp_path):
     recipe = make_recipe(train="epochs = 3")
-    shown = run_cli("validate", str(recipe), *sum((["--set", o] for o in CACHE_RECIPE), []))
-    assert shown.returncode == 0, shown.stderr
-    assert "task.cache_frozen_layers" in shown.stdout and "no dropout" in shown.stdout
+    from finetune.runner import dry_run
+
+    info = dry_run(recipe, CACHE_RECIPE, QUIET)
+    assert any("task.cache_frozen_layers" in n and "no dropout" in n for n in info["speed_settings"])
     run = run_recipe(recipe, CACHE_RECIPE, console=QUIET)
     assert run.is_finished()
     assert any("cache_frozen_layers" in note for note in run.info()["speed_settings"])
@@ -261,19 +264,21 @@ def test_cached_run_end_to_end_and_reported(make_recipe, tmp_path):
     (["task.cache_frozen_layers=true", "peft.layers=[1]", 'peft.method="none"'], "peft.layers"),
 ])
 def test_bad_cache_settings_are_refused_before_the_run_folder(make_recipe, tmp_path, overrides, fragment):
-    result = run_cli("run", str(make_recipe()), *sum((["--set", o] for o in overrides), []))
-    assert result.returncode != 0
-    assert fragment in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(RecipeError) as err:
+        run_recipe(make_recipe(), overrides, console=QUIET)
+    assert fragment in str(err.value)
     assert not (tmp_path / "run").exists()
 
 
-def test_group_by_length_is_reported_by_validate(make_recipe):
+def test_speed_settings_are_reported_by_validate(make_recipe):
     shown = run_cli("validate", str(make_recipe()))
     assert shown.returncode == 0
-    assert "train.group_by_length" in shown.stdout
-    quiet = run_cli("validate", str(make_recipe()), "--set", "train.group_by_length=false")
-    assert "group_by_length:" not in quiet.stdout.split("# resolved recipe")[-1].split("task:")[-1]
+    assert "speed setting:    train.group_by_length" in shown.stdout
+    assert "speed setting:    train.fast_dropout" in shown.stdout
+    from finetune.runner import dry_run
+
+    info = dry_run(make_recipe(), ["train.group_by_length=false", "train.fast_dropout=false"], QUIET)
+    assert info["speed_settings"] == []
 
 
 # -- the loop reads losses at sync points only ------------------------------------------------
@@ -353,5 +358,3 @@ def test_fast_dropout_is_installed_on_cpu_and_reported(make_recipe):
     model, _, report = build_model(off)
     assert report.fast_dropout_modules == 0
     assert {type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {"Dropout"}
-    shown = run_cli("validate", str(make_recipe()))
-    assert "train.fast_dropout" in shown.stdout
