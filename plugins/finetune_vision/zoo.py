@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import BackboneError, ResolvedBackbone, cache_root, cached_folder
+from finetune import BackboneError, ResolvedBackbone, cache_root, cached_folder, package_dir
 
 #: Folder-name prefix of a weightless timm architecture (``ResolvedBackbone.path``); not a real folder.
 TIMM_ARCH_PREFIX = "timm-architecture:"
@@ -76,18 +76,6 @@ def known_names() -> list[str]:
     return [e.name for e in ENTRIES]
 
 
-def _package_dir(package: str) -> Path | None:
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def resolve(name: str) -> ResolvedBackbone | None:
     """The hook's work: a zoo entry, a ``timm/`` name or a bare timm architecture; else None."""
     for entry in ENTRIES:
@@ -122,7 +110,7 @@ def _from_hf_cache(repo_id: str) -> str | None:
 
 
 def _resolve_entry(entry: VisionZooEntry) -> ResolvedBackbone:
-    root = _package_dir(entry.package)
+    root = package_dir(entry.package)
     src = root / entry.file if root is not None else None
     if src is None or not src.is_file():
         raise BackboneError(
