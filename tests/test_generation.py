@@ -183,6 +183,36 @@ def test_packing_keeps_examples_apart_and_gives_the_same_loss(make_gen_recipe):
         assert torch.allclose(alone, inside, atol=1e-4)
 
 
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_answer_only_logits_give_the_standard_loss_and_gradients(make_gen_recipe, tiny_gpt2, model_name, packing):
+    """The vocabulary projection runs on the learned positions only; loss and LoRA gradients are those of
+    ``model(**batch).loss``, for padded and packed batches."""
+    from finetune_generation.causal_lm import _plain_head, answer_loss
+
+    backbone = tiny_gpt2 if model_name == "gpt2" else None
+    session, model, tok = session_and_tokenizer(make_gen_recipe(
+        backbone=backbone, data=f"packing = {'true' if packing else 'false'}\nmax_length = 64"))
+    assert _plain_head(model) is not None  # the fast path is taken for these models
+    batch = session.task.collate_fn(tok)(session.task.build_dataset(session.splits.train[:6], tok, True).items)
+    model.train()
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)  # non-zero LoRA B, so the adapter's gradients are all non-trivial
+    grads = []
+    for fn in (lambda: model(**batch, use_cache=False).loss, lambda: answer_loss(model, batch)):
+        model.eval()  # no dropout: both passes see the same network
+        loss = fn()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert grad_a.keys() == grad_b.keys() and grad_a
+    for name in grad_a:
+        assert torch.allclose(grad_a[name], grad_b[name], atol=1e-6), name
+
+
 def test_length_grouped_batches_are_exact_deterministic_and_save_padding(make_gen_recipe):
     from finetune import epoch_batches, length_grouped_batches
 

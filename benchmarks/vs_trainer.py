@@ -1,0 +1,296 @@
+"""Vision, speech and generation quickstarts: `finetune run` vs a plain Hugging Face Trainer + PEFT script.
+
+For each workload the same backbone weights, data split, LoRA config, epochs, batch size, learning
+rate, warm-up and seed run (a) through `finetune run` on the quickstart recipe and (b) through the
+straightforward Trainer + PEFT script below, written the way a competent user would (the model's
+own preprocessing, dynamic padding, features computed per batch). Runs alternate A B A B; each is
+a fresh process, so wall time includes imports and model loading; peak RSS is the process tree's.
+Both sides skip checkpoints and evaluate once at the end; finetune's extras that cost time outside
+training (baselines, sample generations) are switched off.
+
+Training FLOPs are counted the same way on both sides (benchmarks/flop_probe.py: the batch shapes
+each process really trained, replayed under torch's FlopCounterMode, padding included) and shown
+against the machine's fp32 matmul peak measured in the same run.
+
+    .venv/bin/python benchmarks/vs_trainer.py                          # all three, 2 repeats
+    .venv/bin/python benchmarks/vs_trainer.py --workloads vision --repeats 1
+    .venv/bin/python benchmarks/vs_trainer.py --quick                  # a small slice of each, to try it
+
+Workloads and what each Trainer script does:
+  vision      recipes/vision-quickstart.toml: timm MobileNetV2 (torchvision weights), sklearn digits at
+              96 px, LoRA r8 on every non-depthwise conv + full head, 3 epochs. Trainer: timm's eval
+              transform per image, BatchNorm in train mode (model.train(), as a plain script does;
+              finetune keeps BatchNorm statistics frozen under LoRA).
+  speech      recipes/speech-quickstart.toml: Whisper tiny.en encoder, 10 spoken words, voices held
+              out, LoRA r8 on q/v + projector/classifier, 3 epochs. Trainer: the stock
+              WhisperForAudioClassification with WhisperFeatureExtractor's usual 30-s padding (the
+              encoder refuses shorter input); finetune cuts the features to the clip.
+  generation  recipes/generation-quickstart.toml: SmolLM2-135M-Instruct, chat template, loss on the
+              answers only, LoRA r8 on q/v, 1 epoch, batch 8. Trainer: prompt tokens masked with -100,
+              DataCollatorForSeq2Seq (dynamic padding); finetune's defaults (length-grouped batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import peak_matmul_gflops, timed
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = str(Path(__file__).resolve().parent / "flop_probe.py")
+
+PRELUDE = r'''
+import json, sys, time
+sys.path.insert(0, sys.argv[1])  # benchmarks/, for flop_probe
+import flop_probe
+flop_probe.install()
+import numpy as np, pandas as pd, torch
+from transformers import Trainer, TrainingArguments, set_seed
+out, epochs, limit = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+set_seed(0)
+
+def args(batch, lr, **kw):
+    return TrainingArguments(output_dir=out, per_device_train_batch_size=batch, per_device_eval_batch_size=2 * batch,
+                             learning_rate=lr, num_train_epochs=epochs, warmup_steps=0.06, weight_decay=0.0,
+                             max_grad_norm=1.0, lr_scheduler_type="linear", eval_strategy="no", save_strategy="no",
+                             logging_steps=50, report_to=[], seed=0, use_cpu=not torch.cuda.is_available(),
+                             dataloader_num_workers=0, **kw)
+
+def finish(trainer, n_train, metric):
+    t0 = time.perf_counter(); trainer.train(); train_s = time.perf_counter() - t0
+    m = trainer.evaluate()
+    flop_probe.write(out + "/flops.json")
+    print(json.dumps({"train_s": train_s, "samples": n_train * epochs, "metric": m[f"eval_{metric}"]}))
+'''
+
+VISION = PRELUDE + r'''
+import timm
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+from safetensors.torch import load_file
+from timm.data import create_transform, resolve_data_config
+from finetune import split_frame
+from finetune_vision.sources import export_source
+from finetune_vision.zoo import resolve
+
+folder = export_source("sklearn-digits")
+df = pd.DataFrame([(str(p), p.parent.name) for p in sorted(folder.glob("*/*.png"))], columns=["image", "label"])
+train, test = split_frame(df, 0.2, 0, stratify="label")
+if limit:
+    train = train.sample(n=min(limit, len(train)), random_state=0)
+classes = sorted(df["label"].unique(), key=int)
+model = timm.create_model("mobilenetv2_100", num_classes=len(classes))
+state = {k: v for k, v in load_file(resolve("mobilenetv2_100.tv_in1k").path + "/model.safetensors").items()
+         if not k.startswith("classifier.")}
+model.load_state_dict(state, strict=False)
+cfg = resolve_data_config({}, model=model)
+transform = create_transform(input_size=(3, 96, 96), interpolation=cfg["interpolation"], mean=cfg["mean"],
+                             std=cfg["std"], crop_pct=1.0)
+targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+                                         modules_to_save=["classifier"]))
+
+class Net(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__(); self.model = model
+    def forward(self, pixel_values, labels=None):
+        logits = self.model(pixel_values)
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, frame):
+        self.paths, self.labels = frame["image"].tolist(), [classes.index(v) for v in frame["label"]]
+    def __len__(self):
+        return len(self.paths)
+    def __getitem__(self, i):
+        return {"pixel_values": transform(Image.open(self.paths[i]).convert("RGB")), "labels": self.labels[i]}
+
+def accuracy(p):
+    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+trainer = Trainer(model=Net(model), args=args(32, 2e-3, remove_unused_columns=False), train_dataset=Images(train),
+                  eval_dataset=Images(test), compute_metrics=accuracy)
+finish(trainer, len(train), "accuracy")
+'''
+
+SPEECH = PRELUDE + r'''
+import soundfile as sf
+from peft import LoraConfig, get_peft_model
+from scipy.signal import resample_poly
+from transformers import WhisperFeatureExtractor, WhisperForAudioClassification
+from finetune import split_frame
+from finetune_speech.whisper_zoo import resolve
+
+data = sys.argv[5]
+df = pd.read_csv(data + "/manifest.csv")
+train, test = split_frame(df, 0.25, 0, group="speaker")
+if limit:
+    train = train.sample(n=min(limit, len(train)), random_state=0)
+classes = sorted(df["label"].unique())
+path = resolve("openai/whisper-tiny.en").path
+extractor = WhisperFeatureExtractor.from_pretrained(path)
+model = WhisperForAudioClassification.from_pretrained(path, num_labels=len(classes))
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
+                                         modules_to_save=["projector", "classifier"]))
+
+def load(p):
+    audio, rate = sf.read(data + "/" + p, dtype="float32", always_2d=True)
+    audio = audio.mean(1)[: 2 * rate]  # mono, at most 2 s (the recipe's data.max_seconds)
+    return audio if rate == 16000 else resample_poly(audio, 16000, rate).astype("float32")
+
+class Clips(torch.utils.data.Dataset):
+    def __init__(self, frame):
+        self.paths, self.labels = frame["path"].tolist(), [classes.index(v) for v in frame["label"]]
+    def __len__(self):
+        return len(self.paths)
+    def __getitem__(self, i):
+        return {"audio": load(self.paths[i]), "labels": self.labels[i]}
+
+def collate(items):  # log-mel features per batch, padded to 30 s as Whisper expects
+    feats = extractor([it["audio"] for it in items], sampling_rate=16000, return_tensors="pt")
+    return {"input_features": feats.input_features, "labels": torch.tensor([it["labels"] for it in items])}
+
+def accuracy(p):
+    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+trainer = Trainer(model=model, args=args(16, 1e-3, remove_unused_columns=False), train_dataset=Clips(train),
+                  eval_dataset=Clips(test), data_collator=collate, compute_metrics=accuracy)
+finish(trainer, len(train), "accuracy")
+'''
+
+GENERATION = PRELUDE + r'''
+import random
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+from finetune_generation.zoo import resolve
+
+rows = [json.loads(line) for line in open(sys.argv[5]) if line.strip()]
+order = list(range(len(rows)))
+random.Random(0).shuffle(order)
+n_eval = round(len(rows) * 0.15)
+test = [rows[i] for i in sorted(order[:n_eval])]
+train = [rows[i] for i in sorted(order[n_eval:])]
+if limit:
+    train = random.Random(0).sample(train, min(limit, len(train)))
+path = resolve("HuggingFaceTB/SmolLM2-135M-Instruct").path
+tok = AutoTokenizer.from_pretrained(path)
+if tok.pad_token is None:
+    tok.pad_token = tok.eos_token
+
+def encode(row):  # loss on the answer only: prompt tokens labelled -100
+    prompt = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template(row["messages"], tokenize=False)
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = tok(full, add_special_tokens=False)["input_ids"][:128]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(p_ids) + ids[len(p_ids):]}
+
+model = AutoModelForCausalLM.from_pretrained(path)
+model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05,
+                                         target_modules=["q_proj", "v_proj"]))
+enc = lambda rs: Dataset.from_list([encode(r) for r in rs])
+trainer = Trainer(model=model, args=args(8, 2e-3), train_dataset=enc(train), eval_dataset=enc(test),
+                  data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+finish(trainer, len(train), "loss")
+'''
+
+WORKLOADS = {
+    "vision": {"recipe": "vision-quickstart.toml", "script": VISION, "data": "", "metric": "accuracy",
+               "unit": "images", "overrides": [], "quick_limit": 256},
+    "speech": {"recipe": "speech-quickstart.toml", "script": SPEECH, "data": "data/speech_commands",
+               "metric": "accuracy", "unit": "clips", "overrides": ["task.baseline=false"], "quick_limit": 64},
+    "generation": {"recipe": "generation-quickstart.toml", "script": GENERATION,
+                   "data": "data/arithmetic_instructions.jsonl", "metric": "eval_loss", "unit": "examples",
+                   "overrides": ["task.baseline=false", "task.sample_prompts=0"], "quick_limit": 96},
+}
+
+
+def run_finetune(w: dict, folder: Path, epochs: int | None, limit: int) -> dict:
+    out = folder / "finetune-run"
+    flops = folder / "finetune-flops.json"
+    sets = [*w["overrides"], f"output.dir=\"{out}\"", "train.checkpoint_every_steps=0"]
+    if epochs:
+        sets.append(f"train.epochs={epochs}")
+    if limit:
+        sets.append(f"data.limit={limit}")
+    cmd = [sys.executable, PROBE, str(flops), "-m", "finetune.cli", "run", str(REPO / "recipes" / w["recipe"]),
+           "--overwrite", "-q", *[arg for s in sets for arg in ("--set", s)]]
+    wall, rss, _ = timed(cmd, REPO)
+    m = json.loads((out / "metrics.json").read_text())
+    return {"train_s": m["train"]["train_time_s"], "samples": m["train"]["samples_seen"],
+            "metric": m["last"][w["metric"]], "wall_s": wall, "rss": rss,
+            "flops": json.loads(flops.read_text())["flops"]}
+
+
+def run_trainer(name: str, w: dict, folder: Path, epochs: int | None, limit: int) -> dict:
+    import tomllib
+
+    script = folder / f"trainer_{name}.py"
+    script.write_text(w["script"])
+    out = folder / "trainer-out"
+    out.mkdir(exist_ok=True)
+    recipe_epochs = tomllib.loads((REPO / "recipes" / w["recipe"]).read_text())["train"]["epochs"]
+    cmd = [sys.executable, str(script), str(Path(PROBE).parent), str(out), str(epochs or recipe_epochs),
+           str(limit), str(REPO / "recipes" / w["data"])]
+    wall, rss, stdout = timed(cmd, REPO)
+    res = json.loads(stdout.strip().splitlines()[-1])
+    return {**res, "wall_s": wall, "rss": rss, "flops": json.loads((out / "flops.json").read_text())["flops"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="override the recipes' epochs on both sides")
+    parser.add_argument("--quick", action="store_true", help="a small slice of each training set, 1 epoch")
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs = args.epochs or 1
+    started = time.strftime("%Y-%m-%d %H:%M")
+    rows = []
+    for name in args.workloads:
+        w = WORKLOADS[name]
+        limit = w["quick_limit"] if args.quick else 0
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+            for i in range(args.repeats):
+                for side in ("finetune", "trainer"):
+                    r = (run_finetune(w, Path(tmp), args.epochs, limit) if side == "finetune"
+                         else run_trainer(name, w, Path(tmp), args.epochs, limit))
+                    rows.append({"workload": name, "side": side, "run": i + 1, **r})
+                    print(f"  {name} {side} {i + 1}: {r['samples'] / r['train_s']:.2f} {w['unit']}/s, "
+                          f"{w['metric']} {r['metric']:.4f}, wall {r['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    peak = peak_matmul_gflops()
+    print(f"\n{started}; machine peak matmul: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s"
+          f"{'; --quick' if args.quick else ''}\n")
+    print("| workload | side | run | train samples/s | train s | wall s | peak RSS MiB | metric | TFLOP trained | "
+          "GFLOP/s | % of fp32 peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        w = WORKLOADS[r["workload"]]
+        gflops = r["flops"] / r["train_s"] / 1e9 if r["flops"] else None
+        flops = (f"{r['flops'] / 1e12:.2f} | {gflops:.0f} | {100 * gflops / peak['fp32']:.0f}%" if gflops
+                 else "– | – | –")
+        print(f"| {r['workload']} | {r['side']} | {r['run']} | {r['samples'] / r['train_s']:.2f} | "
+              f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['rss']} | {w['metric']} {r['metric']:.4f} | {flops} |")
+    print()
+    for name in args.workloads:
+        mine = {s: [r for r in rows if r["workload"] == name and r["side"] == s] for s in ("finetune", "trainer")}
+
+        def mean(side: str, key: str, mine: dict = mine) -> float:
+            values = [r[key] if key != "speed" else r["samples"] / r["train_s"] for r in mine[side]]
+            return sum(values) / len(values)
+
+        print(f"{name}: throughput finetune / trainer {mean('finetune', 'speed') / mean('trainer', 'speed'):.2f}x, "
+              f"wall time {mean('trainer', 'wall_s') / mean('finetune', 'wall_s'):.2f}x shorter, peak RSS "
+              f"{mean('finetune', 'rss'):.0f} vs {mean('trainer', 'rss'):.0f} MiB, {WORKLOADS[name]['metric']} "
+              f"{mean('finetune', 'metric'):.4f} vs {mean('trainer', 'metric'):.4f}")
+
+
+if __name__ == "__main__":
+    main()
