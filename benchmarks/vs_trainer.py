@@ -51,7 +51,7 @@ import flop_probe
 flop_probe.install()
 import numpy as np, pandas as pd, torch
 from transformers import Trainer, TrainingArguments, set_seed
-out, epochs, limit = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+out, epochs, limit, bf16 = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[6] == "bf16"
 set_seed(0)
 
 def args(batch, lr, **kw):
@@ -59,7 +59,7 @@ def args(batch, lr, **kw):
                              learning_rate=lr, num_train_epochs=epochs, warmup_steps=0.06, weight_decay=0.0,
                              max_grad_norm=1.0, lr_scheduler_type="linear", eval_strategy="no", save_strategy="no",
                              logging_steps=50, report_to=[], seed=0, use_cpu=not torch.cuda.is_available(),
-                             dataloader_num_workers=0, **kw)
+                             dataloader_num_workers=0, bf16=bf16, **kw)
 
 def finish(trainer, n_train, metric):
     t0 = time.perf_counter(); trainer.train(); train_s = time.perf_counter() - t0
@@ -211,10 +211,11 @@ WORKLOADS = {
 }
 
 
-def run_finetune(w: dict, folder: Path, epochs: int | None, limit: int) -> dict:
+def run_finetune(w: dict, folder: Path, epochs: int | None, limit: int, precision: str) -> dict:
     out = folder / "finetune-run"
     flops = folder / "finetune-flops.json"
-    sets = [*w["overrides"], f"output.dir=\"{out}\"", "train.checkpoint_every_steps=0"]
+    sets = [*w["overrides"], f"output.dir=\"{out}\"", "train.checkpoint_every_steps=0",
+            f"train.mixed_precision=\"{'bf16' if precision == 'bf16' else 'no'}\""]
     if epochs:
         sets.append(f"train.epochs={epochs}")
     if limit:
@@ -228,7 +229,7 @@ def run_finetune(w: dict, folder: Path, epochs: int | None, limit: int) -> dict:
             "flops": json.loads(flops.read_text())["flops"]}
 
 
-def run_trainer(name: str, w: dict, folder: Path, epochs: int | None, limit: int) -> dict:
+def run_trainer(name: str, w: dict, folder: Path, epochs: int | None, limit: int, precision: str) -> dict:
     import tomllib
 
     script = folder / f"trainer_{name}.py"
@@ -237,7 +238,7 @@ def run_trainer(name: str, w: dict, folder: Path, epochs: int | None, limit: int
     out.mkdir(exist_ok=True)
     recipe_epochs = tomllib.loads((REPO / "recipes" / w["recipe"]).read_text())["train"]["epochs"]
     cmd = [sys.executable, str(script), str(Path(PROBE).parent), str(out), str(epochs or recipe_epochs),
-           str(limit), str(REPO / "recipes" / w["data"])]
+           str(limit), str(REPO / "recipes" / w["data"]), precision]
     wall, rss, stdout = timed(cmd, REPO)
     res = json.loads(stdout.strip().splitlines()[-1])
     return {**res, "wall_s": wall, "rss": rss, "flops": json.loads((out / "flops.json").read_text())["flops"]}
@@ -249,6 +250,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs on both sides")
     parser.add_argument("--quick", action="store_true", help="a small slice of each training set, 1 epoch")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the same on both sides (default fp32; the generation quickstart's own 'auto' "
+                             "picks bf16 on AMX CPUs and GPUs)")
     args = parser.parse_args()
     if args.quick:
         args.epochs = args.epochs or 1
@@ -260,21 +264,21 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
             for i in range(args.repeats):
                 for side in ("finetune", "trainer"):
-                    r = (run_finetune(w, Path(tmp), args.epochs, limit) if side == "finetune"
-                         else run_trainer(name, w, Path(tmp), args.epochs, limit))
+                    r = (run_finetune(w, Path(tmp), args.epochs, limit, args.precision) if side == "finetune"
+                         else run_trainer(name, w, Path(tmp), args.epochs, limit, args.precision))
                     rows.append({"workload": name, "side": side, "run": i + 1, **r})
                     print(f"  {name} {side} {i + 1}: {r['samples'] / r['train_s']:.2f} {w['unit']}/s, "
                           f"{w['metric']} {r['metric']:.4f}, wall {r['wall_s']:.0f} s", file=sys.stderr, flush=True)
     peak = peak_matmul_gflops()
-    print(f"\n{started}; machine peak matmul: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s"
-          f"{'; --quick' if args.quick else ''}\n")
+    print(f"\n{started}; {args.precision} on both sides; machine peak matmul: fp32 {peak['fp32']:.0f} GFLOP/s, "
+          f"bf16 {peak['bf16']:.0f} GFLOP/s{'; --quick' if args.quick else ''}\n")
     print("| workload | side | run | train samples/s | train s | wall s | peak RSS MiB | metric | TFLOP trained | "
-          "GFLOP/s | % of fp32 peak |")
+          f"GFLOP/s | % of {args.precision} peak |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         w = WORKLOADS[r["workload"]]
         gflops = r["flops"] / r["train_s"] / 1e9 if r["flops"] else None
-        flops = (f"{r['flops'] / 1e12:.2f} | {gflops:.0f} | {100 * gflops / peak['fp32']:.0f}%" if gflops
+        flops = (f"{r['flops'] / 1e12:.2f} | {gflops:.0f} | {100 * gflops / peak[args.precision]:.0f}%" if gflops
                  else "– | – | –")
         print(f"| {r['workload']} | {r['side']} | {r['run']} | {r['samples'] / r['train_s']:.2f} | "
               f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['rss']} | {w['metric']} {r['metric']:.4f} | {flops} |")

@@ -110,6 +110,23 @@ def test_lora_targets_auto_for_cnn_and_vit(vision_recipe, tiny_timm_vit, tiny_hf
     assert all(t.endswith("convolution") for t in report.target_modules)
 
 
+def test_cnn_input_goes_channels_last_and_vit_input_stays(vision_recipe, tiny_timm_vit):
+    """CNNs get channels-last input (faster oneDNN convolutions on CPU), with the same logits."""
+    for backbone, expect in ((None, True), (tiny_timm_vit, False)):
+        session = open_session(vision_recipe(backbone=backbone, name="v.toml"))
+        model, _, _ = build_model(session)
+        model.eval()
+        seen = []
+        hook = model.get_base_model().register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            logits = session.task._logits(model, x)
+            plain = model(x)
+        hook.remove()
+        assert seen[0].is_contiguous(memory_format=torch.channels_last) is expect
+        assert torch.allclose(logits, getattr(plain, "logits", plain), atol=1e-5)
+
+
 def test_new_num_classes_replaces_the_head_and_keeps_the_backbone(vision_recipe, tiny_timm_cnn, tiny_hf_vit):
     from safetensors.torch import load_file
 

@@ -287,9 +287,24 @@ class ImageClassification(Task):
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.task.label_smoothing)
 
     def _logits(self, model: Any, pixel_values: Any) -> Any:
+        if self._is_cnn(model):
+            # oneDNN's convolutions (and their backward) run ~1.2-1.3x faster on channels-last input on CPU
+            # (MobileNetV2 at 96 px, measured); only the input is converted, the weights stay as saved
+            import torch
+
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         # e.g. interpolate_pos_encoding=True for a transformers ViT at a non-native image size
         out = model(pixel_values, **(self.state.get("forward_kwargs") or {}))
         return getattr(out, "logits", out)
+
+    def _is_cnn(self, model: Any) -> bool:
+        """More than one convolution (a ViT has one, its patch embedding): the model is a CNN."""
+        if getattr(self, "_cnn", None) is None or self._cnn[0] != id(model):
+            import torch.nn as nn
+
+            convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+            self._cnn = (id(model), convs > 1)
+        return self._cnn[1]
 
     def training_loss(self, model: Any, batch: dict[str, Any]) -> Any:
         return self._loss(self._logits(model, batch["pixel_values"]), batch["labels"])
