@@ -6,6 +6,7 @@ per step: no measurable cost). ``count()``, after
 training, replays one forward + backward per distinct batch shape on the same model object under
 ``torch.utils.flop_counter.FlopCounterMode`` and multiplies by how often that shape was trained.
 Padding is included (it is computed), FLOPs of the optimizer step are not (tiny for LoRA).
+``count()`` also reports the process's peak resident memory up to that point (before the replay).
 
     python benchmarks/flop_probe.py OUT.json -m finetune.cli run recipe.toml ...   # wraps a module's main
     import flop_probe; flop_probe.install(); ...train...; flop_probe.write(OUT.json)
@@ -63,11 +64,15 @@ def _replay(name: str, spec: tuple, device: Any) -> Any:
 
 def count() -> dict[str, Any]:
     """Training FLOPs (forward + backward) over all recorded steps, and how many steps were recorded."""
+    import resource
+
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    # the process's own peak memory so far: the replay below must not count as training memory
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     if not _MODEL:
-        return {"flops": None, "steps": 0, "shapes": 0}
+        return {"flops": None, "steps": 0, "shapes": 0, "peak_rss_mib": peak_rss_mib}
     model = _MODEL[0]
     model.train()
     device = next(model.parameters()).device
@@ -83,7 +88,7 @@ def count() -> dict[str, Any]:
             loss.backward()
         model.zero_grad(set_to_none=True)
         total += counter.get_total_flops() * n
-    return {"flops": total, "steps": sum(_SHAPES.values()), "shapes": len(_SHAPES)}
+    return {"flops": total, "steps": sum(_SHAPES.values()), "shapes": len(_SHAPES), "peak_rss_mib": peak_rss_mib}
 
 
 def write(path: str) -> None:

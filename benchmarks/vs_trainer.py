@@ -4,7 +4,8 @@ For each workload the same backbone weights, data split, LoRA config, epochs, ba
 rate, warm-up and seed run (a) through `finetune run` on the quickstart recipe and (b) through the
 straightforward Trainer + PEFT script below, written the way a competent user would (the model's
 own preprocessing, dynamic padding, features computed per batch). Runs alternate A B A B; each is
-a fresh process, so wall time includes imports and model loading; peak RSS is the process tree's.
+a fresh process, so wall time includes imports and model loading; peak RSS is the process's own
+high-water mark (getrusage) up to the end of its final evaluation, before the FLOP replay.
 Both sides skip checkpoints and evaluate once at the end; finetune's extras that cost time outside
 training (baselines, sample generations) are switched off.
 
@@ -26,7 +27,8 @@ Workloads and what each Trainer script does:
               WhisperForAudioClassification with WhisperFeatureExtractor's usual 30-s padding (the
               encoder refuses shorter input); finetune cuts the features to the clip.
   generation  recipes/generation-quickstart.toml: SmolLM2-135M-Instruct, chat template, loss on the
-              answers only, LoRA r8 on q/v, 1 epoch, batch 8. Trainer: prompt tokens masked with -100,
+              answers only, LoRA r8 on q/v, 1 epoch, batch 8. Trainer: prompt tokens (and the newline
+              the template adds after <|im_end|>) masked with -100, so both losses are over the same tokens;
               DataCollatorForSeq2Seq (dynamic padding); finetune's defaults (length-grouped batches).
 """
 
@@ -184,12 +186,16 @@ tok = AutoTokenizer.from_pretrained(path)
 if tok.pad_token is None:
     tok.pad_token = tok.eos_token
 
-def encode(row):  # loss on the answer only: prompt tokens labelled -100
+end = tok.convert_tokens_to_ids("<|im_end|>")
+
+def encode(row):  # loss on the answer and its <|im_end|> only: prompt (and the template's final newline) -100
     prompt = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
     full = tok.apply_chat_template(row["messages"], tokenize=False)
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     ids = tok(full, add_special_tokens=False)["input_ids"][:128]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(p_ids) + ids[len(p_ids):]}
+    stop = ids.index(end, len(p_ids)) + 1 if end in ids[len(p_ids):] else len(ids)
+    labels = [-100] * len(p_ids) + ids[len(p_ids):stop] + [-100] * (len(ids) - stop)
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 model = AutoModelForCausalLM.from_pretrained(path)
 model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05,
@@ -222,11 +228,11 @@ def run_finetune(w: dict, folder: Path, epochs: int | None, limit: int, precisio
         sets.append(f"data.limit={limit}")
     cmd = [sys.executable, PROBE, str(flops), "-m", "finetune.cli", "run", str(REPO / "recipes" / w["recipe"]),
            "--overwrite", "-q", *[arg for s in sets for arg in ("--set", s)]]
-    wall, rss, _ = timed(cmd, REPO)
+    wall, _, _ = timed(cmd, REPO)
     m = json.loads((out / "metrics.json").read_text())
+    probe = json.loads(flops.read_text())
     return {"train_s": m["train"]["train_time_s"], "samples": m["train"]["samples_seen"],
-            "metric": m["last"][w["metric"]], "wall_s": wall, "rss": rss,
-            "flops": json.loads(flops.read_text())["flops"]}
+            "metric": m["last"][w["metric"]], "wall_s": wall, "rss": probe["peak_rss_mib"], "flops": probe["flops"]}
 
 
 def run_trainer(name: str, w: dict, folder: Path, epochs: int | None, limit: int, precision: str) -> dict:
@@ -239,9 +245,10 @@ def run_trainer(name: str, w: dict, folder: Path, epochs: int | None, limit: int
     recipe_epochs = tomllib.loads((REPO / "recipes" / w["recipe"]).read_text())["train"]["epochs"]
     cmd = [sys.executable, str(script), str(Path(PROBE).parent), str(out), str(epochs or recipe_epochs),
            str(limit), str(REPO / "recipes" / w["data"]), precision]
-    wall, rss, stdout = timed(cmd, REPO)
+    wall, _, stdout = timed(cmd, REPO)
     res = json.loads(stdout.strip().splitlines()[-1])
-    return {**res, "wall_s": wall, "rss": rss, "flops": json.loads((out / "flops.json").read_text())["flops"]}
+    probe = json.loads((out / "flops.json").read_text())
+    return {**res, "wall_s": wall, "rss": probe["peak_rss_mib"], "flops": probe["flops"]}
 
 
 def main() -> None:

@@ -123,6 +123,27 @@ def metric_mode(metric: str, setting: str, lower_is_better: tuple[str, ...] = ()
 
 # ---------------------------------------------------------------------------
 
+_LIBC: list[Any] = []
+
+
+def release_freed_memory() -> bool:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``); False where unavailable.
+
+    Called after each evaluation: its larger no-grad batches leave freed buffers in the heap that
+    training's differently shaped allocations would otherwise stack on top of, raising the peak
+    resident memory at every evaluation. Re-faulting those pages costs milliseconds once per
+    evaluation; non-glibc systems simply skip it (nothing fails)."""
+    if not _LIBC:
+        try:
+            import ctypes
+
+            _LIBC.append(ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None)
+        except OSError:
+            _LIBC.append(None)
+    trim = getattr(_LIBC[0], "malloc_trim", None)
+    return bool(trim(0)) if trim is not None else False
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The batches of one epoch: a permutation seeded by (seed, epoch), cut into batches."""
     import torch
@@ -495,6 +516,7 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                 if out.get("predictions") is not None:
                     preds.append(accelerator.gather_for_metrics(out["predictions"]).cpu().numpy())
                     refs.append(accelerator.gather_for_metrics(out["references"]).cpu().numpy())
+        release_freed_memory()
         task.train_mode(model)
         result: dict[str, Any] = {}
         if losses:

@@ -183,14 +183,44 @@ def test_packing_keeps_examples_apart_and_gives_the_same_loss(make_gen_recipe):
         assert torch.allclose(alone, inside, atol=1e-4)
 
 
-@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
-@pytest.mark.parametrize("packing", [False, True])
-def test_answer_only_logits_give_the_standard_loss_and_gradients(make_gen_recipe, tiny_gpt2, model_name, packing):
-    """The vocabulary projection runs on the learned positions only; loss and LoRA gradients are those of
-    ``model(**batch).loss``, for padded and packed batches."""
-    from finetune_generation.causal_lm import _plain_head, answer_loss
+def _llama_like(tiny_llama, folder, model_type):
+    """The tiny Llama's tokenizer with a tiny Mistral / Qwen2 / Qwen3 of the same shape."""
+    import shutil
 
-    backbone = tiny_gpt2 if model_name == "gpt2" else None
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(tiny_llama).to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "bos_token_id", "eos_token_id", "tie_word_embeddings")
+    cfg = transformers.AutoConfig.for_model(model_type, **{k: config[k] for k in keep})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    for f in tiny_llama.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+PLAIN_HEAD_TESTED = ["llama", "gpt2", "mistral", "qwen2", "qwen3"]
+
+
+def test_every_model_type_on_the_answer_only_path_is_tested():
+    from finetune_generation.causal_lm import _PLAIN_HEAD_TYPES
+
+    assert _PLAIN_HEAD_TYPES == set(PLAIN_HEAD_TESTED)
+
+
+@pytest.mark.parametrize("model_name", PLAIN_HEAD_TESTED)
+@pytest.mark.parametrize("packing", [False, True])
+def test_answer_only_logits_give_the_standard_loss_and_gradients(make_gen_recipe, tiny_llama, tiny_gpt2, tmp_path,
+                                                                 model_name, packing):
+    """The vocabulary projection runs on the learned positions only; loss and LoRA gradients are those of
+    ``model(**batch).loss``, for padded and packed batches, for every model type on the fast path."""
+    from finetune_generation.causal_lm import _PLAIN_HEAD_TYPES, _plain_head, answer_loss
+
+    backbone = {"llama": None, "gpt2": tiny_gpt2}.get(model_name) or _llama_like(tiny_llama, tmp_path / model_name,
+                                                                                    model_name)
+    assert model_name in _PLAIN_HEAD_TYPES
     session, model, tok = session_and_tokenizer(make_gen_recipe(
         backbone=backbone, data=f"packing = {'true' if packing else 'false'}\nmax_length = 64"))
     assert _plain_head(model) is not None  # the fast path is taken for these models
