@@ -63,6 +63,9 @@ def args(batch, lr, **kw):
                              logging_steps=50, report_to=[], seed=0, use_cpu=not torch.cuda.is_available(),
                              dataloader_num_workers=0, bf16=bf16, **kw)
 
+def accuracy(p):
+    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
 def finish(trainer, n_train, metric):
     t0 = time.perf_counter(); trainer.train(); train_s = time.perf_counter() - t0
     m = trainer.evaluate()
@@ -113,9 +116,6 @@ class Images(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return {"pixel_values": transform(Image.open(self.paths[i]).convert("RGB")), "labels": self.labels[i]}
 
-def accuracy(p):
-    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
-
 trainer = Trainer(model=Net(model), args=args(32, 2e-3, remove_unused_columns=False), train_dataset=Images(train),
                   eval_dataset=Images(test), compute_metrics=accuracy)
 finish(trainer, len(train), "accuracy")
@@ -157,9 +157,6 @@ class Clips(torch.utils.data.Dataset):
 def collate(items):  # log-mel features per batch, padded to 30 s as Whisper expects
     feats = extractor([it["audio"] for it in items], sampling_rate=16000, return_tensors="pt")
     return {"input_features": feats.input_features, "labels": torch.tensor([it["labels"] for it in items])}
-
-def accuracy(p):
-    return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
 
 trainer = Trainer(model=model, args=args(16, 1e-3, remove_unused_columns=False), train_dataset=Clips(train),
                   eval_dataset=Clips(test), data_collator=collate, compute_metrics=accuracy)
