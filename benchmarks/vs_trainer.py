@@ -63,6 +63,16 @@ def args(batch, lr, **kw):
                              logging_steps=50, report_to=[], seed=0, use_cpu=not torch.cuda.is_available(),
                              dataloader_num_workers=0, bf16=bf16, **kw)
 
+class Files(torch.utils.data.Dataset):
+    """Rows of a table: ``{key: load(path), "labels": class index}``."""
+    def __init__(self, frame, column, key, load):
+        self.paths, self.labels = frame[column].tolist(), [classes.index(v) for v in frame["label"]]
+        self.key, self.load = key, load
+    def __len__(self):
+        return len(self.paths)
+    def __getitem__(self, i):
+        return {self.key: self.load(self.paths[i]), "labels": self.labels[i]}
+
 def accuracy(p):
     return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
 
@@ -108,16 +118,9 @@ class Net(torch.nn.Module):
         loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return {"loss": loss, "logits": logits}
 
-class Images(torch.utils.data.Dataset):
-    def __init__(self, frame):
-        self.paths, self.labels = frame["image"].tolist(), [classes.index(v) for v in frame["label"]]
-    def __len__(self):
-        return len(self.paths)
-    def __getitem__(self, i):
-        return {"pixel_values": transform(Image.open(self.paths[i]).convert("RGB")), "labels": self.labels[i]}
-
-trainer = Trainer(model=Net(model), args=args(32, 2e-3, remove_unused_columns=False), train_dataset=Images(train),
-                  eval_dataset=Images(test), compute_metrics=accuracy)
+images = lambda frame: Files(frame, "image", "pixel_values", lambda p: transform(Image.open(p).convert("RGB")))
+trainer = Trainer(model=Net(model), args=args(32, 2e-3, remove_unused_columns=False), train_dataset=images(train),
+                  eval_dataset=images(test), compute_metrics=accuracy)
 finish(trainer, len(train), "accuracy")
 '''
 
@@ -146,20 +149,13 @@ def load(p):
     audio = audio.mean(1)[: 2 * rate]  # mono, at most 2 s (the recipe's data.max_seconds)
     return audio if rate == 16000 else resample_poly(audio, 16000, rate).astype("float32")
 
-class Clips(torch.utils.data.Dataset):
-    def __init__(self, frame):
-        self.paths, self.labels = frame["path"].tolist(), [classes.index(v) for v in frame["label"]]
-    def __len__(self):
-        return len(self.paths)
-    def __getitem__(self, i):
-        return {"audio": load(self.paths[i]), "labels": self.labels[i]}
-
 def collate(items):  # log-mel features per batch, padded to 30 s as Whisper expects
     feats = extractor([it["audio"] for it in items], sampling_rate=16000, return_tensors="pt")
     return {"input_features": feats.input_features, "labels": torch.tensor([it["labels"] for it in items])}
 
-trainer = Trainer(model=model, args=args(16, 1e-3, remove_unused_columns=False), train_dataset=Clips(train),
-                  eval_dataset=Clips(test), data_collator=collate, compute_metrics=accuracy)
+clips = lambda frame: Files(frame, "path", "audio", load)
+trainer = Trainer(model=model, args=args(16, 1e-3, remove_unused_columns=False), train_dataset=clips(train),
+                  eval_dataset=clips(test), data_collator=collate, compute_metrics=accuracy)
 finish(trainer, len(train), "accuracy")
 '''
 
