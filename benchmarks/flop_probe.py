@@ -6,7 +6,8 @@ per step: no measurable cost). ``count()``, after
 training, replays one forward + backward per distinct batch shape on the same model object under
 ``torch.utils.flop_counter.FlopCounterMode`` and multiplies by how often that shape was trained.
 Padding is included (it is computed), FLOPs of the optimizer step are not (tiny for LoRA).
-``count()`` also reports the process's peak resident memory up to that point (before the replay).
+``count()`` also reports the process's peak resident memory up to that point (before the replay) and
+how long the replay took (``replay_s``: subtract it from the process's wall time).
 
     python benchmarks/flop_probe.py OUT.json -m finetune.cli run recipe.toml ...   # wraps a module's main
     import flop_probe; flop_probe.install(); ...train...; flop_probe.write(OUT.json)
@@ -65,6 +66,7 @@ def _replay(name: str, spec: tuple, device: Any) -> Any:
 def count() -> dict[str, Any]:
     """Training FLOPs (forward + backward) over all recorded steps, and how many steps were recorded."""
     import resource
+    import time
 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -73,6 +75,7 @@ def count() -> dict[str, Any]:
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     if not _MODEL:
         return {"flops": None, "steps": 0, "shapes": 0, "peak_rss_mib": peak_rss_mib}
+    start = time.perf_counter()
     model = _MODEL[0]
     model.train()
     device = next(model.parameters()).device
@@ -88,7 +91,8 @@ def count() -> dict[str, Any]:
             loss.backward()
         model.zero_grad(set_to_none=True)
         total += counter.get_total_flops() * n
-    return {"flops": total, "steps": sum(_SHAPES.values()), "shapes": len(_SHAPES), "peak_rss_mib": peak_rss_mib}
+    return {"flops": total, "steps": sum(_SHAPES.values()), "shapes": len(_SHAPES), "peak_rss_mib": peak_rss_mib,
+            "replay_s": time.perf_counter() - start}
 
 
 def write(path: str) -> None:

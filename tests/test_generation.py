@@ -243,6 +243,88 @@ def test_answer_only_logits_give_the_standard_loss_and_gradients(make_gen_recipe
         assert torch.allclose(grad_a[name], grad_b[name], atol=1e-6), name
 
 
+SYSTEM = "You are a careful assistant. Answer in one short line, with the unit, and nothing else."
+
+
+def _loss_and_grads(model, fn):
+    loss = fn()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("model_name", PLAIN_HEAD_TESTED)
+def test_shared_prefix_is_computed_once_with_the_standard_loss_and_gradients(make_gen_recipe, tiny_llama, tiny_gpt2,
+                                                                             tmp_path, model_name):
+    """Rows that start with the same system prompt: the prefix is computed once per batch, and loss and LoRA
+    gradients are those of ``model(**batch).loss`` for every model type on the fast path."""
+    from finetune_generation.causal_lm import _plain_head, answer_loss, shared_prefix_length
+
+    backbone = {"llama": None, "gpt2": tiny_gpt2}.get(model_name) or _llama_like(tiny_llama, tmp_path / model_name,
+                                                                                    model_name)
+    session, model, tok = session_and_tokenizer(make_gen_recipe(
+        backbone=backbone, task=f"system_prompt = {SYSTEM!r}", data="max_length = 96"))
+    items = session.task.build_dataset(session.splits.train[:6], tok, True).items
+    if not tok.chat_template:  # plain prompt/completion (the tiny GPT-2): the system prompt goes in front by hand
+        system = tok(SYSTEM + "\n")["input_ids"]
+        items = [{"input_ids": system + x["input_ids"], "labels": [IGNORE] * len(system) + x["labels"]} for x in items]
+    batch = session.task.collate_fn(tok)(items)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    # the recipe's LoRA dropout is 0, so sharing is exact in training too; the tiny GPT-2 has dropout in its
+    # config, so it is compared in evaluation mode (no dropout)
+    model.train(not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()))
+    prefix = shared_prefix_length(model, batch)
+    ids = batch["input_ids"]
+    assert prefix >= len(tok(SYSTEM)["input_ids"])  # at least the system prompt
+    assert (ids[:, :prefix] == ids[:1, :prefix]).all() and (batch["labels"][:, :prefix + 1] == IGNORE).all()
+    # the longest such prefix: the next token differs between rows or the one after it is learned
+    assert (ids[:, prefix] != ids[0, prefix]).any() or (batch["labels"][:, prefix + 1] != IGNORE).any()
+    standard = _loss_and_grads(model, lambda: model(**batch, use_cache=False).loss)
+    shared = _loss_and_grads(model, lambda: answer_loss(model, batch))
+    assert torch.allclose(standard[0], shared[0], atol=1e-6)
+    assert standard[1].keys() == shared[1].keys() and shared[1]
+    for name in standard[1]:
+        assert torch.allclose(standard[1][name], shared[1][name], atol=1e-6), name
+    assert _plain_head(model) is not None
+
+
+def test_shared_prefix_only_without_active_dropout_padding_rows_or_a_gain(make_gen_recipe):
+    from finetune_generation.causal_lm import shared_prefix_length
+
+    recipe = make_gen_recipe(task=f"system_prompt = {SYSTEM!r}", data="max_length = 96")
+    session, model, tok = session_and_tokenizer(recipe)
+    collate = session.task.collate_fn(tok)
+    batch = collate(session.task.build_dataset(session.splits.train[:6], tok, True).items)
+    model.train()
+    assert shared_prefix_length(model, batch) > 0
+    attention = next(m for m in model.modules() if hasattr(m, "attention_dropout"))
+    attention.attention_dropout = 0.1  # a random mask per row: the rows' prefixes are no longer one computation
+    assert shared_prefix_length(model, batch) == 0
+    model.eval()  # evaluation has no dropout: shared again
+    assert shared_prefix_length(model, batch) > 0
+    lora_dropout = open_session(recipe, ["peft.dropout=0.1"])
+    lora_model, _, _ = build_model(lora_dropout)
+    lora_model.train()
+    assert shared_prefix_length(lora_model, batch) == 0
+    lora_model.eval()
+    assert shared_prefix_length(lora_model, batch) > 0
+    one = {k: v[:1] for k, v in batch.items()}
+    assert shared_prefix_length(model, one) == 0  # a single row: nothing to share
+    different = {k: v.clone() for k, v in batch.items()}
+    different["input_ids"][1, 0] += 1  # rows differ from the first token
+    assert shared_prefix_length(model, different) == 0
+    # a 1-token shared prefix before long rows: the dense attention over the joined rows would cost more
+    # than the shared token saves
+    long_rows = {"input_ids": torch.randint(3, 50, (8, 60)), "attention_mask": torch.ones(8, 60, dtype=torch.long),
+                 "labels": torch.full((8, 60), IGNORE)}
+    long_rows["input_ids"][:, 0] = 1
+    long_rows["labels"][:, 30:] = long_rows["input_ids"][:, 30:]
+    assert shared_prefix_length(model, long_rows) == 0
+
+
 def test_length_grouped_batches_are_exact_deterministic_and_save_padding(make_gen_recipe):
     from finetune import epoch_batches, length_grouped_batches
 

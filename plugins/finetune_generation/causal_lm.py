@@ -438,8 +438,11 @@ def answer_loss(model: Any, batch: dict[str, Any]) -> Any:
 
     For models with a plain output head the vocabulary projection runs only on the positions that
     are learned: with the loss on answers only, most positions are prompt, and the head (49,152 x 576
-    for SmolLM2) plus its softmax were ~20% of a training step spent on logits nobody reads. Same loss
-    as ``model(**batch).loss`` (a test checks it); other models take that standard path.
+    for SmolLM2) plus its softmax were ~20% of a training step spent on logits nobody reads. When the
+    rows of a batch start with the same unlearned tokens (a system prompt, a chat header) and nothing
+    random touches them, that prefix is computed once per batch instead of once per row (see
+    ``shared_prefix_length``). Same loss and gradients as ``model(**batch).loss`` up to float rounding
+    (tests check both); other models take that standard path.
     """
     import torch.nn.functional as F
 
@@ -447,12 +450,101 @@ def answer_loss(model: Any, batch: dict[str, Any]) -> Any:
     head = _plain_head(model)
     if head is None or "labels" not in batch:
         return model(**batch, use_cache=False).loss
+    prefix = shared_prefix_length(model, batch)
+    if prefix:
+        return shared_prefix_loss(model, batch, prefix, head)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
     target = batch["labels"][:, 1:]
     learned = target != IGNORE
     logits = head(out.hidden_states[-1][:, :-1][learned])
     return F.cross_entropy(logits.float(), target[learned])
+
+
+def shared_prefix_length(model: Any, batch: dict[str, Any]) -> int:
+    """How many leading tokens every row of a right-padded batch shares and may compute once; 0 for none.
+
+    The prefix is the longest run of tokens that are equal in every row, not padding, and predict no
+    learned label. Sharing it is exact only when nothing random touches it, so it is 0 while any dropout
+    of the model (LoRA's included) is active, for packed rows (their own position ids) and for
+    attention implementations other than SDPA (the shared batch needs a custom boolean mask). It is also
+    0 when the shared layout would cost more: the rows become one sequence whose attention is dense
+    over all of its tokens, so a short prefix with long rows can lose more in attention than it saves
+    in the linear layers (estimated from the model's size and the batch's shape).
+    """
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
+    rows, width = ids.shape
+    if rows < 2 or mask is None or mask.dim() != 2 or "position_ids" in batch:
+        return 0
+    config = model.get_base_model().config
+    if getattr(config, "_attn_implementation", None) != "sdpa" or _dropout_active(model):
+        return 0
+    target = labels[:, 1:]
+    same = (ids == ids[:1]).all(0) & (mask == 1).all(0)
+    same[:-1] &= (target == IGNORE).all(0)
+    prefix = int(same.int().cumprod(0).sum())
+    prefix = min(prefix, int(mask.sum(1).min()) - 1)  # every row keeps at least one token of its own
+    if prefix <= 0:
+        return 0
+    tokens = int(mask.sum()) - (rows - 1) * prefix
+    per_token = 2 * _layer_parameters(model)  # multiply-adds of the linear layers, per token and layer
+    hidden = config.hidden_size
+    padded = rows * width * per_token + 4 * rows * width * width * hidden
+    shared = tokens * per_token + 4 * tokens * tokens * hidden
+    return prefix if shared < 0.9 * padded else 0
+
+
+def shared_prefix_loss(model: Any, batch: dict[str, Any], prefix: int, head: Any) -> Any:
+    """``answer_loss`` with the first ``prefix`` tokens of a right-padded batch computed once.
+
+    The rows become one sequence: the prefix, then every row's remaining tokens without padding. Each
+    token keeps its row's position id and attends (causally) to the prefix and to its own row only, so
+    every learned token sees exactly the context it has in the batch; the prefix's keys and values are
+    shared, and their gradients are summed over the rows by autograd.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    rows, width = ids.shape
+    target = torch.full_like(labels, IGNORE)
+    target[:, :-1] = labels[:, 1:]
+    keep = mask.bool().clone()
+    keep[1:, :prefix] = False  # the prefix once, from the first row
+    positions = torch.arange(width, device=ids.device).expand(rows, width)[keep]
+    segment = torch.arange(rows, device=ids.device)[:, None].expand(rows, width).clone()
+    segment[:, :prefix] = -1
+    segment = segment[keep]
+    allowed = (positions[None, :] <= positions[:, None]) & (
+        (segment[None, :] == segment[:, None]) | (segment[None, :] == -1))
+    out = model(input_ids=ids[keep][None], attention_mask=allowed[None, None], position_ids=positions[None],
+                use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    target = target[keep]
+    learned = target != IGNORE
+    logits = head(out.hidden_states[-1][0][learned])
+    return F.cross_entropy(logits.float(), target[learned])
+
+
+def _dropout_active(model: Any) -> bool:
+    import torch
+
+    for module in model.modules():
+        if not module.training:
+            continue
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            return True
+        rate = getattr(module, "attention_dropout", 0)  # Llama-style attention takes a float rate
+        if isinstance(rate, (int, float)) and rate > 0:
+            return True
+    return False
+
+
+def _layer_parameters(model: Any) -> int:
+    base = model.get_base_model()
+    embeddings = {id(p) for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None
+                  for p in m.parameters()}
+    total = sum(p.numel() for p in base.parameters() if id(p) not in embeddings)
+    return total // max(1, base.config.num_hidden_layers)
 
 
 def _plain_head(model: Any) -> Any:
