@@ -616,7 +616,7 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
     task.train_mode(model)
     interrupted = False
     with _StopRequest() as stop, progress:
-        window_t, window_samples = time.perf_counter(), 0
+        window_t, window_samples = state.train_time_s, 0  # a log window's training time (no evaluation)
         window_losses: list[Any] = []  # loss tensors not yet read on the host
         window_values: list[float] = []  # losses of this log window, read
         while state.epoch < cfg.epochs and not state.should_stop:
@@ -627,6 +627,9 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
             if world > 1:  # interleaved: with length-grouped batches every process gets similar lengths
                 batches = [b[rank::world] for b in batches[:batches_per_rank]]
             remaining = batches[state.batches_done_in_epoch:]
+            # training time counts from here: loading and collating batches included, evaluation and
+            # checkpoints not (so samples/s compares with a Trainer's train() time)
+            mark = time.perf_counter()
             loader = DataLoader(train_ds, batch_sampler=remaining, collate_fn=collate, num_workers=cfg.num_workers,
                                 generator=torch.Generator().manual_seed(cfg.seed + state.epoch))
             group: list[Any] = []
@@ -636,7 +639,6 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                 if len(group) < accum and not last_of_epoch:
                     continue
                 # one optimizer step over the accumulated micro-batches
-                step_start = time.perf_counter()
                 step_loss = None
                 for j, micro in enumerate(group):
                     sync = j == len(group) - 1
@@ -674,9 +676,9 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                     progress.update(state.global_step, loss=window_values[-1], epoch=state.epoch + 1)
                 else:
                     progress.update(state.global_step, epoch=state.epoch + 1)
-                state.train_time_s += time.perf_counter() - step_start
+                state.train_time_s += time.perf_counter() - mark
                 if log_now:
-                    elapsed = time.perf_counter() - window_t
+                    elapsed = state.train_time_s - window_t
                     logs = {"loss": sum(window_values) / len(window_values), "lr": scheduler.get_last_lr()[0],
                             "samples_per_s": window_samples / elapsed if elapsed > 0 else 0.0}
                     if accelerator.is_main_process:
@@ -687,7 +689,7 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                     progress.log_line(state.global_step, logs, state.epoch + 1)
                     for cb in callbacks:
                         _call(cb, "on_log", run=run, state=state, logs=logs)
-                    window_t, window_samples, window_values = time.perf_counter(), 0, []
+                    window_t, window_samples, window_values = state.train_time_s, 0, []
                 if eval_now and not epoch_done:
                     after_eval(evaluate())
                 if epoch_done:
@@ -703,6 +705,7 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
                     state.should_stop = bool(flags[1])
                 if not epoch_done and (periodic or stop.requested or state.should_stop):
                     write_checkpoint()
+                mark = time.perf_counter()
                 if stop.requested:
                     interrupted = True
                     break

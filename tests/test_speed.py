@@ -376,3 +376,31 @@ def test_freed_heap_pages_are_released_after_every_evaluation(make_recipe, monke
     assert len(calls) == len(evals) >= 3
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert loop._LIBC[0] is not None and all(isinstance(c, bool) for c in calls)
+
+
+def test_training_time_counts_batch_loading_but_not_evaluation(make_recipe, monkeypatch):
+    """train.samples_per_s compares with a Trainer's train() time: loading and collating batches is part
+    of it, evaluation is not."""
+    import time
+
+    from finetune_nlp.text_classification import TextClassification
+
+    pause, collates, evals = 0.03, [], []
+    make_collate, evaluation_step = TextClassification.collate_fn, TextClassification.evaluation_step
+
+    def slow_collate_fn(self, processor):
+        fn = make_collate(self, processor)
+        return lambda items: (collates.append(time.sleep(pause)), fn(items))[1]
+
+    def slow_evaluation_step(self, model, batch):
+        evals.append(time.sleep(4 * pause))
+        return evaluation_step(self, model, batch)
+
+    monkeypatch.setattr(TextClassification, "collate_fn", slow_collate_fn)
+    monkeypatch.setattr(TextClassification, "evaluation_step", slow_evaluation_step)
+    run = run_recipe(make_recipe(), [], console=QUIET)
+    train = json.loads((run.path / "metrics.json").read_text())["train"]
+    train_collates = len(collates) - len(evals)  # every evaluated batch was collated once too
+    assert train_collates >= train["steps"] > 0
+    assert train["train_time_s"] >= train_collates * pause
+    assert train["train_time_s"] < train["wall_time_s"] - len(evals) * 5 * pause
