@@ -505,6 +505,7 @@ def train(*, task: Task, recipe: Recipe, run: RunDir, model: Any, processor: Any
         import numpy as np
 
         model.eval()
+        release_freed_memory()  # training's freed activation buffers: evaluation's batches start from a trim heap
         losses, preds, refs = [], [], []
         with torch.no_grad():
             for batch in eval_loader:
