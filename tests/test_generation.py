@@ -311,6 +311,10 @@ def test_shared_prefix_only_without_active_dropout_padding_rows_or_a_gain(make_g
     assert shared_prefix_length(lora_model, batch) == 0
     lora_model.eval()
     assert shared_prefix_length(lora_model, batch) > 0
+    config = model.get_base_model().config
+    config.sliding_window = batch["input_ids"].shape[1] - 1  # a window the custom mask would not apply
+    assert shared_prefix_length(model, batch) == 0
+    config.sliding_window = None
     one = {k: v[:1] for k, v in batch.items()}
     assert shared_prefix_length(model, one) == 0  # a single row: nothing to share
     different = {k: v.clone() for k, v in batch.items()}

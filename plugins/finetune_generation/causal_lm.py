@@ -444,8 +444,6 @@ def answer_loss(model: Any, batch: dict[str, Any]) -> Any:
     ``shared_prefix_length``). Same loss and gradients as ``model(**batch).loss`` up to float rounding
     (tests check both); other models take that standard path.
     """
-    import torch.nn.functional as F
-
     # use_cache=False: no KV cache in training, and packed rows need it off for the packed-sequence mask
     head = _plain_head(model)
     if head is None or "labels" not in batch:
@@ -455,10 +453,15 @@ def answer_loss(model: Any, batch: dict[str, Any]) -> Any:
         return shared_prefix_loss(model, batch, prefix, head)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    target = batch["labels"][:, 1:]
+    return _learned_loss(head, out.hidden_states[-1][:, :-1], batch["labels"][:, 1:])
+
+
+def _learned_loss(head: Any, hidden: Any, target: Any) -> Any:
+    """Cross-entropy of ``head(hidden)`` against ``target`` at the learned positions only."""
+    import torch.nn.functional as F
+
     learned = target != IGNORE
-    logits = head(out.hidden_states[-1][:, :-1][learned])
-    return F.cross_entropy(logits.float(), target[learned])
+    return F.cross_entropy(head(hidden[learned]).float(), target[learned])
 
 
 def shared_prefix_length(model: Any, batch: dict[str, Any]) -> int:
@@ -478,6 +481,9 @@ def shared_prefix_length(model: Any, batch: dict[str, Any]) -> int:
         return 0
     config = model.get_base_model().config
     if getattr(config, "_attn_implementation", None) != "sdpa" or _dropout_active(model):
+        return 0
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and width > window:  # the custom mask would not apply the window
         return 0
     target = labels[:, 1:]
     same = (ids == ids[:1]).all(0) & (mask == 1).all(0)
@@ -503,7 +509,6 @@ def shared_prefix_loss(model: Any, batch: dict[str, Any], prefix: int, head: Any
     shared, and their gradients are summed over the rows by autograd.
     """
     import torch
-    import torch.nn.functional as F
 
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     rows, width = ids.shape
@@ -519,10 +524,7 @@ def shared_prefix_loss(model: Any, batch: dict[str, Any], prefix: int, head: Any
         (segment[None, :] == segment[:, None]) | (segment[None, :] == -1))
     out = model(input_ids=ids[keep][None], attention_mask=allowed[None, None], position_ids=positions[None],
                 use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    target = target[keep]
-    learned = target != IGNORE
-    logits = head(out.hidden_states[-1][0][learned])
-    return F.cross_entropy(logits.float(), target[learned])
+    return _learned_loss(head, out.hidden_states[-1][0], target[keep])
 
 
 def _dropout_active(model: Any) -> bool:
