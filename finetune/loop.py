@@ -129,10 +129,10 @@ _LIBC: list[Any] = []
 def release_freed_memory() -> bool:
     """Give the C heap's free pages back to the OS (glibc ``malloc_trim``); False where unavailable.
 
-    Called after each evaluation: its larger no-grad batches leave freed buffers in the heap that
-    training's differently shaped allocations would otherwise stack on top of, raising the peak
-    resident memory at every evaluation. Re-faulting those pages costs milliseconds once per
-    evaluation; non-glibc systems simply skip it (nothing fails)."""
+    Called before and after each evaluation: training's freed activation buffers would otherwise
+    stay under the evaluation's allocations, and the evaluation's larger no-grad batches under the
+    training that follows, raising the peak resident memory at every evaluation. Re-faulting those
+    pages costs milliseconds per evaluation; non-glibc systems simply skip it (nothing fails)."""
     if not _LIBC:
         try:
             import ctypes

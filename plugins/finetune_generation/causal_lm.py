@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from finetune import DataError, DataOptions, DataSplits, PathStr, RecipeError, Task, TaskOptions
+from finetune import DataError, DataOptions, DataSplits, PathStr, RecipeError, Task, TaskOptions, transformer_layers
 from finetune_generation.data import (
     IGNORE,
     Encoder,
@@ -542,11 +542,8 @@ def _dropout_active(model: Any) -> bool:
 
 
 def _layer_parameters(model: Any) -> int:
-    base = model.get_base_model()
-    embeddings = {id(p) for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None
-                  for p in m.parameters()}
-    total = sum(p.numel() for p in base.parameters() if id(p) not in embeddings)
-    return total // max(1, base.config.num_hidden_layers)
+    _, _, layers = transformer_layers(model)
+    return sum(p.numel() for p in layers[0].parameters())
 
 
 def _plain_head(model: Any) -> Any:
