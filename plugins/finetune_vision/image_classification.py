@@ -92,6 +92,10 @@ class ImageClassificationOptions(TaskOptions):
                                   "baseline; use with peft.method = 'full').")
     top_k: int = Field(5, gt=0, description="k of the top-k accuracy metric and of the classes predict prints.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    fold_batchnorm: bool = Field(
+        True, description="With LoRA or a linear probe, compute each frozen BatchNorm folded into the frozen "
+                          "convolution before it (the same function, ~1.4x faster training of MobileNet-style CNNs "
+                          "on CPU; float rounding differs). The adapter and the saved model are unchanged.")
 
 
 class ImageClassification(Task):
@@ -288,7 +292,32 @@ class ImageClassification(Task):
 
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.task.label_smoothing)
 
+    def speed_notes(self) -> list[str]:
+        if not self._folds_batchnorm():
+            return []
+        return ["task.fold_batchnorm: frozen BatchNorm layers are computed folded into the convolutions before them "
+                "(the same function; float rounding differs; set it to false to compute them separately)"]
+
+    def _folds_batchnorm(self) -> bool:
+        return self.recipe.task.fold_batchnorm and self.recipe.peft.method != "full"
+
+    def _fold_batchnorm(self, model: Any, pixel_values: Any) -> None:
+        """On a model's first batch: fold its frozen BatchNorms into their convolutions
+        (finetune_vision.batchnorm_fold); the count is kept on the model."""
+        model._finetune_batchnorm_folded = 0  # set first: the fold's own forward passes come back here
+        from finetune_vision.batchnorm_fold import fold_batchnorm
+
+        probe = pixel_values[:2]
+        folded, found = fold_batchnorm(model, lambda: self._logits(model, probe))
+        model._finetune_batchnorm_folded = folded
+        if found and not folded:
+            print(f"warning: task.fold_batchnorm: the folded model's output differs from the unfolded one on the "
+                  f"first batch, so its {found} BatchNorm layers are computed separately (slower, same results)",
+                  file=sys.stderr)
+
     def _logits(self, model: Any, pixel_values: Any) -> Any:
+        if getattr(model, "_finetune_batchnorm_folded", None) is None and self._folds_batchnorm():
+            self._fold_batchnorm(model, pixel_values)
         if getattr(self, "_channels_last", False):
             # oneDNN's convolutions (and their backward) run ~1.2-1.3x faster on channels-last input on CPU
             # (MobileNetV2 at 96 px, measured); only the input is converted, the weights stay as saved
