@@ -124,3 +124,23 @@ def test_runs_fold_by_default_and_say_so_and_the_option_turns_it_off(vision_reci
         assert any("task.fold_batchnorm" in n for n in notes) is expect
     session = open_session(vision_recipe(peft='method = "full"', name="full.toml"))
     assert not any("fold_batchnorm" in n for n in speed_settings(session.task, session.recipe, [], None))
+
+
+def test_a_merged_lora_convolution_gets_a_plain_batchnorm_again(vision_recipe):
+    """merge_and_unload replaces each LoRA convolution by its merged base: its BatchNorm must compute again."""
+    task, model = _model(vision_recipe(task="fold_batchnorm = false"))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = task._logits(model, x)
+        assert fold_batchnorm(model, lambda: task._logits(model, x))[0] > 3
+        assert torch.allclose(task._logits(model, x), reference, atol=1e-5)
+        merged = model.merge_and_unload()
+        assert torch.allclose(task._logits(merged, x), reference, atol=1e-4)

@@ -11,7 +11,9 @@ the trained parameters stay exactly PEFT's and the saved adapter is unchanged.
 
 Nothing is rewritten: the two modules get instance-level forwards that compute the folded
 function while the BatchNorm is in eval mode and fall back to their own forwards otherwise
-(``model.train()`` without the task's ``train_mode``, full fine-tuning). The state dict, the
+(``model.train()`` without the task's ``train_mode``, full fine-tuning); the BatchNorm skips its
+own computation only for the very tensor the folded convolution just returned (so a convolution
+replaced later, e.g. by ``merge_and_unload``, gets a plain BatchNorm again). The state dict, the
 adapter and ``finetune merge`` see the original modules. Pairs are found by running one batch
 through the model with hooks (the BatchNorm's input must be the convolution's output tensor),
 and the folded model is checked against the unfolded one on that batch before it is kept.
@@ -19,6 +21,7 @@ and the folded model is checked against the unfolded one on that batch before it
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 #: relative tolerance of the folded-vs-unfolded check (float rounding of a reordered product)
@@ -71,6 +74,7 @@ class _Fold:
             self.base = parts[0] if parts else conv
         self.lora = parts
         self.enabled = True
+        self._out: Any = None  # weak reference to the last folded output
         self._key: tuple | None = None
         self._cache: tuple[Any, Any, Any] | None = None
 
@@ -117,6 +121,7 @@ class _Fold:
             h = lora_a(dropout(self.conv._cast_input_dtype(x, lora_a.weight.dtype)))
             b_weight = lora_b.weight * (k * scaling).to(lora_b.weight.dtype).view(-1, 1, 1, 1)
             out = (out + lora_b._conv_forward(h, b_weight, None)).to(out.dtype)
+        self._out = weakref.ref(out)
         return out
 
     def bn_forward(self, x: Any) -> Any:
@@ -125,6 +130,9 @@ class _Fold:
             # a training BatchNorm updates its statistics inside the kernel, which does not bump their
             # version counters: forget the folded weights
             self._key = None
+            return type(bn).forward(bn, x)
+        if self._out is None or self._out() is not x:
+            # not the folded convolution's output (e.g. the convolution was replaced by a merge): plain BN
             return type(bn).forward(bn, x)
         if hasattr(bn, "act"):  # timm's BatchNormAct2d: BatchNorm, then dropout and activation
             return bn.act(bn.drop(x))
