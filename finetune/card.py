@@ -8,6 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+#: the card's first sentence, by peft.method
+_WHAT = {"lora": "A LoRA adaptation", "none": "A head-only fine-tune (frozen backbone)", "full": "A full fine-tune"}
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -46,7 +49,8 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
             "metrics": results}]}]
     front = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
     lines = [f"# {run_name}", "",
-             f"A LoRA adaptation of `{upstream or backbone.get('name')}` for **{task.name}**, trained with "
+             f"{_WHAT.get(method, 'A fine-tune')} of `{upstream or backbone.get('name')}` for **{task.name}**, "
+             "trained with "
              "[finetune](https://pypi.org/project/finetune/).", "",
              "## Results", "", "| metric | fine-tuned (best) | last | baseline |", "|---|---|---|---|"]
     last = metrics.get("last", {})
@@ -61,7 +65,9 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
               f"`{metrics.get('selection_metric')}`.", "", "![curves](curves.png)", "",
               "## Training", "",
               f"- backbone: `{backbone.get('name')}` ({backbone.get('source')})",
-              f"- LoRA targets: `{lora.get('target_modules')}`; trained in full: `{lora.get('modules_to_save')}`",
+              (f"- LoRA targets: `{lora.get('target_modules')}`; trained in full: `{lora.get('modules_to_save')}`"
+               if method == "lora" else "- trained: every parameter" if method == "full" else
+               f"- trained: `{lora.get('modules_to_save')}`; the backbone frozen"),
               f"- trainable parameters: {lora.get('trainable_params'):,} of {lora.get('total_params'):,} "
               f"({100 * lora.get('trainable_params', 0) / max(1, lora.get('total_params', 1)):.2f}%)",
               f"- train examples: {metrics.get('data', {}).get('train_examples')}, eval examples: "

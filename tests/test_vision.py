@@ -182,10 +182,14 @@ def test_linear_probe_and_full_finetuning(vision_recipe, method, tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(str(run.adapter_dir / "trained.safetensors"))
+    card = (run.path / "README.md").read_text()
+    assert "LoRA" not in card.split("## Training")[0]  # the card says what was trained
     if method == "none":
         assert set(saved) == {"classifier.weight", "classifier.bias"}
+        assert "A head-only fine-tune (frozen backbone) of" in card and "the backbone frozen" in card
     else:
         assert any(k.endswith("running_mean") for k in saved)  # BatchNorm statistics trained and saved
+        assert "A full fine-tune of" in card and "- trained: every parameter" in card
     session = open_session(recipe)
     task, model, processor, _ = load_run(run.path)
     batch = _eval_batch(task, processor, session.splits)
