@@ -126,8 +126,9 @@ def test_runs_fold_by_default_and_say_so_and_the_option_turns_it_off(vision_reci
     assert not any("fold_batchnorm" in n for n in speed_settings(session.task, session.recipe, [], None))
 
 
-def test_a_merged_lora_convolution_gets_a_plain_batchnorm_again(vision_recipe):
-    """merge_and_unload replaces each LoRA convolution by its merged base: its BatchNorm must compute again."""
+def test_disabled_or_merged_lora_after_the_fold_computes_the_right_function(vision_recipe):
+    """disable_adapter switches LoRA off, merge_and_unload replaces each LoRA convolution by its merged base:
+    both must give what the unfolded model gives."""
     task, model = _model(vision_recipe(task="fold_batchnorm = false"))
     torch.manual_seed(1)
     for name, p in model.named_parameters():
@@ -140,7 +141,12 @@ def test_a_merged_lora_convolution_gets_a_plain_batchnorm_again(vision_recipe):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         reference = task._logits(model, x)
+        with model.disable_adapter():
+            base = task._logits(model, x)
         assert fold_batchnorm(model, lambda: task._logits(model, x))[0] > 3
+        assert torch.allclose(task._logits(model, x), reference, atol=1e-5)
+        with model.disable_adapter():  # LoRA switched off after the fold: the base model's function
+            assert torch.allclose(task._logits(model, x), base, atol=1e-5)
         assert torch.allclose(task._logits(model, x), reference, atol=1e-5)
         merged = model.merge_and_unload()
         assert torch.allclose(task._logits(merged, x), reference, atol=1e-4)

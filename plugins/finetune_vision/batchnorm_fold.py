@@ -28,8 +28,9 @@ from typing import Any
 CHECK_RTOL = 1e-3
 
 
-def _lora_parts(module: Any) -> tuple[Any, Any, Any, Any, float] | None:
-    """(base conv, lora_A, lora_B, lora dropout, scaling) of a plain PEFT LoRA Conv2d, None if it is anything else.
+def _lora_parts(module: Any) -> tuple[Any, Any, Any, Any, float, str] | None:
+    """(base conv, lora_A, lora_B, lora dropout, scaling, adapter name) of a plain PEFT LoRA Conv2d, None if it
+    is anything else.
     Raises ``LookupError`` for a LoRA layer in a state the fold does not cover."""
     import torch.nn as nn
 
@@ -43,7 +44,7 @@ def _lora_parts(module: Any) -> tuple[Any, Any, Any, Any, float] | None:
     a, b = module.lora_A[active[0]], module.lora_B[active[0]]
     if type(a) is not nn.Conv2d or type(b) is not nn.Conv2d or b.bias is not None:
         raise LookupError("LoRA layer with non-convolution or biased A/B")
-    return base, a, b, module.lora_dropout[active[0]], float(module.scaling[active[0]])
+    return base, a, b, module.lora_dropout[active[0]], float(module.scaling[active[0]]), active[0]
 
 
 def _foldable_batchnorm(bn: Any) -> bool:
@@ -73,7 +74,6 @@ class _Fold:
         else:
             self.base = parts[0] if parts else conv
         self.lora = parts
-        self.enabled = True
         self._out: Any = None  # weak reference to the last folded output
         self._key: tuple | None = None
         self._cache: tuple[Any, Any, Any] | None = None
@@ -87,7 +87,13 @@ class _Fold:
                 and not any(p.requires_grad for p in base.parameters(recurse=False)))
 
     def active(self) -> bool:
-        return self.enabled and not self.bn.training
+        return not self.bn.training
+
+    def _lora_as_folded(self) -> bool:
+        """The LoRA layer is still in the state it was folded in (not merged, disabled or switched)."""
+        conv = self.conv
+        return (self.lora is None or (not conv.merged and not conv.disable_adapters
+                                      and list(conv.active_adapters) == [self.lora[5]]))
 
     def folded(self) -> tuple[Any, Any, Any]:
         """(k * W, k * b + c, k) for the current weights, device and dtype (recomputed when they change)."""
@@ -112,12 +118,13 @@ class _Fold:
         return self._cache
 
     def conv_forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self.active() or args or kwargs:
+        if not self.active() or args or kwargs or not self._lora_as_folded():
+            self._out = None  # its BatchNorm computes as usual
             return type(self.conv).forward(self.conv, x, *args, **kwargs)
         weight, bias, k = self.folded()
         out = self.base._conv_forward(x, weight, bias)
         if self.lora is not None:  # PEFT's LoRA forward, with s * k folded into B
-            _, lora_a, lora_b, dropout, scaling = self.lora
+            _, lora_a, lora_b, dropout, scaling, _ = self.lora
             h = lora_a(dropout(self.conv._cast_input_dtype(x, lora_a.weight.dtype)))
             b_weight = lora_b.weight * (k * scaling).to(lora_b.weight.dtype).view(-1, 1, 1, 1)
             out = (out + lora_b._conv_forward(h, b_weight, None)).to(out.dtype)
@@ -132,7 +139,7 @@ class _Fold:
             self._key = None
             return type(bn).forward(bn, x)
         if self._out is None or self._out() is not x:
-            # not the folded convolution's output (e.g. the convolution was replaced by a merge): plain BN
+            # not the folded convolution's output (it ran unfolded, or was replaced by a merge): plain BN
             return type(bn).forward(bn, x)
         if hasattr(bn, "act"):  # timm's BatchNormAct2d: BatchNorm, then dropout and activation
             return bn.act(bn.drop(x))
