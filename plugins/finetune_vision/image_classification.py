@@ -295,7 +295,7 @@ class ImageClassification(Task):
     def speed_notes(self) -> list[str]:
         if not self._folds_batchnorm():
             return []
-        return ["task.fold_batchnorm: frozen BatchNorm layers are computed folded into the convolutions before them "
+        return ["task.fold_batchnorm: each frozen BatchNorm that follows a convolution is computed folded into it "
                 "(the same function; float rounding differs; set it to false to compute them separately)"]
 
     def _folds_batchnorm(self) -> bool:
