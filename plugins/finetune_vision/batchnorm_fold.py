@@ -28,63 +28,41 @@ from typing import Any
 CHECK_RTOL = 1e-3
 
 
-def _lora_parts(module: Any) -> tuple[Any, Any, Any, Any, float, str] | None:
-    """(base conv, lora_A, lora_B, lora dropout, scaling, adapter name) of a plain PEFT LoRA Conv2d, None if it
-    is anything else.
-    Raises ``LookupError`` for a LoRA layer in a state the fold does not cover."""
+def _fold_parts(conv: Any, bn: Any) -> tuple[Any, tuple | None] | None:
+    """(base convolution, LoRA parts or None) when ``bn`` can be folded into ``conv``: a frozen
+    BatchNorm2d (or timm's BatchNormAct2d) after a frozen Conv2d, plain or wrapped by PEFT with one plain
+    LoRA adapter. LoRA parts: (lora_A, lora_B, lora dropout, scaling, adapter name). None otherwise."""
     import torch.nn as nn
+    from timm.layers import BatchNormAct2d
 
-    base = getattr(module, "base_layer", None)
-    if not (hasattr(module, "lora_A") and hasattr(module, "lora_B") and type(base) is nn.Conv2d):
+    if (type(bn) not in (nn.BatchNorm2d, BatchNormAct2d) or bn.running_mean is None or bn.running_var is None
+            or any(p.requires_grad for p in bn.parameters(recurse=False))):
         return None
-    active = [a for a in module.active_adapters if a in module.lora_A.keys()]
-    if (len(active) != 1 or module.merged or module.disable_adapters or active[0] in getattr(module, "lora_variant", {})
-            or getattr(module, "use_dora", {}).get(active[0], False)):
-        raise LookupError("LoRA layer with several, merged, disabled or DoRA adapters")
-    a, b = module.lora_A[active[0]], module.lora_B[active[0]]
-    if type(a) is not nn.Conv2d or type(b) is not nn.Conv2d or b.bias is not None:
-        raise LookupError("LoRA layer with non-convolution or biased A/B")
-    return base, a, b, module.lora_dropout[active[0]], float(module.scaling[active[0]]), active[0]
-
-
-def _foldable_batchnorm(bn: Any) -> bool:
-    import torch.nn as nn
-
-    kinds = [nn.BatchNorm2d]
-    try:
-        from timm.layers import BatchNormAct2d
-
-        kinds.append(BatchNormAct2d)
-    except ImportError:  # pragma: no cover - timm is a dependency of the vision plugin
-        pass
-    frozen = all(not p.requires_grad for p in bn.parameters(recurse=False))
-    return type(bn) in kinds and bn.running_mean is not None and bn.running_var is not None and frozen
+    lora = None
+    base = getattr(conv, "base_layer", conv)
+    if base is not conv:  # a PEFT LoRA layer: one plain adapter, A and B unbiased convolutions
+        active = [a for a in conv.active_adapters if a in conv.lora_A.keys()]
+        if (len(active) != 1 or conv.merged or conv.disable_adapters or active[0] in getattr(conv, "lora_variant", {})
+                or getattr(conv, "use_dora", {}).get(active[0], False)):
+            return None
+        a, b = conv.lora_A[active[0]], conv.lora_B[active[0]]
+        if type(a) is not nn.Conv2d or type(b) is not nn.Conv2d or b.bias is not None:
+            return None
+        lora = (a, b, conv.lora_dropout[active[0]], float(conv.scaling[active[0]]), active[0])
+    if (type(base) is not nn.Conv2d or base.out_channels != bn.num_features
+            or any(p.requires_grad for p in base.parameters(recurse=False))):
+        return None
+    return base, lora
 
 
 class _Fold:
     """One (convolution, BatchNorm) pair and the folded weight, bias and LoRA factor it caches."""
 
-    def __init__(self, conv: Any, bn: Any) -> None:
-        self.conv, self.bn = conv, bn
-        try:
-            parts = _lora_parts(conv)
-        except LookupError:
-            parts = None
-            self.base = None
-        else:
-            self.base = parts[0] if parts else conv
-        self.lora = parts
+    def __init__(self, conv: Any, bn: Any, base: Any, lora: tuple | None) -> None:
+        self.conv, self.bn, self.base, self.lora = conv, bn, base, lora
         self._out: Any = None  # weak reference to the last folded output
         self._key: tuple | None = None
         self._cache: tuple[Any, Any, Any] | None = None
-
-    @property
-    def valid(self) -> bool:
-        import torch.nn as nn
-
-        base = self.base
-        return (base is not None and type(base) is nn.Conv2d and base.out_channels == self.bn.num_features
-                and not any(p.requires_grad for p in base.parameters(recurse=False)))
 
     def active(self) -> bool:
         return not self.bn.training
@@ -93,7 +71,7 @@ class _Fold:
         """The LoRA layer is still in the state it was folded in (not merged, disabled or switched)."""
         conv = self.conv
         return (self.lora is None or (not conv.merged and not conv.disable_adapters
-                                      and list(conv.active_adapters) == [self.lora[5]]))
+                                      and list(conv.active_adapters) == [self.lora[4]]))
 
     def folded(self) -> tuple[Any, Any, Any]:
         """(k * W, k * b + c, k) for the current weights, device and dtype (recomputed when they change)."""
@@ -124,7 +102,7 @@ class _Fold:
         weight, bias, k = self.folded()
         out = self.base._conv_forward(x, weight, bias)
         if self.lora is not None:  # PEFT's LoRA forward, with s * k folded into B
-            _, lora_a, lora_b, dropout, scaling, _ = self.lora
+            lora_a, lora_b, dropout, scaling, _ = self.lora
             h = lora_a(dropout(self.conv._cast_input_dtype(x, lora_a.weight.dtype)))
             b_weight = lora_b.weight * (k * scaling).to(lora_b.weight.dtype).view(-1, 1, 1, 1)
             out = (out + lora_b._conv_forward(h, b_weight, None)).to(out.dtype)
@@ -200,7 +178,7 @@ def fold_batchnorm(model: Any, run: Any) -> tuple[int, int]:
     try:
         with torch.no_grad():
             pairs = find_pairs(model, run)
-            folds = [f for f in (_Fold(c, b) for c, b in pairs if _foldable_batchnorm(b)) if f.valid]
+            folds = [_Fold(c, b, *parts) for c, b in pairs if (parts := _fold_parts(c, b)) is not None]
             if not folds:
                 return 0, 0
             reference = run()
