@@ -4,10 +4,11 @@ PyTorch's CPU dropout draws one Mersenne-Twister number per element; on small tr
 batches that costs about as much as a third of the layer's matmuls (measured here: 2.3 ms
 for a 32 x 25 x 384 activation, against 0.15 ms to scale it). This module draws the mask
 from numpy's PCG64 instead: 64 random bits per call of the generator, cut into four 16-bit
-lanes, each compared with ``round(p * 65536)`` -- 1.1 ms for the same tensor, the mask
-building included. The drop probability is ``p`` to within 1/65536; the masks differ from
-torch's, so results differ from a run without it (reported by ``finetune validate`` and in
-run.json). Each call seeds its generator from torch's global RNG, so seeding, checkpoints
+lanes, each compared with ``round(p * 65536)``; the boolean result times ``1 / (1 - p)`` is the
+float mask. One call takes 0.6 ms for the same tensor, seeding, mask and multiply included
+(building the same mask with ``np.where`` took 0.9 ms). The drop probability is ``p`` to within
+1/65536; the masks differ from torch's, so results differ from a run without it (reported by
+``finetune validate`` and in run.json). Each call seeds its generator from torch's global RNG, so seeding, checkpoints
 and exact resume work as with torch's dropout. GPUs keep torch's fused dropout.
 """
 
@@ -31,7 +32,7 @@ def fast_dropout_module(p: float) -> Any:
                 return super().forward(x)
             seed = int(torch.randint(0, 2**62, (1,)))
             lanes = np.random.PCG64(seed).random_raw((x.numel() + 3) // 4).view(np.uint16)[:x.numel()]
-            mask = torch.from_numpy(np.where(lanes >= threshold, scale, np.float32(0.0))).view(x.shape)
+            mask = torch.from_numpy(np.multiply(lanes >= threshold, scale, dtype=np.float32)).view(x.shape)
             return x * mask.to(x.dtype)
 
     return FastDropout(p)

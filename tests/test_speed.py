@@ -343,6 +343,24 @@ def test_fast_dropout_drops_p_scales_and_follows_torch_seed():
     assert torch.allclose(w.grad, (out != 0).float() / 0.9)
 
 
+def test_fast_dropout_mask_is_the_documented_pcg64_draw():
+    """The mask is a function of torch's RNG state only (seed -> PCG64 lanes >= round(p * 65536)), so a
+    checkpoint resumes with the same masks whichever way the mask is built."""
+    import numpy as np
+    import torch
+
+    from finetune.fast_dropout import fast_dropout_module
+
+    x = torch.randn(3, 7, 11)
+    torch.manual_seed(7)
+    y = fast_dropout_module(0.25)(x)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    lanes = np.random.PCG64(seed).random_raw((x.numel() + 3) // 4).view(np.uint16)[:x.numel()]
+    keep = torch.from_numpy(lanes >= 16384).view(x.shape)
+    assert torch.equal(y, torch.where(keep, x * np.float32(1 / 0.75), torch.zeros_like(x)))
+
+
 def test_fast_dropout_is_installed_on_cpu_and_reported(make_recipe):
     import torch
 
