@@ -275,9 +275,11 @@ def test_speed_settings_are_reported_by_validate(make_recipe):
     assert shown.returncode == 0
     assert "speed setting:    train.group_by_length" in shown.stdout
     assert "speed setting:    train.fast_dropout" in shown.stdout
+    assert "speed setting:    task.last_layer_cls_only" in shown.stdout
     from finetune.runner import dry_run
 
-    info = dry_run(make_recipe(), ["train.group_by_length=false", "train.fast_dropout=false"], QUIET)
+    info = dry_run(make_recipe(), ["train.group_by_length=false", "train.fast_dropout=false",
+                                   "task.last_layer_cls_only=false"], QUIET)
     assert info["speed_settings"] == []
 
 

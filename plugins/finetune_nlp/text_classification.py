@@ -8,6 +8,7 @@ logistic regression on the same split.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from pydantic import Field
@@ -44,6 +45,13 @@ class TextClassificationOptions(TaskOptions):
         False, description="With LoRA only in the top layers (peft.layers), compute the frozen layers below once "
         "per example and reuse their output every epoch: much faster. Those layers then run without dropout, "
         "which changes results slightly.")
+    last_layer_cls_only: bool = Field(
+        True, description="The classifier reads only the first token ([CLS]) of the last layer, so compute that "
+        "layer's query, attention output and feed-forward block for that token only (keys and values still for "
+        "every token): the same outputs and gradients, a seventh less work on a 6-layer encoder. Applied to "
+        "BERT-style layers (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM) after a check on a probe batch that the head "
+        "reads only that token. That layer's dropout then draws fewer random numbers, so dropout masks differ "
+        "from a run without it.")
 
 
 class TextClassification(Task):
@@ -139,7 +147,22 @@ class TextClassification(Task):
             model.config.pad_token_id = tokenizer.pad_token_id
         if self.recipe.task.cache_frozen_layers:
             self._first_trainable = self._check_prefix_cache(model, tokenizer)
+        self._last_layer_shortened = self.recipe.task.last_layer_cls_only and self._shorten_last_layer(model, tokenizer)
         return model, tokenizer
+
+    def _shorten_last_layer(self, model: Any, tokenizer: Any) -> bool:
+        """task.last_layer_cls_only (finetune_nlp.first_token), checked on a padded probe batch."""
+        from finetune_nlp.first_token import last_layer, shorten_last_layer
+
+        if last_layer(model) is None:
+            return False  # not a BERT-style layer: nothing to shorten, nothing changes
+        probe = tokenizer(["the last layer is checked on this probe text", "a short one"], padding=True,
+                          truncation=True, max_length=self.recipe.data.max_length, return_tensors="pt")
+        shortened, why = shorten_last_layer(model, lambda: model(**probe).logits)
+        if not shortened:
+            print(f"warning: task.last_layer_cls_only: {why}, so the last layer computes every token (slower, "
+                  "same results); set it to false to silence this", file=sys.stderr)
+        return shortened
 
     def _check_prefix_cache(self, model: Any, tokenizer: Any) -> int:
         """The lowest LoRA layer, after checking the cache can be exact (before the run folder exists)."""
@@ -158,10 +181,16 @@ class TextClassification(Task):
         return layers[0]
 
     def speed_notes(self) -> list[str]:
-        if not self.recipe.task.cache_frozen_layers:
-            return []
-        return ["task.cache_frozen_layers: the frozen layers below peft.layers run once per example, in eval mode "
-                "(no dropout there): faster, results differ slightly from training without the cache"]
+        notes = []
+        if getattr(self, "_last_layer_shortened", False):
+            notes.append("task.last_layer_cls_only: the last layer computes the first token only, the one the "
+                         "classifier reads (same function; its dropout draws fewer masks, so masks differ; set it "
+                         "to false to compute every token)")
+        if self.recipe.task.cache_frozen_layers:
+            notes.append("task.cache_frozen_layers: the frozen layers below peft.layers run once per example, in "
+                         "eval mode (no dropout there): faster, results differ slightly from training without the "
+                         "cache")
+        return notes
 
     def _prefix(self, model: Any) -> FrozenPrefixCache | None:
         if not self.recipe.task.cache_frozen_layers:
