@@ -17,23 +17,31 @@ from __future__ import annotations
 from typing import Any
 
 
-def fast_dropout_module(p: float) -> Any:
-    """A drop-in replacement for ``torch.nn.Dropout(p)``."""
+def numpy_dropout(x: Any, p: float) -> Any:
+    """Dropout of a CPU tensor with a numpy PCG64 mask (training-mode ``F.dropout(x, p)`` with other
+    random numbers, seeded from torch's global RNG). Other devices and dtypes get torch's dropout."""
     import numpy as np
     import torch
 
+    if p == 0 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.nn.functional.dropout(x, p, training=True)
     threshold = min(65535, round(p * 65536))
     scale = np.float32(1.0 / (1.0 - p)) if p < 1 else np.float32(0.0)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    lanes = np.random.PCG64(seed).random_raw((x.numel() + 3) // 4).view(np.uint16)[:x.numel()]
+    mask = torch.from_numpy(np.multiply(lanes >= threshold, scale, dtype=np.float32)).view(x.shape)
+    return x * mask.to(x.dtype)
+
+
+def fast_dropout_module(p: float) -> Any:
+    """A drop-in replacement for ``torch.nn.Dropout(p)``."""
+    import torch
 
     class FastDropout(torch.nn.Dropout):
         def forward(self, x: Any) -> Any:
-            if not self.training or self.p == 0 or x.device.type != "cpu" or x.dtype not in (
-                    torch.float32, torch.bfloat16, torch.float16):
+            if not self.training or self.p == 0:
                 return super().forward(x)
-            seed = int(torch.randint(0, 2**62, (1,)))
-            lanes = np.random.PCG64(seed).random_raw((x.numel() + 3) // 4).view(np.uint16)[:x.numel()]
-            mask = torch.from_numpy(np.multiply(lanes >= threshold, scale, dtype=np.float32)).view(x.shape)
-            return x * mask.to(x.dtype)
+            return numpy_dropout(x, self.p)
 
     return FastDropout(p)
 

@@ -56,8 +56,9 @@ def callback_plugin():
 def test_training_learns_and_writes_complete_run_folder(make_recipe):
     # Every fixture text has the same length, so length grouping would only reorder the batches; the
     # accuracy bar below was set with the plain shuffled order (on 40 eval examples the order alone moves
-    # accuracy by several points).
-    run = run_recipe(make_recipe(train="epochs = 4\ngroup_by_length = false"), [], console=QUIET)
+    # accuracy by several points). 8 epochs: after 4, seeds 0-5 ended anywhere from 0.58 to 0.90 (the
+    # dropout masks alone move it that much); after 8, from 0.80 to 0.95.
+    run = run_recipe(make_recipe(train="epochs = 8\ngroup_by_length = false"), [], console=QUIET)
     assert run.is_finished()
     for name in ("recipe.toml", "run.json", "metrics.jsonl", "metrics.json", "curves.png", "README.md"):
         assert (run.path / name).exists(), name

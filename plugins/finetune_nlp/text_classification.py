@@ -148,11 +148,19 @@ class TextClassification(Task):
         if self.recipe.task.cache_frozen_layers:
             self._first_trainable = self._check_prefix_cache(model, tokenizer)
         self._last_layer_shortened = self.recipe.task.last_layer_cls_only and self._shorten_last_layer(model, tokenizer)
+        self._numpy_attention_layers = 0
+        if self.recipe.train.fast_dropout:
+            import torch
+
+            from finetune_nlp.bert_layers import numpy_attention_dropout
+
+            if not torch.cuda.is_available():
+                self._numpy_attention_layers = numpy_attention_dropout(model)
         return model, tokenizer
 
     def _shorten_last_layer(self, model: Any, tokenizer: Any) -> bool:
-        """task.last_layer_cls_only (finetune_nlp.first_token), checked on a padded probe batch."""
-        from finetune_nlp.first_token import last_layer, shorten_last_layer
+        """task.last_layer_cls_only (finetune_nlp.bert_layers), checked on a padded probe batch."""
+        from finetune_nlp.bert_layers import last_layer, shorten_last_layer
 
         if last_layer(model) is None:
             return False  # not a BERT-style layer: nothing to shorten, nothing changes
@@ -182,6 +190,10 @@ class TextClassification(Task):
 
     def speed_notes(self) -> list[str]:
         notes = []
+        if getattr(self, "_numpy_attention_layers", 0):
+            notes.append(f"train.fast_dropout: attention dropout in {self._numpy_attention_layers} BERT-style layers "
+                         "also draws numpy masks on CPU (attention computed as softmax(q k^T) x v while training "
+                         "instead of PyTorch's fused attention; same function, different masks)")
         if getattr(self, "_last_layer_shortened", False):
             notes.append("task.last_layer_cls_only: the last layer computes the first token only, the one the "
                          "classifier reads (same function; its dropout draws fewer masks, so masks differ; set it "

@@ -1,4 +1,5 @@
-"""task.last_layer_cls_only: the last encoder layer computed for the first token only."""
+"""finetune_nlp.bert_layers: the last encoder layer for the first token only (task.last_layer_cls_only)
+and attention dropout with numpy masks on CPU (train.fast_dropout)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_shortened_last_layer_gives_the_same_logits_loss_and_gradients(tiny_bert
     """float64, no dropout: everything the model computes for the head is equal to rounding."""
     import torch
 
-    from finetune_nlp.first_token import is_shortened, last_layer, shorten_last_layer
+    from finetune_nlp.bert_layers import is_shortened, last_layer, shorten_last_layer
 
     model = _model(tiny_bert, attention, torch.float64)
     batch = _batch(tiny_bert)  # padded: 3, 1, 5 and 2 words
@@ -78,7 +79,7 @@ def test_shortened_last_layer_gives_the_same_logits_loss_and_gradients(tiny_bert
 def test_training_mode_runs_dropout_and_trains_the_last_layer(tiny_bert):
     import torch
 
-    from finetune_nlp.first_token import shorten_last_layer
+    from finetune_nlp.bert_layers import shorten_last_layer
 
     model = _model(tiny_bert)
     batch = _batch(tiny_bert)
@@ -99,7 +100,7 @@ def test_training_mode_runs_dropout_and_trains_the_last_layer(tiny_bert):
 def test_a_head_that_reads_other_tokens_keeps_the_full_layer(tiny_bert):
     import torch
 
-    from finetune_nlp.first_token import is_shortened, shorten_last_layer
+    from finetune_nlp.bert_layers import is_shortened, shorten_last_layer
 
     model = _model(tiny_bert)
     pooler = model.get_base_model().bert.pooler
@@ -115,7 +116,7 @@ def test_a_head_that_reads_other_tokens_keeps_the_full_layer(tiny_bert):
 def test_other_layouts_are_left_alone():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from finetune_nlp.first_token import last_layer, shorten_last_layer
+    from finetune_nlp.bert_layers import last_layer, shorten_last_layer
 
     model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2,
                                                                  hidden_dim=64, max_position_embeddings=16))
@@ -125,7 +126,7 @@ def test_other_layouts_are_left_alone():
 
 def test_on_by_default_reported_and_off_with_the_option(make_recipe, tmp_path):
     from finetune.runner import build_model, dry_run, open_session, run_recipe
-    from finetune_nlp.first_token import is_shortened
+    from finetune_nlp.bert_layers import is_shortened
 
     model, _, _ = build_model(open_session(make_recipe()))
     assert is_shortened(model)
@@ -137,3 +138,69 @@ def test_on_by_default_reported_and_off_with_the_option(make_recipe, tmp_path):
     assert not any("last_layer_cls_only" in n for n in dry_run(make_recipe(), off, QUIET)["speed_settings"])
     run = run_recipe(make_recipe(train="epochs = 1", output=str(tmp_path / "run")), [], console=QUIET)
     assert any(n.startswith("task.last_layer_cls_only:") for n in run.info()["speed_settings"])
+
+
+# -- attention dropout with numpy masks (train.fast_dropout) ---------------------------------------
+
+def test_numpy_attention_is_softmax_attention_with_numpy_dropout(tiny_bert):
+    import torch
+    import torch.nn.functional as F
+
+    from finetune import numpy_dropout
+    from finetune_nlp.bert_layers import _attention, numpy_attention_dropout
+
+    model = _model(tiny_bert)
+    assert numpy_attention_dropout(model) == 2
+    sa = model.get_base_model().bert.encoder.layer[0].attention.self
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 16, requires_grad=True) for _ in range(3))
+    keep = torch.tensor([[True] * 5, [True, True, True, False, False]])[:, None, None, :]  # key padding
+    sa.train()
+    torch.manual_seed(3)
+    out = _attention(sa, q, k, v, keep)
+    torch.manual_seed(3)
+    scores = (q @ k.transpose(-1, -2)) * sa.scaling + torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    expected = numpy_dropout(scores.softmax(-1), sa.dropout.p) @ v
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert not torch.allclose(out, F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling))
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+    sa.eval()  # evaluation: PyTorch's attention, no dropout
+    assert torch.equal(_attention(sa, q, k, v, keep),
+                       F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling))
+
+
+def test_numpy_attention_layers_train_and_evaluate_like_the_originals(tiny_bert):
+    import torch
+
+    from finetune_nlp.bert_layers import numpy_attention_dropout
+
+    model = _model(tiny_bert)
+    batch = _batch(tiny_bert)
+    model.eval()
+    reference = model(**batch).logits.detach()
+    assert numpy_attention_dropout(model) == 2
+    assert torch.equal(model(**batch).logits.detach(), reference)  # evaluation is unchanged
+    model.train()
+    torch.manual_seed(1)
+    logits, loss, grads = _loss_and_grads(model, batch)
+    assert torch.isfinite(loss) and not torch.allclose(logits, reference)  # dropout on
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n)
+    for module in model.modules():  # no dropout: PyTorch's attention, the same logits as in evaluation
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    assert torch.allclose(model(**batch).logits, reference, atol=1e-6)
+
+
+def test_numpy_attention_follows_fast_dropout_and_is_reported(make_recipe):
+    from finetune.runner import build_model, dry_run, open_session
+
+    model, _, _ = build_model(open_session(make_recipe()))
+    layers = model.get_base_model().bert.encoder.layer
+    assert all("forward" in layer.attention.self.__dict__ for layer in layers)
+    notes = dry_run(make_recipe(), [], QUIET)["speed_settings"]
+    assert any(n.startswith("train.fast_dropout: attention dropout in 2 BERT-style layers") for n in notes)
+    off = ["train.fast_dropout=false"]
+    model, _, _ = build_model(open_session(make_recipe(), off))
+    assert not any("forward" in layer.attention.self.__dict__ for layer in model.get_base_model().bert.encoder.layer)
+    assert not any("attention dropout" in n for n in dry_run(make_recipe(), off, QUIET)["speed_settings"])
