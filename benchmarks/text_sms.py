@@ -119,11 +119,13 @@ def write_inputs(data: Path, folder: Path, epochs: int, cache: bool = False, pre
     return recipe
 
 
-def step_flops(shapes: dict[tuple[int, int], int], top_layers: int | None = None) -> float:
+def step_flops(shapes: dict[tuple[int, int], int], top_layers: int | None = None, first_token: bool = False) -> float:
     """FLOPs of training steps (forward + backward) of the benchmark's model, per batch shape.
 
     ``shapes`` maps (batch, length) to how many steps had that shape. ``top_layers``: count only
-    the top layers (the frozen-prefix cache runs nothing below them during training)."""
+    the top layers (the frozen-prefix cache runs nothing below them during training).
+    ``first_token``: the last layer computes the first token only (finetune's
+    ``task.last_layer_cls_only``, on by default)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
@@ -138,6 +140,11 @@ def step_flops(shapes: dict[tuple[int, int], int], top_layers: int | None = None
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
                                              target_modules=["query", "value"],
                                              modules_to_save=["classifier", "pooler"]))
+    if first_token:
+        from finetune_nlp.bert_layers import shorten_last_layer
+
+        probe = torch.tensor([[101, 2023, 2003, 102], [101, 2023, 102, 0]])
+        assert shorten_last_layer(model, lambda: model(input_ids=probe, attention_mask=(probe > 0).long()).logits)[0]
     model.train()
     total = 0.0
     for (b, length), count in shapes.items():
@@ -247,11 +254,11 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     peak = peak_matmul_gflops()
     lengths = train_lengths(Path(args.data))
-    flops = {"finetune": step_flops(batch_shapes(lengths, args.epochs, grouped=True)),
+    flops = {"finetune": step_flops(batch_shapes(lengths, args.epochs, grouped=True), first_token=True),
              "trainer": step_flops(batch_shapes(lengths, args.epochs, grouped=False))}
     if "finetune-cache" in args.variants:
-        flops["finetune-cache"] = (step_flops(batch_shapes(lengths, args.epochs, grouped=True), top_layers=2)
-                                   + prefix_flops(lengths, 4))
+        flops["finetune-cache"] = (step_flops(batch_shapes(lengths, args.epochs, grouped=True), top_layers=2,
+                                              first_token=True) + prefix_flops(lengths, 4))
     unit = "fp32" if precision == "no" else "bf16"
     print(f"\n{started}, {args.epochs} epochs, {args.repeats} repeat(s), {unit} on both sides; machine peak "
           f"matmul: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
