@@ -170,6 +170,29 @@ def test_numpy_attention_is_softmax_attention_with_numpy_dropout(tiny_bert):
                        F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=sa.scaling))
 
 
+def test_numpy_attention_dropout_is_unbiased_like_torchs():
+    """Averaged over many draws, attention with dropout is attention without it, as for PyTorch's."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from finetune_nlp.bert_layers import _attention
+
+    sa = types.SimpleNamespace(dropout=torch.nn.Dropout(0.1), training=True, scaling=0.25,
+                               _finetune_numpy_dropout=True)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 16) for _ in range(3))
+    keep = torch.tensor([[True] * 5, [True, True, True, False, False]])[:, None, None, :]
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.25)
+    draws = 2000
+    ours = sum(_attention(sa, q, k, v, keep) for _ in range(draws)) / draws
+    torchs = sum(F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.25, dropout_p=0.1)
+                 for _ in range(draws)) / draws
+    ours_err, torchs_err = float((ours - exact).abs().max()), float((torchs - exact).abs().max())
+    assert ours_err < 0.06 and torchs_err < 0.06, (ours_err, torchs_err)  # a dropped 1/(1-p) would be ~0.2
+
+
 def test_numpy_attention_layers_train_and_evaluate_like_the_originals(tiny_bert):
     import torch
 
