@@ -8,8 +8,10 @@ lanes, each compared with ``round(p * 65536)``; the boolean result times ``1 / (
 float mask. One call takes 0.6 ms for the same tensor, seeding, mask and multiply included
 (building the same mask with ``np.where`` took 0.9 ms). The drop probability is ``p`` to within
 1/65536; the masks differ from torch's, so results differ from a run without it (reported by
-``finetune validate`` and in run.json). Each call seeds its generator from torch's global RNG, so seeding, checkpoints
-and exact resume work as with torch's dropout. GPUs keep torch's fused dropout.
+``finetune validate`` and in run.json). Each call seeds its generator from torch's global RNG,
+so seeding, checkpoints and exact resume work as with torch's dropout. GPUs keep torch's fused
+dropout. :func:`numpy_dropout` is the same dropout as a function, for tasks that compute
+dropout themselves.
 """
 
 from __future__ import annotations

@@ -89,13 +89,20 @@ def _unusual(attention_mask: Any, width: int, args: tuple, kwargs: dict[str, Any
                                                 or attention_mask.shape[-2] not in (1, width))))
 
 
+def _numpy_path(sa: Any, x: Any) -> bool:
+    """Whether attention dropout is drawn with numpy masks now: training on CPU with dropout, in a layer
+    that :func:`numpy_attention_dropout` switched over."""
+    return (sa.training and sa.dropout.p > 0 and x.device.type == "cpu"
+            and getattr(sa, "_finetune_numpy_dropout", False))
+
+
 def _attention(sa: Any, query: Any, key: Any, value: Any, mask: Any) -> Any:
     """softmax(query key^T * scale + mask), dropped out when training, times value ([batch, heads, tokens, size])."""
     import torch
     import torch.nn.functional as F
 
     p = sa.dropout.p if sa.training else 0.0
-    if p == 0 or query.device.type != "cpu" or not getattr(sa, "_finetune_numpy_dropout", False):
+    if not _numpy_path(sa, query):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p, scale=sa.scaling)
     from finetune import numpy_dropout
 
@@ -119,8 +126,7 @@ def _self_attention_forward(self: Any, hidden_states: Any, attention_mask: Any =
                             **kwargs: Any) -> Any:
     """``BertSelfAttention.forward`` through :func:`_attention` while training on CPU."""
     batch, width = hidden_states.shape[:2]
-    if (not self.training or self.dropout.p == 0 or hidden_states.device.type != "cpu"
-            or _unusual(attention_mask, width, args, kwargs)):
+    if not _numpy_path(self, hidden_states) or _unusual(attention_mask, width, args, kwargs):
         return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
     size = self.attention_head_size
     context = _attention(self, _heads(self.query(hidden_states), batch, width, size),
