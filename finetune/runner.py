@@ -398,9 +398,9 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
         run.update_info(data_changed_during_run=changed)
         console.print("warning: data files changed while the run was training (it used the content read at "
                       "the start, fingerprinted in run.json):\n  " + "\n  ".join(changed))
-    write_json_atomic(run.metrics_file, metrics)
     plot_curves(run.read_metrics_log(), run.curves_file, result.metric)
-    _guard(task, "finalize_run", task.finalize_run, run.path, metrics)
+    _guard(task, "finalize_run", task.finalize_run, run.path, metrics)  # may add entries to metrics
+    write_json_atomic(run.metrics_file, metrics)
     from finetune.card import render_model_card
 
     card = render_model_card(recipe=recipe.to_dict(), task=task, backbone=session.backbone.to_dict(),

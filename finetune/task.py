@@ -137,9 +137,11 @@ class Task:
         generations) under ``run_path``. Must not change the model."""
 
     def finalize_run(self, run_path: Path, metrics: dict[str, Any]) -> None:
-        """Called once when training finished, before the model card; ``metrics`` is what
-        metrics.json holds (``best`` includes non-scalar entries of the best evaluation under
-        ``best_details``). Write final artifacts (e.g. a confusion-matrix image)."""
+        """Called once when training finished, before metrics.json and the model card are written.
+        ``metrics`` is what metrics.json will hold (``best`` includes non-scalar entries of the
+        best evaluation under ``best_details``): add entries to it (e.g. data counts) and the core
+        writes them to metrics.json and passes them to the card; do not write metrics.json
+        yourself. Write other final artifacts (e.g. a confusion-matrix image) under ``run_path``."""
 
     def train_batches(self, dataset: Any, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
         """The training batches of one epoch, as lists of dataset indices.

@@ -330,7 +330,8 @@ class CausalLM(Task):
         return result
 
     def finalize_run(self, run_path: Path, metrics: dict[str, Any]) -> None:
-        """Record truncation counts and the before/after samples (metrics.json, samples/before_after.md)."""
+        """Add truncation counts and sample scores to ``metrics`` (the core writes metrics.json after
+        this) and write samples/before_after.md."""
         metrics.setdefault("data", {}).update({k: v for k, v in self._info.items()
                                                if k.endswith(("_truncated", "_dropped", "_packed_rows", "shape"))})
         folder = Path(run_path) / SAMPLES_DIR
@@ -355,7 +356,6 @@ class CausalLM(Task):
                     print(f"  before:    {_one_line(before[i]['generation'])}")
                 print(f"  after:     {_one_line(row['generation'])}")
                 print(f"  reference: {_one_line(row['reference'])}")
-        _write_atomic(Path(run_path) / "metrics.json", json.dumps(metrics, indent=2))
 
     # -- inference -----------------------------------------------------
     def predict_input_columns(self) -> list[str]:
