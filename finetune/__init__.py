@@ -7,7 +7,7 @@ may change. Importing this package does not import torch.
 from finetune.backbones import ResolvedBackbone, resolve_layers, transformer_layers
 from finetune.data import load_table, require_columns, split_frame
 from finetune.errors import BackboneError, DataError, FinetuneError, PluginError, RecipeError
-from finetune.fast_dropout import numpy_dropout
+from finetune.fast_dropout import fast_dropout_applies, numpy_dropout
 from finetune.loop import LoopState, epoch_batches, length_grouped_batches
 from finetune.plugins import HOOK_VERSION as FINETUNE_HOOK_VERSION
 from finetune.plugins import hookimpl
@@ -39,6 +39,7 @@ __all__ = [
     "cache_root",
     "cached_folder",
     "epoch_batches",
+    "fast_dropout_applies",
     "hookimpl",
     "length_grouped_batches",
     "load_run",

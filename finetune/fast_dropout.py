@@ -35,6 +35,17 @@ def numpy_dropout(x: Any, p: float) -> Any:
     return x * mask.to(x.dtype)
 
 
+def fast_dropout_applies(recipe: Any) -> bool:
+    """Whether ``train.fast_dropout`` takes effect for a run of ``recipe``: it is on and training runs
+    on CPU (with a CUDA device, torch's fused dropout is kept). The one decision for the core's
+    dropout layers and for tasks that compute dropout themselves."""
+    if not recipe.train.fast_dropout:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def fast_dropout_module(p: float) -> Any:
     """A drop-in replacement for ``torch.nn.Dropout(p)``."""
     import torch

@@ -19,6 +19,7 @@ from finetune.backbones import LoraReport, ResolvedBackbone, attach_lora, resolv
 from finetune.console import Console
 from finetune.data import data_changes, data_fingerprints
 from finetune.errors import FinetuneError, PluginError, RunError
+from finetune.fast_dropout import fast_dropout_applies
 from finetune.plugins import PluginRegistry, get_registry
 from finetune.recipe import Recipe, load_recipe
 from finetune.runs import RunDir, plot_curves, replace_dir_atomic, write_json_atomic, write_text_atomic
@@ -118,17 +119,11 @@ def build_model(session: Session) -> tuple[Any, Any, LoraReport]:
     task = session.task
     model, processor = _guard(task, "load_model", task.load_model, session.backbone)
     model, report = attach_lora(model, session.recipe.peft, task)
-    if session.recipe.train.fast_dropout and _trains_on_cpu():
+    if fast_dropout_applies(session.recipe):
         from finetune.fast_dropout import install_fast_dropout
 
         report.fast_dropout_modules = install_fast_dropout(model)
     return model, processor, report
-
-
-def _trains_on_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 def speed_settings(task: Task, recipe: Recipe, train_ds: Any, report: LoraReport | None = None) -> list[str]:

@@ -21,6 +21,7 @@ from finetune import (
     RecipeError,
     Task,
     TaskOptions,
+    fast_dropout_applies,
     load_table,
     require_columns,
     split_frame,
@@ -149,13 +150,10 @@ class TextClassification(Task):
             self._first_trainable = self._check_prefix_cache(model, tokenizer)
         self._last_layer_shortened = self.recipe.task.last_layer_cls_only and self._shorten_last_layer(model, tokenizer)
         self._numpy_attention_layers = 0
-        if self.recipe.train.fast_dropout:
-            import torch
-
+        if fast_dropout_applies(self.recipe):
             from finetune_nlp.bert_layers import numpy_attention_dropout
 
-            if not torch.cuda.is_available():
-                self._numpy_attention_layers = numpy_attention_dropout(model)
+            self._numpy_attention_layers = numpy_attention_dropout(model)
         return model, tokenizer
 
     def _shorten_last_layer(self, model: Any, tokenizer: Any) -> bool:
