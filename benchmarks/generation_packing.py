@@ -43,7 +43,7 @@ def main() -> None:
     import tomli_w
     import torch
 
-    from finetune.runner import build_model, open_session
+    from finetune.run.session import build_model, open_session
 
     tmp = Path(tempfile.mkdtemp(prefix="gen-bench-"))
     data = tmp / "train.jsonl"
@@ -53,7 +53,7 @@ def main() -> None:
                                   ("packing", {"packing": True}, False)):
         recipe = tmp / "recipe.toml"
         recipe.write_text(tomli_w.dumps({
-            "task": {"name": "causal-lm", "baseline": False, "sample_prompts": 0},
+            "task": {"name": "causal-lm", "sample_prompts": 0},
             "model": {"backbone": args.backbone},
             "data": {"train": str(data), "eval": str(data), "max_length": args.max_length, **extra},
             "peft": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},

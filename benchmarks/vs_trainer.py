@@ -8,7 +8,7 @@ a fresh process, so wall time includes imports and model loading; peak RSS is th
 high-water mark (getrusage) up to the end of its final evaluation, before the FLOP replay, whose
 time is not counted in the wall time either.
 Both sides skip checkpoints and evaluate once at the end; finetune's extras that cost time outside
-training (baselines, sample generations) are switched off.
+training (baselines, the evaluation before training, sample generations) are switched off.
 
 Training FLOPs are counted the same way on both sides (benchmarks/flop_probe.py: the batch shapes
 each process really trained, replayed under torch's FlopCounterMode, padding included) and shown
@@ -207,7 +207,7 @@ WORKLOADS = {
                "metric": "accuracy", "unit": "clips", "overrides": ["task.baseline=false"], "quick_limit": 64},
     "generation": {"recipe": "generation-quickstart.toml", "script": GENERATION,
                    "data": "data/arithmetic_instructions.jsonl", "metric": "eval_loss", "unit": "examples",
-                   "overrides": ["task.baseline=false", "task.sample_prompts=0"], "quick_limit": 96},
+                   "overrides": ["task.sample_prompts=0"], "quick_limit": 96},
 }
 
 
@@ -215,7 +215,7 @@ def run_finetune(w: dict, folder: Path, epochs: int | None, limit: int, precisio
     out = folder / "finetune-run"
     flops = folder / "finetune-flops.json"
     sets = [*w["overrides"], f"output.dir=\"{out}\"", "train.checkpoint_every_steps=0",
-            f"train.mixed_precision=\"{'bf16' if precision == 'bf16' else 'no'}\""]
+            "train.eval_before_training=false", f"train.mixed_precision=\"{'bf16' if precision == 'bf16' else 'no'}\""]
     if epochs:
         sets.append(f"train.epochs={epochs}")
     if limit:

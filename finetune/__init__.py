@@ -1,53 +1,63 @@
 """finetune: adapt pretrained models to small domain datasets with LoRA.
 
-The public API for plugin authors is the names in ``__all__``; everything else
-may change. Importing this package does not import torch.
+The public API for plugin authors is the names in ``__all__``, each documented in
+docs/plugin-reference.md; everything else may change. Importing this package does
+not import torch.
+
+The package is layered, imports going one way (a test keeps it so): ``errors`` at the
+bottom; ``contract/`` (what a plugin implements and uses); ``engine/`` (recipes, plugins,
+backbones, LoRA, the loop, evaluation, checkpoints, the run folder); ``run/`` (a run end to
+end and what it leaves: adapter, card, hub, inference); ``cli/`` and ``testing`` on top.
 """
 
-from finetune.backbones import ResolvedBackbone, resolve_layers, transformer_layers
-from finetune.data import load_table, require_columns, split_frame
+from finetune.contract.backbone import ResolvedBackbone, cache_root, cached_folder, package_dir, upstream_id_of
+from finetune.contract.batching import epoch_batches, length_grouped_batches
+from finetune.contract.callbacks import Callback, LoopState
+from finetune.contract.hookspecs import HOOK_VERSION as FINETUNE_HOOK_VERSION
+from finetune.contract.hookspecs import hookimpl
+from finetune.contract.labels import label_text, sorted_labels
+from finetune.contract.layers import attention_projections, resolve_layers, transformer_layers
+from finetune.contract.recipe import DataOptions, PathStr, Recipe, TaskOptions
+from finetune.contract.tables import load_table, read_jsonl, require_columns, split_frame
+from finetune.contract.task import DataSplits, Task
+from finetune.engine.run_folder import RunDir
 from finetune.errors import BackboneError, DataError, FinetuneError, PluginError, RecipeError
-from finetune.fast_dropout import fast_dropout_applies, numpy_dropout
-from finetune.loop import LoopState, epoch_batches, length_grouped_batches
-from finetune.plugins import HOOK_VERSION as FINETUNE_HOOK_VERSION
-from finetune.plugins import hookimpl
-from finetune.prefix_cache import FrozenPrefixCache
-from finetune.recipe import DataOptions, PathStr, TaskOptions
-from finetune.runner import load_run
-from finetune.runs import RunDir
-from finetune.task import DataSplits, Task
-from finetune.zoo import cache_root, cached_folder, package_dir
+from finetune.run.inference import load_run
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FINETUNE_HOOK_VERSION",
     "BackboneError",
+    "Callback",
     "DataError",
     "DataOptions",
     "DataSplits",
     "FinetuneError",
-    "FrozenPrefixCache",
     "LoopState",
     "PathStr",
     "PluginError",
+    "Recipe",
     "RecipeError",
     "ResolvedBackbone",
     "RunDir",
     "Task",
     "TaskOptions",
+    "attention_projections",
     "cache_root",
     "cached_folder",
     "epoch_batches",
-    "fast_dropout_applies",
     "hookimpl",
+    "label_text",
     "length_grouped_batches",
     "load_run",
     "load_table",
-    "numpy_dropout",
     "package_dir",
+    "read_jsonl",
     "require_columns",
     "resolve_layers",
+    "sorted_labels",
     "split_frame",
     "transformer_layers",
+    "upstream_id_of",
 ]

@@ -4,7 +4,8 @@ Data: JSONL (or any table file) with chat ``messages``, prompt/completion pairs,
 instruction/input/output, or plain text. The backbone's chat template renders the examples when it
 has one; the loss covers only the answer tokens (``task.train_on = "all"`` learns everything) and
 the end-of-answer token is always learned, so the fine-tuned model stops. Eval: loss, perplexity,
-and sample generations from held-out prompts written to ``samples/`` at every evaluation.
+and sample generations from held-out prompts written to ``samples/`` at every evaluation, also the
+one before training (step 0), which ``samples/before_after.md`` compares with the best checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from finetune import DataError, DataOptions, DataSplits, PathStr, RecipeError, Task, TaskOptions, transformer_layers
+from finetune import (
+    DataError,
+    DataOptions,
+    DataSplits,
+    PathStr,
+    RecipeError,
+    Task,
+    TaskOptions,
+    attention_projections,
+    transformer_layers,
+)
 from finetune_generation.data import (
     IGNORE,
     Encoder,
@@ -35,7 +46,6 @@ from finetune_generation.data import (
     read_records,
 )
 
-_ATTENTION_NAMES = (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",), ("Wqkv",), ("query", "value"))
 SAMPLES_DIR = "samples"
 
 
@@ -75,9 +85,8 @@ class CausalLMOptions(TaskOptions):
     seed: int | None = Field(None, description="Generation: seed for sampling (reproducible samples).")
     sample_prompts: int = Field(4, ge=0, description="Held-out prompts generated at every evaluation "
                                                      "(samples/step-N.jsonl); 0 = off.")
-    sample_max_new_tokens: int = Field(64, gt=0, description="Most new tokens for those eval samples.")
-    baseline: bool = Field(True, description="Before training, score the untouched base model: held-out loss, "
-                                             "perplexity and sample answers (baseline.* and samples/step-0).")
+    sample_max_new_tokens: int = Field(64, gt=0, description="Most new tokens for those eval samples "
+                                                             "(also before training, samples/step-00000000.jsonl).")
 
 
 class CausalLM(Task):
@@ -95,8 +104,6 @@ class CausalLM(Task):
         self._info: dict[str, Any] = {}
         self._model: Any = None
         self._eval_examples: list[Example] = []
-        self._eval_ds: Any = None
-        self._collate: Any = None
         self.encoder: Encoder | None = None
 
     # -- data ----------------------------------------------------------
@@ -156,10 +163,7 @@ class CausalLM(Task):
             self._check_packing_support()
             items = pack(items, data.max_length)
             self._info["train_packed_rows"] = len(items)
-        dataset = TokenDataset(items)
-        if not training:
-            self._eval_ds = dataset
-        return dataset
+        return TokenDataset(items)
 
     def _encoder(self, processor: Any) -> Encoder:
         if self.encoder is None or self.encoder.tokenizer is not processor:
@@ -185,7 +189,6 @@ class CausalLM(Task):
         def fn(items: list[dict[str, list[int]]]) -> dict[str, Any]:
             return collate(items, pad_id)
 
-        self._collate = fn
         return fn
 
     def example_lengths(self, dataset: Any) -> list[int] | None:
@@ -248,13 +251,7 @@ class CausalLM(Task):
         return model, tokenizer
 
     def lora_targets(self, model: Any) -> list[str]:
-        leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                  if type(module).__name__ in ("Linear", "Conv1D")}
-        for names in _ATTENTION_NAMES:
-            if all(n in leaves for n in names):
-                return list(names)
-        raise RecipeError("peft.target_modules: no known attention projection names in this model; set "
-                          f"peft.target_modules to some of: {', '.join(sorted(leaves))}.")
+        return attention_projections(model)
 
     def peft_task_type(self) -> str:
         return "CAUSAL_LM"
@@ -295,39 +292,6 @@ class CausalLM(Task):
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomic(folder / f"step-{step:08d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         return rows
-
-    def baseline(self, splits: DataSplits) -> dict[str, Any] | None:
-        """The untouched base model: held-out loss and perplexity, and its answers (samples/step-00000000).
-
-        Runs before training, when the freshly attached LoRA layers are still the identity."""
-        if not self.recipe.task.baseline or self._model is None or self._eval_ds is None:
-            return None
-        import torch
-        from torch.utils.data import DataLoader
-
-        model = self._model
-        was_training = model.training
-        model.eval()
-        cfg = self.recipe.train
-        total, count = 0.0, 0
-        try:
-            with torch.no_grad():
-                for batch in DataLoader(self._eval_ds, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                                        shuffle=False, collate_fn=self._collate):
-                    device = next(model.parameters()).device
-                    loss = answer_loss(model, {k: v.to(device) for k, v in batch.items()})
-                    n = batch["input_ids"].shape[0]
-                    total += float(loss) * n
-                    count += n
-        finally:
-            model.train(was_training)
-        eval_loss = total / max(count, 1)
-        result: dict[str, Any] = {"name": "base model before fine-tuning (no adapter)", "eval_loss": eval_loss,
-                                  "perplexity": _perplexity(eval_loss)}
-        if self.recipe.task.sample_prompts and self.encoder is not None:
-            rows = self.write_samples(model, self.encoder.tokenizer, Path(self.recipe.output.dir), 0)
-            result["sample_exact"] = sum(r["exact"] for r in rows) / len(rows)
-        return result
 
     def finalize_run(self, run_path: Path, metrics: dict[str, Any]) -> None:
         """Add truncation counts and sample scores to ``metrics`` (the core writes metrics.json after

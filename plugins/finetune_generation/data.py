@@ -17,12 +17,11 @@ generation time.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune import DataError, RecipeError, load_table
+from finetune import DataError, RecipeError, load_table, read_jsonl
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -55,31 +54,7 @@ def read_records(path: str, fmt: str, key: str) -> list[tuple[str, dict[str, Any
         offset = 2 if str(p).lower().endswith((".csv", ".tsv")) else 1
         label = "line" if offset == 2 else "row"
         return [(f"{p}: {label} {i + offset}", _clean(rec)) for i, rec in enumerate(df.to_dict(orient="records"))]
-    if not p.exists():
-        raise DataError(f"{key}: file not found: {p}. Check the path (relative paths resolve against the "
-                        "recipe's folder).")
-    if p.is_dir():
-        raise DataError(f"{key}: {p} is a folder; give a .jsonl file.")
-    out = []
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{key}: {p} is not UTF-8 text ({exc}); save it as UTF-8.") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"{key}: {p}: line {number} is not valid JSON ({exc}); each line of a .jsonl file "
-                            "must be one JSON object.") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{key}: {p}: line {number} is a JSON {type(record).__name__}, not an object; each "
-                            "line must be one JSON object such as {\"prompt\": \"...\", \"completion\": \"...\"}.")
-        out.append((f"{p}: line {number}", record))
-    if not out:
-        raise DataError(f"{key}: {p} has no examples (the file is empty or only blank lines).")
-    return out
+    return [(f"{p}: line {number}", record) for number, record in read_jsonl(p, key)]
 
 
 def _clean(record: dict[str, Any]) -> dict[str, Any]:

@@ -17,13 +17,14 @@ only is not assumed: the model's logits on a padded probe batch are computed wit
 and with the shortened layer, and they must agree (:data:`CHECK_RTOL`), or the layer is
 left as it was.
 
-**Attention dropout with numpy masks on CPU** (:func:`numpy_attention_dropout`, with
-``train.fast_dropout``). PyTorch's scaled-dot-product attention draws its dropout mask with
-the Mersenne Twister, one number per attention weight, and its CPU math path adds a
-"safe softmax" and two scaling passes. While training on CPU with attention dropout, these
-layers compute ``softmax(q k^T * scale + mask)``, drop with :func:`finetune.numpy_dropout`,
-and multiply by ``v``: the same function with other random numbers. In evaluation, on a
-GPU, or without dropout, they call PyTorch's attention as before.
+**Attention that applies the layer's own dropout module** (:func:`explicit_attention`).
+PyTorch's scaled-dot-product attention applies its own fused dropout (Mersenne Twister, one
+number per attention weight; its CPU math path adds a "safe softmax" and two scaling passes)
+and cannot call a dropout module. When the attention's dropout module has been replaced
+(``train.fast_dropout`` replaces every ``nn.Dropout`` with one that draws numpy masks on CPU),
+these layers compute ``softmax(q k^T * scale + mask)`` while training, apply that module, and
+multiply by ``v``: the same function with the replaced module's random numbers. In evaluation,
+without dropout, or with PyTorch's own ``nn.Dropout`` they call PyTorch's attention as before.
 
 Both apply to layers laid out like transformers' ``BertLayer`` (``attention.self`` with
 ``query``/``key``/``value``, ``attention.output``, ``feed_forward_chunk``): BERT, RoBERTa,
@@ -89,11 +90,12 @@ def _unusual(attention_mask: Any, width: int, args: tuple, kwargs: dict[str, Any
                                                 or attention_mask.shape[-2] not in (1, width))))
 
 
-def _numpy_path(sa: Any, x: Any) -> bool:
-    """Whether attention dropout is drawn with numpy masks now: training on CPU with dropout, in a layer
-    that :func:`numpy_attention_dropout` switched over."""
-    return (sa.training and sa.dropout.p > 0 and x.device.type == "cpu"
-            and getattr(sa, "_finetune_numpy_dropout", False))
+def _explicit_path(sa: Any) -> bool:
+    """Whether attention is computed explicitly now: training with dropout, and the layer's dropout module
+    is not PyTorch's own (SDPA's fused dropout could not apply it)."""
+    import torch
+
+    return sa.training and sa.dropout.p > 0 and type(sa.dropout) is not torch.nn.Dropout
 
 
 def _attention(sa: Any, query: Any, key: Any, value: Any, mask: Any) -> Any:
@@ -102,10 +104,8 @@ def _attention(sa: Any, query: Any, key: Any, value: Any, mask: Any) -> Any:
     import torch.nn.functional as F
 
     p = sa.dropout.p if sa.training else 0.0
-    if not _numpy_path(sa, query):
+    if not _explicit_path(sa):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p, scale=sa.scaling)
-    from finetune import numpy_dropout
-
     scores = torch.matmul(query, key.transpose(-1, -2))
     if mask is None:
         scores = scores * sa.scaling
@@ -115,7 +115,7 @@ def _attention(sa: Any, query: Any, key: Any, value: Any, mask: Any) -> Any:
                 ~mask, torch.finfo(scores.dtype).min)
         scores = torch.add(mask.to(scores.dtype), scores, alpha=sa.scaling)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    return torch.matmul(numpy_dropout(probs, p), value)
+    return torch.matmul(sa.dropout(probs), value)
 
 
 def _heads(x: Any, batch: int, width: int, size: int) -> Any:
@@ -124,9 +124,9 @@ def _heads(x: Any, batch: int, width: int, size: int) -> Any:
 
 def _self_attention_forward(self: Any, hidden_states: Any, attention_mask: Any = None, *args: Any,
                             **kwargs: Any) -> Any:
-    """``BertSelfAttention.forward`` through :func:`_attention` while training on CPU."""
+    """``BertSelfAttention.forward`` through :func:`_attention` when its dropout module must be applied."""
     batch, width = hidden_states.shape[:2]
-    if not _numpy_path(self, hidden_states) or _unusual(attention_mask, width, args, kwargs):
+    if not _explicit_path(self) or _unusual(attention_mask, width, args, kwargs):
         return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
     size = self.attention_head_size
     context = _attention(self, _heads(self.query(hidden_states), batch, width, size),
@@ -188,15 +188,14 @@ def is_shortened(model: Any) -> bool:
     return getattr(forward, "__func__", None) is _first_token_forward
 
 
-def numpy_attention_dropout(model: Any) -> int:
-    """Compute attention dropout with :func:`finetune.numpy_dropout` while training on CPU, in every
-    BERT-style layer of ``model`` with attention dropout; returns how many layers."""
+def explicit_attention(model: Any) -> int:
+    """Let every BERT-style layer of ``model`` with attention dropout apply its own dropout module while
+    training, when that module is not PyTorch's (see the module's docstring); returns how many layers."""
     count = 0
     for layer in _layers(model):
         sa = _self_attention(layer, model)
         if sa is None or sa.dropout.p == 0:
             continue
-        sa._finetune_numpy_dropout = True  # also read by the shortened last layer
         sa.forward = types.MethodType(_self_attention_forward, sa)
         count += 1
     return count

@@ -17,19 +17,18 @@ from finetune import (
     DataError,
     DataOptions,
     DataSplits,
-    FrozenPrefixCache,
     RecipeError,
     Task,
     TaskOptions,
-    fast_dropout_applies,
+    attention_projections,
+    label_text,
     load_table,
     require_columns,
+    sorted_labels,
     split_frame,
 )
+from finetune_nlp.prefix_cache import FrozenPrefixCache
 
-# Attention projections LoRA targets by default, per architecture family (first match wins).
-_ATTENTION_NAMES = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("query_proj", "value_proj"),
-                    ("q", "v"), ("query_key_value",), ("c_attn",), ("Wqkv",))
 _HEAD_NAMES = ("classifier", "score", "pre_classifier", "pooler")
 
 
@@ -80,7 +79,7 @@ class TextClassification(Task):
                 where = _row_locations(path, data.format, bad[:5])
                 raise DataError(f"{key}: {path}: {len(bad)} row(s) have an empty {ckey} ({column!r}), e.g. on "
                                 f"{where}; fill or remove them.")
-        df[data.label_column] = df[data.label_column].map(_label_str)
+        df[data.label_column] = df[data.label_column].map(label_text)
         df[data.text_column] = df[data.text_column].astype(str)
         return df
 
@@ -95,17 +94,17 @@ class TextClassification(Task):
         else:
             train, eval_ = split_frame(train, data.split, self.recipe.train.seed, stratify=data.label_column,
                                        group=data.group_column)
-        labels = sorted(train[data.label_column].unique(), key=_label_sort_key)
+        labels = sorted_labels(train[data.label_column])
         if len(labels) < 2:
             raise DataError(f"data.label_column: only one class ({labels[0]!r}) in the training data "
                             f"({data.train}); classification needs at least two.")
-        unseen = sorted(set(eval_[data.label_column]) - set(labels), key=_label_sort_key)
+        unseen = sorted_labels(set(eval_[data.label_column]) - set(labels))
         if unseen:
             raise DataError(f"data.eval: labels {unseen} appear in the eval data ({data.eval}) but never in "
                             f"training (training labels: {labels}); add training examples for them or drop "
                             "those rows.")
         # Labels are handled as strings; remember integer labels so predictions give them back as integers.
-        integer = all(_label_sort_key(label)[0] == 0 for label in labels)
+        integer = all(_is_integer(label) for label in labels)
         self.state = {"labels": labels, "integer_labels": integer}
         counts = train[data.label_column].value_counts().to_dict()
         info = {"train_examples": len(train), "eval_examples": len(eval_), "labels": labels,
@@ -149,11 +148,9 @@ class TextClassification(Task):
         if self.recipe.task.cache_frozen_layers:
             self._first_trainable = self._check_prefix_cache(model, tokenizer)
         self._last_layer_shortened = self.recipe.task.last_layer_cls_only and self._shorten_last_layer(model, tokenizer)
-        self._numpy_attention_layers = 0
-        if fast_dropout_applies(self.recipe):
-            from finetune_nlp.bert_layers import numpy_attention_dropout
+        from finetune_nlp.bert_layers import explicit_attention
 
-            self._numpy_attention_layers = numpy_attention_dropout(model)
+        explicit_attention(model)  # applies train.fast_dropout's dropout modules inside attention too
         return model, tokenizer
 
     def _shorten_last_layer(self, model: Any, tokenizer: Any) -> bool:
@@ -188,10 +185,6 @@ class TextClassification(Task):
 
     def speed_notes(self) -> list[str]:
         notes = []
-        if getattr(self, "_numpy_attention_layers", 0):
-            notes.append(f"train.fast_dropout: attention dropout in {self._numpy_attention_layers} BERT-style layers "
-                         "also draws numpy masks on CPU (attention computed as softmax(q k^T) x v while training "
-                         "instead of PyTorch's fused attention; same function, different masks)")
         if getattr(self, "_last_layer_shortened", False):
             notes.append("task.last_layer_cls_only: the last layer computes the first token only, the one the "
                          "classifier reads (same function; its dropout draws fewer masks, so masks differ; set it "
@@ -227,13 +220,7 @@ class TextClassification(Task):
         return (cache.forward(model, batch) if cache is not None else model(**batch)).loss
 
     def lora_targets(self, model: Any) -> list[str]:
-        leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                  if type(module).__name__ in ("Linear", "Conv1D")}
-        for names in _ATTENTION_NAMES:
-            if all(n in leaves for n in names):
-                return list(names)
-        raise DataError("peft.target_modules: no known attention projection names in this model; set "
-                        f"peft.target_modules to some of: {', '.join(sorted(leaves))}.")
+        return attention_projections(model)
 
     def modules_to_save(self, model: Any) -> list[str]:
         # The head, and the pooler in front of it: all-MiniLM-L6-v2 was trained with mean pooling, so its
@@ -355,14 +342,5 @@ def _row_locations(path: str, fmt: str, positions: list[int]) -> str:
     return "row(s) " + ", ".join(str(i + 1) for i in positions)
 
 
-def _label_str(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value)
-
-
-def _label_sort_key(label: str) -> tuple[int, Any]:
-    try:
-        return (0, int(label))
-    except ValueError:
-        return (1, label)
+def _is_integer(label: str) -> bool:
+    return label.lstrip("-").isdigit()

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field
 
-from finetune import DataError, DataSplits
+from finetune import DataError, DataSplits, attention_projections
 from finetune_speech.audio import AudioData
 from finetune_speech.common import SpeechOptions, SpeechTask, WaveDataset, model_type
 
@@ -105,12 +105,7 @@ class AudioClassification(SpeechTask):
         return model, processor
 
     def lora_targets(self, model: Any) -> list[str]:
-        leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"}
-        for names in (("q_proj", "v_proj"), ("query", "value")):
-            if all(n in leaves for n in names):
-                return list(names)
-        raise DataError("peft.target_modules: no known attention projections in this model; set it to some "
-                        f"of: {', '.join(sorted(leaves))}.")
+        return attention_projections(model)
 
     def modules_to_save(self, model: Any) -> list[str]:
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}

@@ -29,8 +29,10 @@ from finetune import (
     RecipeError,
     Task,
     TaskOptions,
+    label_text,
     load_table,
     require_columns,
+    sorted_labels,
     split_frame,
 )
 from finetune_vision.images import (
@@ -152,7 +154,7 @@ class ImageClassification(Task):
         out = pd.DataFrame({
             "image": [str((base / str(p)).resolve()) if not Path(str(p)).is_absolute() else str(p)
                       for p in df[data.image_column]],
-            "label": [_label_str(v) for v in df[data.label_column]],
+            "label": [label_text(v) for v in df[data.label_column]],
         })
         if data.group_column:
             out[data.group_column] = df[data.group_column].astype(str).values
@@ -210,13 +212,13 @@ class ImageClassification(Task):
                                        group=data.group_column)
         present = set(train["label"])
         labels = ([n for n in label_order if n in present] if label_order
-                  else sorted(present, key=_label_sort_key))
+                  else sorted_labels(present))
         if len(labels) < 2:
             raise DataError(f"{key}: only one class ({labels[0] if labels else 'none'!r}) in the training data "
                             f"({location}); classification needs at least two.")
         if len(eval_) == 0:
             raise DataError(f"data.eval: no eval images ({eval_location or 'split of ' + location}).")
-        unseen = sorted(set(eval_["label"]) - set(labels), key=_label_sort_key)
+        unseen = sorted_labels(set(eval_["label"]) - set(labels))
         if unseen:
             raise DataError(f"data.eval: classes {unseen} appear in the eval data but never in training "
                             f"(training classes: {labels}); add training images for them or drop them.")
@@ -456,15 +458,3 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
             "labels": torch.tensor([it["labels"] for it in items], dtype=torch.long)}
 
-
-def _label_str(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value)
-
-
-def _label_sort_key(label: str) -> tuple[int, Any]:
-    try:
-        return (0, int(label))
-    except ValueError:
-        return (1, label)

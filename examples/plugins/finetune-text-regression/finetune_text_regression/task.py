@@ -6,7 +6,17 @@ from typing import Any
 
 from pydantic import Field
 
-from finetune import DataError, DataOptions, DataSplits, Task, TaskOptions, load_table, require_columns, split_frame
+from finetune import (
+    DataError,
+    DataOptions,
+    DataSplits,
+    Task,
+    TaskOptions,
+    attention_projections,
+    load_table,
+    require_columns,
+    split_frame,
+)
 
 
 class TextRegressionTaskData(DataOptions):
@@ -50,6 +60,8 @@ class TextRegressionTask(Task):
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
         train = self._read(data.train, "data.train")
+        if data.limit:  # at most this many training rows (quick tries), the same ones for a given seed
+            train = train.sample(n=min(data.limit, len(train)), random_state=self.recipe.train.seed)
         if data.eval:
             eval_ = self._read(data.eval, "data.eval")
         else:
@@ -84,12 +96,7 @@ class TextRegressionTask(Task):
         return model, tokenizer
 
     def lora_targets(self, model: Any) -> list[str]:
-        leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"}
-        for pair in (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin")):
-            if set(pair) <= leaves:
-                return list(pair)
-        raise DataError("peft.target_modules: set it explicitly; this model has none of query/value, "
-                        f"q_proj/v_proj, q_lin/v_lin (linear layers: {', '.join(sorted(leaves))}).")
+        return attention_projections(model)  # the query/value projections of most transformers models
 
     def modules_to_save(self, model: Any) -> list[str]:
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
@@ -136,6 +143,16 @@ class TextRegressionTask(Task):
             values = model(**enc).logits.squeeze(-1).float().cpu() * self.state["std"] + self.state["center"]
             rows += [{**r, "prediction": float(v)} for r, v in zip(chunk, values)]
         return rows
+
+    def usage_snippet(self, base: str) -> str:
+        return (
+            "from peft import PeftModel\n"
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+            f"base = AutoModelForSequenceClassification.from_pretrained({base!r}, num_labels=1)\n"
+            "model = PeftModel.from_pretrained(base, 'adapter').eval()  # the run's adapter/ folder\n"
+            "tokenizer = AutoTokenizer.from_pretrained('adapter')\n"
+            "value = model(**tokenizer(['some text'], return_tensors='pt')).logits[0, 0].item()\n"
+            f"print(value * {self.state['std']!r} + {self.state['center']!r})  # back to the target's scale")
 
 
 def _shown(value: Any) -> str:

@@ -4,7 +4,7 @@ from finetune.testing import check_plugin, run_task_smoke
 
 
 def test_plugin_conforms():
-    report = check_plugin("text_regression")
+    report = check_plugin("text-regression")
     assert report.ok, report.problems
     assert "text-regression" in report.tasks
 

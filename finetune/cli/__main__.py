@@ -1,0 +1,3 @@
+from finetune.cli.main import main
+
+main()

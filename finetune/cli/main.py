@@ -1,0 +1,265 @@
+"""The ``finetune`` command line. Thin: parses, calls the core, prints errors without tracebacks.
+
+Heavy libraries (torch, transformers, peft) are imported inside commands only,
+so ``finetune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from finetune.engine.console import quiet_libraries
+from finetune.errors import FinetuneError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class FinetuneGroup(click.Group):
+    """Adds plugin commands lazily and turns FinetuneError into a clean message."""
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if FinetuneGroup._plugins_loaded:
+            return
+        FinetuneGroup._plugins_loaded = True
+        from finetune.engine.plugins import get_registry
+
+        registry = get_registry()
+        try:
+            registry.pm.hook.finetune_register_commands(cli=self)
+        except Exception as exc:  # noqa: BLE001 - one bad plugin must not break the CLI
+            click.echo(f"warning: a plugin failed in finetune_register_commands: {exc}", err=True)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self._load_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def invoke(self, ctx: click.Context):
+        debug = ctx.params.get("debug", False)
+        try:
+            return super().invoke(ctx)
+        except FinetuneError as exc:
+            from finetune.engine.stop import Interrupted
+
+            if debug:
+                raise
+            click.echo(f"error: {exc}" if not isinstance(exc, Interrupted) else str(exc), err=True)
+            sys.exit(EXIT_INTERRUPTED if isinstance(exc, Interrupted) else EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("\ninterrupted.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=FinetuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.version_option(package_name="finetune")
+def cli(debug: bool) -> None:
+    """Fine-tune pretrained models on small datasets with LoRA.
+
+    \b
+    finetune run recipe.toml         train (resumes an unfinished run)
+    finetune validate recipe.toml    check a recipe and show one batch
+    finetune predict RUN_DIR         predict with a trained run
+    finetune tasks / plugins         what is installed
+    """
+
+
+_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                           help="Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable).")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_set_option
+@click.option("--resume", is_flag=True, help="Continue the unfinished run in output.dir (error if there is none).")
+@click.option("--overwrite", is_flag=True, help="Replace a finished (or different) run in output.dir.")
+@click.option("--dry-run", is_flag=True, help="Validate and show one batch; do not train (same as `validate`).")
+@click.option("-q", "--quiet", is_flag=True, help="Only print errors and the final summary.")
+@click.option("--num-processes", type=int, default=1, show_default=True,
+              help="Data-parallel processes on this machine (launched through Accelerate).")
+@click.option("--num-machines", type=int, default=1, show_default=True, help="Machines taking part.")
+@click.option("--machine-rank", type=int, default=0, show_default=True, help="This machine's rank.")
+@click.option("--main-process-ip", help="Address of the machine with rank 0 (several machines).")
+@click.option("--main-process-port", type=int, help="Port for the processes to meet on.")
+def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool, dry_run: bool, quiet: bool,
+        num_processes: int, num_machines: int, machine_rank: int, main_process_ip: str | None,
+        main_process_port: int | None) -> None:
+    """Train a LoRA adapter as RECIPE says and write the run folder."""
+    if (num_processes > 1 or num_machines > 1) and "WORLD_SIZE" not in os.environ and not dry_run:
+        from finetune.cli.launch import launch
+
+        sys.exit(launch(sys.argv[1:], num_processes=num_processes, num_machines=num_machines,
+                        machine_rank=machine_rank, main_process_ip=main_process_ip,
+                        main_process_port=main_process_port))
+    quiet_libraries()
+    from finetune.engine.console import Console
+
+    console = Console(quiet=quiet)
+    if dry_run:
+        from finetune.run.dry_run import dry_run as do_dry_run
+
+        do_dry_run(recipe, list(overrides), console)
+        return
+    from finetune.run.training import run_recipe
+
+    run_recipe(recipe, list(overrides), resume=resume, overwrite=overwrite, console=console)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_set_option
+def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Resolve RECIPE, load the backbone and data, and show one collated batch, without training."""
+    quiet_libraries()
+    from finetune.engine.console import Console
+    from finetune.run.dry_run import dry_run
+
+    dry_run(recipe, list(overrides), Console())
+
+
+@cli.command()
+def tasks() -> None:
+    """List the task names that recipes can use."""
+    from finetune.engine.plugins import get_registry
+
+    registry = get_registry()
+    if not registry.tasks:
+        click.echo("no tasks installed (no task plugin is installed or all failed to load; see `finetune plugins`)")
+    width = max((len(n) for n in registry.tasks), default=0)
+    for name in sorted(registry.tasks):
+        entry = registry.tasks[name]
+        click.echo(f"{name:<{width}}  {entry.cls.description}  [{entry.plugin}]")
+    for conflict in registry.conflicts:
+        click.echo(f"error: {conflict}", err=True)
+
+
+@cli.command()
+def plugins() -> None:
+    """List installed plugins: distribution, version, hooks, tasks, and load errors."""
+    from finetune.engine.plugins import get_registry
+
+    registry = get_registry()
+    for info in registry.plugins:
+        status = "FAILED" if info.error else "ok"
+        click.echo(f"{info.name} ({info.distribution} {info.version}) [{status}]")
+        click.echo(f"  module: {info.module}")
+        if info.error:
+            click.echo(f"  error:  {info.error}")
+            continue
+        click.echo(f"  hooks:  {', '.join(info.hooks) or '-'}")
+        click.echo(f"  tasks:  {', '.join(info.tasks) or '-'}")
+    for conflict in registry.conflicts:
+        click.echo(f"error: {conflict}", err=True)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--input", "input_path", type=click.Path(path_type=Path),
+              help="A .csv/.tsv/.jsonl/.parquet file with the recipe's input column(s); default: lines on stdin.")
+@click.option("--output", "output_path", type=click.Path(path_type=Path),
+              help="Write predictions here (.jsonl: JSON lines; .csv/.tsv: a table whose list and dict cells are "
+                   "JSON); default: JSON lines on stdout.")
+@click.option("--format", "output_format", type=click.Choice(["auto", "jsonl", "csv", "tsv"]), default="auto",
+              show_default=True, help="Output format (auto: from the --output suffix).")
+@click.option("--text", "--prompt", "-t", "texts", multiple=True, help="An input given directly (repeatable): a text, "
+              "a prompt, a file path.")
+@click.option("--batch-size", default=32, show_default=True)
+@_set_option
+def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, output_format: str,
+            texts: tuple[str, ...], batch_size: int, overrides: tuple[str, ...]) -> None:
+    """Predict with the best adapter of the run in RUN_DIR (a run folder, or a Hub repo id it was pushed to).
+
+    Inputs come from --text, --input, or lines on stdin. --set changes prediction-time
+    settings of the run's recipe (e.g. a generation task's sampling options)."""
+    quiet_libraries()
+    from finetune.run.inference import load_run
+    from finetune.run.predictions import predict_records, read_records, write_predictions
+
+    if not run_dir.exists():
+        from finetune.run.hub import is_hub_id, pull
+
+        if is_hub_id(str(run_dir)):
+            run_dir = pull(str(run_dir))
+    task, model, processor, _ = load_run(run_dir, list(overrides))
+    records = read_records(task, input_path, list(texts))
+    stream = output_path is None and sys.stdout.isatty()
+    rows = predict_records(task, model, processor, records, batch_size, stream=stream)
+    write_predictions(rows, output_path, output_format)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="'user/name' on the Hub (HF_ENDPOINT selects another server).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", "--branch", "revision", help="Branch to push to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--allow-incomplete", is_flag=True, help="Push the best adapter of a run that did not finish.")
+def push(run_dir: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool,
+         allow_incomplete: bool) -> None:
+    """Push a run (adapter, processor, recipe, metrics, curves, model card) to the Hub in one commit."""
+    from finetune.run.hub import push_run
+
+    result = push_run(run_dir, repo_id, private=private, revision=revision, create_pr=create_pr,
+                      allow_incomplete=allow_incomplete)
+    if not result["changed"]:
+        click.echo(f"{repo_id} already holds this run (commit {result['commit'][:8]}); nothing to push.")
+        return
+    click.echo(f"pushed {len(result['files'])} files to {repo_id}: {result['pr_url'] or result['url']}")
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.option("--revision", help="Branch, tag or commit.")
+def pull(repo_id: str, revision: str | None) -> None:
+    """Download a model pushed by finetune; prints the local folder (usable with `finetune predict`)."""
+    from finetune.run.hub import pull as do_pull
+
+    click.echo(str(do_pull(repo_id, revision)))
+
+
+@cli.command(name="new-plugin")
+@click.argument("name")
+@click.option("--template", type=click.Choice(["classification", "regression", "tagging", "generation"]),
+              help="The task's shape: text -> label, text -> number, a tag per word, or prompt -> completion "
+                   "(default: what NAME suggests, else classification).")
+@click.option("--dir", "parent", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Folder in which to create finetune-NAME/.")
+@click.option("--task", "task_name", help="Task name the plugin registers (default: NAME).")
+@click.option("--with-callback", is_flag=True, help="Also register an example callback (observes every run).")
+@click.option("--with-command", is_flag=True, help="Also add a `finetune NAME-summary` command to the CLI.")
+def new_plugin(name: str, template: str | None, parent: Path, task_name: str | None, with_callback: bool,
+               with_command: bool) -> None:
+    """Create a pip-installable plugin package finetune-NAME with a task that runs, tests and a README."""
+    from finetune.cli.scaffold import choose_template, create_plugin
+
+    why = "chosen with --template"
+    if template is None:
+        template, why = choose_template(name)
+    root = create_plugin(name, parent, task_name, template=template, with_callback=with_callback,
+                         with_command=with_command)
+    click.echo(f"created {root} (template: {template}, {why})\n\nnext:\n  pip install -e {root}\n"
+               f"  finetune tasks          # lists the new task\n  pytest {root}/tests      # trains a tiny model "
+               "end to end")
+
+
+def main() -> None:
+    cli(prog_name="finetune")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The hooks: every function finetune calls in a plugin's module.
+
+A plugin is an ordinary Python package that names a module in the ``finetune``
+entry-point group::
+
+    # the plugin's pyproject.toml
+    [project.entry-points.finetune]
+    my_plugin = "my_plugin"
+
+and implements some of the hooks below in that module with the
+:data:`finetune.hookimpl` marker::
+
+    from finetune import hookimpl
+
+    @hookimpl
+    def finetune_register_tasks(register):
+        from my_plugin.task import MyTask   # keep torch imports out of the module top
+        register(MyTask)
+
+Rules of the house:
+
+* The plugin's top-level module must import quickly: no torch, transformers,
+  timm or peft at import time. The CLI loads every plugin at start-up to
+  collect commands and tasks; ``finetune --help`` must stay fast. Import heavy
+  libraries inside Task methods.
+* Use only the public names exported by :mod:`finetune` (see
+  ``finetune.__all__``); the rest of the core may change without notice.
+* ``FINETUNE_HOOK_VERSION`` in :mod:`finetune` is the contract's version. A
+  plugin may declare ``finetune_hook_version = "1"`` at module level; a
+  plugin declaring another major version is refused with a message.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+#: The contract's version. A plugin may declare ``finetune_hook_version = "1"`` at module level; a plugin
+#: declaring another major version is refused with a message naming it (the others still load).
+HOOK_VERSION = "1"
+
+hookspec = pluggy.HookspecMarker("finetune")
+#: Marks a plugin's hook implementations: ``@hookimpl def finetune_register_tasks(register): ...``.
+hookimpl = pluggy.HookimplMarker("finetune")
+
+
+@hookspec
+def finetune_register_tasks(register):
+    """Register task families (subclasses of :class:`finetune.Task`).
+
+    Called once, when the plugin manager is first built (every CLI start).
+
+    :param register: call ``register(TaskClass)`` once per task. The task's
+        name is ``TaskClass.name`` (e.g. ``"text-classification"``). Two
+        plugins registering the same name is an error naming both
+        distributions; nothing is silently shadowed.
+    :returns: nothing (the return value is ignored).
+    """
+
+
+@hookspec
+def finetune_register_callbacks(register):
+    """Register observers of training-loop events (loggers, early-stopping rules).
+
+    Called at the start of every training run. A callback observes every run, whatever its task
+    (read ``run.info()`` or ``state`` to tell runs apart).
+
+    :param register: call ``register(callback)`` with an object that has any of the methods of
+        :class:`finetune.Callback` (``on_train_start``, ``on_log``, ``on_evaluate``, ``on_checkpoint``,
+        ``on_train_end``; all optional, all called with keyword arguments). Callbacks observe; the only
+        way they may change the loop's course is ``state.should_stop = True``.
+    :returns: nothing.
+    """
+
+
+@hookspec
+def finetune_register_commands(cli):
+    """Add commands to the ``finetune`` command-line interface.
+
+    :param cli: the root :class:`click.Group`; call ``cli.add_command(cmd)``
+        or decorate functions with ``@cli.command()``. Import heavy libraries
+        inside the command's function body, not at module level.
+    :returns: nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def finetune_resolve_backbone(name, trust_remote_code):
+    """Turn a backbone name from a recipe into local model files.
+
+    Called when ``[model] backbone`` is not an existing local folder, before
+    the local Hugging Face cache is consulted. The first plugin that
+    returns something other than ``None`` wins; return ``None`` for names you
+    do not know. This is how the offline model zoo works and how a company
+    plugs in its private model store.
+
+    :param name: the backbone string as written in the recipe
+        (e.g. ``"sentence-transformers/all-MiniLM-L6-v2"``).
+    :param trust_remote_code: whether the recipe allows remote code.
+    :returns: ``None``, or a :class:`finetune.ResolvedBackbone` whose ``path``
+        is a folder that ``from_pretrained`` can load, with ``upstream_id``
+        (the true Hub id, used on model cards) and ``source`` (a human
+        readable provenance string, recorded in the run folder).
+    """

@@ -1,0 +1,258 @@
+"""The recipe schema: the typed sections of a recipe, and the ``Recipe`` a task receives.
+
+The core owns the sections ``[task] [model] [data] [peft] [train] [distributed] [output]
+[hub]``. A task plugin extends ``[task]`` and ``[data]`` with its own typed options by
+subclassing :class:`TaskOptions` / :class:`DataOptions`; the recipe is validated in one pass
+against the combined schema (:func:`recipe_model_for`), so a plugin's options get the same
+errors (key path, bad value, did-you-mean) as the core's.
+
+Reading a recipe file (TOML, ``--set`` overrides, relative paths) is the engine's job
+(``finetune.engine.recipe_file``); this module only says what a valid recipe is.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+
+class _PathMarker:
+    """Metadata marking a string field as a filesystem path (resolved against the recipe folder)."""
+
+
+#: The type of a recipe option that holds a file or folder path (``train: PathStr = Field(...)``, also
+#: ``PathStr | None`` and ``list[PathStr]``): a relative path resolves against the recipe's folder, the
+#: resolved recipe records it absolute, and a data file's content is fingerprinted for resume.
+PathStr = Annotated[str, _PathMarker()]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as TOML-ready data (JSON types), unset (``None``) values left out."""
+        return drop_none(self.model_dump(mode="json"))
+
+
+class TaskOptions(Section):
+    """``[task]``: the task name; task plugins subclass this to add options."""
+
+    name: str = Field(description="Task family, e.g. 'text-classification' (see `finetune tasks`).")
+
+
+class ModelSection(Section):
+    backbone: str = Field(description="Hub id, local folder, or a name a plugin resolves (offline zoo).")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the backbone.")
+
+
+class DataOptions(Section):
+    """``[data]``: where the examples are; task plugins subclass this to add column names etc.
+
+    The core resolves the paths and fingerprints the files; reading them is the task's job, and so is
+    applying these keys in ``prepare_data``: ``format`` (``load_table(path, data.format)``), ``eval``
+    and ``split`` (``split_frame(df, data.split, seed, group=data.group_column)`` when ``eval`` is
+    unset), ``group_column`` and ``limit`` (take at most that many training examples, seeded by
+    ``train.seed``). A task that cannot honour one should refuse it with a ``RecipeError``."""
+
+    train: PathStr = Field(description="Training file: .csv, .tsv, .jsonl, .json or .parquet.")
+    eval: PathStr | None = Field(None, description="Evaluation file; if absent, `split` of train is held out.")
+    split: float = Field(0.2, gt=0, lt=1, description="Fraction of train held out for eval when `eval` is absent.")
+    group_column: str | None = Field(
+        None, description="Keep rows sharing this column's value on the same side of the split (no leakage).")
+    format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet"] = Field(
+        "auto", description="File format; 'auto' decides from the file extension.")
+    limit: int | None = Field(None, gt=0, description="Use at most this many training rows (quick tries).")
+
+
+class PeftSection(Section):
+    method: Literal["lora", "none", "full"] = Field(
+        "lora", description="'lora'; 'none': train only the head (linear probe); 'full': train every parameter.")
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling alpha.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: str | list[str] = Field(
+        "auto", description="'auto' (the task's defaults), a list of module names, or a regex string.")
+    modules_to_save: str | list[str] = Field(
+        "auto", description="Fully trained and saved modules (the task head); 'auto' lets the task decide.")
+    layers: list[int] | None = Field(
+        None, description="LoRA only in these transformer layers (0-based; negative counts from the top: "
+        "[-2, -1] is the top two); unset: every layer. Frozen layers below the lowest one need no backward pass.")
+
+
+class TrainSection(Section):
+    epochs: int = Field(3, gt=0, description="Passes over the training data.")
+    batch_size: int = Field(32, gt=0, description="Examples per optimizer micro-batch (per process).")
+    eval_batch_size: int | None = Field(None, gt=0, description="Defaults to 2 x batch_size.")
+    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; unset to disable.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="'auto': bf16 on GPUs and CPUs with native bf16 (AMX/AVX512-BF16), else fp32.")
+    seed: int = Field(0, description="Seeds model init, shuffling and dropout.")
+    eval_every_steps: int = Field(0, ge=0, description="Also evaluate every N optimizer steps (0: per epoch only).")
+    eval_before_training: bool = Field(
+        True, description="Evaluate the untouched model (step 0) before training: the 'before' numbers in "
+        "metrics.json, the model card and the curves. Never selected as the best checkpoint.")
+    metric: str | None = Field(None, description="Metric for best-checkpoint selection (task default if unset).")
+    metric_mode: Literal["auto", "max", "min"] = Field("auto", description="'auto': min for losses, else max.")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after N evals without improvement (0: off).")
+    checkpoint_every_steps: int = Field(100, ge=0, description="Resumable checkpoint every N steps (0: per epoch).")
+    keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
+    log_every_steps: int = Field(10, gt=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    fast_dropout: bool = Field(
+        True, description="On CPU, draw dropout masks with numpy's PCG64 (about half the cost of torch's "
+        "per-element generator; same probability, different masks, so results differ). No effect on GPUs.")
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding, faster) where the task "
+        "reports lengths; the batch order stays random. Changes which examples share a batch.")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the 'tensorboard' extra).")
+
+
+class FsdpOptions(Section):
+    """``[distributed.fsdp]``: Fully Sharded Data Parallel (PyTorch FSDP through Accelerate)."""
+
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = Field(
+        "FULL_SHARD", description="What is sharded across processes: parameters, gradients and optimizer "
+        "state (FULL_SHARD); gradients and optimizer state (SHARD_GRAD_OP); nothing (NO_SHARD); full "
+        "sharding within a machine, replicas across machines (HYBRID_SHARD).")
+    auto_wrap_policy: Literal["transformer", "size", "none"] = Field(
+        "transformer", description="How the model is cut into FSDP units: one per transformer block "
+        "('transformer'), by parameter count ('size'), or one unit for the whole model ('none').")
+    transformer_layer_cls: list[str] = Field(
+        default_factory=list, description="Block class names to wrap with auto_wrap_policy = 'transformer' "
+        "(e.g. [\"BertLayer\"]); empty: the model's own _no_split_modules.")
+    min_num_params: int = Field(100_000_000, gt=0, description="Parameters per unit with "
+                                "auto_wrap_policy = 'size'.")
+    cpu_offload: bool = Field(False, description="Keep parameters and gradients in CPU memory between uses "
+                              "(slower; fits larger models).")
+
+
+class DeepSpeedOptions(Section):
+    """``[distributed.deepspeed]``: DeepSpeed ZeRO through Accelerate (needs ``pip install deepspeed``)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="Keep the optimizer state in CPU memory (stage >= 1); NVMe offload: use `config`.")
+    offload_param: Literal["none", "cpu"] = Field(
+        "none", description="Keep the parameters in CPU memory between uses (stage 3 only).")
+    config: PathStr | None = Field(
+        None, description="A DeepSpeed JSON config file (relative to the recipe) used instead of the keys "
+        "above; 'auto' values are filled from [train].")
+
+
+class DistributedSection(Section):
+    """``[distributed]``: how several processes share the work (``--num-processes``, ``accelerate launch``)."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="'ddp': every process holds the whole model, gradients are averaged (CPU or "
+        "GPU); 'fsdp' / 'deepspeed': shard the model and optimizer state across GPUs (GPU only).")
+    fsdp: FsdpOptions = Field(default_factory=FsdpOptions, description="Options for strategy = 'fsdp'.")
+    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions,
+                                        description="Options for strategy = 'deepspeed'.")
+
+
+class OutputSection(Section):
+    dir: PathStr = Field("", description="Run folder; default runs/<recipe name> beside the recipe.")
+
+
+class HubSection(Section):
+    push: bool = Field(False, description="Push to the Hugging Face Hub when the run finishes.")
+    repo_id: str | None = Field(None, description="'user/name' on the Hub.")
+    private: bool = Field(False)
+
+
+CORE_SECTIONS: dict[str, type[Section]] = {
+    "task": TaskOptions,
+    "model": ModelSection,
+    "data": DataOptions,
+    "peft": PeftSection,
+    "train": TrainSection,
+    "distributed": DistributedSection,
+    "output": OutputSection,
+    "hub": HubSection,
+}
+
+#: Sections that may be left out of a recipe entirely.
+OPTIONAL_SECTIONS = {"peft", "train", "distributed", "output", "hub"}
+
+
+class Recipe(BaseModel):
+    """A validated recipe (``task.recipe``): one typed section per table, ``recipe.train.seed``,
+    ``recipe.data.train``... The ``task`` and ``data`` sections are the task's own option classes.
+    Sections: ``task``, ``model``, ``data``, ``peft``, ``train``, ``distributed``, ``output``, ``hub``
+    (every key in docs/recipes.md)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    task: TaskOptions
+    model: ModelSection
+    data: DataOptions
+    peft: PeftSection = Field(default_factory=PeftSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    hub: HubSection = Field(default_factory=HubSection)
+
+    # where the recipe came from (not part of the TOML)
+    _source: Path | None = None
+
+    @property
+    def source(self) -> Path | None:
+        """The recipe file this recipe was read from (``None`` for one built in memory)."""
+        return self._source
+
+    @source.setter
+    def source(self, path: Path | None) -> None:
+        self._source = path
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe (defaults filled, paths absolute), ``None`` values dropped."""
+        return drop_none(self.model_dump(mode="json"))
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+
+def drop_none(value: Any) -> Any:
+    """``value`` with ``None`` entries of nested dicts left out (TOML has no null)."""
+    if isinstance(value, dict):
+        return {k: drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def recipe_model_for(task_cls: Any) -> type[Recipe]:
+    """The Recipe model whose ``task``/``data`` sections are the task's own option classes."""
+    task_options = getattr(task_cls, "task_options", TaskOptions)
+    data_options = getattr(task_cls, "data_options", DataOptions)
+    return create_model(
+        f"Recipe[{getattr(task_cls, 'name', '?')}]",
+        __base__=Recipe,
+        task=(task_options, ...),
+        data=(data_options, ...),
+    )
+
+
+def _is_path_annotation(annotation: Any) -> bool:
+    """True for ``PathStr`` also inside ``PathStr | None`` / ``Optional[PathStr]`` / ``list[PathStr]``."""
+    if get_origin(annotation) is Annotated:
+        return any(isinstance(m, _PathMarker) for m in annotation.__metadata__)
+    if get_origin(annotation) in (Union, types.UnionType, list):
+        return any(_is_path_annotation(a) for a in get_args(annotation))
+    return False
+
+
+def is_path_field(info: Any) -> bool:
+    """Whether a section field (a pydantic ``FieldInfo``) holds a path (typed :data:`PathStr`)."""
+    return any(isinstance(m, _PathMarker) for m in info.metadata) or _is_path_annotation(info.annotation)

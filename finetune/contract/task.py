@@ -1,0 +1,308 @@
+"""The Task interface a task-family plugin implements.
+
+A Task says how to read the data, load the model, where LoRA goes, how to batch, evaluate and
+predict. The loop, checkpointing, logging, the run folder, pushing and distribution belong to the
+core and are never rewritten by a plugin. One Task object is made per command from the recipe
+(``TaskClass(recipe)``); the core calls its methods in the order below. Keep torch/transformers
+imports inside methods: task classes are imported when the CLI starts.
+
+``finetune run`` (and ``finetune validate``, which stops after one collated batch)::
+
+    task = TaskClass(recipe)
+    splits = task.prepare_data()                   # read + validate; fill task.state (e.g. label names)
+    model, processor = task.load_model(backbone)   # task.state is already filled
+    task.lora_targets(model)                       # when [peft] target_modules = "auto"
+    task.modules_to_save(model)                    # when [peft] modules_to_save = "auto"
+    task.peft_task_type()
+    train_ds = task.build_dataset(splits.train, processor, training=True)
+    eval_ds = task.build_dataset(splits.eval, processor, training=False)
+    collate = task.collate_fn(processor)
+    task.example_lengths(train_ds), task.speed_notes()   # reported by validate, recorded in run.json
+    --- validate stops here, after collate(first items) ---
+    task.baseline(splits)                          # optional non-neural baseline
+    task.example_lengths(eval_ds)                  # eval batches longest first
+    evaluation before training (step 0, train.eval_before_training): as below
+    every epoch:
+        task.train_batches(train_ds, batch_size, seed, epoch)
+        task.train_mode(model)
+        per micro-batch: task.training_loss(model, batch)
+        at each evaluation (eval mode, no grad):
+            per eval batch: task.evaluation_step(model, batch)
+            task.compute_metrics(predictions, references)   # all batches, all processes gathered
+            task.finalize_eval(metrics)
+            task.after_evaluate(model, processor, run_path, step, metrics)   # main process only
+            task.train_mode(model)
+    task.finalize_run(run_path, metrics)           # main process, before metrics.json and the card
+    task.usage_snippet(base)                       # for the model card
+
+A resumed run (``finetune run recipe.toml`` on an unfinished run folder, or ``--resume``) makes the
+task the same way: ``prepare_data`` runs again (so ``state`` is rebuilt from the data), the model is
+loaded, then the checkpoint's trainable weights, optimizer and RNG states replace the fresh ones; the
+step-0 evaluation is not repeated. ``finetune predict RUN`` (and ``load_run``)::
+
+    task = TaskClass(recipe)                       # the run's resolved recipe (+ predict's --set)
+    task.state = <adapter/finetune_task.json>      # restored BEFORE load_model
+    model, processor = task.load_model(backbone)   # then the adapter is attached, model.eval()
+    records = task.read_predict_input(path)        # --input FILE; --text/stdin use predict_input_columns()
+    task.predict(model, processor, records, batch_size, stream)   # under torch.no_grad()
+
+``finetune push`` calls no task method: it uploads the run folder (adapter, processor, recipe, metrics,
+card) as written at the end of training.
+
+The core passes every argument by position, except ``training`` (``build_dataset``) and
+``batch_size``/``stream`` (``predict``), which it passes by name: an override may rename the others.
+Every method runs through the core's guard: an exception (other than a ``finetune`` error, which is
+shown as it is) is reported naming the plugin, the task and the method, and a return value that breaks
+the contract (wrong type, one prediction per example missing, a loss without gradient, ...) is reported
+the same way, with what was wrong with it. ``finetune.testing.check_plugin`` checks method names and
+signatures against this class before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from finetune.contract.batching import epoch_batches, length_grouped_batches
+from finetune.contract.recipe import DataOptions, Recipe, TaskOptions
+from finetune.contract.tables import load_table
+from finetune.errors import DataError, did_you_mean
+
+if TYPE_CHECKING:
+    from finetune.contract.backbone import ResolvedBackbone
+
+
+@dataclass
+class DataSplits:
+    """What :meth:`Task.prepare_data` returns.
+
+    ``train`` and ``eval`` are the examples in any sized form the task's :meth:`Task.build_dataset`
+    understands (a pandas DataFrame, a list of dicts, ...); neither may be empty. ``info`` holds
+    JSON-serialisable facts shown by ``finetune validate`` as ``data.<key>: value`` and recorded in
+    run.json (sizes, label names, counts...)."""
+
+    train: Any
+    eval: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """Base class of every task family. Subclass it, set the class attributes, implement the methods.
+
+    Required: :attr:`name`, :meth:`prepare_data`, :meth:`load_model`, :meth:`lora_targets`,
+    :meth:`build_dataset`, :meth:`collate_fn`, :meth:`predict`, and, for anything but a loss,
+    :meth:`evaluation_step` with :meth:`compute_metrics`. Everything else has a working default.
+
+    Instance attributes: ``self.recipe`` (the validated :class:`finetune.Recipe`, with the task's own
+    ``[task]``/``[data]`` option classes) and ``self.state`` (see :attr:`state`)."""
+
+    #: Unique task name used in recipes (``[task] name = ...``): lower-case words joined by ``-``.
+    name: ClassVar[str] = ""
+    #: One line shown by ``finetune tasks``.
+    description: ClassVar[str] = ""
+    #: Typed options of the ``[task]`` section: a subclass of :class:`finetune.TaskOptions`.
+    task_options: ClassVar[type[TaskOptions]] = TaskOptions
+    #: Typed options of the ``[data]`` section: a subclass of :class:`finetune.DataOptions`.
+    data_options: ClassVar[type[DataOptions]] = DataOptions
+    #: Metric used for best-checkpoint selection unless ``[train] metric`` says otherwise.
+    default_metric: ClassVar[str] = "eval_loss"
+    #: Scalar metric names :meth:`compute_metrics` returns (besides ``eval_loss``); lets a misspelled
+    #: ``[train] metric`` fail before training. ``None``: not declared (checked after the first evaluation).
+    metric_names: ClassVar[tuple[str, ...] | None] = None
+    #: Metric names for which lower is better (best-checkpoint selection); names containing loss,
+    #: perplexity, mse, mae, wer, cer or error are treated so without being listed.
+    lower_is_better: ClassVar[tuple[str, ...]] = ()
+    #: The Hub's pipeline tag for the model card (e.g. ``"text-classification"``), or None.
+    pipeline_tag: ClassVar[str | None] = None
+    #: The library that loads what is pushed: ``"peft"`` (an adapter), ``"transformers"`` or ``"timm"``.
+    library_name: ClassVar[str] = "peft"
+    #: Fill value for evaluation outputs of different widths (see :meth:`evaluation_step`): tensors are
+    #: padded with it to the widest batch before :meth:`compute_metrics` sees them.
+    eval_pad_value: ClassVar[int | float] = -100
+
+    #: JSON-serialisable facts needed to rebuild the model for inference (label names, target scaling...).
+    #: Fill it in :meth:`prepare_data`; the core saves it beside the adapter (``finetune_task.json``) and
+    #: restores it before :meth:`load_model` when a run is loaded for prediction. Read it in
+    #: :meth:`load_model`, :meth:`compute_metrics` and :meth:`predict`, never the training data.
+    state: dict[str, Any]
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.state = {}
+
+    # -- data ----------------------------------------------------------
+    def prepare_data(self) -> DataSplits:
+        """Read and validate the recipe's data and return the train and eval examples.
+
+        Raise :class:`finetune.DataError` naming the recipe key, the file and the row for bad input (it
+        runs before the run folder exists, so nothing is lost). Split off eval data with
+        :func:`finetune.split_frame` when ``data.eval`` is not given. Fill :attr:`state` here."""
+        raise NotImplementedError
+
+    def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
+        """Turn examples (``splits.train`` or ``splits.eval``) into a map-style dataset: ``len(ds)`` and
+        ``ds[i]`` -> one example's features (a dict), which :meth:`collate_fn` batches. A list works.
+        ``training`` (passed by name) says which split (e.g. augment only the training one)."""
+        raise NotImplementedError
+
+    def collate_fn(self, processor: Any):
+        """Return a function ``items -> batch``: a list of dataset items to a dict of tensors. Every tensor's
+        first dimension is the batch (the core counts examples with it), and ``labels`` is the name
+        ``model(**batch).loss`` expects when the default :meth:`training_loss` is used."""
+        raise NotImplementedError
+
+    def example_lengths(self, dataset: Any) -> list[int] | None:
+        """The length of each example of a dataset built by :meth:`build_dataset` (tokens, audio samples,
+        ...), in dataset order, or ``None`` (the default) when batches should not be grouped by length.
+        Implement it when the collator pads batches to their longest example: ``train.group_by_length``
+        then cuts the padding (and the time spent on it), and evaluation runs longest first."""
+        return None
+
+    def train_batches(self, dataset: Any, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+        """The training batches of one epoch, as lists of dataset indices.
+
+        Default: a permutation seeded by ``(seed, epoch)`` cut into batches of ``batch_size``
+        (:func:`finetune.epoch_batches`); with ``train.group_by_length`` (the default) and
+        :meth:`example_lengths` implemented, examples of similar length are batched together
+        (:func:`finetune.length_grouped_batches`). Override to batch differently. The result must depend
+        only on the arguments (exact resume replays it) and hold ``ceil(len(dataset) / batch_size)``
+        batches (the loop plans its steps from that count). ``batch_size`` is the global batch (per
+        process x processes); the core deals each batch out to the processes."""
+        if self.recipe.train.group_by_length:
+            lengths = self.example_lengths(dataset)
+            if lengths is not None:
+                return length_grouped_batches(list(lengths), batch_size, seed, epoch)
+        return epoch_batches(len(dataset), batch_size, seed, epoch)
+
+    # -- model ---------------------------------------------------------
+    def load_model(self, backbone: ResolvedBackbone) -> tuple[Any, Any]:
+        """Return ``(model, processor)`` built from ``backbone.path`` (a local folder; pass
+        ``local_files_only=True`` and ``trust_remote_code=backbone.trust_remote_code`` to
+        ``from_pretrained``). ``model`` is a ``torch.nn.Module`` with the task's head (new heads
+        initialised); ``processor`` (tokenizer, image or feature processor, or None) is saved with the
+        adapter when it has ``save_pretrained``. :attr:`state` is filled before this is called, also at
+        prediction time."""
+        raise NotImplementedError
+
+    def lora_targets(self, model: Any) -> list[str] | str:
+        """Default LoRA target modules for this model (``[peft] target_modules = "auto"``): module names
+        (matched as name suffixes, e.g. ``["query", "value"]``) or one regex string over full names.
+        :func:`finetune.attention_projections` gives the usual attention projections of most models."""
+        raise NotImplementedError
+
+    def modules_to_save(self, model: Any) -> list[str]:
+        """Modules trained in full and saved with the adapter (the task head), by name. Default: none.
+        With ``peft.method = "none"`` these are the only trained modules."""
+        return []
+
+    def peft_task_type(self) -> str | None:
+        """PEFT ``TaskType`` name (e.g. ``"SEQ_CLS"``, ``"CAUSAL_LM"``, ``"TOKEN_CLS"``) or None (default).
+        It decides the ``PeftModel`` subclass that wraps the model and what ``adapter_config.json`` says."""
+        return None
+
+    def train_mode(self, model: Any) -> None:
+        """Put the model in training mode (default ``model.train()``). Override to keep e.g. BatchNorm
+        layers in eval mode, whose running statistics a LoRA adapter does not save."""
+        model.train()
+
+    # -- training and evaluation ---------------------------------------
+    def training_loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        """The scalar loss tensor of one training batch (default: ``model(**batch).loss``). It must come
+        from the model's forward pass (the core calls ``backward`` on it)."""
+        return model(**batch).loss
+
+    def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        """One eval batch (eval mode, under ``torch.no_grad()``) -> a dict with any of:
+
+        * ``"loss"``: a scalar tensor, averaged over the eval set as ``eval_loss``;
+        * ``"predictions"`` and ``"references"`` (both or neither), each either a tensor whose first
+          dimension is the batch (``[batch, ...]``), or a list with one item per example.
+
+        Tensors may differ in their other dimensions from batch to batch and between processes (per-token
+        tags, generated ids): the core pads them with :attr:`eval_pad_value` (-100) to the widest and
+        concatenates, so :meth:`compute_metrics` gets one numpy array ``[examples, ...]``. Lists (any
+        picklable item: spans, strings, arrays of their own length) are concatenated into one list. Both
+        are gathered across processes, each example once. The default returns ``model(**batch).loss``."""
+        outputs = model(**batch)
+        return {"loss": outputs.loss}
+
+    def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
+        """Metrics from every eval example's ``predictions`` and ``references`` (see
+        :meth:`evaluation_step` for their form; the two are in the same order, which need not be the
+        dataset's). Scalar values (Python ``int``/``float``) are logged, shown and may select the best
+        checkpoint; nested values (e.g. a per-class report) go to metrics.json (``best_details``) only.
+        With several processes it runs on each, with the same gathered data (they all need the selection
+        metric): write files in :meth:`after_evaluate`, which runs on the main process only. Default: none."""
+        return {}
+
+    def finalize_eval(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Adjust the metrics of one evaluation (they include ``eval_loss``), e.g. add perplexity; return them."""
+        return metrics
+
+    def after_evaluate(self, model: Any, processor: Any, run_path: Path, step: int,
+                       metrics: dict[str, Any]) -> None:
+        """Called on the main process after each evaluation, also the one before training (``step`` 0):
+        write artifacts (e.g. sample generations) under ``run_path``. Must not change the model."""
+
+    def finalize_run(self, run_path: Path, metrics: dict[str, Any]) -> None:
+        """Called once on the main process when training finished, before metrics.json and the model card
+        are written. ``metrics`` is what metrics.json will hold (``best``, ``last``, ``before``,
+        ``baseline``, ``best_details``, ``train``, ``data``...): add entries to it (e.g. data counts) and
+        the core writes them to metrics.json and passes them to the card; do not write metrics.json
+        yourself. Write other final artifacts (e.g. a confusion-matrix image) under ``run_path``."""
+
+    def baseline(self, splits: DataSplits) -> dict[str, Any] | None:
+        """Optional simple non-neural baseline on the same split (e.g. TF-IDF + logistic regression, the
+        majority class): ``{"name": "...", <metric>: value, ...}`` stored as ``baseline.*`` in
+        metrics.json and shown beside the fine-tuned numbers. Default: None."""
+        return None
+
+    def speed_notes(self) -> list[str]:
+        """Task speed options in effect that change results (shown by ``finetune validate`` and recorded
+        in run.json), one sentence each. Default: none."""
+        return []
+
+    # -- inference -----------------------------------------------------
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
+                batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
+        """Predict for raw records (dicts with :meth:`predict_input_columns`), under ``torch.no_grad()``,
+        the model in eval mode. Return one dict per record, in order: usually the record's own fields plus
+        the prediction's (``label``, ``score``, ... ; lists and dicts are written as JSON).
+
+        ``batch_size`` and ``stream`` are passed by name; ``stream`` is True when results go to a terminal (a
+        generation task may print tokens as they come). Prediction settings come from ``self.recipe``
+        (which ``finetune predict --set`` can override)."""
+        raise NotImplementedError
+
+    def predict_input_columns(self) -> list[str]:
+        """Fields a prediction input must have; the first one receives ``--text`` values and stdin lines.
+        Default: none (then only ``--input`` works).
+
+        What :meth:`predict` then receives in that field: from ``--text`` and stdin always a string (split
+        it yourself if the task reads a list of words); from a .jsonl input the JSON value as written (a
+        list stays a list); from a .csv/.tsv/.parquet input the cell as the table holds it (a list written
+        to a CSV as JSON text stays text)."""
+        return []
+
+    def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
+        """Records from ``finetune predict --input PATH``. Default: a table file (.csv/.tsv/.jsonl/.parquet)
+        with :meth:`predict_input_columns`. Override for e.g. a folder of images."""
+        df = load_table(path, key="--input")
+        missing = [c for c in self.predict_input_columns() if c not in df.columns]
+        if missing:
+            found = ", ".join(repr(c) for c in df.columns)
+            raise DataError(f"--input: {path} has no column {missing[0]!r}{did_you_mean(missing[0], df.columns)} "
+                            f"(columns found: {found}); this run reads its input from "
+                            f"{', '.join(map(repr, self.predict_input_columns()))}. Rename the column in the file, "
+                            "or name yours with `finetune predict RUN --set data.<key>=<column>` (the run's "
+                            "recipe.toml shows which [data] key names it).")
+        return df.to_dict(orient="records")
+
+    def usage_snippet(self, base: str) -> str | None:
+        """Python code for the model card's "Usage" section that loads what is pushed with plain
+        ``peft``/``transformers``/``timm`` and runs one prediction. ``base`` is the base model to load:
+        its Hub id when known (e.g. ``"sentence-transformers/all-MiniLM-L6-v2"``), else its local path;
+        the adapter folder is ``'adapter'`` (the Hub repo's root once pushed). Use :attr:`state` for facts
+        such as label names. Default: None (the card shows a generic ``PeftModel.from_pretrained`` line)."""
+        return None

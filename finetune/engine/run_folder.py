@@ -1,0 +1,357 @@
+"""The run folder: resolved recipe, status, checkpoints (atomic), metrics, curves.
+
+Layout::
+
+    runs/<name>/
+      recipe.toml      the fully resolved recipe
+      run.json         status (running / interrupted / failed / finished), provenance, plugins
+      adapter/         best adapter (save_pretrained + task head + processor), loadable by peft
+      checkpoints/     ckpt-<step>/ for resume; each written to a temp folder then renamed
+      metrics.jsonl    one line per logged step / evaluation
+      metrics.json     final metrics (written only when the run finishes)
+      curves.png       loss and metric curves
+      README.md        the model card (written only when the run finishes)
+
+A folder is "finished" only when run.json says so; metrics.json and README.md
+appear last, so a folder that looks complete is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from finetune.contract.recipe import DistributedSection
+from finetune.errors import RunError
+
+RUN_FILE = "run.json"
+#: Recipe keys that may change when an unfinished run resumes; any other difference is refused.
+#: ``distributed.*`` is not among them: FSDP/DeepSpeed checkpoints hold no optimizer state, so a change of
+#: strategy would not continue the same optimisation (the number of processes may change: it is not a key).
+SAFE_RESUME_CHANGES = frozenset({
+    "train.epochs", "train.early_stopping_patience", "train.log_every_steps", "train.checkpoint_every_steps",
+    "train.keep_checkpoints", "train.num_workers", "train.tensorboard", "hub.push", "hub.repo_id", "hub.private",
+})
+CHECKPOINT_PREFIX = "ckpt-"
+COMPLETE_MARKER = "loop_state.json"  # written last inside a checkpoint's temp folder
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def replace_dir_atomic(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place; the old one (if any) is removed after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _sections_added_since(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A run folder written before a recipe section existed lacks it; read it as the defaults (so a run
+    started by an older finetune still resumes), but only when the new recipe keeps those defaults."""
+    old = dict(old)
+    for name, section in (("distributed", DistributedSection),):
+        if name not in old and new.get(name) == section().to_dict():
+            old[name] = new[name]
+    return old
+
+
+def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = flatten(_sections_added_since(old, new)), flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            lines.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+    return lines
+
+
+class RunDir:
+    """One run folder on disk (callbacks receive it as ``run``). Plugins read it; the core writes it.
+
+    ``run.path`` is the folder. Its layout: ``recipe.toml`` (the resolved recipe), ``run.json`` (status and
+    provenance, :meth:`info`), ``adapter/`` (the best adapter), ``checkpoints/``, ``metrics.jsonl`` (one line
+    per logged step and evaluation), and when the run finished ``metrics.json``, ``curves.png`` and
+    ``README.md`` (the model card). A plugin may write its own artifacts under ``run.path``."""
+
+    #: Members a plugin may use (the rest is the core's bookkeeping): listed in the contract reference.
+    PUBLIC = ("recipe_file", "run_file", "adapter_dir", "checkpoints_dir", "metrics_log", "metrics_file",
+              "curves_file", "card_file", "info", "status", "is_finished", "resolved_recipe", "read_metrics_log",
+              "checkpoints", "latest_checkpoint")
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- well-known paths ---------------------------------------------
+    @property
+    def recipe_file(self) -> Path:
+        """``recipe.toml``: the fully resolved recipe (defaults filled in, paths absolute)."""
+        return self.path / "recipe.toml"
+
+    @property
+    def run_file(self) -> Path:
+        """``run.json``: status, provenance (backbone, plugins, versions, data fingerprints), speed settings."""
+        return self.path / RUN_FILE
+
+    @property
+    def adapter_dir(self) -> Path:
+        """``adapter/``; for a folder pulled from the Hub the adapter files sit at the top level."""
+        nested = self.path / "adapter"
+        if not nested.exists() and (self.path / "finetune_task.json").exists():
+            return self.path
+        return nested
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """``checkpoints/``: ``ckpt-<step>/`` folders for resume (the last ``train.keep_checkpoints``)."""
+        return self.path / "checkpoints"
+
+    @property
+    def metrics_log(self) -> Path:
+        """``metrics.jsonl``: one JSON line per logged training step (``kind: train``) and evaluation (``eval``)."""
+        return self.path / "metrics.jsonl"
+
+    @property
+    def metrics_file(self) -> Path:
+        """``metrics.json``: the final metrics (``best``, ``last``, ``before``, ``baseline``, ...), written last."""
+        return self.path / "metrics.json"
+
+    @property
+    def curves_file(self) -> Path:
+        """``curves.png``: loss and metric curves, written when the run finishes."""
+        return self.path / "curves.png"
+
+    @property
+    def card_file(self) -> Path:
+        """``README.md``: the model card, written when the run finishes (and pushed to the Hub)."""
+        return self.path / "README.md"
+
+    # -- status --------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """The contents of ``run.json`` (``status``, ``backbone``, ``plugins``, ``data``, ...); ``{}`` before
+        the run started."""
+        if not self.run_file.exists():
+            return {}
+        try:
+            return json.loads(self.run_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{self.run_file}: unreadable run status file ({exc}); "
+                           "delete the run folder or use --overwrite.") from None
+
+    def update_info(self, **fields: Any) -> None:
+        data = self.info()
+        data.update(fields)
+        write_json_atomic(self.run_file, data)
+
+    @property
+    def status(self) -> str | None:
+        """``"running"``, ``"interrupted"``, ``"failed"`` or ``"finished"`` (None before the run started)."""
+        return self.info().get("status")
+
+    def is_finished(self) -> bool:
+        """Whether the run finished (then metrics.json and the model card are complete)."""
+        return self.status == "finished"
+
+    def resolved_recipe(self) -> dict[str, Any]:
+        """``recipe.toml`` as a dict."""
+        import tomllib
+
+        try:
+            return tomllib.loads(self.recipe_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise RunError(f"{self.recipe_file}: cannot read the run's recipe ({exc}).") from None
+
+    # -- creation / reuse ---------------------------------------------
+    def prepare(self, recipe_dict: dict[str, Any], recipe_toml: str, overwrite: bool, resume: bool) -> bool:
+        """Create the folder, or decide to resume it. Returns True when resuming.
+
+        * empty / absent folder: start (``resume=True`` is an error: nothing to resume);
+        * finished run: refuse unless ``overwrite``;
+        * unfinished run, same recipe: resume; different recipe: refuse, listing the differences;
+        * a non-empty folder that is not a run folder: always refused (we never delete what we did not write).
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"output.dir: {self.path} is a file; choose a folder path for the run.")
+        exists = self.path.exists() and any(self.path.iterdir())
+        if exists and not self.run_file.exists():
+            raise RunError(f"output.dir: {self.path} exists and is not a finetune run folder; "
+                           "choose another output.dir (nothing was changed).")
+        if exists and overwrite:
+            self._wipe()
+            exists = False
+        if not exists:
+            if resume:
+                raise RunError(f"--resume: there is no run to resume in {self.path}; drop --resume to start one.")
+            self._create(recipe_dict, recipe_toml)
+            return False
+        if self.is_finished():
+            raise RunError(f"output.dir: {self.path} holds a finished run; pass --overwrite to replace it, "
+                           "or set output.dir (e.g. --set output.dir=runs/new-name) to keep it.")
+        diffs = recipe_differences(self.resolved_recipe(), recipe_dict)
+        if diffs and all(line.split(":", 1)[0] in SAFE_RESUME_CHANGES for line in diffs):
+            # e.g. more epochs: continue the same run under the new recipe, and record it
+            write_text_atomic(self.recipe_file, recipe_toml)
+            self.recover_after_kill()
+            self._drop_final_files()
+            self.update_info(status="running", resumed_at=time.time(),
+                             recipe_changes=self.info().get("recipe_changes", []) + diffs)
+            return True
+        if diffs:
+            raise RunError(
+                f"output.dir: {self.path} holds an unfinished run with a different recipe, so it cannot be "
+                "resumed:\n  " + "\n  ".join(diffs) +
+                "\nRestore the old values to resume it, pass --overwrite to start over, or choose another "
+                f"output.dir. Keys that may change on resume: {', '.join(sorted(SAFE_RESUME_CHANGES))}.")
+        self.recover_after_kill()
+        self._drop_final_files()
+        self.update_info(status="running", resumed_at=time.time())
+        return True
+
+    def recover_after_kill(self) -> None:
+        """Undo what a kill in the middle of an atomic replace can leave: the previous adapter moved
+        aside (restored), half-written temporary folders and files (removed)."""
+        if not self.adapter_dir.exists():
+            previous = sorted(self.path.glob(".adapter.old-*"))
+            if previous:
+                os.replace(previous[-1], self.adapter_dir)
+        for stale in list(self.path.glob(".adapter.tmp-*")) + list(self.path.glob(".adapter.old-*")) + \
+                list(self.path.glob(".*.tmp-*")):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+    def _drop_final_files(self) -> None:
+        """A kill between writing the final files and marking the run finished (a few milliseconds)
+        leaves them behind; a resumed run rewrites them, so never show them mid-training."""
+        for stale in (self.metrics_file, self.card_file):
+            stale.unlink(missing_ok=True)
+
+    def _create(self, recipe_dict: dict[str, Any], recipe_toml: str) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.recipe_file, recipe_toml)
+            write_json_atomic(self.run_file, {"status": "running", "created_at": time.time()})
+        except OSError as exc:
+            raise RunError(f"output.dir: cannot write the run folder {self.path} ({exc.strerror or exc}); "
+                           "choose a writable output.dir with free space.") from None
+
+    def _wipe(self) -> None:
+        # Only what a run writes; anything else makes prepare() refuse before we get here.
+        trash = self.path.with_name(f".{self.path.name}.overwritten-{os.getpid()}")
+        os.replace(self.path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- checkpoints ---------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoints_dir.exists():
+            return []
+        found = []
+        for child in self.checkpoints_dir.iterdir():
+            if child.is_dir() and child.name.startswith(CHECKPOINT_PREFIX) and (child / COMPLETE_MARKER).exists():
+                try:
+                    found.append((int(child.name[len(CHECKPOINT_PREFIX):]), child))
+                except ValueError:
+                    continue
+        return [p for _, p in sorted(found)]
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        ckpts = self.checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def write_checkpoint(self, step: int, writer: Callable[[Path], None], keep: int) -> Path:
+        """Call ``writer(tmp_dir)``, then rename into ``checkpoints/ckpt-<step>``; keep the last ``keep``."""
+        final = self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+        tmp = self.checkpoints_dir / f".tmp-{CHECKPOINT_PREFIX}{step:08d}-{os.getpid()}"
+        try:
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            writer(tmp)
+            if not (tmp / COMPLETE_MARKER).exists():
+                raise RuntimeError(f"checkpoint writer did not write {COMPLETE_MARKER}")
+            _fsync_dir(tmp)
+            replace_dir_atomic(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest_checkpoint()
+            raise RunError(f"cannot write checkpoint {final} ({exc.strerror or exc}); "
+                           + (f"the previous checkpoint {previous.name} is intact and " if previous else "")
+                           + "the run resumes from it with --resume once there is space/permission.") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.checkpoints()[:-keep]:
+            # Rename first: a kill in the middle of rmtree must not leave a folder that still holds the
+            # completeness marker but not the weights (found by the kill-loop test).
+            doomed = self.checkpoints_dir / f".tmp-pruned-{old.name}-{os.getpid()}"
+            try:
+                os.replace(old, doomed)
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+        for stale in self.checkpoints_dir.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    # -- metrics -------------------------------------------------------
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+    def read_metrics_log(self) -> list[dict[str, Any]]:
+        """The records of ``metrics.jsonl``, in order (a line cut by a kill is skipped)."""
+        if not self.metrics_log.exists():
+            return []
+        records = []
+        for line in self.metrics_log.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill
+        return records
+
+    def truncate_metrics_log(self, after_step: int) -> None:
+        """Drop records logged after ``after_step`` (they are redone when resuming from there)."""
+        kept = [r for r in self.read_metrics_log() if r.get("step", 0) <= after_step]
+        write_text_atomic(self.metrics_log, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.rglob("*"):
+        if child.is_file():
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())

@@ -1,0 +1,130 @@
+"""The adapter folder: writing it (atomically, verified complete), and loading its weights back.
+
+``adapter/`` holds PEFT's ``save_pretrained`` output for LoRA (``adapter_model.safetensors``), or
+``trained.safetensors`` for ``peft.method = "none"/"full"``, plus the processor and the task's state
+(``finetune_task.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune.contract.task import Task
+from finetune.engine.checkpoint import check_complete
+from finetune.engine.run_folder import RunDir, replace_dir_atomic
+from finetune.errors import RunError
+
+TASK_STATE_FILE = "finetune_task.json"
+TRAINED_WEIGHTS_FILE = "trained.safetensors"  # peft.method "none"/"full": the weights that changed
+
+
+def save_trained_weights(model: Any, path: Path, method: str, state_dict: dict[str, Any] | None = None) -> None:
+    """Trainable parameters (and, for full fine-tuning, every buffer such as BatchNorm statistics).
+    ``state_dict``: the full state dict gathered from a sharded model, used instead of the model's own."""
+    from safetensors.torch import save_file
+
+    full = state_dict if state_dict is not None else model.state_dict()
+    if method == "full":  # every weight and persistent buffer (BatchNorm statistics, ...)
+        tensors = {n: t.detach().cpu().contiguous() for n, t in full.items()}
+    else:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if state_dict is None:
+            params = dict(model.named_parameters())
+            tensors = {n: params[n].detach().cpu().contiguous() for n in names}
+        else:
+            names = [n.replace("_fsdp_wrapped_module.", "") for n in names]  # FSDP's wrapper prefixes
+            tensors = {n: state_dict[n].detach().cpu().contiguous() for n in names if n in state_dict}
+    save_file(tensors, str(path))
+
+
+def load_trained_weights(model: Any, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise RunError(f"{path}: weights do not fit the model (unexpected {result.unexpected_keys[:3]}...).")
+
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def expected_adapter_tensors(model: Any, method: str) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of every tensor the saved adapter must hold, taken from the whole (not yet
+    sharded) model: PEFT's adapter state dict for LoRA, else what :func:`save_trained_weights` writes."""
+    if method == "lora":
+        from peft import get_peft_model_state_dict
+
+        return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    if method == "full":
+        return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def verify_adapter(folder: Path, method: str, expected: dict[str, tuple[int, ...]]) -> None:
+    """Reload the weights file just written to ``folder`` and check it against ``expected``
+    (every tensor present, non-empty, right shape); a RunError names what is missing."""
+    from safetensors import safe_open
+
+    name = ADAPTER_FILE if method == "lora" else TRAINED_WEIGHTS_FILE
+    try:  # shapes from the file's header: nothing but the header is read
+        with safe_open(str(folder / name), framework="pt") as fh:
+            tensors = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
+    except Exception as exc:  # noqa: BLE001 - a missing or truncated file
+        raise RunError(f"the adapter was not written completely ({name}: {type(exc).__name__}: {exc}); the "
+                       "previous adapter is intact.") from None
+    check_complete(tensors, expected, f"adapter ({name})")
+
+
+def adapter_writer(run: RunDir, task: Task, processor: Any, method: str,
+                     expected: dict[str, tuple[int, ...]] | None = None):
+    """``save(unwrapped_model, state_dict=None)``: write the adapter to a temp folder, verify it holds
+    every trained tensor (``expected``), then swap it in; on any failure the previous adapter stays.
+    ``state_dict`` is the full state dict gathered from a sharded model (FSDP/DeepSpeed)."""
+    import shutil
+
+    def save(unwrapped_model: Any, state_dict: dict[str, Any] | None = None) -> None:
+        tmp = run.path / f".adapter.tmp-{os.getpid()}"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            if state_dict is not None:  # gathered from a sharded model: every trained tensor must be in it
+                trained = [n.replace("_fsdp_wrapped_module.", "") for n, p in unwrapped_model.named_parameters()
+                           if p.requires_grad]
+                missing = [n for n in trained if n not in state_dict]
+                if missing:
+                    raise RunError(f"the adapter is incomplete: {len(missing)} of {len(trained)} trained tensors "
+                                   f"are missing from the gathered state dict ({', '.join(missing[:5])}). It was "
+                                   "not written; the previous one is intact. This happens when weights are taken "
+                                   "from one shard of a sharded (FSDP/DeepSpeed) model; please report it with the "
+                                   "recipe's [distributed] section.")
+            if method == "lora":
+                try:
+                    unwrapped_model.save_pretrained(str(tmp), state_dict=state_dict)
+                except KeyError as exc:  # PEFT looks up each adapter tensor in the (gathered) state dict
+                    raise RunError(f"the adapter is incomplete: {exc} is missing from the model's state dict. "
+                                   "It was not written; the previous one is intact. This happens when weights are "
+                                   "taken from one shard of a sharded (FSDP/DeepSpeed) model; please report it "
+                                   "with the recipe's [distributed] section.") from None
+            else:
+                save_trained_weights(unwrapped_model, tmp / TRAINED_WEIGHTS_FILE, method, state_dict=state_dict)
+            if processor is not None and hasattr(processor, "save_pretrained"):
+                processor.save_pretrained(str(tmp))
+            (tmp / TASK_STATE_FILE).write_text(json.dumps({"task": task.name, "state": task.state}, indent=2))
+            if expected is not None:
+                verify_adapter(tmp, method, expected)
+            replace_dir_atomic(tmp, run.adapter_dir)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = "the previous adapter is intact; " if run.adapter_dir.exists() else ""
+            raise RunError(f"cannot write the adapter to {run.adapter_dir} ({exc.strerror or exc}); {kept}the run "
+                           "resumes from its last checkpoint with --resume once the folder is writable and has "
+                           "space.") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return save

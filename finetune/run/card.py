@@ -1,0 +1,115 @@
+"""The model card (the run folder's README.md): one function writes it.
+
+The Hub work extends this card rather than writing a second one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+#: the card's first sentence, by peft.method
+_WHAT = {"lora": "A LoRA adaptation", "none": "A head-only fine-tune (frozen backbone)", "full": "A full fine-tune"}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, Any], metrics: dict[str, Any],
+                      lora: dict[str, Any], plugins: list[dict[str, str]]) -> str:
+    """Markdown with Hub-style YAML front matter, from the run's facts."""
+    import tomli_w
+    import yaml
+
+    upstream = backbone.get("upstream_id")
+    best = metrics.get("best", {})
+    baseline = metrics.get("baseline", {})
+    run_name = recipe.get("output", {}).get("dir", "run").rstrip("/").rsplit("/", 1)[-1]
+    meta: dict[str, Any] = {}
+    if upstream:
+        meta["base_model"] = upstream
+    meta["library_name"] = task.library_name
+    if task.pipeline_tag:
+        meta["pipeline_tag"] = task.pipeline_tag
+    license_ = base_model_license(backbone.get("path"))
+    if license_:
+        meta["license"] = license_
+    method = recipe.get("peft", {}).get("method", "lora")
+    meta["tags"] = ["finetune", task.name, "lora" if method == "lora" else f"{method}-finetuning"]
+    results = [{"type": k, "name": k, "value": float(v)} for k, v in best.items()
+               if k not in ("step", "epoch") and isinstance(v, (int, float)) and v == v]
+    if results:
+        data_name = Path(str(recipe.get("data", {}).get("train", "local data"))).stem
+        meta["model-index"] = [{"name": run_name, "results": [{
+            "task": {"type": task.pipeline_tag or task.name},
+            "dataset": {"name": data_name, "type": "custom"},
+            "metrics": results}]}]
+    front = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
+    lines = [f"# {run_name}", "",
+             f"{_WHAT.get(method, 'A fine-tune')} of `{upstream or backbone.get('name')}` for **{task.name}**, "
+             "trained with "
+             "[finetune](https://pypi.org/project/finetune/).", "",
+             "## Results", "", "| metric | before training | fine-tuned (best) | last | baseline |",
+             "|---|---|---|---|---|"]
+    last, before = metrics.get("last", {}), metrics.get("before", {})
+    for key, value in best.items():
+        if key in ("step", "epoch") or not isinstance(value, (int, float)):
+            continue
+        base_value = _fmt(baseline.get(key, "")) if baseline else ""
+        lines.append(f"| {key} | {_fmt(before.get(key, ''))} | {_fmt(value)} | {_fmt(last.get(key, ''))} | "
+                     f"{base_value} |")
+    if baseline.get("name"):
+        lines += ["", f"Baseline: {baseline['name']} on the same split."]
+    lines += ["", f"Best checkpoint: step {best.get('step')} (epoch {best.get('epoch')}), selected on "
+              f"`{metrics.get('selection_metric')}`"
+              + ("; 'before training' is the same model evaluated before the first optimizer step (step 0)."
+                 if before else "."), "", "![curves](curves.png)", "",
+              "## Training", "",
+              f"- backbone: `{backbone.get('name')}` ({backbone.get('source')})",
+              (f"- LoRA targets: `{lora.get('target_modules')}`; trained in full: `{lora.get('modules_to_save')}`"
+               if method == "lora" else "- trained: every parameter" if method == "full" else
+               f"- trained: `{lora.get('modules_to_save')}`; the backbone frozen"),
+              f"- trainable parameters: {lora.get('trainable_params'):,} of {lora.get('total_params'):,} "
+              f"({100 * lora.get('trainable_params', 0) / max(1, lora.get('total_params', 1)):.2f}%)",
+              f"- train examples: {metrics.get('data', {}).get('train_examples')}, eval examples: "
+              f"{metrics.get('data', {}).get('eval_examples')}",
+              f"- wall time: {_fmt(metrics.get('train', {}).get('wall_time_s'))} s; mixed precision: "
+              f"{metrics.get('train', {}).get('mixed_precision')}",
+              f"- plugins: {', '.join(p['name'] + ' ' + p['version'] for p in plugins)}",
+              "", "Recipe:", "", "```toml", tomli_w.dumps(recipe).strip(), "```", "",
+              "## Usage", "", "```python", *task_usage_snippet(task, upstream or backbone.get("path")), "```", "",
+              "## Limitations", "",
+              "Trained on a small dataset; check the metrics above on data like yours before relying on it.", ""]
+    return "\n".join(front + lines)
+
+
+def task_usage_snippet(task: Any, base: str) -> list[str]:
+    snippet = task.usage_snippet(base)
+    if snippet:
+        return snippet.splitlines()
+    return ["from peft import PeftModel", "# load the base model for this task, then:",
+            "model = PeftModel.from_pretrained(base_model, 'adapter')"]
+
+
+def base_model_license(path: str | None) -> str | None:
+    """The license declared in the base model folder's own model card, when there is one."""
+    if not path:
+        return None
+    card = Path(path) / "README.md"
+    if not card.exists():
+        return None
+    text = card.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    import yaml
+
+    end = text.find("\n---", 3)
+    try:
+        meta = yaml.safe_load(text[3:end]) if end > 0 else None
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None

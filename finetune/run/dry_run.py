@@ -1,0 +1,69 @@
+"""``finetune validate`` (``run --dry-run``): everything up to one collated batch; no training, no run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finetune.engine.console import Console
+from finetune.engine.distributed import check_distributed
+from finetune.engine.loop import metric_mode
+from finetune.run.session import build_model, open_session, speed_settings
+
+
+def describe_batch(batch: dict[str, Any]) -> dict[str, str]:
+    """``key -> "(shape) dtype"`` of a collated batch, as ``finetune validate`` shows it."""
+    out = {}
+    for key, value in batch.items():
+        shape = getattr(value, "shape", None)
+        dtype = getattr(value, "dtype", None)
+        out[key] = f"{tuple(shape)} {str(dtype).replace('torch.', '')}" if shape is not None else type(value).__name__
+    return out
+
+
+def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> dict[str, Any]:
+    """Everything up to the first batch, no training, no run folder. Returns the report shown."""
+    session = open_session(recipe_path, overrides)
+    check_distributed(session.recipe)
+    model, processor, report = build_model(session)
+    task = session.task
+    train_ds = task.build_dataset(session.splits.train, processor, training=True)
+    task.build_dataset(session.splits.eval, processor, training=False)
+    collate = task.collate_fn(processor)
+    n = min(session.recipe.train.batch_size, len(train_ds))
+    batch = collate([train_ds[i] for i in range(n)])
+    speed = speed_settings(task, session.recipe, train_ds, report)
+    console.print("# resolved recipe\n" + session.recipe.to_toml())
+    info = {
+        "task": f"{task.name} ({type(task.task).__module__}.{type(task.task).__name__})",
+        "backbone": session.backbone.to_dict(),
+        "lora_targets": report.target_modules,
+        "modules_to_save": report.modules_to_save,
+        "trainable_params": report.trainable_params,
+        "total_params": report.total_params,
+        "data": session.splits.info,
+        "batch": describe_batch(batch),
+        "speed_settings": speed,
+    }
+    console.print(f"task:             {info['task']}")
+    console.print(f"backbone:         {session.backbone.name} -> {session.backbone.path}")
+    console.print(f"                  ({session.backbone.source})")
+    console.print(f"LoRA targets:     {report.target_modules}"
+                  + (f" in layers {report.layers}" if report.layers is not None else ""))
+    console.print(f"trained in full:  {report.modules_to_save}")
+    console.print(f"trainable params: {report.trainable_params:,} of {report.total_params:,} "
+                  f"({100 * report.trainable_fraction:.2f}%)")
+    metric = session.recipe.train.metric or task.default_metric
+    mode = metric_mode(metric, session.recipe.train.metric_mode, tuple(task.lower_is_better or ()))
+    info["selection"] = {"metric": metric, "mode": mode}
+    console.print(f"best checkpoint:  by {metric} ({'higher' if mode == 'max' else 'lower'} is better; "
+                  f"{'train.metric' if session.recipe.train.metric else 'the task default'})")
+    for key, value in session.splits.info.items():
+        console.print(f"data.{key}: {value}")
+    for note in speed:
+        console.print(f"speed setting:    {note}")
+    console.print("one collated batch:")
+    for key, value in info["batch"].items():
+        console.print(f"  {key}: {value}")
+    console.print("recipe is valid; nothing was trained or written.")
+    return info

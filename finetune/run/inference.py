@@ -1,0 +1,46 @@
+"""Loading a finished (or running) run for inference: the task, the model with its best adapter, the processor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from finetune.contract.task import Task
+from finetune.engine.backbones import resolve_backbone
+from finetune.engine.plugins import get_registry
+from finetune.engine.recipe_file import apply_overrides, validate_recipe
+from finetune.engine.run_folder import RunDir
+from finetune.errors import RunError
+from finetune.run.adapter import TASK_STATE_FILE, TRAINED_WEIGHTS_FILE, load_trained_weights
+
+
+def load_run(run_path: str | Path, overrides: list[str] | None = None) -> tuple[Task, Any, Any, RunDir]:
+    """``(task, model, processor, run)`` from a run folder's best adapter, ready for ``task.predict``.
+
+    The task is built from the run's resolved recipe, its ``state`` restored from
+    ``adapter/finetune_task.json`` *before* ``load_model`` is called; the model (eval mode) carries the
+    adapter (or, for ``peft.method = "none"/"full"``, the trained weights). ``overrides``
+    (``SECTION.KEY=VALUE``) change prediction-time settings of the run's recipe. The task is guarded like
+    in training: its errors and bad return values name its plugin."""
+    from peft import PeftModel
+
+    run = RunDir(run_path)
+    if not run.recipe_file.exists():
+        raise RunError(f"{run.path}: not a finetune run folder (no recipe.toml).")
+    if not (run.adapter_dir / TASK_STATE_FILE).exists():
+        raise RunError(f"{run.path}: has no trained adapter yet (adapter/ is missing); "
+                       "train first, or wait for the first evaluation.")
+    registry = get_registry()
+    recipe = validate_recipe(apply_overrides(run.resolved_recipe(), overrides or []), registry.get_task)
+    task = registry.create_task(recipe)
+    saved = json.loads((run.adapter_dir / TASK_STATE_FILE).read_text())
+    task.state = saved.get("state", {})
+    backbone = resolve_backbone(recipe.model.backbone, recipe.model.trust_remote_code, registry=registry)
+    model, processor = task.load_model(backbone)
+    if recipe.peft.method == "lora":
+        model = PeftModel.from_pretrained(model, str(run.adapter_dir))
+    else:
+        load_trained_weights(model, run.adapter_dir / TRAINED_WEIGHTS_FILE)
+    model.eval()
+    return task, model, processor, run

@@ -1,0 +1,94 @@
+"""Setting up a run: recipe -> task -> backbone -> data -> model with LoRA attached.
+
+Everything that can fail on user input (recipe, task, backbone, data) is checked here, before a
+run folder is touched, so bad input loses nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.contract.backbone import ResolvedBackbone
+from finetune.contract.recipe import Recipe
+from finetune.contract.task import DataSplits
+from finetune.engine import fast_dropout
+from finetune.engine.backbones import resolve_backbone
+from finetune.engine.guard import GuardedTask
+from finetune.engine.lora import LoraReport, attach_lora
+from finetune.engine.plugins import PluginRegistry, get_registry
+from finetune.engine.recipe_file import load_recipe
+from finetune.errors import RecipeError, did_you_mean
+
+
+@dataclass
+class Session:
+    """A recipe read and checked, its task (guarded: errors name its plugin), backbone and data."""
+
+    recipe: Recipe
+    registry: PluginRegistry
+    task: GuardedTask
+    backbone: ResolvedBackbone
+    splits: DataSplits
+
+
+def open_session(recipe_path: str | Path, overrides: list[str] | None = None) -> Session:
+    """Read and validate the recipe, resolve the backbone, read the data (``Task.prepare_data``)."""
+    registry = get_registry()
+    recipe = load_recipe(recipe_path, overrides, registry.get_task)
+    task = registry.create_task(recipe)
+    backbone = resolve_backbone(recipe.model.backbone, recipe.model.trust_remote_code, registry=registry)
+    splits = task.prepare_data()
+    return Session(recipe=recipe, registry=registry, task=task, backbone=backbone, splits=splits)
+
+
+def build_model(session: Session) -> tuple[Any, Any, LoraReport]:
+    """The task's model with what trains attached (LoRA, the head, or everything) and fast dropout."""
+    from accelerate.utils import set_seed
+
+    set_seed(session.recipe.train.seed)
+    task = session.task
+    model, processor = task.load_model(session.backbone)
+    model, report = attach_lora(model, session.recipe.peft, task)
+    if fast_dropout.fast_dropout_applies(session.recipe):
+        report.fast_dropout_modules = fast_dropout.install_fast_dropout(model)
+    return model, processor, report
+
+
+def speed_settings(task: GuardedTask, recipe: Recipe, train_ds: Any, report: LoraReport | None = None) -> list[str]:
+    """Speed options in effect that change results compared with plain training, one line each."""
+    notes = []
+    if report is not None and report.fast_dropout_modules:
+        notes.append(fast_dropout.describe(report.fast_dropout_modules))
+    plain_batches = not task.implements("train_batches")
+    if recipe.train.group_by_length and plain_batches and task.example_lengths(train_ds) is not None:
+        notes.append("train.group_by_length: examples of similar length share a batch (less padding); batches "
+                     "differ from a plain shuffle (set it to false for plain shuffled batches)")
+    return notes + list(task.speed_notes() or [])
+
+
+def check_train_settings(session: Session) -> None:
+    """Settings that are only checkable against the task or the environment, checked before training."""
+    cfg, task = session.recipe.train, session.task
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise RecipeError("train.tensorboard = true needs TensorBoard, which is not installed: "
+                              "pip install 'finetune[tensorboard]' (or set it to false).") from None
+    hub = session.recipe.hub
+    if hub.push:
+        from finetune.run.hub import HUB_ID
+
+        if not hub.repo_id or not HUB_ID.match(hub.repo_id):
+            raise RecipeError(f"hub.repo_id: {hub.repo_id!r} is not a Hub repo id; [hub] push = true needs "
+                              "repo_id = \"user/name\".")
+    from finetune.engine.distributed import check_distributed
+
+    check_distributed(session.recipe)
+    names = getattr(task, "metric_names", None)
+    if cfg.metric and names is not None and cfg.metric not in ("eval_loss", *names):
+        raise RecipeError(f"train.metric: task {task.name!r} does not compute {cfg.metric!r}"
+                          f"{did_you_mean(cfg.metric, ('eval_loss', *names))}; available: "
+                          f"{', '.join(('eval_loss', *names))}.")

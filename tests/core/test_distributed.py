@@ -1,0 +1,42 @@
+"""Data-parallel training with 2 CPU processes (gloo) through `finetune run --num-processes 2`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import NEGATIVE, NEUTRAL, POSITIVE, run_cli
+from safetensors.torch import load_file
+
+from finetune.engine.run_folder import RunDir
+from finetune.testing import tiny_text_backbone
+
+
+@pytest.fixture
+def no_dropout_bert(tmp_path):
+    return tiny_text_backbone(tmp_path / "bert-no-dropout", POSITIVE + NEGATIVE + NEUTRAL,
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(make_recipe, tmp_path, no_dropout_bert):
+    common = ["--set", f'model.backbone="{no_dropout_bert}"', "--set", "peft.dropout=0.0",
+              "--set", "train.epochs=2", "--set", "train.checkpoint_every_steps=0"]
+    one = run_cli("run", str(make_recipe(name="one.toml", output=str(tmp_path / "one"))), *common,
+                  "--set", "train.batch_size=24")
+    assert one.returncode == 0, one.stderr
+    two = run_cli("run", str(make_recipe(name="two.toml", output=str(tmp_path / "two"))), *common,
+                  "--set", "train.batch_size=12", "--num-processes", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    run_one, run_two = RunDir(tmp_path / "one"), RunDir(tmp_path / "two")
+    assert run_two.is_finished() and run_two.info()["processes"] == 2
+    a = load_file(str(run_one.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(run_two.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:  # synced gradients: the same model up to float reduction order
+        assert (a[key] - b[key]).abs().max().item() < 1e-4, key
+    m1, m2 = (json.loads(r.metrics_file.read_text()) for r in (run_one, run_two))
+    assert m1["train"]["steps"] == m2["train"]["steps"] == 10  # 120 rows / 24 per step x 2 epochs
+    assert m2["train"]["samples_seen"] == 240
+    assert m1["best"]["accuracy"] == pytest.approx(m2["best"]["accuracy"], abs=1e-9)
+    # one progress display: each evaluation is printed once, by the main process
+    assert two.stdout.count("eval @ step 5 ") == 1

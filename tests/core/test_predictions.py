@@ -1,0 +1,143 @@
+"""Adapters saved in the run folder reload (with finetune and with plain peft) and predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import run_cli, write_csv
+
+from finetune.engine.console import Console
+from finetune.errors import RunError
+from finetune.run.inference import load_run
+from finetune.run.session import open_session
+from finetune.run.training import run_recipe
+
+
+@pytest.fixture
+def trained_run(make_recipe):
+    recipe = make_recipe(train="epochs = 3")
+    return recipe, run_recipe(recipe, [], console=Console(quiet=True))
+
+
+def test_reloaded_adapter_reproduces_the_best_eval_accuracy(trained_run):
+    recipe, run = trained_run
+    splits = open_session(recipe).splits
+    task, model, processor, _ = load_run(run.path)
+    records = splits.eval.to_dict(orient="records")
+    with torch.no_grad():
+        rows = task.predict(model, processor, records)
+    accuracy = sum(r["label"] == rec["label"] for r, rec in zip(rows, records)) / len(records)
+    best = json.loads(run.metrics_file.read_text())["best"]["accuracy"]
+    assert accuracy == pytest.approx(best, abs=1e-9)
+
+
+def test_plain_peft_and_transformers_load_the_adapter(trained_run, tiny_bert):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _, run = trained_run
+    task, ours, processor, _ = load_run(run.path)
+    labels = task.state["labels"]
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=len(labels))
+    plain = PeftModel.from_pretrained(base, str(run.adapter_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(run.adapter_dir))
+    batch = tokenizer(["good day", "awful food", "the movie was so evil"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits, ours(**batch).logits, atol=1e-6)
+        # and the adapter really changed the model: the head is not the freshly initialised one
+        fresh = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=len(labels))
+        assert not torch.allclose(fresh(**batch).logits, ours(**batch).logits, atol=1e-3)
+
+
+def test_predict_cli_file_and_stdin(trained_run, tmp_path):
+    _, run = trained_run
+    inp = write_csv(tmp_path / "new.csv", [{"text": "good great day"}, {"text": "awful bad food"}])
+    out = tmp_path / "preds.csv"
+    result = run_cli("predict", str(run.path), "--input", str(inp), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["text"] for r in rows] == ["good great day", "awful bad food"]
+    for row in rows:
+        assert row["label"] in ("neg", "pos")
+        assert float(row["prob_neg"]) + float(row["prob_pos"]) == pytest.approx(1.0, abs=1e-5)
+    result = run_cli("predict", str(run.path), input="good great day\nawful bad food\n")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["label"] for line in lines] == [r["label"] for r in rows]
+
+
+def test_predict_errors_are_clear(tmp_path, trained_run):
+    with pytest.raises(RunError, match="not a finetune run folder"):
+        load_run(tmp_path / "nowhere")
+    _, run = trained_run
+    result = run_cli("predict", str(run.path), "--input", str(tmp_path / "missing.csv"))
+    assert result.returncode == 2 and "missing.csv" in result.stderr and "Traceback" not in result.stderr
+    bad = write_csv(tmp_path / "bad.csv", [{"sentence": "x"}])
+    result = run_cli("predict", str(run.path), "--input", str(bad))
+    assert result.returncode == 2 and "has no column 'text'" in result.stderr and "'sentence'" in result.stderr
+    assert "--set data.<key>=<column>" in result.stderr
+
+
+def test_predict_text_option(trained_run, tmp_path):
+    _, run = trained_run
+    result = run_cli("predict", str(run.path), "--text", "good great day", "-t", "awful bad food")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == ["good great day", "awful bad food"]
+    out = tmp_path / "preds.txt"  # no telling suffix: --format decides
+    result = run_cli("predict", str(run.path), "-t", "good great day", "--output", str(out), "--format", "jsonl")
+    assert result.returncode == 0 and json.loads(out.read_text())["text"] == "good great day"
+
+
+def test_list_and_dict_values_are_json_in_csv_cells_and_json_lines(tmp_path, capsys):
+    from finetune.run.predictions import write_predictions
+
+    rows = [{"tokens": ["Paris", "is"], "tags": ["B-LOC", "O"], "spans": [{"text": "Paris", "start": 0}],
+             "score": 0.5}, {"tokens": ["é"], "tags": ["O"], "spans": [], "score": 1.0}]
+    write_predictions(rows, tmp_path / "p.csv")
+    read = list(csv.DictReader((tmp_path / "p.csv").open(encoding="utf-8")))
+    assert read[0]["tags"] == '["B-LOC", "O"]' and json.loads(read[0]["spans"]) == rows[0]["spans"]
+    assert json.loads(read[1]["tokens"]) == ["é"] and read[1]["spans"] == "[]"
+    write_predictions(rows, tmp_path / "p.jsonl")
+    assert [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()] == rows
+    write_predictions(rows, tmp_path / "p.tsv")
+    assert (tmp_path / "p.tsv").read_text(encoding="utf-8").splitlines()[0] == "tokens\ttags\tspans\tscore"
+    write_predictions(rows, None)
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+
+
+@pytest.mark.parametrize("method", ["none", "full"])
+def test_linear_probe_and_full_finetuning_save_and_reload(make_recipe, method):
+    recipe = make_recipe(train="epochs = 2")
+    text = recipe.read_text().replace("[peft]\n", f'[peft]\nmethod = "{method}"\n')
+    recipe.write_text(text)
+    run = run_recipe(recipe, [], console=Console(quiet=True))
+    metrics = json.loads(run.metrics_file.read_text())
+    if method == "none":
+        assert metrics["params"]["trainable"] == 32 * 2 + 2 + 32 * 32 + 32  # classifier + pooler
+    else:
+        assert metrics["params"]["trainable"] == metrics["params"]["total"]
+    splits = open_session(recipe).splits
+    task, model, processor, _ = load_run(run.path)
+    records = splits.eval.to_dict(orient="records")
+    with torch.no_grad():
+        rows = task.predict(model, processor, records)
+    accuracy = sum(r["label"] == rec["label"] for r, rec in zip(rows, records)) / len(records)
+    assert accuracy == pytest.approx(metrics["best"]["accuracy"], abs=1e-9)
+
+
+def test_integer_labels_come_back_as_integers(make_recipe, tmp_path):
+    from conftest import make_sentiment_rows
+
+    rows = [{"text": r["text"], "label": 1 if r["label"] == "pos" else 0} for r in make_sentiment_rows(80)]
+    train = write_csv(tmp_path / "int.csv", rows)
+    recipe = make_recipe(data=f'train = "{train}"', train="epochs = 1")
+    run = run_recipe(recipe, [], console=Console(quiet=True))
+    assert run.info()["data"]["labels"] == ["0", "1"]
+    task, model, processor, _ = load_run(run.path)
+    with torch.no_grad():
+        out = task.predict(model, processor, [{"text": "good day"}])
+    assert isinstance(out[0]["label"], int) and out[0]["label"] in (0, 1)
+    assert set(out[0]) >= {"prob_0", "prob_1", "score"}
