@@ -20,6 +20,7 @@ from finetune.contract.layers import attention_projections, resolve_layers, tran
 from finetune.contract.recipe import DataOptions, PathStr, Recipe, TaskOptions
 from finetune.contract.tables import load_table, read_jsonl, require_columns, split_frame
 from finetune.contract.task import DataSplits, Task
+from finetune.engine.datasets_source import DatasetSource, DatasetSplit, open_dataset
 from finetune.engine.run_folder import RunDir
 from finetune.errors import BackboneError, DataError, FinetuneError, PluginError, RecipeError
 from finetune.run.inference import load_run
@@ -33,6 +34,8 @@ __all__ = [
     "DataError",
     "DataOptions",
     "DataSplits",
+    "DatasetSource",
+    "DatasetSplit",
     "FinetuneError",
     "LoopState",
     "PathStr",
@@ -52,6 +55,7 @@ __all__ = [
     "length_grouped_batches",
     "load_run",
     "load_table",
+    "open_dataset",
     "package_dir",
     "read_jsonl",
     "require_columns",

@@ -1,9 +1,14 @@
 """A small Hub-compatible HTTP server for tests (127.0.0.1 only).
 
 It implements what huggingface_hub's client calls to create a repo, commit files
-(regular uploads, base64 in NDJSON), validate README YAML, read repo info and download
-files. Repos live in memory as a list of commits per branch. ``fail`` injects failures:
-``server.fail["commit"] = 500`` makes the next commit answer HTTP 500; ``(500, 10)`` the next ten.
+(regular uploads, base64 in NDJSON), validate README YAML, read repo info (with file sizes), list a
+revision's files and download them (HEAD/GET, ``Range`` requests for resumed downloads), for model and
+data set repos. Repos live in memory as a list of commits per branch; ``server.add_repo`` /
+``server.add_commit`` fill one directly. ``fail`` injects failures: ``server.fail["commit"] = 500``
+makes the next commit answer HTTP 500; ``(500, 10)`` the next ten; ``server.fail["truncate"] = 1``
+cuts the next file download in the middle (``("model.safetensors", 1)``: the next download of that file);
+the client retries, resuming with a ``Range`` request from what it wrote.
+``server.state.headers`` records the request headers, in order.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 
@@ -55,6 +61,8 @@ class HubState:
     def __init__(self, token: str) -> None:
         self.token = token
         self.repos: dict[str, Repo] = {}
+        self.datasets: dict[str, Repo] = {}
+        self.headers: list[tuple[str, str, dict[str, str]]] = []
         self.fail: dict[str, int] = {}
         self.slow: dict[str, float] = {}
         self.requests: list[tuple[str, str]] = []
@@ -202,29 +210,36 @@ class Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         path = unquote(url.path)
         self.state.requests.append((self.command, path))
+        self.state.headers.append((self.command, path, {k.lower(): v for k, v in self.headers.items()}))
         parts = path.split("/")
-        if len(parts) >= 5 and parts[1] == "api" and parts[2] == "models":
-            repo = self.state.repos.get(f"{parts[3]}/{parts[4]}")
+        if len(parts) >= 5 and parts[1] == "api" and parts[2] in ("models", "datasets"):
+            repos = self.state.repos if parts[2] == "models" else self.state.datasets
+            repo = repos.get(f"{parts[3]}/{parts[4]}")
             if repo is None or (repo.private and not self._authorized()):
                 return self._error(404, "Repository not found")
             rev = "/".join(parts[6:]) if len(parts) > 6 and parts[5] in ("revision", "tree") else "main"
             sha = repo.head(rev)
+            missing = ({"error": f"Revision not found: {rev}"}, {"X-Error-Code": "RevisionNotFound"})
             if len(parts) > 6 and parts[5] == "tree":
                 if sha is None:
-                    return self._error(404, f"Revision not found: {rev}")
+                    return self._json(404, *missing)
                 return self._json(200, [{"type": "file", "path": name, "size": len(data), "oid": git_blob_sha(data)}
                                         for name, data in sorted(repo.files(rev).items())])
             if sha is None:
-                return self._error(404, f"Revision not found: {rev}")
+                return self._json(404, *missing)
             files = repo.files(rev)
             return self._json(200, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": sha, "private": repo.private,
-                                    "siblings": [{"rfilename": name} for name in sorted(files)],
+                                    "siblings": [{"rfilename": name, "size": len(data), "blobId": git_blob_sha(data)}
+                                                 for name, data in sorted(files.items())],
                                     "tags": [], "downloads": 0, "likes": 0})
-        # /{ns}/{name}/resolve/{rev}/{file...}
+        # /{ns}/{name}/resolve/{rev}/{file...}  and  /datasets/{ns}/{name}/resolve/{rev}/{file...}
+        repos = self.state.repos
+        if len(parts) >= 7 and parts[1] == "datasets" and parts[4] == "resolve":
+            repos, parts = self.state.datasets, parts[1:]
         if len(parts) >= 6 and parts[3] == "resolve":
             if self._injected("download"):
                 return None
-            repo = self.state.repos.get(f"{parts[1]}/{parts[2]}")
+            repo = repos.get(f"{parts[1]}/{parts[2]}")
             if repo is None or (repo.private and not self._authorized()):
                 return self._error(404, "Repository not found")
             rev, file = parts[4], "/".join(parts[5:])
@@ -232,13 +247,29 @@ class Handler(BaseHTTPRequestHandler):
             if file not in files or sha is None:
                 return self._json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
             data = files[file]
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
+            start = 0
+            ranged = self.headers.get("range", "")
+            if self.command == "GET" and ranged.startswith("bytes="):
+                start = int(ranged[len("bytes="):].split("-")[0] or 0)
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(data) - start))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Accept-Ranges", "bytes")
             self.send_header("ETag", f'"{git_blob_sha(data)}"')
             self.send_header("X-Repo-Commit", sha)
             self.end_headers()
             if self.command == "GET":
-                self.wfile.write(data)
+                body = data[start:]
+                cut = self.state.fail.get("truncate")  # a count, or (file name, count)
+                name, count = cut if isinstance(cut, tuple) else (None, cut or 0)
+                if count > 0 and name in (None, file.rsplit("/", 1)[-1]) and len(body) > 1:
+                    self.state.fail["truncate"] = (name, count - 1) if name else count - 1
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return None
+                self.wfile.write(body)
             return None
         return self._error(404, f"no route for GET {path}")
 
@@ -256,6 +287,53 @@ class HubServer(ThreadingHTTPServer):
         self._thread.start()
         return self
 
+    def add_repo(self, repo_id: str, files: dict[str, bytes], repo_type: str = "model",
+                 private: bool = False) -> str:
+        """A repo holding ``files`` in one commit on main; returns the commit hash."""
+        repos = self.state.repos if repo_type == "model" else self.state.datasets
+        repos[repo_id] = Repo(repo_id, private)
+        return self.add_commit(repo_id, files, repo_type=repo_type)
+
+    def add_commit(self, repo_id: str, files: dict[str, bytes], repo_type: str = "model",
+                   branch: str = "main") -> str:
+        """A new commit on ``branch`` with ``files`` replacing the repo's files; returns its hash."""
+        repo = (self.state.repos if repo_type == "model" else self.state.datasets)[repo_id]
+        oid = hashlib.sha1(f"{repo_id}{time.time_ns()}{sorted(files)}".encode()).hexdigest()
+        repo.branches.setdefault(branch, []).append({"oid": oid, "summary": "test", "files": dict(files),
+                                                     "added": sorted(files)})
+        return oid
+
+    def requested(self, fragment: str) -> list[tuple[str, str]]:
+        """The requests whose path contains ``fragment``."""
+        return [r for r in self.state.requests if fragment in r[1]]
+
     def __exit__(self, *exc) -> None:
         self.shutdown()
         self.server_close()
+
+
+def use_server(monkeypatch, server: HubServer, cache: Path) -> None:
+    """Point this process at ``server`` (``HF_ENDPOINT``) with empty Hub and ``datasets`` caches under
+    ``cache``, online: for in-process tests of downloads."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache / "hub-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache / "datasets-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def parquet_bytes(dataset) -> bytes:
+    """A ``datasets.Dataset`` as the parquet file a Hub data set repo holds (features kept, media embedded)."""
+    import io
+
+    out = io.BytesIO()
+    dataset.to_parquet(out)
+    return out.getvalue()
+
+
+def fetched(server: HubServer) -> list[str]:
+    """The repo file paths downloaded so far (GET /.../resolve/REV/PATH)."""
+    return [path.split("/resolve/", 1)[1].split("/", 1)[1] for method, path in server.state.requests
+            if method == "GET" and "/resolve/" in path]

@@ -179,9 +179,11 @@ def plugins() -> None:
 @click.option("--text", "--prompt", "-t", "texts", multiple=True, help="An input given directly (repeatable): a text, "
               "a prompt, a file path.")
 @click.option("--batch-size", default=32, show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Allow the run's backbone to run its own modelling code "
+              "(needed when the run was trained with model.trust_remote_code; a run folder never allows it itself).")
 @_set_option
 def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, output_format: str,
-            texts: tuple[str, ...], batch_size: int, overrides: tuple[str, ...]) -> None:
+            texts: tuple[str, ...], batch_size: int, trust_remote_code: bool, overrides: tuple[str, ...]) -> None:
     """Predict with the best adapter of the run in RUN_DIR (a run folder, or a Hub repo id it was pushed to).
 
     Inputs come from --text, --input, or lines on stdin. --set changes prediction-time
@@ -195,7 +197,8 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, ou
 
         if is_hub_id(str(run_dir)):
             run_dir = pull(str(run_dir))
-    task, model, processor, _ = load_run(run_dir, list(overrides))
+    task, model, processor, _ = load_run(run_dir, list(overrides), trust_remote_code=trust_remote_code,
+                                         announce=lambda line: click.echo(line, err=True))
     records = read_records(task, input_path, list(texts))
     stream = output_path is None and sys.stdout.isatty()
     rows = predict_records(task, model, processor, records, batch_size, stream=stream)

@@ -24,6 +24,7 @@ class ResolvedBackbone:
     upstream_id: str | None = None  #: the true Hub id (model cards); None for private/local models
     source: str = ""  #: human-readable provenance (package, file, cache)
     trust_remote_code: bool = False  #: the recipe's model.trust_remote_code (set by the core; pass it on)
+    revision: str | None = None  #: the commit hash, when it came from the Hugging Face Hub (or its cache)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict (recorded in run.json)."""

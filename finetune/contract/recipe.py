@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -46,21 +46,50 @@ class TaskOptions(Section):
 
 
 class ModelSection(Section):
-    backbone: str = Field(description="Hub id, local folder, or a name a plugin resolves (offline zoo).")
-    trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the backbone.")
+    backbone: str = Field(description="Hub id (downloaded when online, else from the cache), local folder, or a "
+                          "name a plugin resolves (the offline zoo).")
+    revision: str | None = Field(
+        None, description="Hub branch, tag or commit of the backbone. Unset: main as cached (downloaded the first "
+        "time); a branch or tag: where it points now on the Hub. The run folder's recipe records the commit hash "
+        "it resolved to, so the run is reproducible.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the backbone "
+                                    "(it runs on this machine).")
+    allow_pickled_weights: bool = Field(
+        False, description="Allow a Hub backbone whose only weights are pickled (pytorch_model.bin); they load "
+        "with torch.load(weights_only=True). Off: such a repo is refused.")
 
 
 class DataOptions(Section):
     """``[data]``: where the examples are; task plugins subclass this to add column names etc.
 
-    The core resolves the paths and fingerprints the files; reading them is the task's job, and so is
-    applying these keys in ``prepare_data``: ``format`` (``load_table(path, data.format)``), ``eval``
-    and ``split`` (``split_frame(df, data.split, seed, group=data.group_column)`` when ``eval`` is
-    unset), ``group_column`` and ``limit`` (take at most that many training examples, seeded by
-    ``train.seed``). A task that cannot honour one should refuse it with a ``RecipeError``."""
+    The core resolves the paths, fingerprints the files and checks that one of :attr:`source_keys` is set;
+    reading the data is the task's job, and so is applying these keys in ``prepare_data``: ``format``
+    (``load_table(path, data.format)``), ``dataset`` and its ``dataset_*`` keys
+    (``finetune.open_dataset(data, recipe_dir)``), ``eval`` and ``split``
+    (``split_frame(df, data.split, seed, group=data.group_column)`` when no eval data is given),
+    ``group_column`` and ``limit`` (take at most that many training examples, seeded by ``train.seed``).
+    A task that cannot honour one should refuse it with a ``RecipeError``."""
 
-    train: PathStr = Field(description="Training file: .csv, .tsv, .jsonl, .json or .parquet.")
+    #: The keys any one of which gives the training data (a recipe must set one); a task with another kind
+    #: of source (a built-in data set, say) adds its key.
+    source_keys: ClassVar[tuple[str, ...]] = ("train", "dataset")
+
+    train: PathStr | None = Field(None, description="Training file: .csv, .tsv, .jsonl, .json or .parquet (or give "
+                                  "`dataset` instead).")
     eval: PathStr | None = Field(None, description="Evaluation file; if absent, `split` of train is held out.")
+    dataset: str | None = Field(
+        None, description="A data set instead of `train`: a Hugging Face Hub name (owner/name; downloaded when "
+        "online, else from the cache), a folder written by save_to_disk, or a local .parquet/.arrow/.csv/.jsonl "
+        "file or folder of them. Relative paths resolve against the recipe's folder.")
+    dataset_config: str | None = Field(None, description="Configuration (subset) of `dataset`, if it has several.")
+    dataset_split: str = Field("train", description="Split of `dataset` to train on (ignored for a single saved "
+                               "Dataset, which has no splits).")
+    dataset_eval_split: str | None = Field(
+        None, description="Split of `dataset` to evaluate on (e.g. 'validation'); if unset, `split` of the training "
+        "split is held out.")
+    dataset_revision: str | None = Field(
+        None, description="Hub branch, tag or commit of `dataset`; the run folder's recipe records the commit it "
+        "resolved to.")
     split: float = Field(0.2, gt=0, lt=1, description="Fraction of train held out for eval when `eval` is absent.")
     group_column: str | None = Field(
         None, description="Keep rows sharing this column's value on the same side of the split (no leakage).")

@@ -31,10 +31,13 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
                     f"use one of {', '.join(sorted(FORMATS))} or set data.format.")
 
 
-def load_table(path: str | Path, fmt: str = "auto", key: str = "data.train") -> pd.DataFrame:
+def load_table(path: str | Path | None, fmt: str = "auto", key: str = "data.train") -> pd.DataFrame:
     """Read a table file; missing, unreadable or empty files raise :class:`DataError` naming ``key``."""
     import pandas as pd
 
+    if path is None:
+        raise DataError(f"{key}: not set; this task reads its data from a table file in {key} (a .csv, .tsv, "
+                        ".jsonl or .parquet), not from data.dataset. Set {key}.")
     path = Path(path)
     if path.is_symlink() and not path.exists():
         import os

@@ -1,73 +1,135 @@
 """Resolve a backbone name from a recipe to local model files.
 
-Order (fast and offline first; nothing here ever waits on the network):
+Order (offline and fast first):
 
 1. an existing local folder;
-2. a plugin's ``finetune_resolve_backbone`` hook (the offline zoo, a private store);
-3. the local Hugging Face cache, with ``local_files_only=True`` (fails in ~0.2 s);
-4. otherwise a :class:`BackboneError` saying how to make the weights available.
+2. a plugin's ``finetune_resolve_backbone`` hook (the offline zoo, a private store): it keeps priority
+   for the names it serves;
+3. the local Hugging Face cache (at ``model.revision`` when set), without the network (~0.2 s);
+4. online, a download from the Hugging Face Hub (``HF_ENDPOINT``) of the files a run loads
+   (``finetune.engine.hub_access``): said before it starts (what, which commit, how big);
+5. otherwise a :class:`BackboneError` saying how to make the weights available (offline: within
+   seconds, listing the offline backbones).
+
+A backbone from the Hub records its commit, which the run folder's recipe pins (``model.revision``).
+A folder whose config asks to run its own modelling code (``auto_map``) is refused unless the recipe
+(or the user's own ``--trust-remote-code``) allows it, whatever its source.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.contract.backbone import ResolvedBackbone, upstream_id_of
-from finetune.engine import zoo
+from finetune.engine import hub_access, zoo
 from finetune.errors import BackboneError
 
 if TYPE_CHECKING:
     from finetune.engine.plugins import PluginRegistry
 
 
-def resolve_backbone(name: str, trust_remote_code: bool = False,
-                     registry: PluginRegistry | None = None) -> ResolvedBackbone:
-    """``[model] backbone`` -> a local folder and its provenance (see the module's docstring)."""
+def resolve_backbone(name: str, trust_remote_code: bool = False, registry: PluginRegistry | None = None,
+                     revision: str | None = None, allow_pickled: bool = False,
+                     announce: Callable[[str], None] | None = None) -> ResolvedBackbone:
+    """``[model] backbone`` -> a local folder and its provenance (see the module's docstring).
+
+    ``announce`` receives one line before a download starts (what is fetched, from where, how much)."""
+    resolved = _resolve(name, trust_remote_code, registry, revision, allow_pickled, announce)
+    resolved.trust_remote_code = trust_remote_code
+    code = hub_access.custom_code(Path(resolved.path)) if not trust_remote_code else []
+    if code:
+        raise BackboneError(
+            f"model.backbone: {name!r} ships its own modelling code ({', '.join(code)}), which would run on this "
+            f"machine when the model loads. If you trust {resolved.upstream_id or name}, set model.trust_remote_code "
+            "= true in your recipe (for `finetune predict` of a run that needs it: --trust-remote-code).")
+    return resolved
+
+
+def _resolve(name: str, trust_remote_code: bool, registry: PluginRegistry | None, revision: str | None,
+             allow_pickled: bool, announce: Callable[[str], None] | None) -> ResolvedBackbone:
     path = Path(name).expanduser()
     if path.is_dir():
         if not any(path.glob("config.json")) and not any(path.glob("*.safetensors")):
             raise BackboneError(
                 f"model.backbone: folder {str(path)!r} holds no config.json or *.safetensors; "
                 "point it at a folder written by save_pretrained().")
-        upstream = upstream_id_of(path)
-        return ResolvedBackbone(name=name, path=str(path.resolve()), upstream_id=upstream,
-                                source=f"local folder {path.resolve()}", trust_remote_code=trust_remote_code)
+        return ResolvedBackbone(name=name, path=str(path.resolve()), upstream_id=upstream_id_of(path),
+                                source=f"local folder {path.resolve()}")
     if registry is None:
         from finetune.engine.plugins import get_registry
 
         registry = get_registry()
     resolved = registry.pm.hook.finetune_resolve_backbone(name=name, trust_remote_code=trust_remote_code)
     if resolved is not None:
-        resolved.trust_remote_code = trust_remote_code
         return resolved
-    cached = _from_hf_cache(name)
-    if cached is not None:
-        return ResolvedBackbone(name=name, path=cached, upstream_id=name,
-                                source=f"Hugging Face cache {cached}", trust_remote_code=trust_remote_code)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not hub_access.looks_like_hub_id(name):
         raise BackboneError(f"model.backbone: {name!r} is not an existing folder; check the path "
                             "(relative paths resolve against the recipe's folder).")
+    in_cache = hub_access.cached(name, revision)
+    if in_cache is not None and not _loadable(in_cache[0], allow_pickled, trust_remote_code):
+        in_cache = None
+    # No revision (or a commit): the cache answers without a request. A branch or tag named in the recipe
+    # asks the Hub where it points now (offline, the cache's record of it is used).
+    moving = revision is not None and not hub_access.is_commit(revision)
+    if in_cache is not None and (not moving or hub_access.offline()):
+        return _from_cache(name, *in_cache)
+    if hub_access.offline():
+        raise BackboneError(_unavailable(name, revision, "HF_HUB_OFFLINE is set"))
+    try:
+        commit, files = hub_access.repo_files(name, revision)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one message
+        reason = hub_access.describe_hub_error(exc, "look up", name, nothing="Nothing was downloaded")
+        if "RevisionNotFound" in type(exc).__name__:
+            raise BackboneError(f"model.revision: {revision!r}: {reason}") from None
+        reachable = getattr(getattr(exc, "response", None), "status_code", None) is not None
+        if in_cache is not None and not reachable:
+            if announce is not None:
+                announce(f"warning: {reason} Using the cached commit of {name} at {revision!r}: {in_cache[1]}.")
+            return _from_cache(name, *in_cache)
+        raise BackboneError(f"model.backbone: {reason}" if reachable else _unavailable(name, revision, reason)) \
+            from None
+    in_cache = hub_access.cached(name, commit)
+    if in_cache is not None and _loadable(in_cache[0], allow_pickled, trust_remote_code):
+        return _from_cache(name, *in_cache)
+    chosen, refused = hub_access.model_files(files, trust_remote_code, allow_pickled, name)
+    if refused:
+        raise BackboneError(refused)
+    plan = hub_access.DownloadPlan(repo_id=name, repo_type="model", commit=commit, files=chosen, revision=revision)
+    if announce is not None:
+        announce(f"downloading backbone {plan.describe()}")
+    try:
+        folder = hub_access.download(plan)
+    except Exception as exc:  # noqa: BLE001
+        raise BackboneError(hub_access.describe(exc, name, "model.backbone") + " What was fetched stays in the "
+                            "cache; the next run resumes the download.") from None
+    return ResolvedBackbone(name=name, path=str(folder), upstream_id=name, revision=commit,
+                            source=f"Hugging Face Hub {hub_access.hub_url()}, commit {commit}, cached at {folder}")
+
+
+def _from_cache(name: str, folder: Path, commit: str) -> ResolvedBackbone:
+    return ResolvedBackbone(name=name, path=str(folder), upstream_id=name, revision=commit,
+                            source=f"Hugging Face cache {folder} (commit {commit})")
+
+
+def _loadable(folder: Path, allow_pickled: bool, trust_remote_code: bool) -> bool:
+    """A cached snapshot holds what this run loads: weights it may load (a cache can hold just a config, or
+    only pickles), and, when remote code is allowed, the code files its config names (a snapshot fetched
+    without consent has none)."""
+    names = [p.name for p in folder.iterdir()]
+    if trust_remote_code and any(f"{ref.split('.')[0]}.py" not in names for ref in hub_access.custom_code(folder)):
+        return False
+    if any(n.endswith(".safetensors") for n in names):
+        return True
+    return allow_pickled and any(n.endswith(hub_access.PICKLED) for n in names)
+
+
+def _unavailable(name: str, revision: str | None, reason: str) -> str:
     known = ", ".join(zoo.known_names()) or "none"
-    raise BackboneError(
-        f"model.backbone: {name!r} cannot be resolved offline: it is not a local folder, no installed "
-        f"plugin provides it, and it is not in the local Hugging Face cache. Offline backbones available "
-        f"here: {known}. Either download it on a machine with internet "
-        f"(`huggingface-cli download {name}`) and copy the cache, or set backbone to a local folder "
-        "saved with save_pretrained().")
-
-
-def _from_hf_cache(name: str) -> str | None:
-    if name.count("/") > 1 or not name.strip():
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        return None
-    try:
-        return snapshot_download(name, local_files_only=True)
-    except (LocalEntryNotFoundError, ValueError, OSError):
-        return None
-    except Exception:  # noqa: BLE001 - invalid repo ids raise validation errors
-        return None
+    at = f" at revision {revision!r}" if revision else ""
+    return (f"model.backbone: {name!r}{at} is not a local folder, no installed plugin provides it, it is not in the "
+            f"local Hugging Face cache, and it cannot be downloaded now ({reason}). Offline backbones available "
+            f"here: {known}. Online, any Hub model id works (HF_ENDPOINT for another server); to work offline, "
+            f"download it once (`huggingface-cli download {name}`) or set backbone to a local folder saved with "
+            "save_pretrained().")

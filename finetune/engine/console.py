@@ -94,7 +94,7 @@ def quiet_libraries() -> None:
     """Silence what the libraries print that buries our own output: transformers' load report (a newly
     initialised head is expected), weight-loading and Hub progress bars, advisory and future warnings.
     Set before the libraries are imported (environment) and after (their loggers). ``--debug`` users can
-    set ``TRANSFORMERS_VERBOSITY=info``."""
+    set ``TRANSFORMERS_VERBOSITY=info``; ``HF_HUB_DISABLE_PROGRESS_BARS=1`` also hides download bars."""
     import os
     import sys
     import warnings
@@ -102,7 +102,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Bars off through huggingface_hub's switch, not its environment variable: a download turns its own
+    # bar back on (finetune.engine.hub_access.download); transformers reads the switch when imported.
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     if "transformers" in sys.modules and os.environ["TRANSFORMERS_VERBOSITY"] == "error":

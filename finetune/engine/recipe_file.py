@@ -184,6 +184,18 @@ def validate_recipe(raw: dict[str, Any], task_lookup: TaskLookup | None = None,
         recipe = model_cls.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, model_cls)) from None
+    keys = type(recipe.data).source_keys
+    if not any(getattr(recipe.data, key, None) for key in keys):
+        others = ", ".join("data." + k for k in keys[1:])
+        raise RecipeError(f"data.{keys[0]}: required key is missing; add it under [data]"
+                          + (f" (or {others} instead)" if others else "") + ":\n"
+                          + _describe(type(recipe.data), keys))
+    given = [key for key in keys if getattr(recipe.data, key, None)]
+    if len(given) > 1:
+        raise RecipeError(f"data.{given[1]} is set together with data.{given[0]}; keep one source of training data.")
+    if getattr(recipe.data, "dataset", None) and getattr(recipe.data, "eval", None):
+        raise RecipeError("data.eval cannot be combined with data.dataset; name the eval split with "
+                          "data.dataset_eval_split (or leave it unset to hold out data.split of the train split).")
     if base_dir is not None:
         _resolve_paths(recipe, base_dir)
     if not recipe.output.dir and default_output is not None:
@@ -241,3 +253,7 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
     if explicit or candidate.is_dir():
         recipe.model.backbone = str(candidate.resolve())
 
+
+def _describe(section: type[BaseModel], keys: tuple[str, ...]) -> str:
+    return "\n".join(f"  data.{key}: {section.model_fields[key].description}" for key in keys
+                     if key in section.model_fields)

@@ -18,6 +18,7 @@ appear last, so a folder that looks complete is complete.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -26,7 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finetune.contract.recipe import DistributedSection
+from pydantic import BaseModel
+
+from finetune.contract.recipe import CORE_SECTIONS
 from finetune.errors import RunError
 
 RUN_FILE = "run.json"
@@ -76,18 +79,34 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _sections_added_since(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """A run folder written before a recipe section existed lacks it; read it as the defaults (so a run
-    started by an older finetune still resumes), but only when the new recipe keeps those defaults."""
-    old = dict(old)
-    for name, section in (("distributed", DistributedSection),):
-        if name not in old and new.get(name) == section().to_dict():
-            old[name] = new[name]
+def _added_since(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A run folder written by an older finetune lacks the recipe keys and sections added since; read them
+    as their defaults (so the run still resumes), but only when the new recipe keeps those defaults. A
+    pinned ``model.revision`` where the old recipe had none is the same backbone (the old run read the
+    cache's current snapshot), so it does not count as a change either."""
+    old = copy.deepcopy(old)
+    for name, section in CORE_SECTIONS.items():
+        wanted = new.get(name)
+        if not isinstance(wanted, dict):
+            continue
+        if name not in old:
+            if all(not info.is_required() for info in section.model_fields.values()) and \
+                    wanted == section().to_dict():
+                old[name] = wanted
+            continue
+        had = old[name]
+        for key, info in section.model_fields.items():
+            if key in had or key not in wanted or info.is_required():
+                continue
+            default = info.get_default(call_default_factory=True)
+            default = default.to_dict() if isinstance(default, BaseModel) else default
+            if wanted[key] == default or (name, key) == ("model", "revision"):
+                had[key] = wanted[key]
     return old
 
 
 def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = flatten(_sections_added_since(old, new)), flatten(new)
+    a, b = flatten(_added_since(old, new)), flatten(new)
     lines = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):

@@ -37,15 +37,25 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
     license_ = base_model_license(backbone.get("path"))
     if license_:
         meta["license"] = license_
+    data = recipe.get("data", {})
+    hub_dataset = data.get("dataset") if data.get("dataset") and data.get("dataset_revision") else None
+    if hub_dataset:  # a Hub data set (its commit pinned): the card links it
+        meta["datasets"] = [hub_dataset]
     method = recipe.get("peft", {}).get("method", "lora")
     meta["tags"] = ["finetune", task.name, "lora" if method == "lora" else f"{method}-finetuning"]
     results = [{"type": k, "name": k, "value": float(v)} for k, v in best.items()
                if k not in ("step", "epoch") and isinstance(v, (int, float)) and v == v]
     if results:
-        data_name = Path(str(recipe.get("data", {}).get("train", "local data"))).stem
+        if hub_dataset:
+            dataset = {"name": hub_dataset, "type": hub_dataset, "revision": data["dataset_revision"],
+                       **({"config": data["dataset_config"]} if data.get("dataset_config") else {}),
+                       **({"split": data["dataset_eval_split"]} if data.get("dataset_eval_split") else {})}
+        else:
+            dataset = {"name": Path(str(data.get("train") or data.get("dataset") or "local data")).stem,
+                       "type": "custom"}
         meta["model-index"] = [{"name": run_name, "results": [{
             "task": {"type": task.pipeline_tag or task.name},
-            "dataset": {"name": data_name, "type": "custom"},
+            "dataset": dataset,
             "metrics": results}]}]
     front = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
     lines = [f"# {run_name}", "",

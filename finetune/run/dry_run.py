@@ -23,7 +23,7 @@ def describe_batch(batch: dict[str, Any]) -> dict[str, str]:
 
 def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> dict[str, Any]:
     """Everything up to the first batch, no training, no run folder. Returns the report shown."""
-    session = open_session(recipe_path, overrides)
+    session = open_session(recipe_path, overrides, announce=console.print)
     check_distributed(session.recipe)
     model, processor, report = build_model(session)
     task = session.task

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from finetune.engine.hub_access import describe_hub_error, endpoint, use_request_timeout
 from finetune.engine.run_folder import RunDir
 from finetune.errors import FinetuneError
 
@@ -30,23 +31,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class HubError(FinetuneError):
     """Pushing or pulling failed; nothing was half-written."""
-
-
-def endpoint() -> str | None:
-    return os.environ.get("HF_ENDPOINT") or None
-
-
-def use_request_timeout() -> float:
-    """Give every Hub request a time limit (huggingface_hub's client has none by default, so a server
-    that stops answering would hang a push forever). ``FINETUNE_HUB_TIMEOUT`` seconds, default 60."""
-    import httpx2
-    from huggingface_hub import set_client_factory
-    from huggingface_hub.utils import _http
-
-    seconds = float(os.environ.get("FINETUNE_HUB_TIMEOUT") or 60)
-    set_client_factory(lambda: httpx2.Client(event_hooks={"request": [_http.hf_request_event_hook]},
-                                             follow_redirects=True, timeout=seconds))
-    return seconds
 
 
 def is_hub_id(value: str) -> bool:
@@ -203,28 +187,6 @@ def _head(api: Any, repo_id: str, revision: str | None) -> str | None:
         return api.model_info(repo_id, revision=revision).sha
     except Exception:  # noqa: BLE001 - an empty new repo may have no revision yet
         return None
-
-
-def describe_hub_error(exc: Exception, verb: str, repo_id: str) -> str:
-    """A one-paragraph message for an HTTP or network failure; never includes the token."""
-    where = endpoint() or "https://huggingface.co"
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    if status in (401, 403):
-        hint = ("the server refused the credentials: set HF_TOKEN to a token with write access, or run "
-                "`huggingface-cli login`" if status == 401 else
-                "the token has no permission for this repo (wrong namespace, or a read-only token)")
-        return f"could not {verb} {repo_id} at {where}: HTTP {status}: {hint}. Nothing was pushed."
-    if status is not None:
-        return (f"could not {verb} {repo_id} at {where}: the server answered HTTP {status}. Nothing was changed "
-                "(a commit is all or nothing); try again later.")
-    name = type(exc).__name__
-    if "Timeout" in name:
-        return f"could not {verb} {repo_id}: {where} did not answer in time ({name}). Nothing was changed; retry."
-    if "Connect" in name or "Network" in name or isinstance(exc, OSError):
-        return (f"could not {verb} {repo_id}: cannot reach {where} ({name}). Check the network or HF_ENDPOINT. "
-                "Nothing was changed.")
-    return f"could not {verb} {repo_id} at {where}: {name}: {exc}"
 
 
 def pull(repo_id: str, revision: str | None = None) -> Path:

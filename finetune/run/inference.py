@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +12,25 @@ from finetune.engine.backbones import resolve_backbone
 from finetune.engine.plugins import get_registry
 from finetune.engine.recipe_file import apply_overrides, validate_recipe
 from finetune.engine.run_folder import RunDir
-from finetune.errors import RunError
+from finetune.errors import RecipeError, RunError
 from finetune.run.adapter import TASK_STATE_FILE, TRAINED_WEIGHTS_FILE, load_trained_weights
 
 
-def load_run(run_path: str | Path, overrides: list[str] | None = None) -> tuple[Task, Any, Any, RunDir]:
+def load_run(run_path: str | Path, overrides: list[str] | None = None, *, trust_remote_code: bool = False,
+             announce: Callable[[str], None] | None = None) -> tuple[Task, Any, Any, RunDir]:
     """``(task, model, processor, run)`` from a run folder's best adapter, ready for ``task.predict``.
 
     The task is built from the run's resolved recipe, its ``state`` restored from
     ``adapter/finetune_task.json`` *before* ``load_model`` is called; the model (eval mode) carries the
     adapter (or, for ``peft.method = "none"/"full"``, the trained weights). ``overrides``
     (``SECTION.KEY=VALUE``) change prediction-time settings of the run's recipe. The task is guarded like
-    in training: its errors and bad return values name its plugin."""
+    in training: its errors and bad return values name its plugin.
+
+    A run folder may come from elsewhere (``finetune pull``, a copied folder), so its recipe never turns
+    on remote code by itself: when the run's backbone needs its own modelling code, the caller's
+    ``trust_remote_code=True`` (the user's ``--trust-remote-code``) or the user's own override
+    ``model.trust_remote_code=true`` is required. The backbone is the run's pinned revision (downloaded
+    when online and not cached); ``announce`` hears about a download first."""
     from peft import PeftModel
 
     run = RunDir(run_path)
@@ -32,11 +40,23 @@ def load_run(run_path: str | Path, overrides: list[str] | None = None) -> tuple[
         raise RunError(f"{run.path}: has no trained adapter yet (adapter/ is missing); "
                        "train first, or wait for the first evaluation.")
     registry = get_registry()
-    recipe = validate_recipe(apply_overrides(run.resolved_recipe(), overrides or []), registry.get_task)
+    raw = run.resolved_recipe()
+    wanted = bool(raw.get("model", {}).get("trust_remote_code"))
+    raw.setdefault("model", {})["trust_remote_code"] = False  # the run's own say does not count
+    recipe = validate_recipe(apply_overrides(raw, overrides or []), registry.get_task)
+    if trust_remote_code:
+        recipe.model.trust_remote_code = True
+    if wanted and not recipe.model.trust_remote_code:
+        raise RecipeError(
+            f"{run.path}: this run was trained with model.trust_remote_code = true: its backbone "
+            f"{recipe.model.backbone!r} runs its own modelling code on this machine when it loads. A run folder "
+            "does not turn that on by itself; if you trust that code, pass --trust-remote-code.")
     task = registry.create_task(recipe)
     saved = json.loads((run.adapter_dir / TASK_STATE_FILE).read_text())
     task.state = saved.get("state", {})
-    backbone = resolve_backbone(recipe.model.backbone, recipe.model.trust_remote_code, registry=registry)
+    backbone = resolve_backbone(recipe.model.backbone, recipe.model.trust_remote_code, registry=registry,
+                                revision=recipe.model.revision, allow_pickled=recipe.model.allow_pickled_weights,
+                                announce=announce)
     model, processor = task.load_model(backbone)
     if recipe.peft.method == "lora":
         model = PeftModel.from_pretrained(model, str(run.adapter_dir))

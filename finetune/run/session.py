@@ -6,6 +6,7 @@ run folder is touched, so bad input loses nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,20 @@ class Session:
     splits: DataSplits
 
 
-def open_session(recipe_path: str | Path, overrides: list[str] | None = None) -> Session:
-    """Read and validate the recipe, resolve the backbone, read the data (``Task.prepare_data``)."""
+def open_session(recipe_path: str | Path, overrides: list[str] | None = None,
+                 announce: Callable[[str], None] | None = None) -> Session:
+    """Read and validate the recipe, resolve the backbone, read the data (``Task.prepare_data``).
+
+    A backbone from the Hub pins its commit into the recipe (``model.revision``), so the run folder's
+    recipe.toml says exactly which weights it trained; ``announce`` hears about a download first."""
     registry = get_registry()
     recipe = load_recipe(recipe_path, overrides, registry.get_task)
     task = registry.create_task(recipe)
-    backbone = resolve_backbone(recipe.model.backbone, recipe.model.trust_remote_code, registry=registry)
+    backbone = resolve_backbone(recipe.model.backbone, recipe.model.trust_remote_code, registry=registry,
+                                revision=recipe.model.revision, allow_pickled=recipe.model.allow_pickled_weights,
+                                announce=announce)
+    if backbone.revision:
+        recipe.model.revision = backbone.revision
     splits = task.prepare_data()
     return Session(recipe=recipe, registry=registry, task=task, backbone=backbone, splits=splits)
 

@@ -28,7 +28,7 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
                console: Console | None = None) -> RunDir:
     console = console or Console()
     started = time.perf_counter()
-    session = open_session(recipe_path, overrides)
+    session = open_session(recipe_path, overrides, announce=console.print)
     recipe, task = session.recipe, session.task
     check_train_settings(session)
     # Build everything that can fail on user input before the run folder is touched.
@@ -134,7 +134,8 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
                   "wall_time_s": round(time.perf_counter() - started, 2), "model_load_s": round(load_s, 2),
                   "mixed_precision": result.mixed_precision, **_gpu_memory()},
         "params": {"trainable": report.trainable_params, "total": report.total_params},
-        "data": {"train_examples": len(session.splits.train), "eval_examples": len(session.splits.eval)},
+        "data": {"train_examples": len(session.splits.train), "eval_examples": len(session.splits.eval),
+                 **{k: v for k, v in session.splits.info.items() if k.startswith("dataset") and v is not None}},
     }
     changed = data_changes(fingerprints, data_fingerprints(recipe.data))
     if changed:  # the data was read at the start, so the model is consistent with run.json's record

@@ -28,6 +28,7 @@ from finetune import (
     Task,
     TaskOptions,
     attention_projections,
+    open_dataset,
     transformer_layers,
 )
 from finetune_generation.data import (
@@ -37,6 +38,7 @@ from finetune_generation.data import (
     TokenDataset,
     alpaca_plain_prompt,
     alpaca_user_prompt,
+    clean_record,
     collate,
     detect_shape,
     encode_all,
@@ -108,8 +110,28 @@ class CausalLM(Task):
 
     # -- data ----------------------------------------------------------
     def _read(self, path: str, key: str, shape: str | None) -> tuple[list[Example], str]:
+        return self._examples(read_records(path, self.recipe.data.format, key), path, key, shape)
+
+    def _read_dataset(self) -> tuple[list[Example], str, list[Example] | None]:
+        """Train examples, their shape, and eval examples (None: hold out) from data.dataset (a Hub or local
+        data set); rows are named ``name[split]: row N`` in messages."""
         data = self.recipe.data
-        records = read_records(path, data.format, key)
+        source = open_dataset(data, self.recipe.source.parent if self.recipe.source else None)
+        self._info.update(source.info)
+        train_split, eval_split = source.train_and_eval(data)
+
+        def examples(part, key, shape):
+            rows = [(f"{part.where}: row {i + 1}", clean_record(r))
+                    for i, r in enumerate(part.frame().to_dict("records"))]
+            return self._examples(rows, part.where, key, shape)
+
+        train, shape = examples(train_split, "data.dataset_split", None)
+        eval_ = examples(eval_split, "data.dataset_eval_split", shape)[0] if eval_split is not None else None
+        return train, shape, eval_
+
+    def _examples(self, records: list[tuple[str, dict[str, Any]]], path: str, key: str,
+                  shape: str | None) -> tuple[list[Example], str]:
+        data = self.recipe.data
         columns = set().union(*(rec.keys() for _, rec in records))
         found = detect_shape(data, columns, path, key)
         if shape is not None and found != shape:
@@ -119,14 +141,18 @@ class CausalLM(Task):
 
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
-        train, shape = self._read(data.train, "data.train", None)
+        eval_ = None
+        if data.dataset:
+            train, shape, eval_ = self._read_dataset()
+        else:
+            train, shape = self._read(data.train, "data.train", None)
         if data.limit:
             import random
 
             train = random.Random(self.recipe.train.seed).sample(train, min(data.limit, len(train)))
-        if data.eval:
+        if eval_ is None and data.eval:
             eval_, _ = self._read(data.eval, "data.eval", shape)
-        else:
+        if eval_ is None:  # hold out data.split of train
             import random
 
             order = list(range(len(train)))
@@ -139,7 +165,7 @@ class CausalLM(Task):
             train = [train[i] for i in sorted(order[n_eval:])]
         self.state = {"shape": shape}
         self._eval_examples = eval_
-        self._info = {"shape": shape, "train_examples": len(train), "eval_examples": len(eval_)}
+        self._info.update(shape=shape, train_examples=len(train), eval_examples=len(eval_))
         return DataSplits(train=train, eval=eval_, info=self._info)
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:

@@ -14,7 +14,9 @@ import click
               help="Merge even though the base weights are quantised (or were dequantised from a quantised "
                    "file such as a 4-bit GGUF): the merged model keeps that quality loss.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def merge(run_dir: Path, out: Path, allow_quantized_base: bool, overwrite: bool) -> None:
+@click.option("--trust-remote-code", is_flag=True, help="Allow the run's backbone to run its own modelling code "
+              "(a run folder never allows it itself).")
+def merge(run_dir: Path, out: Path, allow_quantized_base: bool, overwrite: bool, trust_remote_code: bool) -> None:
     """Merge the best adapter of RUN_DIR into its base model and save a full model in OUT.
 
     OUT loads with plain transformers (AutoModelForCausalLM.from_pretrained(OUT)); no peft needed."""
@@ -35,7 +37,7 @@ def merge(run_dir: Path, out: Path, allow_quantized_base: bool, overwrite: bool)
     problem = _dequantized_base(backbone)
     if problem and not allow_quantized_base:
         refuse(problem)  # before loading anything: the run folder says where the base came from
-    task, model, processor, run = load_run(run_dir)
+    task, model, processor, run = load_run(run_dir, trust_remote_code=trust_remote_code)
     if not hasattr(model, "merge_and_unload"):
         raise RecipeError(f"merge: {run.path} was not trained with LoRA (peft.method = "
                           f"{task.recipe.peft.method!r}); there is no adapter to merge.")

@@ -53,11 +53,11 @@ def read_records(path: str, fmt: str, key: str) -> list[tuple[str, dict[str, Any
         df = load_table(p, fmt, key=key)  # csv/tsv/json/parquet: the core reader and its errors
         offset = 2 if str(p).lower().endswith((".csv", ".tsv")) else 1
         label = "line" if offset == 2 else "row"
-        return [(f"{p}: {label} {i + offset}", _clean(rec)) for i, rec in enumerate(df.to_dict(orient="records"))]
+        return [(f"{p}: {label} {i + offset}", clean_record(rec)) for i, rec in enumerate(df.to_dict(orient="records"))]
     return [(f"{p}: line {number}", record) for number, record in read_jsonl(p, key)]
 
 
-def _clean(record: dict[str, Any]) -> dict[str, Any]:
+def clean_record(record: dict[str, Any]) -> dict[str, Any]:
     """pandas gives NaN for missing cells and numpy arrays for lists; make them None / lists."""
     out = {}
     for k, v in record.items():

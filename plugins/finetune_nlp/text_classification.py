@@ -23,6 +23,7 @@ from finetune import (
     attention_projections,
     label_text,
     load_table,
+    open_dataset,
     require_columns,
     sorted_labels,
     split_frame,
@@ -66,49 +67,64 @@ class TextClassification(Task):
 
     # -- data ----------------------------------------------------------
     def _read(self, path: str, key: str):
+        df = load_table(path, self.recipe.data.format, key=key)
+        return self._check(df, key, str(path), lambda rows: _row_locations(path, self.recipe.data.format, rows))
+
+    def _check(self, df: Any, key: str, where: str, locations: Any):
+        """Columns present, no empty text or label (naming rows via ``locations``), labels as strings."""
         data = self.recipe.data
-        df = load_table(path, data.format, key=key)
         require_columns(df, {"data.text_column": data.text_column, "data.text_pair_column": data.text_pair_column,
                              "data.label_column": data.label_column,
-                             "data.group_column": data.group_column}, path)
+                             "data.group_column": data.group_column}, where)
         for column, ckey in ((data.text_column, "data.text_column"), (data.label_column, "data.label_column")):
             values = df[column]
             empty = values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())
             bad = [i for i, is_empty in enumerate(empty.tolist()) if is_empty]  # positions, not index labels
             if bad:
-                where = _row_locations(path, data.format, bad[:5])
-                raise DataError(f"{key}: {path}: {len(bad)} row(s) have an empty {ckey} ({column!r}), e.g. on "
-                                f"{where}; fill or remove them.")
+                raise DataError(f"{key}: {where}: {len(bad)} row(s) have an empty {ckey} ({column!r}), e.g. on "
+                                f"{locations(bad[:5])}; fill or remove them.")
         df[data.label_column] = df[data.label_column].map(label_text)
         df[data.text_column] = df[data.text_column].astype(str)
         return df
 
+    def _from_dataset(self) -> tuple[Any, Any, dict[str, Any]]:
+        """Train and eval (None: hold out) tables from data.dataset (a Hub or local data set), and where
+        they came from."""
+        source = open_dataset(self.recipe.data, self.recipe.source.parent if self.recipe.source else None)
+        tables = [None if split is None else
+                  self._check(split.frame(), key, split.where,
+                              lambda rows: "row(s) " + ", ".join(str(i + 1) for i in rows))
+                  for split, key in zip(source.train_and_eval(self.recipe.data),
+                                        ("data.dataset_split", "data.dataset_eval_split"))]
+        return tables[0], tables[1], source.info
+
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
-        train = self._read(data.train, "data.train")
+        train, eval_, provenance = self._from_dataset() if data.dataset else \
+            (self._read(data.train, "data.train"), None, {})
         if data.limit:
             train = train.sample(n=min(data.limit, len(train)), random_state=self.recipe.train.seed) \
                 .reset_index(drop=True)
-        if data.eval:
+        if eval_ is None and data.eval:
             eval_ = self._read(data.eval, "data.eval")
-        else:
+        if eval_ is None:
             train, eval_ = split_frame(train, data.split, self.recipe.train.seed, stratify=data.label_column,
                                        group=data.group_column)
         labels = sorted_labels(train[data.label_column])
         if len(labels) < 2:
             raise DataError(f"data.label_column: only one class ({labels[0]!r}) in the training data "
-                            f"({data.train}); classification needs at least two.")
+                            f"({data.train or data.dataset}); classification needs at least two.")
         unseen = sorted_labels(set(eval_[data.label_column]) - set(labels))
         if unseen:
-            raise DataError(f"data.eval: labels {unseen} appear in the eval data ({data.eval}) but never in "
-                            f"training (training labels: {labels}); add training examples for them or drop "
+            raise DataError(f"data.eval: labels {unseen} appear in the eval data ({data.eval or data.dataset}) but "
+                            f"never in training (training labels: {labels}); add training examples for them or drop "
                             "those rows.")
         # Labels are handled as strings; remember integer labels so predictions give them back as integers.
         integer = all(_is_integer(label) for label in labels)
         self.state = {"labels": labels, "integer_labels": integer}
         counts = train[data.label_column].value_counts().to_dict()
         info = {"train_examples": len(train), "eval_examples": len(eval_), "labels": labels,
-                "train_label_counts": {k: int(counts[k]) for k in labels}}
+                "train_label_counts": {k: int(counts[k]) for k in labels}, **provenance}
         return DataSplits(train=train, eval=eval_, info=info)
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:

@@ -22,10 +22,11 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif")
 class AudioData(DataOptions):
     """``[data]`` options shared by the speech tasks."""
 
-    train: PathStr = Field(description="A folder of clips in class subfolders (audio-classification), or a "
-                                   "manifest (.csv/.tsv/.jsonl/.parquet) with a path column and a label or "
-                                   "text column; manifest paths are relative to the manifest's folder.")
-    path_column: str = Field("path", description="Manifest column holding the audio file path.")
+    train: PathStr | None = Field(None, description="A folder of clips in class subfolders (audio-classification), "
+                                  "or a manifest (.csv/.tsv/.jsonl/.parquet) with a path column and a label or text "
+                                  "column; manifest paths are relative to the manifest's folder. Or give `dataset`.")
+    path_column: str = Field("path", description="Manifest (or `dataset`) column holding the audio: file paths, or "
+                             "with `dataset` a datasets Audio feature or encoded audio bytes.")
     max_seconds: float = Field(30.0, gt=0, le=3600,
                                description="Clips longer than this are truncated or skipped (see long_clips).")
     long_clips: str = Field("truncate", pattern="^(truncate|skip|error)$",

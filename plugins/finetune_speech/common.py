@@ -8,10 +8,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from finetune import DataError, DataSplits, Task, TaskOptions, split_frame
+from finetune import DataError, DataSplits, Task, TaskOptions, cache_root, open_dataset, split_frame
 from finetune_speech.audio import Clip, decode, inspect_clips, list_input_clips, read_manifest, scan_folder
 
 WHISPER_MAX_SECONDS = 30.0
+Item = tuple[Path, str, str | None]  #: (audio file, target, group)
 
 
 class SpeechOptions(TaskOptions):
@@ -72,16 +73,43 @@ class SpeechTask(Task):
     def check_targets(self, df: Any, key: str) -> None:
         """Raise DataError for unusable labels/transcripts (subclasses)."""
 
+    def _dataset_items(self) -> tuple[list[Item], list[Item] | None, dict[str, Any]]:
+        """Train and eval (None: hold out) items from data.dataset, and where they came from: its audio column
+        (a datasets Audio feature, encoded bytes, or file paths) and target column; embedded audio is written
+        once to finetune's cache as files, so the rest of the plugin reads clips from paths as usual."""
+        data = self.recipe.data
+        source = open_dataset(data, self.recipe.source.parent if self.recipe.source else None)
+        out = []
+        for part, key in zip(source.train_and_eval(data), ("data.dataset_split", "data.dataset_eval_split")):
+            if part is None:
+                out.append(None)
+                continue
+            part.require_columns({"data.path_column": data.path_column, self.target_key: self.target_column(),
+                                  "data.group_column": data.group_column})
+            targets = part.frame()[self.target_column()].tolist()
+            groups = part.dataset[data.group_column] if data.group_column else [None] * len(targets)
+            paths = audio_files(part, data.path_column, key)
+            out.append([(path, "" if t is None else str(t), None if g is None else str(g))
+                        for path, t, g in zip(paths, targets, groups)])
+        return out[0], out[1], source.info
+
     def read_splits(self, stratify: bool) -> DataSplits:
         data = self.recipe.data
-        clips, stats = inspect_clips(self._items(data.train, "data.train"), data, "data.train")
+        from_dataset = self._dataset_items() if data.dataset else None
+        items = from_dataset[0] if from_dataset else self._items(data.train, "data.train")
+        clips, stats = inspect_clips(items, data, "data.dataset_split" if data.dataset else "data.train")
         train = self._frame(clips)
         self.check_targets(train, "data.train")
         if data.limit:
             train = train.sample(n=min(data.limit, len(train)), random_state=self.recipe.train.seed) \
                 .reset_index(drop=True)
-        info: dict[str, Any] = {"train_audio": stats}
-        if data.eval:
+        info: dict[str, Any] = {"train_audio": stats, **(from_dataset[2] if from_dataset else {})}
+        if from_dataset and from_dataset[1] is not None:
+            eval_clips, eval_stats = inspect_clips(from_dataset[1], data, "data.dataset_eval_split")
+            eval_ = self._frame(eval_clips)
+            self.check_targets(eval_, "data.dataset_eval_split")
+            info["eval_audio"] = eval_stats
+        elif data.eval:
             eval_clips, eval_stats = inspect_clips(self._items(data.eval, "data.eval"), data, "data.eval")
             eval_ = self._frame(eval_clips)
             self.check_targets(eval_, "data.eval")
@@ -152,3 +180,37 @@ class SpeechTask(Task):
         if missing:
             raise DataError(f"predict: {len(missing)} audio file(s) not found: {', '.join(missing[:5])}.")
         return self.decode_all([str(r[col]) for r in records], rate)
+
+
+def audio_files(part: Any, column: str, key: str) -> list[Path]:
+    """A file path for every row's audio: the path a datasets Audio feature or string column names (relative
+    to the data set's folder), or the embedded bytes written once to finetune's cache (named by content)."""
+    import hashlib
+
+    import datasets
+
+    feature = part.dataset.features[column]
+    ds = part.dataset.cast_column(column, datasets.Audio(decode=False)) if isinstance(feature, datasets.Audio) \
+        else part.dataset
+    folder = cache_root() / "hf-audio"
+    paths = []
+    for i, cell in enumerate(ds[column]):
+        data, name = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (
+            (cell, None) if isinstance(cell, bytes) else (None, cell))
+        if data:
+            digest = hashlib.sha1(data).hexdigest()
+            suffix = Path(name).suffix if name and Path(name).suffix else ".wav"
+            target = folder / f"{digest}{suffix}"
+            if not target.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.tmp")
+                tmp.write_bytes(data)
+                tmp.replace(target)
+            paths.append(target)
+        elif name:
+            path = Path(str(name)).expanduser()
+            paths.append(path if path.is_absolute() or part.base is None else part.base / path)
+        else:
+            raise DataError(f"{key}: {part.where}: row {i + 1} has no audio in column {column!r}; filter it out or "
+                            "choose another split.")
+    return paths

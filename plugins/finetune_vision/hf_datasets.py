@@ -1,16 +1,7 @@
-"""Image data from a Hugging Face ``datasets`` source (``data.dataset``), offline only.
-
-``data.dataset`` names one of:
-
-- a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (read with ``load_from_disk``);
-- a local ``.parquet`` / ``.arrow`` / ``.csv`` / ``.jsonl`` file, or a folder of such files (or any folder
-  ``datasets.load_dataset`` reads locally, e.g. an ``imagefolder`` tree or a dataset repo clone);
-- a Hub dataset name (``user/name``), read only from the local caches: the prepared ``datasets`` cache
-  (``HF_DATASETS_CACHE``) or a downloaded snapshot in the Hub cache (``HF_HUB_CACHE``). Nothing is
-  downloaded: a name that is not cached fails at once with an error that says how to provide the data.
-
-Relative paths resolve against the recipe's folder (``./x``, ``../x`` and ``~/x`` are always paths; a bare
-``name`` is a path when it exists beside the recipe, else a Hub name).
+"""Image data from a Hugging Face ``datasets`` source (``data.dataset``), opened by the core
+(``finetune.open_dataset``: a Hub data set from the cache or, online, downloaded; a save_to_disk folder;
+local .parquet/.arrow/.csv/.jsonl files or folders). This module turns a split into the plugin's image
+table.
 
 Images: a ``datasets.Image`` column (embedded bytes or file paths), a binary column of encoded image
 bytes, or a string column of file paths (relative to the dataset's folder). Labels: ``ClassLabel``
@@ -19,23 +10,12 @@ bytes, or a string column of file paths (relative to the dataset's folder). Labe
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import DataError, RecipeError, cache_root
-
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv", ".jsonl": "json",
-                  ".json": "json"}
-HOW_TO_PROVIDE = (
-    "To use it, on a machine with network run "
-    "`datasets.load_dataset(NAME).save_to_disk(\"my-data\")` (or download the repo's parquet files) and set "
-    "data.dataset to that folder or file; or load it there once so it lands in the Hugging Face cache "
-    "(HF_DATASETS_CACHE / HF_HUB_CACHE) and copy the cache here.")
+from finetune import DataError, DatasetSource, open_dataset
 
 
 @dataclass
@@ -47,135 +27,6 @@ class Frames:
     label_order: list[str] | None  # ClassLabel names (their order), else None
     info: dict[str, Any]
     resolved: str  # data.dataset as resolved (absolute path, or the Hub name)
-
-
-@contextlib.contextmanager
-def _offline_quiet():
-    """Offline mode for ``datasets`` (no Hub request can start) and no progress bars, restored afterwards."""
-    import datasets
-    import datasets.config
-    from datasets.utils import logging as dlog
-
-    saved = datasets.config.HF_HUB_OFFLINE
-    bars = dlog.is_progress_bar_enabled()
-    verbosity = dlog.get_verbosity()
-    datasets.config.HF_HUB_OFFLINE = True
-    dlog.disable_progress_bar()
-    dlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE = saved
-        if bars:
-            dlog.enable_progress_bar()
-        dlog.set_verbosity(verbosity)
-
-
-def resolve_location(value: str, recipe_dir: Path | None) -> tuple[str, Path | None]:
-    """``(resolved, path)``: ``path`` is the local file/folder, or None for a Hub name."""
-    expanded = Path(value).expanduser()
-    explicit = expanded.is_absolute() or value in (".", "..", "~") or value.startswith(("./", "../", "~/"))
-    base = recipe_dir or Path.cwd()
-    candidate = expanded if expanded.is_absolute() else (base / expanded)
-    if explicit or candidate.exists():
-        if not candidate.exists():
-            raise DataError(f"data.dataset: not found: {candidate.resolve()}. Give a folder written by "
-                            "Dataset.save_to_disk, a .parquet/.arrow/.csv/.jsonl file or folder, or a Hub "
-                            "dataset name that is in the local Hugging Face cache.")
-        resolved = candidate.resolve()
-        return str(resolved), resolved
-    if not _HUB_NAME.match(value):
-        raise DataError(f"data.dataset: {value!r} is neither an existing path (looked for {candidate.resolve()}) "
-                        "nor a Hub dataset name (user/name).")
-    return value, None
-
-
-def _is_saved_to_disk(folder: Path) -> bool:
-    return (folder / "dataset_dict.json").exists() or (
-        (folder / "state.json").exists() and (folder / "dataset_info.json").exists())
-
-
-def _local_files_cache() -> str:
-    return str(cache_root() / "hf-datasets")
-
-
-def _load_saved(folder: Path) -> Any:
-    """``load_from_disk`` that survives empty splits (datasets cannot reload a saved 0-row split): a Dataset,
-    or a dict split -> Dataset (None for an empty split)."""
-    import json
-
-    import datasets
-
-    def empty(split_folder: Path) -> bool:
-        state = json.loads((split_folder / "state.json").read_text())
-        return not state.get("_data_files")
-
-    if (folder / "dataset_dict.json").exists():
-        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
-        return {s: None if empty(folder / s) else datasets.load_from_disk(str(folder / s)) for s in splits}
-    if empty(folder):
-        raise DataError(f"data.dataset: {folder} is empty (0 rows); save a dataset with examples.")
-    return datasets.load_from_disk(str(folder))
-
-
-def _load_local(path: Path, config: str | None) -> Any:
-    """A Dataset, a DatasetDict or a dict split -> Dataset from a local path."""
-    import datasets
-
-    if path.is_dir() and _is_saved_to_disk(path):
-        return _load_saved(path)
-    if path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(f"data.dataset: {path} is a {path.suffix or 'extension-less'} file; give a .parquet, "
-                            ".arrow, .csv or .jsonl file, or a folder (save_to_disk output or data files).")
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, cache_dir=_local_files_cache())
-    return datasets.load_dataset(str(path), config, cache_dir=_local_files_cache())
-
-
-def _load_hub_cached(name: str, config: str | None) -> tuple[Any, str]:
-    """A DatasetDict of a Hub dataset from the local caches only; ``(dataset, where)``."""
-    import datasets
-    import datasets.config
-
-    errors = []
-    try:  # the prepared datasets cache (what load_dataset leaves behind)
-        return datasets.load_dataset(name, config), f"the datasets cache ({datasets.config.HF_DATASETS_CACHE})"
-    except Exception as exc:  # noqa: BLE001 - any failure: try the Hub cache next, then explain
-        errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = snapshot_download(name, repo_type="dataset", local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - LocalEntryNotFoundError and friends
-        errors.append(f"{type(exc).__name__}")
-        from huggingface_hub import constants
-
-        raise DataError(
-            f"data.dataset: {name!r} is not an existing path, and as a Hub dataset it is not in the local "
-            f"caches (datasets cache {datasets.config.HF_DATASETS_CACHE}, Hub cache {constants.HF_HUB_CACHE}); "
-            f"offline, nothing is downloaded. {HOW_TO_PROVIDE.replace('NAME', repr(name))}") from None
-    try:
-        return datasets.load_dataset(folder, config, cache_dir=_local_files_cache()), f"the Hub cache ({folder})"
-    except Exception as exc:  # noqa: BLE001 - report what datasets said
-        raise DataError(f"data.dataset: {name!r}: the cached Hub snapshot {folder} does not load with datasets "
-                        f"({type(exc).__name__}: {str(exc)[:300]}).") from None
-
-
-def _pick_split(dataset: Any, split: str, key: str, where: str) -> Any:
-    import datasets
-
-    if isinstance(dataset, datasets.Dataset):
-        return dataset
-    if split not in dataset:
-        names = list(dataset)
-        close = difflib.get_close_matches(split, names, n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DataError(f"{key}: split {split!r} not found in {where}{hint}. Splits found: {names}. "
-                        f"Set {key} to one of them.")
-    if dataset[split] is None:
-        raise DataError(f"{key}: {where}[{split}] is empty (0 rows); choose a split with examples.")
-    return dataset[split]
 
 
 def _column_error(key: str, column: str, ds: Any, where: str, hint: str = "") -> DataError:
@@ -266,81 +117,39 @@ def _frame(ds: Any, data: Any, base: Path | None, where: str, key: str) -> tuple
 
 
 def load_frames(data: Any, recipe_dir: Path | None) -> Frames:
-    """Read ``data.dataset`` (see the module docstring) into train (and eval) frames."""
-    if data.train or data.source:
-        raise RecipeError("data.dataset is set together with data." + ("train" if data.train else "source")
-                          + "; keep one source of training data.")
-    if data.eval:
-        raise RecipeError("data.eval cannot be combined with data.dataset; name the eval split with "
-                          "data.dataset_eval_split (or leave it unset to hold out data.split of the train split).")
-    resolved, path = resolve_location(data.dataset, recipe_dir)
-    with _offline_quiet():
-        try:
-            if path is not None:
-                dataset, where = _load_local(path, data.dataset_config), str(path)
-            else:
-                dataset, where = _load_hub_cached(resolved, data.dataset_config)
-        except DataError:
-            raise
-        except ValueError as exc:
-            empty = re.match(r'Instruction "(.+)" corresponds to no data', str(exc))
-            if not empty:
-                raise DataError(f"data.dataset: {resolved} does not load with datasets (ValueError: "
-                                f"{str(exc)[:300]}).") from None
-            raise DataError(f"data.dataset: {resolved}: split {empty.group(1)!r} is empty (0 rows) and datasets "
-                            "cannot load an empty split; remove its files or give it examples.") from None
-        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a bad local source
-            raise DataError(f"data.dataset: {resolved} does not load with datasets ({type(exc).__name__}: "
-                            f"{str(exc)[:300]}).") from None
-    import datasets
-
-    single = isinstance(dataset, datasets.Dataset)
-    if single and data.dataset_eval_split:
-        raise RecipeError(f"data.dataset_eval_split: {resolved} is a single Dataset without splits; unset "
-                          "data.dataset_eval_split to hold out data.split of it.")
-    base = path if path is not None and path.is_dir() else (path.parent if path is not None else None)
-    train_ds = _pick_split(dataset, data.dataset_split, "data.dataset_split", where)
-    train_where = resolved if single else f"{resolved}[{data.dataset_split}]"
-    train, class_names = _frame(train_ds, data, base, train_where, "data.dataset_split")
+    """Read ``data.dataset`` into train (and eval) frames."""
+    source = open_dataset(data, recipe_dir)
+    train_split, eval_split = source.train_and_eval(data)
+    train, class_names = _frame(train_split.dataset, data, train_split.base, train_split.where, "data.dataset_split")
     eval_ = None
-    if data.dataset_eval_split:
-        eval_ds = _pick_split(dataset, data.dataset_eval_split, "data.dataset_eval_split", where)
-        eval_, _ = _frame(eval_ds, data, base, f"{resolved}[{data.dataset_eval_split}]", "data.dataset_eval_split")
-    info = {"dataset": resolved, "dataset_loaded_from": where if path is None else None,
-            "dataset_split": None if single else data.dataset_split,
-            "dataset_eval_split": data.dataset_eval_split}
-    return Frames(train=train, eval=eval_, label_order=class_names, info=info, resolved=resolved)
+    if eval_split is not None:
+        eval_, _ = _frame(eval_split.dataset, data, eval_split.base, eval_split.where, "data.dataset_eval_split")
+    return Frames(train=train, eval=eval_, label_order=class_names, info=source.info, resolved=source.resolved)
 
 
 def is_datasets_input(path: Path) -> bool:
     """Whether ``finetune predict --input PATH`` should be read with datasets (not as an image folder/table)."""
-    return (path.is_dir() and _is_saved_to_disk(path)) or path.suffix.lower() in (".arrow", ".parquet")
+    return DatasetSource.is_datasets_file(path)
 
 
-def predict_records(path: Path, image_column: str) -> list[dict[str, Any]]:
+def predict_records(path: Path, data: Any) -> list[dict[str, Any]]:
     """Records for ``finetune predict``: ``image`` (a path or ``file[split][row]``) and ``source`` (what to
     decode: a path or encoded bytes) from a save_to_disk folder or a .parquet/.arrow file."""
     key = "--input image column (data.image_column)"
-    with _offline_quiet():
-        try:
-            dataset = _load_local(path, None)
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a bad file
-            raise DataError(f"--input: {path} does not load with datasets ({type(exc).__name__}: "
-                            f"{str(exc)[:300]}).") from None
-    import datasets
-
-    if isinstance(dataset, datasets.Dataset):
-        ds, where = dataset, str(path)
+    try:
+        source = open_dataset(data, None, location=path)
+    except DataError as exc:
+        raise DataError(str(exc).replace("data.dataset:", "--input:", 1)) from None
+    if source.single:
+        ds, where = source.splits, str(path)
     else:
-        splits = [s for s in dataset if dataset[s] is not None]
+        splits = [s for s in source.splits if source.splits[s] is not None]
         if len(splits) != 1:
-            raise DataError(f"--input: {path} holds the splits {list(dataset)}; give one split, e.g. "
+            raise DataError(f"--input: {path} holds the splits {list(source.splits)}; give one split, e.g. "
                             f"{path / splits[0] if splits and path.is_dir() else path} (save_to_disk writes "
                             "one folder per split).")
-        ds, where = dataset[splits[0]], f"{path}[{splits[0]}]"
-    if image_column not in ds.column_names:
-        raise _column_error(key, image_column, ds, where)
-    names, sources = _image_sources(ds, image_column, path if path.is_dir() else path.parent, where)
+        ds, where = source.splits[splits[0]], f"{path}[{splits[0]}]"
+    if data.image_column not in ds.column_names:
+        raise _column_error(key, data.image_column, ds, where)
+    names, sources = _image_sources(ds, data.image_column, path if path.is_dir() else path.parent, where)
     return [{"image": n, "source": s} if not isinstance(s, str) else {"image": s} for n, s in zip(names, sources)]

@@ -1,8 +1,8 @@
 """``image-classification``: LoRA (or linear probing / full fine-tuning) of timm and transformers backbones.
 
 Data: an image folder (one subfolder per class), a CSV/JSONL/Parquet table of image paths and labels,
-a Hugging Face ``datasets`` source read offline (``data.dataset``: a save_to_disk folder, local
-parquet/arrow files, or a Hub name already in the local cache; see ``finetune_vision.hf_datasets``),
+a Hugging Face ``datasets`` source (``data.dataset``: a Hub data set, downloaded when online, a
+save_to_disk folder, or local parquet/arrow files; see ``finetune_vision.hf_datasets``),
 or a built-in source exported from a PyPI package (``data.source = "sklearn-digits"``). Unreadable
 images are listed (names and count) before anything is written, then skipped or fatal
 (``data.on_bad_image``). Preprocessing follows the backbone's own pretrained configuration (timm data
@@ -48,6 +48,8 @@ _HEAD_NAMES = ("classifier", "head", "fc", "score")
 
 
 class ImageClassificationData(DataOptions):
+    source_keys = ("train", "source", "dataset")
+
     train: PathStr | None = Field(
         None, description="Image folder (one subfolder per class; or with train/ and val/ inside), or a "
                           ".csv/.jsonl/.parquet table of image paths and labels. Not needed with `source`.")
@@ -56,18 +58,6 @@ class ImageClassificationData(DataOptions):
     source: Literal["sklearn-digits"] | None = Field(
         None, description="Built-in dataset exported as an image folder on first use: 'sklearn-digits' "
                           "(scikit-learn's 1,797 8x8 handwritten digits, 10 classes).")
-    dataset: str | None = Field(
-        None, description="A Hugging Face `datasets` source, read offline: a folder written by save_to_disk, a "
-                          "local .parquet/.arrow/.csv/.jsonl file or folder of them, or a Hub dataset name (user/name) "
-                          "already in the local Hugging Face cache (never downloaded). Relative paths resolve "
-                          "against the recipe's folder. Replaces `train`/`source`.")
-    dataset_config: str | None = Field(None, description="Configuration (subset) name of `dataset`, if it has "
-                                                          "several.")
-    dataset_split: str = Field("train", description="Split of `dataset` to train on (ignored for a single saved "
-                                                    "Dataset, which has no splits).")
-    dataset_eval_split: str | None = Field(
-        None, description="Split of `dataset` to evaluate on (e.g. 'validation' or 'test'); if unset, `split` of "
-                          "the train split is held out (stratified).")
     image_column: str = Field("image", description="Table/dataset column with the images: file paths (relative to "
                                                    "the table or dataset folder), or with `dataset` a datasets Image "
                                                    "feature or encoded image bytes.")
@@ -113,15 +103,10 @@ class ImageClassification(Task):
     # -- data ----------------------------------------------------------
     def _train_location(self) -> tuple[str, str]:
         data = self.recipe.data
-        if data.source:
-            if data.train:
-                raise RecipeError("data.source and data.train are both set; keep one.")
+        if data.source:  # the core checked that one source is set, not two
             from finetune_vision.sources import export_source
 
             return str(export_source(data.source)), "data.source"
-        if not data.train:
-            raise RecipeError("data.train: required: an image folder or a table of image paths (or set "
-                              f"data.source to one of {list(SOURCES)}).")
         return data.train, "data.train"
 
     def _read(self, location: str, key: str):
@@ -182,7 +167,6 @@ class ImageClassification(Task):
 
             source = self.recipe.source
             frames = load_frames(data, source.parent if source is not None else None)
-            data.dataset = frames.resolved  # recorded absolute in the run folder's recipe
             location, key = frames.resolved, "data.dataset"
             train, eval_, label_order, extra_info = frames.train, frames.eval, frames.label_order, frames.info
             eval_location = data.dataset_eval_split and f"{location}[{data.dataset_eval_split}]"
@@ -382,7 +366,7 @@ class ImageClassification(Task):
         from finetune_vision.hf_datasets import is_datasets_input, predict_records
 
         if is_datasets_input(path):  # a save_to_disk folder, .parquet or .arrow: Image features, bytes or paths
-            return predict_records(path, self.recipe.data.image_column)
+            return predict_records(path, self.recipe.data)
         column = self.recipe.data.image_column
         df = load_table(path, key="--input")
         require_columns(df, {"--input image column (data.image_column)": column}, path)

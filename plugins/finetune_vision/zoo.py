@@ -77,16 +77,15 @@ def known_names() -> list[str]:
 
 
 def resolve(name: str) -> ResolvedBackbone | None:
-    """The hook's work: a zoo entry, a ``timm/`` name or a bare timm architecture; else None."""
+    """The hook's work: a zoo entry, or a bare timm architecture name (``resnet18``: its Hub weights
+    ``timm/resnet18`` when cached, else the architecture without pretrained weights); else None. A
+    ``timm/...`` Hub id is the core's to resolve (its cache, or a download when online)."""
     for entry in ENTRIES:
         if name == entry.name:
             return _resolve_entry(entry)
-    if name.startswith("timm/") and name.count("/") == 1:
-        arch = name.split("/", 1)[1]
-    elif re.fullmatch(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)?", name):
-        arch = name
-    else:
+    if not re.fullmatch(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)?", name):
         return None
+    arch = name
     cached = _from_hf_cache(f"timm/{arch}")
     if cached is not None:
         return ResolvedBackbone(name=name, path=cached, upstream_id=f"timm/{arch}",

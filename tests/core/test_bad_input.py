@@ -200,9 +200,9 @@ def test_unresolvable_backbone_fails_fast(make_recipe, tmp_path):
     started = time.perf_counter()
     result = run_cli("run", str(recipe), env=env)
     elapsed = time.perf_counter() - started
-    assert_user_error(result, "model.backbone: 'nobody/no-such-model' cannot be resolved offline",
-                      "not in the local Hugging Face cache", "huggingface-cli download nobody/no-such-model",
-                      "local folder")
+    assert_user_error(result, "model.backbone: 'nobody/no-such-model' is not a local folder",
+                      "not in the local Hugging Face cache", "it cannot be downloaded now",
+                      "huggingface-cli download nobody/no-such-model", "Online, any Hub model id works")
     assert elapsed < 20, f"took {elapsed:.1f} s"
     assert_no_run_folder(tmp_path / "run")
 

@@ -496,3 +496,32 @@ def test_every_key_of_the_generation_quickstart_is_documented():
         assert f"## [{section}]" in reference
         for key in keys:
             assert f"`{key}`" in reference, f"{section}.{key} missing from docs/recipes.md"
+
+
+def test_chat_and_instruction_data_sets_from_the_hub(make_gen_recipe, tmp_path, monkeypatch):
+    """Online (a local Hub-compatible server): a parquet chat data set (a ``messages`` list column) with a
+    validation split, and a JSON-lines instruction data set; downloaded, then trained on like local files."""
+    import datasets
+    from hub_server import HubServer, parquet_bytes, use_server
+
+    chats = datasets.Dataset.from_list(to_messages(make_qa_rows(24)))
+    with HubServer() as hub:
+        use_server(monkeypatch, hub, tmp_path)
+        commit = hub.add_repo("acme/chats", {"data/train-00000-of-00001.parquet": parquet_bytes(chats),
+                                             "data/validation-00000-of-00001.parquet": parquet_bytes(chats.select(
+                                                 range(6)))}, repo_type="dataset")
+        recipe = make_gen_recipe(data='train = ""\ndataset = "acme/chats"\ndataset_eval_split = "validation"')
+        session, model, tokenizer = session_and_tokenizer(recipe)
+        assert session.splits.info["shape"] == "messages" and session.splits.info["dataset_commit"] == commit
+        assert (session.splits.info["train_examples"], session.splits.info["eval_examples"]) == (24, 6)
+        item = session.task.build_dataset(session.splits.train, tokenizer, True)[0]
+        assert tokenizer.decode(learned(item)).startswith(make_qa_rows(24)[0]["completion"])
+
+        rows = "".join(json.dumps({"instruction": r["prompt"], "output": r["completion"]}) + "\n"
+                       for r in make_qa_rows(20, seed=1))
+        hub.add_repo("acme/alpaca-tiny", {"train.jsonl": rows.encode()}, repo_type="dataset")
+        recipe = make_gen_recipe(data='train = ""\ndataset = "acme/alpaca-tiny"', train="epochs = 1",
+                                 name="alpaca.toml")
+        run = run_recipe(recipe, [], console=Console(quiet=True))
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    assert metrics["data"]["dataset"] == "acme/alpaca-tiny" and metrics["data"]["train_examples"] == 15

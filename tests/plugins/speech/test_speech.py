@@ -157,3 +157,35 @@ def test_decode_resamples_mixes_and_truncates(tmp_path):
     out = decode(str(tmp_path / "s.wav"), 16000, 1.5)
     assert out.dtype == np.float32 and out.shape == (24000,)
     assert 0.2 < np.abs(out).max() < 0.3  # stereo -> mono mean halves the tone
+
+
+def test_an_audio_data_set_from_the_hub_trains(tones, tmp_path, monkeypatch):
+    """Online (a local Hub-compatible server): a parquet data set with an Audio column (embedded clips) and
+    a ClassLabel, downloaded once; the clips are written once to finetune's cache and train as files do."""
+    import datasets
+    from hub_server import HubServer, parquet_bytes, use_server
+
+    files = sorted(p for label in ("low", "high") for p in (tones / label).iterdir())
+    ds = datasets.Dataset.from_dict(
+        {"audio": [{"bytes": p.read_bytes(), "path": p.name} for p in files],
+         "label": [p.parent.name for p in files], "speaker": [str(i % 3) for i in range(len(files))]},
+        features=datasets.Features({"audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                                    "label": datasets.ClassLabel(names=["low", "high"]),
+                                    "speaker": datasets.Value("string")}),
+    ).cast_column("audio", datasets.Audio(decode=False))  # as on the Hub (encoding would need torchcodec)
+    split = ds.train_test_split(test_size=8, seed=0, stratify_by_column="label")
+    backbone = make_tiny_wav2vec2(tmp_path / "w2v")
+    with HubServer() as hub:
+        use_server(monkeypatch, hub, tmp_path)
+        commit = hub.add_repo("acme/tones", {"data/train-00000-of-00001.parquet": parquet_bytes(split["train"]),
+                                             "data/test-00000-of-00001.parquet": parquet_bytes(split["test"])},
+                              repo_type="dataset")
+        recipe = write_recipe(tmp_path / "r.toml", task={"name": "audio-classification", "baseline": False},
+                              model={"backbone": str(backbone)},
+                              data={"dataset": "acme/tones", "dataset_eval_split": "test", "path_column": "audio"},
+                              output={"dir": str(tmp_path / "run")}, train={"epochs": 1})
+        run = run_recipe(recipe, [], console=Console(quiet=True))
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    assert metrics["data"]["train_examples"] == 16 and metrics["data"]["eval_examples"] == 8
+    assert metrics["data"]["dataset_commit"] == commit and 0.0 <= metrics["best"]["accuracy"] <= 1.0
+    assert json.loads((run.path / "run.json").read_text())["data"]["labels"] == ["high", "low"]

@@ -1,5 +1,6 @@
-"""Image data from a Hugging Face `datasets` source (data.dataset), offline: save_to_disk folders, local
-parquet files and folders, Hub names from the local caches only (fast, clear failure when not cached)."""
+"""Image data from a Hugging Face `datasets` source (data.dataset): save_to_disk folders, local parquet files
+and folders, Hub names from the local caches without a request (offline: a fast, clear failure when not
+cached; downloads from a Hub server are tested in tests/core/test_datasets_source.py)."""
 
 from __future__ import annotations
 
@@ -201,6 +202,38 @@ def test_hub_name_from_the_datasets_cache_and_from_the_hub_cache(recipe_for, tmp
     assert no_network == []
 
 
+def test_image_data_sets_download_from_the_hub(recipe_for, tmp_path, monkeypatch):
+    """Online (a local Hub-compatible server): parquet with embedded images and ClassLabel, and an
+    imagefolder repo (class folders of PNG files); both downloaded once, then read from the cache."""
+    from hub_server import HubServer, fetched, parquet_bytes, use_server
+
+    from finetune.run.dry_run import dry_run
+
+    with HubServer() as hub:
+        use_server(monkeypatch, hub, tmp_path)
+        commit = hub.add_repo("acme/colours", {
+            "data/train-00000-of-00001.parquet": parquet_bytes(colour_dataset(4)),
+            "data/validation-00000-of-00001.parquet": parquet_bytes(colour_dataset(1, seed=3))},
+            repo_type="dataset")
+        recipe = recipe_for("acme/colours", 'dataset_eval_split = "validation"')
+        info = dry_run(recipe, [], Console(quiet=True))
+        assert info["data"]["labels"] == ["red", "green", "blue"]  # the ClassLabel's order
+        assert (info["data"]["train_examples"], info["data"]["eval_examples"]) == (12, 3)
+        assert info["data"]["dataset_commit"] == commit and "download" in info["data"]["dataset_loaded_from"]
+        assert info["batch"]["pixel_values"].startswith("(8, 3, 32, 32)")
+        hub.state.requests.clear()
+        assert open_session(recipe).recipe.data.dataset_revision == commit and hub.state.requests == []
+
+        files = {f"train/{name}/{i}.png": _png(rgb, i * 3 + k)
+                 for i in range(4) for k, (name, rgb) in enumerate(CLASSES.items())}
+        hub.add_repo("acme/colour-folders", {**files, "README.md": b"# colours as class folders\n"},
+                     repo_type="dataset")
+        session = open_session(recipe_for("acme/colour-folders", name="folders.toml"))
+        assert session.splits.info["labels"] == ["blue", "green", "red"]  # imagefolder: sorted folder names
+        assert session.splits.info["train_examples"] + session.splits.info["eval_examples"] == 12
+        assert {f for f in fetched(hub) if f.endswith(".png")} == set(files)
+
+
 def test_hub_name_not_cached_fails_fast_offline_with_how_to(recipe_for, tmp_path, monkeypatch, no_network):
     import datasets  # noqa: F401 - imported before timing: the check is about the look-up, not the import
     import datasets.config
@@ -210,18 +243,27 @@ def test_hub_name_not_cached_fails_fast_offline_with_how_to(recipe_for, tmp_path
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     recipe = recipe_for("someone/not-here")
     offline_before = datasets.config.HF_HUB_OFFLINE
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     with pytest.raises(DataError) as info:
         open_session(recipe)
     assert time.perf_counter() - started < 2.0
     message = str(info.value)
-    assert "'someone/not-here'" in message and "offline" in message and "save_to_disk" in message
+    assert "'someone/not-here'" in message and "HF_HUB_OFFLINE is set" in message and "save_to_disk" in message
     assert no_network == []
+    # online, but the Hub cannot be reached: as fast, and it says so
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=r"data.dataset: could not look up someone/not-here: cannot reach .*"
+                                        r"Nothing was downloaded.*save_to_disk"):
+        open_session(recipe)
+    assert time.perf_counter() - started < 2.0
     assert datasets.config.HF_HUB_OFFLINE == offline_before  # offline mode was only set around the look-up
 
 
 def test_hub_name_not_cached_fails_fast_in_the_cli_without_touching_the_endpoint(recipe_for, tmp_path):
-    """Through the real CLI, with HF_ENDPOINT at a server that accepts and never answers: no connection."""
+    """Through the real CLI, HF_HUB_OFFLINE=1 and HF_ENDPOINT at a server that accepts and never answers:
+    no connection."""
     from conftest import run_cli
 
     server = socket.socket()
@@ -230,7 +272,8 @@ def test_hub_name_not_cached_fails_fast_in_the_cli_without_touching_the_endpoint
     server.settimeout(0.1)
     port = server.getsockname()[1]
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_DATASETS_CACHE": str(tmp_path / "d"),
-           "HF_HUB_CACHE": str(tmp_path / "h"), "HF_HUB_ETAG_TIMEOUT": "600", "HF_HUB_DOWNLOAD_TIMEOUT": "600"}
+           "HF_HUB_CACHE": str(tmp_path / "h"), "HF_HUB_OFFLINE": "1", "HF_HUB_ETAG_TIMEOUT": "600",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "600"}
     try:
         result = run_cli("validate", str(recipe_for("someone/not-here")), env=env, timeout=120)
         try:
