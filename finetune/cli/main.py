@@ -75,6 +75,7 @@ def cli(debug: bool) -> None:
     finetune run recipe.toml         train (resumes an unfinished run)
     finetune validate recipe.toml    check a recipe and show one batch
     finetune predict RUN_DIR         predict with a trained run
+    finetune evaluate RUN_DIR --input FILE   score a trained run on labelled data
     finetune tasks / plugins         what is installed
     """
 
@@ -203,6 +204,41 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, ou
     stream = output_path is None and sys.stdout.isatty()
     rows = predict_records(task, model, processor, records, batch_size, stream=stream)
     write_predictions(rows, output_path, output_format)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
+              help="A labelled file (or folder) in the form the run's data.train takes, e.g. a held-out test set.")
+@click.option("--output", "output_path", type=click.Path(path_type=Path),
+              help="Also write the result as JSON to this file (metrics, nested details, examples, adapter step).")
+@click.option("--batch-size", type=int, help="Evaluation batch size (default: the run's).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the run's backbone to run its own modelling code "
+              "(needed when the run was trained with model.trust_remote_code).")
+@_set_option
+def evaluate(run_dir: Path, input_path: Path, output_path: Path | None, batch_size: int | None,
+             trust_remote_code: bool, overrides: tuple[str, ...]) -> None:
+    """Score the best adapter of the run in RUN_DIR (a run folder, or a Hub repo id it was pushed to) on a
+    labelled file, with the task's own metrics (as at an evaluation during training)."""
+    quiet_libraries()
+    from finetune.run.evaluate import evaluate_run
+
+    if not run_dir.exists():
+        from finetune.run.hub import is_hub_id, pull
+
+        if is_hub_id(str(run_dir)):
+            run_dir = pull(str(run_dir))
+    result = evaluate_run(run_dir, input_path, list(overrides), batch_size=batch_size,
+                          trust_remote_code=trust_remote_code, announce=lambda line: click.echo(line, err=True))
+    step = f" (adapter of step {result['adapter_step']})" if result["adapter_step"] is not None else ""
+    click.echo(f"{result['run']}{step} on {result['input']}: {result['examples']} examples")
+    for key, value in result["metrics"].items():
+        click.echo(f"  {key:<12} {value:.4f}" if isinstance(value, float) else f"  {key:<12} {value}")
+    if output_path is not None:
+        from finetune.engine.run_folder import write_json_atomic
+
+        write_json_atomic(output_path, result)
+        click.echo(f"wrote {output_path}", err=True)
 
 
 @cli.command()

@@ -67,8 +67,12 @@ class DataOptions(Section):
     (``load_table(path, data.format)``), ``dataset`` and its ``dataset_*`` keys
     (``finetune.open_dataset(data, recipe_dir)``), ``eval`` and ``split``
     (``split_frame(df, data.split, seed, group=data.group_column)`` when no eval data is given),
-    ``group_column`` and ``limit`` (take at most that many training examples, seeded by ``train.seed``).
-    A task that cannot honour one should refuse it with a ``RecipeError``."""
+    ``test``, ``test_split`` and ``dataset_test_split`` (the test split, ``DataSplits.test``: read ``test``
+    with :meth:`Task.read_examples`; hold out ``test_split`` first, with ``split_frame(df, data.test_split,
+    seed, key="data.test_split")``), ``group_column`` and ``limit`` (take at most that many training
+    examples, seeded by ``train.seed``). A task that cannot honour one should refuse it with a
+    ``RecipeError``; a task that leaves ``DataSplits.test`` empty while a test key is set is refused by
+    the core."""
 
     #: The keys any one of which gives the training data (a recipe must set one); a task with another kind
     #: of source (a built-in data set, say) adds its key.
@@ -76,7 +80,16 @@ class DataOptions(Section):
 
     train: PathStr | None = Field(None, description="Training file: .csv, .tsv, .jsonl, .json or .parquet (or give "
                                   "`dataset` instead).")
-    eval: PathStr | None = Field(None, description="Evaluation file; if absent, `split` of train is held out.")
+    eval: PathStr | None = Field(
+        None, description="Evaluation file, scored at every evaluation: it selects the best checkpoint (and early "
+        "stopping), so its best score is optimistic; report on `test`. If absent, `split` of train is held out.")
+    test: PathStr | None = Field(
+        None, description="Test file, in the form of `train`: never used to select a checkpoint or to stop early; "
+        "scored once at the end with the selected adapter and reported as test.* (metrics.json, model card, "
+        "summary). Unset (and no `test_split`): no test numbers.")
+    test_split: float | None = Field(
+        None, gt=0, lt=1, description="Fraction of the training data held out as the test split (instead of a "
+        "`test` file); taken before `split` holds out the eval data.")
     dataset: str | None = Field(
         None, description="A data set instead of `train`: a Hugging Face Hub name (owner/name; downloaded when "
         "online, else from the cache), a folder written by save_to_disk, or a local .parquet/.arrow/.csv/.jsonl "
@@ -87,10 +100,14 @@ class DataOptions(Section):
     dataset_eval_split: str | None = Field(
         None, description="Split of `dataset` to evaluate on (e.g. 'validation'); if unset, `split` of the training "
         "split is held out.")
+    dataset_test_split: str | None = Field(
+        None, description="Split of `dataset` to report on (e.g. 'test'): scored once at the end with the selected "
+        "adapter, never used for selection (see `test`).")
     dataset_revision: str | None = Field(
         None, description="Hub branch, tag or commit of `dataset`; the run folder's recipe records the commit it "
         "resolved to.")
-    split: float = Field(0.2, gt=0, lt=1, description="Fraction of train held out for eval when `eval` is absent.")
+    split: float = Field(0.2, gt=0, lt=1, description="Fraction of train held out for eval when `eval` is absent "
+                         "(the held-out part selects the best checkpoint, like `eval`).")
     group_column: str | None = Field(
         None, description="Keep rows sharing this column's value on the same side of the split (no leakage).")
     format: Literal["auto", "csv", "tsv", "jsonl", "json", "parquet"] = Field(

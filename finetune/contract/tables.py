@@ -192,11 +192,13 @@ def require_columns(df: pd.DataFrame, columns: dict[str, str | None], path: str 
 
 
 def split_frame(df: pd.DataFrame, fraction: float, seed: int, stratify: str | None = None,
-                group: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Hold out ``fraction`` of the rows for evaluation, reproducibly.
+                group: str | None = None, key: str = "data.split") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out ``fraction`` of the rows (for evaluation, or the test split), reproducibly:
+    ``(kept, held_out)``.
 
     With ``group``, rows sharing a group value stay on one side (word variants,
     patients, speakers...). Otherwise, with ``stratify``, class proportions are kept.
+    ``key`` is the recipe key that asked for it, named in errors (``data.split``, ``data.test_split``).
     """
     import numpy as np
 
@@ -223,6 +225,7 @@ def split_frame(df: pd.DataFrame, fraction: float, seed: int, stratify: str | No
             mask[idx[: max(1, int(round(len(df) * fraction)))]] = True
     train, eval_ = df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
     if len(train) == 0 or len(eval_) == 0:
-        raise DataError(f"data.split: holding out {fraction} of {len(df)} rows leaves an empty "
-                        f"{'train' if len(train) == 0 else 'eval'} set; add rows or give data.eval.")
+        held = "test" if key == "data.test_split" else "eval"
+        raise DataError(f"{key}: holding out {fraction} of {len(df)} rows leaves an empty "
+                        f"{'train' if len(train) == 0 else held} set; add rows or give data.{held}.")
     return train, eval_

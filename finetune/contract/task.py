@@ -9,7 +9,7 @@ imports inside methods: task classes are imported when the CLI starts.
 ``finetune run`` (and ``finetune validate``, which stops after one collated batch)::
 
     task = TaskClass(recipe)
-    splits = task.prepare_data()                   # read + validate; fill task.state (e.g. label names)
+    splits = task.prepare_data()                   # read + validate train/eval(/test); fill task.state
     model, processor = task.load_model(backbone)   # task.state is already filled
     task.lora_targets(model)                       # when [peft] target_modules = "auto"
     task.modules_to_save(model)                    # when [peft] modules_to_save = "auto"
@@ -32,6 +32,8 @@ imports inside methods: task classes are imported when the CLI starts.
             task.finalize_eval(metrics)
             task.after_evaluate(model, processor, run_path, step, metrics)   # main process only
             task.train_mode(model)
+    the test split (``splits.test``, if any): the selected adapter is loaded back and scored once as at
+    an evaluation (build_dataset, evaluation_step, compute_metrics, finalize_eval): metrics.json ``test``
     task.finalize_run(run_path, metrics)           # main process, before metrics.json and the card
     task.usage_snippet(base)                       # for the model card
 
@@ -45,6 +47,12 @@ step-0 evaluation is not repeated. ``finetune predict RUN`` (and ``load_run``)::
     model, processor = task.load_model(backbone)   # then the adapter is attached, model.eval()
     records = task.read_predict_input(path)        # --input FILE; --text/stdin use predict_input_columns()
     task.predict(model, processor, records, batch_size, stream)   # under torch.no_grad()
+
+``finetune evaluate RUN --input FILE`` loads the run as ``predict`` does, then scores FILE::
+
+    examples = task.read_examples(path, "--input")
+    task.build_dataset(examples, processor, training=False), collate_fn, evaluation_step,
+    compute_metrics, finalize_eval                 # as at an evaluation
 
 ``finetune push`` calls no task method: it uploads the run folder (adapter, processor, recipe, metrics,
 card) as written at the end of training.
@@ -78,13 +86,17 @@ class DataSplits:
     """What :meth:`Task.prepare_data` returns.
 
     ``train`` and ``eval`` are the examples in any sized form the task's :meth:`Task.build_dataset`
-    understands (a pandas DataFrame, a list of dicts, ...); neither may be empty. ``info`` holds
-    JSON-serialisable facts shown by ``finetune validate`` as ``data.<key>: value`` and recorded in
-    run.json (sizes, label names, counts...)."""
+    understands (a pandas DataFrame, a list of dicts, ...); neither may be empty. ``eval`` is scored at
+    every evaluation and selects the best checkpoint. ``test`` (None unless the recipe sets ``data.test``,
+    ``data.test_split`` or ``data.dataset_test_split``) is never used for selection: the core scores it
+    once, with the selected adapter, after training. ``info`` holds JSON-serialisable facts shown by
+    ``finetune validate`` as ``data.<key>: value`` and recorded in run.json (sizes, label names,
+    counts...)."""
 
     train: Any
     eval: Any
     info: dict[str, Any] = field(default_factory=dict)
+    test: Any = None
 
 
 class Task:
@@ -138,6 +150,16 @@ class Task:
         Raise :class:`finetune.DataError` naming the recipe key, the file and the row for bad input (it
         runs before the run folder exists, so nothing is lost). Split off eval data with
         :func:`finetune.split_frame` when ``data.eval`` is not given. Fill :attr:`state` here."""
+        raise NotImplementedError
+
+    def read_examples(self, path: Path, key: str) -> Any:
+        """Labelled examples from ``path``, in the form ``data.train`` takes (a table file, or a folder for
+        image and audio tasks) and in the form :meth:`build_dataset` understands, checked against
+        :attr:`state` (already filled): e.g. a label never seen in training is a :class:`finetune.DataError`
+        naming ``key``. ``key`` is what the path came from (``"data.test"``, or ``"--input"`` for
+        ``finetune evaluate RUN --input FILE``, which scores a trained run on any labelled file). Call it
+        from :meth:`prepare_data` for ``data.test``. Default: not implemented (``finetune evaluate`` then
+        says the task cannot read labelled files)."""
         raise NotImplementedError
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:

@@ -118,6 +118,15 @@ class DatasetSource:
             return train, None
         return train, self.split(data.dataset_eval_split, "data.dataset_eval_split")
 
+    def test_split(self, data: Any) -> DatasetSplit | None:
+        """``data.dataset_test_split`` (None when unset), the split scored once at the end."""
+        if not data.dataset_test_split:
+            return None
+        if self.single:
+            raise RecipeError(f"data.dataset_test_split: {self.resolved} is a single Dataset without splits; use "
+                              "data.test_split to hold out a fraction of it instead.")
+        return self.split(data.dataset_test_split, "data.dataset_test_split")
+
     def split(self, name: str | None, key: str = "data.dataset_split") -> DatasetSplit:
         """The split called ``name`` (a single data set has none: it is returned whatever ``name`` says)."""
         if self.single:

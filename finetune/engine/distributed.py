@@ -24,6 +24,11 @@ def check_distributed(recipe: Recipe) -> None:
     strategy = recipe.distributed.strategy
     if strategy == "ddp":
         return
+    tests = [f"data.{k}" for k in ("test", "test_split", "dataset_test_split") if getattr(recipe.data, k, None)]
+    if tests:
+        raise RecipeError(f"{tests[0]}: a test split is not scored with distributed.strategy = {strategy!r} (the "
+                          "selected adapter would have to be loaded back into a sharded model); unset it and score "
+                          "the finished run with `finetune evaluate RUN --input FILE`.")
     import torch
 
     if not torch.cuda.is_available():

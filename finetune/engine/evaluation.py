@@ -68,6 +68,19 @@ class GatheredOutputs:
                                                  "others; choose one")
 
 
+def evaluation_loader(task: GuardedTask, dataset: Any, collate: Any, accelerator: Any, *, batch_size: int,
+                      num_workers: int = 0, longest_first: bool = True) -> Any:
+    """The prepared loader of an evaluation: examples longest first when the task reports lengths (batches
+    of similar length waste little on padding; metrics do not depend on the order, since predictions and
+    references travel together)."""
+    from torch.utils.data import DataLoader, Subset
+
+    lengths = task.example_lengths(dataset) if longest_first else None
+    source = dataset if lengths is None else Subset(dataset, sorted(range(len(dataset)), key=lambda i: -lengths[i]))
+    return accelerator.prepare(DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                                          num_workers=num_workers))
+
+
 def evaluate(task: GuardedTask, model: Any, loader: Any, accelerator: Any) -> dict[str, Any]:
     """Metrics of one pass over ``loader``: ``eval_loss`` (mean over examples) and what the task computes.
 

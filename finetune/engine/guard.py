@@ -131,8 +131,10 @@ def _batch_size(batch: Mapping[str, Any]) -> int | None:
 def _check_splits(value: Any, *args: Any, **kwargs: Any) -> str | None:
     if not isinstance(value, DataSplits):
         return f"returned {_kind(value)}; it must return finetune.DataSplits(train=..., eval=...)"
-    for split in ("train", "eval"):
+    for split in ("train", "eval", "test"):
         part = getattr(value, split)
+        if part is None and split == "test":
+            continue
         if not hasattr(part, "__len__"):
             return f"returned DataSplits whose {split} ({type(part).__name__}) has no len(); give a sized sequence"
         if len(part) == 0:

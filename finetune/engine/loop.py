@@ -6,6 +6,7 @@
         one optimizer step (forward/backward per micro-batch, clip, step) ->
         log -> evaluate and keep the best adapter -> checkpoint
     a final evaluation if training stopped between evaluations
+    the test split, if any: the selected adapter loaded back and scored once (never used to select)
 
 Resume is exact for a deterministic recipe: batches come from a permutation seeded by (seed, epoch),
 training loaders have their own generators (so creating one draws nothing from the global RNG, which
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from finetune.contract.callbacks import LoopState
 from finetune.engine.checkpoint import check_complete, load_checkpoint, save_rng_state, trainable_state_dict
 from finetune.engine.distributed import make_accelerator
-from finetune.engine.evaluation import evaluate
+from finetune.engine.evaluation import evaluate, evaluation_loader
 from finetune.engine.stop import StopRequest
 from finetune.errors import FinetuneError, TrainingError
 
@@ -64,6 +65,8 @@ class TrainResult:
     mixed_precision: str
     steps_total: int
     interrupted: bool = False
+    #: the test split's metrics with the selected adapter (``{}`` without a test split)
+    test_eval: dict[str, Any] | None = None
 
 
 @dataclass
@@ -93,14 +96,17 @@ class BatchPlan:
 
 def train(*, task: GuardedTask, recipe: Recipe, run: RunDir, model: Any, processor: Any, train_ds: Any, eval_ds: Any,
           collate: Any, resume_from: Path | None, callbacks: list[GuardedCallback], save_adapter: Any,
-          console: Any, accelerator: Any = None) -> TrainResult:
+          console: Any, accelerator: Any = None, test_ds: Any = None, load_best: Any = None) -> TrainResult:
     """Train ``model`` (already wrapped by PEFT) and keep ``run`` up to date (the main process writes).
 
     ``save_adapter(unwrapped_model, state_dict=None)`` writes the best adapter; ``collate`` is the
-    task's collator. Returns where training ended; raises on a non-finite loss or a plugin error."""
+    task's collator. With ``test_ds``, ``load_best(unwrapped_model)`` puts the saved best adapter's weights
+    back into the model after training, and the test split is scored once. Returns where training ended;
+    raises on a non-finite loss or a plugin error."""
     loop = TrainingLoop(task=task, recipe=recipe, run=run, model=model, processor=processor, train_ds=train_ds,
                         eval_ds=eval_ds, collate=collate, callbacks=callbacks, save_adapter=save_adapter,
-                        console=console, accelerator=accelerator or make_accelerator(recipe, run.path))
+                        console=console, accelerator=accelerator or make_accelerator(recipe, run.path),
+                        test_ds=test_ds, load_best=load_best)
     return loop.run(resume_from)
 
 
@@ -109,11 +115,12 @@ class TrainingLoop:
 
     def __init__(self, *, task: GuardedTask, recipe: Recipe, run: RunDir, model: Any, processor: Any,
                  train_ds: Any, eval_ds: Any, collate: Any, callbacks: list[GuardedCallback], save_adapter: Any,
-                 console: Any, accelerator: Any) -> None:
+                 console: Any, accelerator: Any, test_ds: Any = None, load_best: Any = None) -> None:
         self.task, self.recipe, self.cfg, self.run_dir = task, recipe, recipe.train, run
         self.model, self.processor, self.train_ds, self.eval_ds = model, processor, train_ds, eval_ds
         self.collate, self.callbacks, self.save_adapter, self.console = collate, callbacks, save_adapter, console
         self.accelerator = accelerator
+        self.test_ds, self.load_best = test_ds, load_best
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.main = accelerator.is_main_process
         self.log_with = "tensorboard" if self.cfg.tensorboard else None
@@ -153,9 +160,10 @@ class TrainingLoop:
             self.evaluate_and_select()  # a callback stopped training between evaluations
             self.write_checkpoint()
         self.notify("on_train_end", metrics=self.state.last_eval)
+        test_eval = self.evaluate_test() if self.test_ds is not None and not self.interrupted else {}
         return TrainResult(state=self.state, metric=self.metric, mode=self.mode,
                            mixed_precision=self.accelerator.mixed_precision, steps_total=self.plan.steps_total,
-                           interrupted=self.interrupted)
+                           interrupted=self.interrupted, test_eval=test_eval)
 
     # -- set-up --------------------------------------------------------
     def set_up_optimizer(self) -> None:
@@ -175,21 +183,11 @@ class TrainingLoop:
 
     def prepare(self, resume_from: Path | None) -> None:
         """``accelerator.prepare`` the model and optimizer, build the eval loader, restore a checkpoint."""
-        from torch.utils.data import DataLoader, Subset
-
         if resume_from is not None and self.sharded:
             # Full weights go into the model before it is sharded; the optimizer state is not checkpointed.
             self.state = load_checkpoint(resume_from, self.model, None, self.scheduler)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        # Evaluation sees examples longest first when the task reports lengths: batches of similar length
-        # waste little on padding, and metrics do not depend on the order (predictions and references
-        # travel together).
-        lengths = self.task.example_lengths(self.eval_ds) if self.cfg.group_by_length else None
-        source = self.eval_ds if lengths is None else Subset(
-            self.eval_ds, sorted(range(len(self.eval_ds)), key=lambda i: -lengths[i]))
-        self.eval_loader = self.accelerator.prepare(DataLoader(
-            source, batch_size=self.cfg.eval_batch_size or 2 * self.cfg.batch_size, shuffle=False,
-            collate_fn=self.collate, num_workers=self.cfg.num_workers))
+        self.eval_loader = self.evaluation_loader(self.eval_ds)
         if resume_from is not None:
             if not self.sharded:
                 self.state = load_checkpoint(resume_from, self.accelerator.unwrap_model(self.model), self.optimizer,
@@ -197,6 +195,11 @@ class TrainingLoop:
             self.run_dir.truncate_metrics_log(self.state.global_step)
             self.console.print(f"Resuming from {resume_from.name}: epoch {self.state.epoch + 1}, step "
                                f"{self.state.global_step}/{self.plan.steps_total}.")
+
+    def evaluation_loader(self, dataset: Any) -> Any:
+        return evaluation_loader(self.task, dataset, self.collate, self.accelerator,
+                                 batch_size=self.cfg.eval_batch_size or 2 * self.cfg.batch_size,
+                                 num_workers=self.cfg.num_workers, longest_first=self.cfg.group_by_length)
 
     # -- training ------------------------------------------------------
     def epoch_batches(self) -> list[list[int]]:
@@ -358,6 +361,19 @@ class TrainingLoop:
                 self.console.print(f"Early stopping: {self.metric} has not improved for "
                                    f"{state.evals_without_improvement} evaluations.")
         self.record_evaluation(metrics, epoch=epoch, note="  [best]" if better else "")
+
+    def evaluate_test(self) -> dict[str, Any]:
+        """The test split, scored once with the selected adapter (read back from the run folder, which every
+        process reaches, as for resuming). Logged as ``kind: "test"``; never compared or selected."""
+        self.accelerator.wait_for_everyone()  # the main process has written the best adapter
+        self.load_best(self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False))
+        metrics = evaluate(self.task, self.model, self.evaluation_loader(self.test_ds), self.accelerator)
+        step = self.state.best_eval.get("step", self.state.global_step)
+        if self.main:
+            self.run_dir.log_metrics({"kind": "test", "step": step, **_scalars(metrics)})
+        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in _scalars(metrics).items())
+        self.console.print(f"test (adapter of step {step}, scored once): {shown}")
+        return {"step": step, **metrics}
 
     def selection_value(self, metrics: dict[str, Any]) -> float:
         """The value of the metric that selects the best checkpoint; a clear error when it is missing."""

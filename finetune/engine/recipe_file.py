@@ -196,6 +196,12 @@ def validate_recipe(raw: dict[str, Any], task_lookup: TaskLookup | None = None,
     if getattr(recipe.data, "dataset", None) and getattr(recipe.data, "eval", None):
         raise RecipeError("data.eval cannot be combined with data.dataset; name the eval split with "
                           "data.dataset_eval_split (or leave it unset to hold out data.split of the train split).")
+    tests = [f"data.{key}" for key in ("test", "test_split", "dataset_test_split") if getattr(recipe.data, key, None)]
+    if len(tests) > 1:
+        raise RecipeError(f"{tests[1]} is set together with {tests[0]}; keep one test split.")
+    if getattr(recipe.data, "dataset", None) and getattr(recipe.data, "test", None):
+        raise RecipeError("data.test cannot be combined with data.dataset; name the test split with "
+                          "data.dataset_test_split (or hold out a fraction with data.test_split).")
     if base_dir is not None:
         _resolve_paths(recipe, base_dir)
     if not recipe.output.dir and default_output is not None:

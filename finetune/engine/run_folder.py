@@ -156,7 +156,8 @@ class RunDir:
 
     @property
     def metrics_log(self) -> Path:
-        """``metrics.jsonl``: one JSON line per logged training step (``kind: train``) and evaluation (``eval``)."""
+        """``metrics.jsonl``: one JSON line per logged training step (``kind: train``), evaluation (``eval``)
+        and the final score of the test split (``test``, at most once)."""
         return self.path / "metrics.jsonl"
 
     @property

@@ -52,6 +52,26 @@ def load_trained_weights(model: Any, path: Path) -> None:
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
+def best_adapter_loader(run: RunDir, method: str):
+    """``load(unwrapped_model)``: put the run folder's saved (best) adapter weights back into the model that
+    trained them, e.g. to score the test split with the selected adapter after training."""
+
+    def load(model: Any) -> None:
+        if method != "lora":
+            load_trained_weights(model, run.adapter_dir / TRAINED_WEIGHTS_FILE)
+            return
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        result = set_peft_model_state_dict(model, load_file(str(run.adapter_dir / ADAPTER_FILE)))
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        if unexpected:
+            raise RunError(f"{run.adapter_dir / ADAPTER_FILE}: weights do not fit the model (unexpected "
+                           f"{unexpected[:3]}...).")
+
+    return load
+
+
 def expected_adapter_tensors(model: Any, method: str) -> dict[str, tuple[int, ...]]:
     """``name -> shape`` of every tensor the saved adapter must hold, taken from the whole (not yet
     sharded) model: PEFT's adapter state dict for LoRA, else what :func:`save_trained_weights` writes."""

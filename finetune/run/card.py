@@ -26,7 +26,6 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
 
     upstream = backbone.get("upstream_id")
     best = metrics.get("best", {})
-    baseline = metrics.get("baseline", {})
     run_name = recipe.get("output", {}).get("dir", "run").rstrip("/").rsplit("/", 1)[-1]
     meta: dict[str, Any] = {}
     if upstream:
@@ -43,16 +42,19 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
         meta["datasets"] = [hub_dataset]
     method = recipe.get("peft", {}).get("method", "lora")
     meta["tags"] = ["finetune", task.name, "lora" if method == "lora" else f"{method}-finetuning"]
-    results = [{"type": k, "name": k, "value": float(v)} for k, v in best.items()
+    test = metrics.get("test", {})
+    reported, split_name = (test, "test") if test else (best, "eval")
+    results = [{"type": k, "name": f"{k} ({split_name} split)", "value": float(v)} for k, v in reported.items()
                if k not in ("step", "epoch") and isinstance(v, (int, float)) and v == v]
     if results:
+        split_key = "dataset_test_split" if test else "dataset_eval_split"
         if hub_dataset:
             dataset = {"name": hub_dataset, "type": hub_dataset, "revision": data["dataset_revision"],
                        **({"config": data["dataset_config"]} if data.get("dataset_config") else {}),
-                       **({"split": data["dataset_eval_split"]} if data.get("dataset_eval_split") else {})}
+                       **({"split": data[split_key]} if data.get(split_key) else {})}
         else:
             dataset = {"name": Path(str(data.get("train") or data.get("dataset") or "local data")).stem,
-                       "type": "custom"}
+                       "type": "custom", "split": split_name}
         meta["model-index"] = [{"name": run_name, "results": [{
             "task": {"type": task.pipeline_tag or task.name},
             "dataset": dataset,
@@ -62,21 +64,7 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
              f"{_WHAT.get(method, 'A fine-tune')} of `{upstream or backbone.get('name')}` for **{task.name}**, "
              "trained with "
              "[finetune](https://pypi.org/project/finetune/).", "",
-             "## Results", "", "| metric | before training | fine-tuned (best) | last | baseline |",
-             "|---|---|---|---|---|"]
-    last, before = metrics.get("last", {}), metrics.get("before", {})
-    for key, value in best.items():
-        if key in ("step", "epoch") or not isinstance(value, (int, float)):
-            continue
-        base_value = _fmt(baseline.get(key, "")) if baseline else ""
-        lines.append(f"| {key} | {_fmt(before.get(key, ''))} | {_fmt(value)} | {_fmt(last.get(key, ''))} | "
-                     f"{base_value} |")
-    if baseline.get("name"):
-        lines += ["", f"Baseline: {baseline['name']} on the same split."]
-    lines += ["", f"Best checkpoint: step {best.get('step')} (epoch {best.get('epoch')}), selected on "
-              f"`{metrics.get('selection_metric')}`"
-              + ("; 'before training' is the same model evaluated before the first optimizer step (step 0)."
-                 if before else "."), "", "![curves](curves.png)", "",
+             *results_section(metrics), "", "![curves](curves.png)", "",
               "## Training", "",
               f"- backbone: `{backbone.get('name')}` ({backbone.get('source')})",
               (f"- LoRA targets: `{lora.get('target_modules')}`; trained in full: `{lora.get('modules_to_save')}`"
@@ -85,7 +73,9 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
               f"- trainable parameters: {lora.get('trainable_params'):,} of {lora.get('total_params'):,} "
               f"({100 * lora.get('trainable_params', 0) / max(1, lora.get('total_params', 1)):.2f}%)",
               f"- train examples: {metrics.get('data', {}).get('train_examples')}, eval examples: "
-              f"{metrics.get('data', {}).get('eval_examples')}",
+              f"{metrics.get('data', {}).get('eval_examples')}"
+              + (f", test examples: {metrics['data']['test_examples']}"
+                 if metrics.get("data", {}).get("test_examples") else ""),
               f"- wall time: {_fmt(metrics.get('train', {}).get('wall_time_s'))} s; mixed precision: "
               f"{metrics.get('train', {}).get('mixed_precision')}",
               f"- plugins: {', '.join(p['name'] + ' ' + p['version'] for p in plugins)}",
@@ -94,6 +84,41 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
               "## Limitations", "",
               "Trained on a small dataset; check the metrics above on data like yours before relying on it.", ""]
     return "\n".join(front + lines)
+
+
+def results_section(metrics: dict[str, Any]) -> list[str]:
+    """The card's results table, each column saying on which split it was measured and how it was chosen."""
+    best, last, before = metrics.get("best", {}), metrics.get("last", {}), metrics.get("before", {})
+    test, baseline = metrics.get("test", {}), metrics.get("baseline", {})
+    columns = [("before training (eval)", before)] if before else []
+    columns += [("selected (eval)", best), ("last (eval)", last)]
+    columns += [("test", test)] if test else []
+    columns += [("baseline (eval)", baseline)] if baseline else []
+    lines = ["## Results", "", "| metric | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for key, value in best.items():
+        if key in ("step", "epoch") or not isinstance(value, (int, float)):
+            continue
+        lines.append(f"| {key} | " + " | ".join(_fmt(values.get(key, "")) for _, values in columns) + " |")
+    data = metrics.get("data", {})
+    mode = "highest" if metrics.get("selection_mode", "max") == "max" else "lowest"
+    lines += ["", f"- **eval** ({data.get('eval_examples', '?')} examples) is scored at every evaluation and "
+              f"selects the best checkpoint: **selected** is the evaluation with the {mode} "
+              f"`{metrics.get('selection_metric')}` (step {best.get('step')}, epoch {best.get('epoch')}), so it is "
+              "optimistic; **last** is the last evaluation (step " + f"{last.get('step')})."]
+    if before:
+        lines.append("- **before training**: the untouched base model (with a new, untrained head where the task "
+                     "has one) on the eval split, before the first optimizer step (step 0).")
+    if test:
+        lines.append(f"- **test** ({data.get('test_examples', '?')} examples) was never used to select the "
+                     f"checkpoint or to stop early: it was scored once, after training, with the selected adapter "
+                     f"(step {test.get('step')}). Quote this one.")
+    else:
+        lines.append("- No test split was held out (`data.test` / `data.test_split`), so every number above comes "
+                     "from the split that selected the checkpoint.")
+    if baseline.get("name"):
+        lines.append(f"- **baseline**: {baseline['name']}, fitted on the train split and scored on the eval split.")
+    return lines
 
 
 def task_usage_snippet(task: Any, base: str) -> list[str]:

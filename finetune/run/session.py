@@ -49,7 +49,20 @@ def open_session(recipe_path: str | Path, overrides: list[str] | None = None,
     if backbone.revision:
         recipe.model.revision = backbone.revision
     splits = task.prepare_data()
+    check_test_split(recipe, task, splits)
     return Session(recipe=recipe, registry=registry, task=task, backbone=backbone, splits=splits)
+
+
+def check_test_split(recipe: Recipe, task: GuardedTask, splits: DataSplits) -> None:
+    """A recipe that asks for a test split gets one, or a clear refusal (a task that ignores the keys
+    would otherwise report no test numbers without saying why)."""
+    keys = [f"data.{k}" for k in ("test", "test_split", "dataset_test_split") if getattr(recipe.data, k, None)]
+    if keys and splits.test is None:
+        raise RecipeError(f"{keys[0]}: task {task.name!r} ({task.owner}) does not read a test split; unset "
+                          f"{keys[0]} and score the trained run with `finetune evaluate RUN --input FILE`.")
+    if not keys and splits.test is not None:
+        raise task.fail("prepare_data", "returned a test split although the recipe sets no data.test, "
+                                        "data.test_split or data.dataset_test_split")
 
 
 def build_model(session: Session) -> tuple[Any, Any, LoraReport]:

@@ -17,7 +17,7 @@ from finetune.engine.distributed import make_accelerator
 from finetune.engine.run_folder import RunDir, write_json_atomic, write_text_atomic
 from finetune.engine.stop import Interrupted
 from finetune.errors import FinetuneError, RunError
-from finetune.run.adapter import adapter_writer, expected_adapter_tensors
+from finetune.run.adapter import adapter_writer, best_adapter_loader, expected_adapter_tensors
 from finetune.run.card import render_model_card
 from finetune.run.curves import plot_curves
 from finetune.run.data_files import data_changes, data_fingerprints
@@ -37,6 +37,8 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     load_s = time.perf_counter() - t0
     train_ds = task.build_dataset(session.splits.train, processor, training=True)
     eval_ds = task.build_dataset(session.splits.eval, processor, training=False)
+    test = session.splits.test
+    test_ds = None if test is None else task.build_dataset(test, processor, training=False)
     collate = task.collate_fn(processor)
     speed = speed_settings(task, recipe, train_ds, report)
     run = RunDir(recipe.output.dir)
@@ -97,7 +99,8 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
                             callbacks=session.registry.callbacks(),
                             save_adapter=adapter_writer(run, task, processor, recipe.peft.method,
                                                           expected_adapter_tensors(model, recipe.peft.method)),
-                            console=console)
+                            console=console, test_ds=test_ds,
+                            load_best=best_adapter_loader(run, recipe.peft.method))
         # Every process is here: leave together. Trackers are closed, and the process group is taken down
         # now rather than at interpreter exit, where gloo sometimes aborts a process that finished first.
         accelerator.wait_for_everyone()
@@ -124,6 +127,7 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
         "best": _scalars(state.best_eval),
         "last": _scalars(state.last_eval),
         "before": _scalars(state.before_eval),
+        **({"test": _scalars(result.test_eval)} if result.test_eval else {}),
         "baseline": baseline or {},
         "best_details": {k: v for k, v in state.best_eval.items() if k not in _scalars(state.best_eval)},
         "train": {"steps": state.global_step, "steps_planned": result.steps_total,
@@ -135,6 +139,7 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
                   "mixed_precision": result.mixed_precision, **_gpu_memory()},
         "params": {"trainable": report.trainable_params, "total": report.total_params},
         "data": {"train_examples": len(session.splits.train), "eval_examples": len(session.splits.eval),
+                 **({"test_examples": len(test)} if test is not None else {}),
                  **{k: v for k, v in session.splits.info.items() if k.startswith("dataset") and v is not None}},
     }
     changed = data_changes(fingerprints, data_fingerprints(recipe.data))
@@ -208,7 +213,10 @@ def _print_summary(console: Console, run: RunDir, metrics: dict[str, Any]) -> No
     console.print(f"finished in {metrics['train']['wall_time_s']:.1f} s "
                   f"({metrics['train']['samples_per_s']} samples/s training)")
     shown = _shown(best)
-    console.print(f"best ({metrics['selection_metric']}) at step {best.get('step')}: {shown}")
+    console.print(f"best ({metrics['selection_metric']}) at step {best.get('step')}: {shown}  [eval split: "
+                  "selects the checkpoint, so optimistic]")
+    if metrics.get("test"):
+        console.print(f"test (the selected adapter, scored once): {_shown(metrics['test'])}")
     if metrics.get("before"):
         console.print(f"before training (step 0): {_shown(metrics['before'])}")
     if metrics["baseline"]:

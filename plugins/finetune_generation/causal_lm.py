@@ -112,9 +112,9 @@ class CausalLM(Task):
     def _read(self, path: str, key: str, shape: str | None) -> tuple[list[Example], str]:
         return self._examples(read_records(path, self.recipe.data.format, key), path, key, shape)
 
-    def _read_dataset(self) -> tuple[list[Example], str, list[Example] | None]:
-        """Train examples, their shape, and eval examples (None: hold out) from data.dataset (a Hub or local
-        data set); rows are named ``name[split]: row N`` in messages."""
+    def _read_dataset(self) -> tuple[list[Example], str, list[Example] | None, list[Example] | None]:
+        """Train examples, their shape, eval examples (None: hold out) and test examples (None: none) from
+        data.dataset (a Hub or local data set); rows are named ``name[split]: row N`` in messages."""
         data = self.recipe.data
         source = open_dataset(data, self.recipe.source.parent if self.recipe.source else None)
         self._info.update(source.info)
@@ -127,7 +127,9 @@ class CausalLM(Task):
 
         train, shape = examples(train_split, "data.dataset_split", None)
         eval_ = examples(eval_split, "data.dataset_eval_split", shape)[0] if eval_split is not None else None
-        return train, shape, eval_
+        test_split = source.test_split(data)
+        test = examples(test_split, "data.dataset_test_split", shape)[0] if test_split is not None else None
+        return train, shape, eval_, test
 
     def _examples(self, records: list[tuple[str, dict[str, Any]]], path: str, key: str,
                   shape: str | None) -> tuple[list[Example], str]:
@@ -141,11 +143,13 @@ class CausalLM(Task):
 
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
-        eval_ = None
+        eval_ = test = None
         if data.dataset:
-            train, shape, eval_ = self._read_dataset()
+            train, shape, eval_, test = self._read_dataset()
         else:
             train, shape = self._read(data.train, "data.train", None)
+        if data.test_split:  # held out first, so the test examples never depend on the eval settings
+            train, test = self._hold_out(train, data.test_split, "data.test_split")
         if data.limit:
             import random
 
@@ -153,20 +157,32 @@ class CausalLM(Task):
         if eval_ is None and data.eval:
             eval_, _ = self._read(data.eval, "data.eval", shape)
         if eval_ is None:  # hold out data.split of train
-            import random
-
-            order = list(range(len(train)))
-            random.Random(self.recipe.train.seed).shuffle(order)
-            n_eval = max(1, round(len(train) * data.split))
-            if n_eval >= len(train):
-                raise DataError(f"data.split: holding out {data.split} of {len(train)} examples leaves no training "
-                                "data; add examples or give data.eval.")
-            eval_ = [train[i] for i in sorted(order[:n_eval])]
-            train = [train[i] for i in sorted(order[n_eval:])]
+            train, eval_ = self._hold_out(train, data.split, "data.split")
         self.state = {"shape": shape}
+        if data.test:
+            test = self.read_examples(data.test, "data.test")
         self._eval_examples = eval_
         self._info.update(shape=shape, train_examples=len(train), eval_examples=len(eval_))
-        return DataSplits(train=train, eval=eval_, info=self._info)
+        if test is not None:
+            self._info["test_examples"] = len(test)
+        return DataSplits(train=train, eval=eval_, info=self._info, test=test)
+
+    def read_examples(self, path: Any, key: str) -> list[Example]:
+        """Examples (data.test, ``finetune evaluate --input``) of the shape the run trained on."""
+        return self._read(str(path), key, self.state["shape"])[0]
+
+    def _hold_out(self, examples: list[Example], fraction: float, key: str) -> tuple[list[Example], list[Example]]:
+        """``(kept, held_out)``: ``fraction`` of the examples, chosen by a shuffle seeded by train.seed."""
+        import random
+
+        order = list(range(len(examples)))
+        random.Random(self.recipe.train.seed).shuffle(order)
+        n_held = max(1, round(len(examples) * fraction))
+        if n_held >= len(examples):
+            other = "data.test" if key == "data.test_split" else "data.eval"
+            raise DataError(f"{key}: holding out {fraction} of {len(examples)} examples leaves no training data; "
+                            f"add examples or give {other}.")
+        return [examples[i] for i in sorted(order[n_held:])], [examples[i] for i in sorted(order[:n_held])]
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
         data = self.recipe.data

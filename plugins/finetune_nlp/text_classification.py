@@ -9,6 +9,7 @@ logistic regression on the same split.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -87,21 +88,38 @@ class TextClassification(Task):
         df[data.text_column] = df[data.text_column].astype(str)
         return df
 
-    def _from_dataset(self) -> tuple[Any, Any, dict[str, Any]]:
-        """Train and eval (None: hold out) tables from data.dataset (a Hub or local data set), and where
-        they came from."""
-        source = open_dataset(self.recipe.data, self.recipe.source.parent if self.recipe.source else None)
+    def _from_dataset(self) -> tuple[Any, Any, Any, dict[str, Any]]:
+        """Train, eval (None: hold out) and test (None: none) tables from data.dataset (a Hub or local data
+        set), and where they came from."""
+        data = self.recipe.data
+        source = open_dataset(data, self.recipe.source.parent if self.recipe.source else None)
+        train, eval_ = source.train_and_eval(data)
         tables = [None if split is None else
                   self._check(split.frame(), key, split.where,
                               lambda rows: "row(s) " + ", ".join(str(i + 1) for i in rows))
-                  for split, key in zip(source.train_and_eval(self.recipe.data),
-                                        ("data.dataset_split", "data.dataset_eval_split"))]
-        return tables[0], tables[1], source.info
+                  for split, key in ((train, "data.dataset_split"), (eval_, "data.dataset_eval_split"),
+                                     (source.test_split(data), "data.dataset_test_split"))]
+        return *tables, source.info
+
+    def read_examples(self, path: Path, key: str) -> Any:
+        """A labelled table (data.test, ``finetune evaluate --input``): columns as in training, labels known."""
+        df = self._read(path, key)
+        self._check_labels(df, key, path, self.state["labels"])
+        return df
+
+    def _check_labels(self, df: Any, key: str, where: Any, labels: list[str]) -> None:
+        unseen = sorted_labels(set(df[self.recipe.data.label_column]) - set(labels))
+        if unseen:
+            raise DataError(f"{key}: labels {unseen} appear in {where} but never in training (training labels: "
+                            f"{labels}); add training examples for them or drop those rows.")
 
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
-        train, eval_, provenance = self._from_dataset() if data.dataset else \
-            (self._read(data.train, "data.train"), None, {})
+        train, eval_, test, provenance = self._from_dataset() if data.dataset else \
+            (self._read(data.train, "data.train"), None, None, {})
+        if data.test_split:  # held out first, so the test rows never depend on the eval settings
+            train, test = split_frame(train, data.test_split, self.recipe.train.seed, stratify=data.label_column,
+                                      group=data.group_column, key="data.test_split")
         if data.limit:
             train = train.sample(n=min(data.limit, len(train)), random_state=self.recipe.train.seed) \
                 .reset_index(drop=True)
@@ -114,18 +132,20 @@ class TextClassification(Task):
         if len(labels) < 2:
             raise DataError(f"data.label_column: only one class ({labels[0]!r}) in the training data "
                             f"({data.train or data.dataset}); classification needs at least two.")
-        unseen = sorted_labels(set(eval_[data.label_column]) - set(labels))
-        if unseen:
-            raise DataError(f"data.eval: labels {unseen} appear in the eval data ({data.eval or data.dataset}) but "
-                            f"never in training (training labels: {labels}); add training examples for them or drop "
-                            "those rows.")
+        self._check_labels(eval_, "data.eval", f"the eval data ({data.eval or data.dataset})", labels)
         # Labels are handled as strings; remember integer labels so predictions give them back as integers.
         integer = all(_is_integer(label) for label in labels)
         self.state = {"labels": labels, "integer_labels": integer}
+        if data.test:
+            test = self.read_examples(Path(data.test), "data.test")
+        elif test is not None:
+            self._check_labels(test, "data.test_split" if data.test_split else "data.dataset_test_split",
+                               "the test split", labels)
         counts = train[data.label_column].value_counts().to_dict()
-        info = {"train_examples": len(train), "eval_examples": len(eval_), "labels": labels,
+        info = {"train_examples": len(train), "eval_examples": len(eval_),
+                **({"test_examples": len(test)} if test is not None else {}), "labels": labels,
                 "train_label_counts": {k: int(counts[k]) for k in labels}, **provenance}
-        return DataSplits(train=train, eval=eval_, info=info)
+        return DataSplits(train=train, eval=eval_, info=info, test=test)
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
         data = self.recipe.data

@@ -8,6 +8,7 @@ log-mel statistics + logistic regression on the same split.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -54,10 +55,22 @@ class AudioClassification(SpeechTask):
             raise DataError(f"data.eval: labels {unseen} appear in the eval clips but never in training; add "
                             "training clips for them or drop those clips.")
         self.state = {"labels": labels}
+        data = self.recipe.data
+        if data.test:
+            splits.test = self.read_examples(Path(data.test), "data.test")
+            splits.info["test_examples"] = len(splits.test)
+        elif splits.test is not None:
+            self.check_known_targets(splits.test, "data.test_split" if data.test_split else "data.dataset_test_split")
         counts = splits.train["target"].value_counts().to_dict()
         splits.info["labels"] = labels
         splits.info["train_label_counts"] = {k: int(counts[k]) for k in labels}
         return splits
+
+    def check_known_targets(self, df: Any, key: str) -> None:
+        unseen = sorted(set(df["target"]) - set(self.state["labels"]))
+        if unseen:
+            raise DataError(f"{key}: labels {unseen} appear in its clips but never in training (training labels: "
+                            f"{self.state['labels']}); add training clips for them or drop those clips.")
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
         ids = {label: i for i, label in enumerate(self.state["labels"])}

@@ -73,14 +73,16 @@ class SpeechTask(Task):
     def check_targets(self, df: Any, key: str) -> None:
         """Raise DataError for unusable labels/transcripts (subclasses)."""
 
-    def _dataset_items(self) -> tuple[list[Item], list[Item] | None, dict[str, Any]]:
-        """Train and eval (None: hold out) items from data.dataset, and where they came from: its audio column
-        (a datasets Audio feature, encoded bytes, or file paths) and target column; embedded audio is written
-        once to finetune's cache as files, so the rest of the plugin reads clips from paths as usual."""
+    def _dataset_items(self) -> tuple[list[Item], list[Item] | None, list[Item] | None, dict[str, Any]]:
+        """Train, eval (None: hold out) and test (None: none) items from data.dataset, and where they came
+        from: its audio column (a datasets Audio feature, encoded bytes, or file paths) and target column;
+        embedded audio is written once to finetune's cache as files, so the rest of the plugin reads clips
+        from paths as usual."""
         data = self.recipe.data
         source = open_dataset(data, self.recipe.source.parent if self.recipe.source else None)
         out = []
-        for part, key in zip(source.train_and_eval(data), ("data.dataset_split", "data.dataset_eval_split")):
+        parts = (*source.train_and_eval(data), source.test_split(data))
+        for part, key in zip(parts, ("data.dataset_split", "data.dataset_eval_split", "data.dataset_test_split")):
             if part is None:
                 out.append(None)
                 continue
@@ -91,19 +93,40 @@ class SpeechTask(Task):
             paths = audio_files(part, data.path_column, key)
             out.append([(path, "" if t is None else str(t), None if g is None else str(g))
                         for path, t, g in zip(paths, targets, groups)])
-        return out[0], out[1], source.info
+        return out[0], out[1], out[2], source.info
+
+    def read_examples(self, path: Path, key: str) -> Any:
+        """Labelled clips (data.test, ``finetune evaluate --input``): a manifest (or, for classification, a
+        folder of class subfolders) as ``data.train`` takes; targets checked as in training."""
+        clips, _ = inspect_clips(self._items(str(path), key), self.recipe.data, key)
+        df = self._frame(clips)
+        self.check_targets(df, key)
+        self.check_known_targets(df, key)
+        return df
+
+    def check_known_targets(self, df: Any, key: str) -> None:
+        """Raise DataError for targets the trained model cannot know (e.g. unseen labels; subclasses)."""
 
     def read_splits(self, stratify: bool) -> DataSplits:
         data = self.recipe.data
         from_dataset = self._dataset_items() if data.dataset else None
         items = from_dataset[0] if from_dataset else self._items(data.train, "data.train")
+        test = None
         clips, stats = inspect_clips(items, data, "data.dataset_split" if data.dataset else "data.train")
         train = self._frame(clips)
         self.check_targets(train, "data.train")
+        if from_dataset and from_dataset[2] is not None:
+            test_clips, _ = inspect_clips(from_dataset[2], data, "data.dataset_test_split")
+            test = self._frame(test_clips)
+            self.check_targets(test, "data.dataset_test_split")
+        elif data.test_split:  # held out first, so the test clips never depend on the eval settings
+            train, test = split_frame(train, data.test_split, self.recipe.train.seed,
+                                      stratify="target" if stratify else None,
+                                      group="group" if data.group_column else None, key="data.test_split")
         if data.limit:
             train = train.sample(n=min(data.limit, len(train)), random_state=self.recipe.train.seed) \
                 .reset_index(drop=True)
-        info: dict[str, Any] = {"train_audio": stats, **(from_dataset[2] if from_dataset else {})}
+        info: dict[str, Any] = {"train_audio": stats, **(from_dataset[3] if from_dataset else {})}
         if from_dataset and from_dataset[1] is not None:
             eval_clips, eval_stats = inspect_clips(from_dataset[1], data, "data.dataset_eval_split")
             eval_ = self._frame(eval_clips)
@@ -122,7 +145,9 @@ class SpeechTask(Task):
                 raise DataError(f"data.split: holding out {data.split} of {len(train) + len(eval_)} clips leaves "
                                 "an empty side; add clips or give data.eval.")
         info.update({"train_examples": len(train), "eval_examples": len(eval_)})
-        return DataSplits(train=train, eval=eval_, info=info)
+        if test is not None:
+            info["test_examples"] = len(test)
+        return DataSplits(train=train, eval=eval_, info=info, test=test)
 
     # -- decoding and features -------------------------------------------------
     def max_seconds(self) -> float:

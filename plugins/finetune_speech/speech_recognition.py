@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -85,7 +86,11 @@ class SpeechRecognition(SpeechTask):
                             f"{df['path'][empty[0]]}; fill or remove them.")
 
     def prepare_data(self) -> DataSplits:
-        return self.read_splits(stratify=False)
+        splits = self.read_splits(stratify=False)
+        if self.recipe.data.test:
+            splits.test = self.read_examples(Path(self.recipe.data.test), "data.test")
+            splits.info["test_examples"] = len(splits.test)
+        return splits
 
     # -- model ---------------------------------------------------------
     def load_model(self, backbone: Any) -> tuple[Any, Any]:

@@ -27,6 +27,7 @@ class Frames:
     label_order: list[str] | None  # ClassLabel names (their order), else None
     info: dict[str, Any]
     resolved: str  # data.dataset as resolved (absolute path, or the Hub name)
+    test: Any = None  # data.dataset_test_split, or None
 
 
 def _column_error(key: str, column: str, ds: Any, where: str, hint: str = "") -> DataError:
@@ -117,14 +118,18 @@ def _frame(ds: Any, data: Any, base: Path | None, where: str, key: str) -> tuple
 
 
 def load_frames(data: Any, recipe_dir: Path | None) -> Frames:
-    """Read ``data.dataset`` into train (and eval) frames."""
+    """Read ``data.dataset`` into train (and eval, test) frames."""
     source = open_dataset(data, recipe_dir)
     train_split, eval_split = source.train_and_eval(data)
     train, class_names = _frame(train_split.dataset, data, train_split.base, train_split.where, "data.dataset_split")
     eval_ = None
     if eval_split is not None:
         eval_, _ = _frame(eval_split.dataset, data, eval_split.base, eval_split.where, "data.dataset_eval_split")
-    return Frames(train=train, eval=eval_, label_order=class_names, info=source.info, resolved=source.resolved)
+    test_split, test = source.test_split(data), None
+    if test_split is not None:
+        test, _ = _frame(test_split.dataset, data, test_split.base, test_split.where, "data.dataset_test_split")
+    return Frames(train=train, eval=eval_, label_order=class_names, info=source.info, resolved=source.resolved,
+                  test=test)
 
 
 def is_datasets_input(path: Path) -> bool:

@@ -159,7 +159,7 @@ class ImageClassification(Task):
 
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
-        eval_ = None
+        eval_ = test = None
         label_order = None
         extra_info: dict[str, Any] = {}
         if data.dataset:
@@ -169,6 +169,8 @@ class ImageClassification(Task):
             frames = load_frames(data, source.parent if source is not None else None)
             location, key = frames.resolved, "data.dataset"
             train, eval_, label_order, extra_info = frames.train, frames.eval, frames.label_order, frames.info
+            if frames.test is not None:
+                test, skipped_test = self._drop_bad_images(frames.test, "data.dataset_test_split")
             eval_location = data.dataset_eval_split and f"{location}[{data.dataset_eval_split}]"
         else:
             location, key = self._train_location()
@@ -182,6 +184,11 @@ class ImageClassification(Task):
                     location, eval_location = str(folder / "train"), str(folder / eval_name)
             train = self._read(location, key)
         train, skipped = self._drop_bad_images(train, key)
+        if test is not None:
+            skipped += skipped_test
+        if data.test_split:  # held out first, so the test images never depend on the eval settings
+            train, test = split_frame(train, data.test_split, self.recipe.train.seed, stratify="label",
+                                      group=data.group_column, key="data.test_split")
         if data.limit:
             train = train.sample(n=min(data.limit, len(train)), random_state=self.recipe.train.seed) \
                 .reset_index(drop=True)
@@ -202,18 +209,41 @@ class ImageClassification(Task):
                             f"({location}); classification needs at least two.")
         if len(eval_) == 0:
             raise DataError(f"data.eval: no eval images ({eval_location or 'split of ' + location}).")
-        unseen = sorted_labels(set(eval_["label"]) - set(labels))
-        if unseen:
-            raise DataError(f"data.eval: classes {unseen} appear in the eval data but never in training "
-                            f"(training classes: {labels}); add training images for them or drop them.")
+        self._check_classes(eval_, "data.eval", "the eval data", labels)
         self.state = {"labels": labels}
+        if data.test:
+            test, skipped_test = self._read_labelled(data.test, "data.test")
+            skipped += skipped_test
+        if test is not None:
+            self._check_classes(test, "data.test" if data.test else "data.test_split" if data.test_split
+                                else "data.dataset_test_split", "the test data", labels)
         counts = train["label"].value_counts().to_dict()
-        info = {"train_examples": len(train), "eval_examples": len(eval_), "labels": labels,
+        info = {"train_examples": len(train), "eval_examples": len(eval_),
+                **({"test_examples": len(test)} if test is not None else {}), "labels": labels,
                 "train_label_counts": {k: int(counts.get(k, 0)) for k in labels}, "train_from": location,
                 **{k: v for k, v in extra_info.items() if v is not None}}
         if skipped:
             info["skipped_images"] = skipped
-        return DataSplits(train=train, eval=eval_, info=info)
+        return DataSplits(train=train, eval=eval_, info=info, test=test)
+
+    def read_examples(self, path: Path, key: str) -> Any:
+        """Labelled images (data.test, ``finetune evaluate --input``): a folder or table as ``data.train``
+        takes, unreadable images handled by ``data.on_bad_image``, classes known from training."""
+        df, _ = self._read_labelled(str(path), key)
+        self._check_classes(df, key, str(path), self.state["labels"])
+        return df
+
+    def _read_labelled(self, location: str, key: str):
+        df, skipped = self._drop_bad_images(self._read(location, key), key)
+        if len(df) == 0:
+            raise DataError(f"{key}: no readable images in {location}.")
+        return df, skipped
+
+    def _check_classes(self, df: Any, key: str, where: str, labels: list[str]) -> None:
+        unseen = sorted_labels(set(df["label"]) - set(labels))
+        if unseen:
+            raise DataError(f"{key}: classes {unseen} appear in {where} but never in training "
+                            f"(training classes: {labels}); add training images for them or drop them.")
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
         label_ids = {label: i for i, label in enumerate(self.state["labels"])}

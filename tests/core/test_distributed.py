@@ -20,7 +20,7 @@ def no_dropout_bert(tmp_path):
 
 def test_two_processes_match_one_process_with_the_same_global_batch(make_recipe, tmp_path, no_dropout_bert):
     common = ["--set", f'model.backbone="{no_dropout_bert}"', "--set", "peft.dropout=0.0",
-              "--set", "train.epochs=2", "--set", "train.checkpoint_every_steps=0"]
+              "--set", "train.epochs=2", "--set", "train.checkpoint_every_steps=0", "--set", "data.test_split=0.1"]
     one = run_cli("run", str(make_recipe(name="one.toml", output=str(tmp_path / "one"))), *common,
                   "--set", "train.batch_size=24")
     assert one.returncode == 0, one.stderr
@@ -35,8 +35,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(make_recipe,
     for key in a:  # synced gradients: the same model up to float reduction order
         assert (a[key] - b[key]).abs().max().item() < 1e-4, key
     m1, m2 = (json.loads(r.metrics_file.read_text()) for r in (run_one, run_two))
-    assert m1["train"]["steps"] == m2["train"]["steps"] == 10  # 120 rows / 24 per step x 2 epochs
-    assert m2["train"]["samples_seen"] == 240
+    assert m1["train"]["steps"] == m2["train"]["steps"] == 10  # 108 rows / 24 per step (5 steps) x 2 epochs
+    assert m2["train"]["samples_seen"] == 216
     assert m1["best"]["accuracy"] == pytest.approx(m2["best"]["accuracy"], abs=1e-9)
+    # the test split (16 rows), scored once by both processes with the selected adapter: every row once
+    assert m1["data"]["test_examples"] == m2["data"]["test_examples"] == 16
+    assert m1["test"]["accuracy"] == pytest.approx(m2["test"]["accuracy"], abs=1e-9)
+    assert two.stdout.count("test (adapter of step") == 1
     # one progress display: each evaluation is printed once, by the main process
     assert two.stdout.count("eval @ step 5 ") == 1

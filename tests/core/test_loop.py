@@ -316,7 +316,7 @@ def test_the_untouched_model_is_evaluated_before_training_and_reported_as_before
     metrics = json.loads(run.metrics_file.read_text())
     assert metrics["before"]["step"] == 0 and metrics["before"]["accuracy"] == evals[0]["accuracy"]
     assert metrics["best"]["step"] > 0  # "before" is reported, never selected
-    assert "| metric | before training | fine-tuned (best) |" in run.card_file.read_text()
+    assert "| metric | before training (eval) | selected (eval) | last (eval) |" in run.card_file.read_text()
 
 
 def test_evaluating_never_changes_what_training_does(make_recipe, tmp_path):

@@ -379,11 +379,12 @@ def trained(tmp_path_factory, tiny_llama):
 
     folder = tmp_path_factory.mktemp("gen-run")
     data = write_jsonl(folder / "train.jsonl", to_messages(make_qa_rows(96)))
+    test = write_jsonl(folder / "test.jsonl", to_messages(make_qa_rows(12, seed=5)))
     recipe = folder / "recipe.toml"
     recipe.write_text(tomli_w.dumps({
         "task": {"name": "causal-lm", "sample_prompts": 3, "sample_max_new_tokens": 8, "max_new_tokens": 8},
         "model": {"backbone": str(tiny_llama)},
-        "data": {"train": str(data), "split": 0.25, "max_length": 48},
+        "data": {"train": str(data), "test": str(test), "split": 0.25, "max_length": 48},
         "peft": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "train": {"epochs": 4, "batch_size": 8, "learning_rate": 3e-2, "mixed_precision": "no",
                   "checkpoint_every_steps": 0, "seed": 0, "warmup_ratio": 0.0},
@@ -399,6 +400,10 @@ def test_run_reports_before_after_loss_perplexity_and_samples(trained):
     assert before["step"] == 0 and before["eval_loss"] > best["eval_loss"] + 0.1
     assert before["perplexity"] == pytest.approx(2.718281828 ** before["eval_loss"], rel=1e-6)
     assert metrics["baseline"] == {}  # no task-specific baseline: "before" is the untouched model
+    test = metrics["test"]  # the test file, scored once with the selected adapter
+    assert metrics["data"]["test_examples"] == 12 and test["step"] == best["step"]
+    assert test["perplexity"] == pytest.approx(2.718281828 ** test["eval_loss"], rel=1e-6)
+    assert test["eval_loss"] < before["eval_loss"]
     assert metrics["data"]["shape"] == "messages" and metrics["data"]["train_truncated"] == 0
     samples = sorted(p.name for p in (run.path / "samples").iterdir())
     evals = [r["step"] for r in run.read_metrics_log() if r["kind"] == "eval"]

@@ -69,7 +69,7 @@ def test_error_rates():
 def test_audio_classification_whisper_folder_train_predict(tiny_whisper, tones, tmp_path):
     recipe = write_recipe(tmp_path / "r.toml", task={"name": "audio-classification"},
                           model={"backbone": str(tiny_whisper)},
-                          data={"train": str(tones), "split": 0.25, "max_seconds": 2.0},
+                          data={"train": str(tones), "test": str(tones), "split": 0.25, "max_seconds": 2.0},
                           output={"dir": str(tmp_path / "run")}, train={"epochs": 5, "batch_size": 6})
     info = dry_run(recipe, [], Console(quiet=True))
     assert info["data"]["labels"] == ["high", "low"]
@@ -83,6 +83,7 @@ def test_audio_classification_whisper_folder_train_predict(tiny_whisper, tones, 
     metrics = json.loads((run.path / "metrics.json").read_text())
     assert metrics["best"]["accuracy"] >= 0.8, metrics["best"]
     assert metrics["baseline"]["accuracy"] >= 0.9
+    assert metrics["data"]["test_examples"] == 24 and metrics["test"]["accuracy"] >= 0.8  # a folder as data.test
     task, model, processor, _ = load_run(run.path)
     records = task.read_predict_input(tones / "low")
     assert len(records) == 12
@@ -136,14 +137,16 @@ def test_speech_recognition_tiny_whisper(tiny_whisper, tmp_path):
     manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     recipe = write_recipe(tmp_path / "r.toml",
                           task={"name": "speech-recognition", "whisper_input": "clip", "max_new_tokens": 6},
-                          model={"backbone": str(tiny_whisper)}, data={"train": str(manifest), "split": 0.25},
+                          model={"backbone": str(tiny_whisper)},
+                          data={"train": str(manifest), "split": 0.25, "test_split": 0.25},
                           output={"dir": str(tmp_path / "run")}, train={"epochs": 1})
     run = run_recipe(recipe, [], console=Console(quiet=True))
     metrics = json.loads((run.path / "metrics.json").read_text())
     assert set(metrics["best"]) >= {"wer", "cer", "eval_loss"}
     assert metrics["selection_mode"] == "min"
     assert "wer" in metrics["baseline"]
-    assert len(metrics["best_details"]["samples"]) == 4
+    assert len(metrics["best_details"]["samples"]) == 3  # 16 clips: 4 held out for test, then 3 of 12 for eval
+    assert metrics["data"]["test_examples"] == 4 and set(metrics["test"]) >= {"wer", "cer"}
     task, model, processor, _ = load_run(run.path)
     rows = task.predict(model, processor, task.read_predict_input(tmp_path / "c0.wav"))
     assert len(rows) == 1 and isinstance(rows[0]["text"], str)

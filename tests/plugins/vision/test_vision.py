@@ -31,12 +31,14 @@ def _eval_batch(task, processor, splits):
 def timm_run(tmp_path_factory, tiny_timm_cnn):
     folder = tmp_path_factory.mktemp("timm-run")
     write_colour_images(folder / "images")
+    write_colour_images(folder / "test-images", per_class=4, seed=3)
     import tomli_w
 
     recipe = folder / "recipe.toml"
     recipe.write_text(tomli_w.dumps({
         "task": {"name": "image-classification"}, "model": {"backbone": str(tiny_timm_cnn)},
-        "data": {"train": str(folder / "images"), "split": 0.25, "image_size": 32},
+        "data": {"train": str(folder / "images"), "test": str(folder / "test-images"), "split": 0.25,
+                 "image_size": 32},
         "peft": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"epochs": 3, "batch_size": 8, "learning_rate": 2e-2, "mixed_precision": "no", "seed": 0},
         "output": {"dir": str(folder / "run")}}))
@@ -50,6 +52,9 @@ def test_timm_lora_run_writes_metrics_confusion_matrix_and_card(timm_run):
     assert {"accuracy", "top_k_accuracy", "macro_f1", "eval_loss"} <= set(best)
     assert best["accuracy"] > 0.6  # 3 colour classes: chance is 0.33
     assert best["top_k_accuracy"] == 1.0  # k = min(5, 3 classes)
+    # the test folder: scored once with the selected adapter, never selected on
+    assert metrics["data"]["test_examples"] == 12 and metrics["test"]["step"] == best["step"]
+    assert metrics["test"]["accuracy"] > 0.6 and "macro_f1" in metrics["test"]
     cm = metrics["best_details"]["confusion_matrix"]
     assert len(cm) == 3 and sum(map(sum, cm)) == metrics["data"]["eval_examples"]
     assert (run.path / "confusion_matrix.png").stat().st_size > 1000

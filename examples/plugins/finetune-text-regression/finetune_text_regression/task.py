@@ -60,6 +60,10 @@ class TextRegressionTask(Task):
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
         train = self._read(data.train, "data.train")
+        test = None
+        if data.test_split:  # the test rows first: they never depend on the eval settings
+            train, test = split_frame(train, data.test_split, self.recipe.train.seed, group=data.group_column,
+                                      key="data.test_split")
         if data.limit:  # at most this many training rows (quick tries), the same ones for a given seed
             train = train.sample(n=min(data.limit, len(train)), random_state=self.recipe.train.seed)
         if data.eval:
@@ -71,8 +75,17 @@ class TextRegressionTask(Task):
         mean, std = float(train[data.target_column].mean()), float(train[data.target_column].std())
         self.state = {"mean": mean, "std": std if self.recipe.task.normalize_target else 1.0,
                       "center": mean if self.recipe.task.normalize_target else 0.0}
-        return DataSplits(train=train, eval=eval_, info={"train_examples": len(train), "eval_examples": len(eval_),
-                                                         "target_mean": round(mean, 4), "target_std": round(std, 4)})
+        if data.test:  # scored once after training with the selected adapter; never selects
+            test = self.read_examples(data.test, "data.test")
+        info = {"train_examples": len(train), "eval_examples": len(eval_), "target_mean": round(mean, 4),
+                "target_std": round(std, 4)}
+        if test is not None:
+            info["test_examples"] = len(test)
+        return DataSplits(train=train, eval=eval_, info=info, test=test)
+
+    def read_examples(self, path: Any, key: str) -> Any:
+        """A labelled file (data.test, `finetune evaluate --input`) with the text and target columns."""
+        return self._read(str(path), key)
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
         data = self.recipe.data
