@@ -140,8 +140,8 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     changed = data_changes(fingerprints, data_fingerprints(recipe.data))
     if changed:  # the data was read at the start, so the model is consistent with run.json's record
         run.update_info(data_changed_during_run=changed)
-        console.print("warning: data files changed while the run was training (it used the content read at "
-                      "the start, fingerprinted in run.json):\n  " + "\n  ".join(changed))
+        console.summary("warning: data files changed while the run was training (it used the content read at "
+                        "the start, fingerprinted in run.json):\n  " + "\n  ".join(changed))
     plot_curves(run.read_metrics_log(), run.curves_file, result.metric)
     task.finalize_run(run.path, metrics)  # may add entries to metrics
     write_json_atomic(run.metrics_file, metrics)
@@ -162,7 +162,7 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
         except HubError as exc:
             raise HubError(f"the run finished, but pushing it failed: {exc} Retry with: finetune push {run.path} "
                            f"--repo-id {recipe.hub.repo_id}") from None
-        console.print(f"pushed to {result['repo_id']} (commit {result['commit'][:8]})")
+        console.summary(f"pushed to {result['repo_id']} (commit {result['commit'][:8]})")
     return run
 
 
@@ -204,17 +204,17 @@ def _scalars(d: dict[str, Any]) -> dict[str, Any]:
 
 def _print_summary(console: Console, run: RunDir, metrics: dict[str, Any]) -> None:
     best = metrics["best"]
-    console.print("")
-    console.print(f"finished in {metrics['train']['wall_time_s']:.1f} s "
-                  f"({metrics['train']['samples_per_s']} samples/s training)")
+    console.print("")  # apart from the progress above (with --quiet there is none)
+    console.summary(f"finished in {metrics['train']['wall_time_s']:.1f} s "
+                    f"({metrics['train']['samples_per_s']} samples/s training)")
     shown = _shown(best)
-    console.print(f"best ({metrics['selection_metric']}) at step {best.get('step')}: {shown}")
+    console.summary(f"best ({metrics['selection_metric']}) at step {best.get('step')}: {shown}")
     if metrics.get("before"):
-        console.print(f"before training (step 0): {_shown(metrics['before'])}")
+        console.summary(f"before training (step 0): {_shown(metrics['before'])}")
     if metrics["baseline"]:
         base = ", ".join(f"{k}={v:.4f}" for k, v in metrics["baseline"].items() if isinstance(v, float))
-        console.print(f"baseline ({metrics['baseline'].get('name')}): {base}")
-    console.print(f"run folder: {run.path} (adapter/, metrics.json, curves.png, README.md)")
+        console.summary(f"baseline ({metrics['baseline'].get('name')}): {base}")
+    console.summary(f"run folder: {run.path} (adapter/, metrics.json, curves.png, README.md)")
 
 
 def _shown(values: dict[str, Any]) -> str:
