@@ -21,16 +21,33 @@ from finetune.run.adapter import adapter_writer, expected_adapter_tensors
 from finetune.run.card import render_model_card
 from finetune.run.curves import plot_curves
 from finetune.run.data_files import data_changes, data_fingerprints
-from finetune.run.session import build_model, check_train_settings, open_session, speed_settings
+from finetune.run.session import Session, build_model, check_train_settings, open_session, speed_settings
 
 
 def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = False, overwrite: bool = False,
                console: Console | None = None) -> RunDir:
     console = console or Console()
-    started = time.perf_counter()
+    started, began = time.perf_counter(), time.time()
     session = open_session(recipe_path, overrides, announce=console.print)
-    recipe, task = session.recipe, session.task
     check_train_settings(session)
+    recipe = session.recipe
+    run = RunDir(recipe.output.dir)
+    # What the run folder allows is known without the model: refuse now rather than after loading the
+    # backbone (which can take a minute). Reads only, in every process.
+    fingerprints = data_fingerprints(recipe.data)
+    run.decide(recipe.to_dict(), overwrite, resume, ignore_locks_since=began)
+    if not overwrite:
+        check_data_unchanged(run, fingerprints)
+    try:
+        return _train(session, run, fingerprints, resume=resume, overwrite=overwrite, console=console,
+                      started=started)
+    finally:
+        run.unlock()  # held by the main process while it changes and trains in the folder
+
+
+def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resume: bool, overwrite: bool,
+           console: Console, started: float) -> RunDir:
+    recipe, task = session.recipe, session.task
     # Build everything that can fail on user input before the run folder is touched.
     t0 = time.perf_counter()
     model, processor, report = build_model(session)
@@ -39,17 +56,16 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     eval_ds = task.build_dataset(session.splits.eval, processor, training=False)
     collate = task.collate_fn(processor)
     speed = speed_settings(task, recipe, train_ds, report)
-    run = RunDir(recipe.output.dir)
     accelerator = make_accelerator(recipe, run.path)
     main = accelerator.is_main_process
     if not main:
         console = Console(enabled=False)  # one progress display, one summary
-    # Only the main process touches the run folder; the others learn its decision.
+    # Only the main process touches the run folder, under its lock, deciding again (the folder may have
+    # changed while the model loaded); the others learn its decision.
     outcome: list[Any] = [None]
-    fingerprints: dict[str, Any] = {}
     if main:
         try:
-            fingerprints = data_fingerprints(recipe.data)
+            run.lock()
             if not overwrite:
                 check_data_unchanged(run, fingerprints)
             outcome[0] = ("ok", run.prepare(recipe.to_dict(), recipe.to_toml(), overwrite=overwrite, resume=resume))
