@@ -21,7 +21,9 @@ A recipe is a TOML file. `finetune validate recipe.toml` prints it fully resolve
 (every default filled in); `--set SECTION.KEY=VALUE` overrides any key from the
 command line (the value parses as a TOML literal, else as a string). Unknown
 sections and keys are errors with a "did you mean" hint. Relative paths resolve
-against the recipe file's folder.
+against the recipe file's folder, not the current directory: data files and
+`output.dir` alike (the recipes in `recipes/` write to `runs/<name>` with
+`dir = "../runs/<name>"`).
 
 Generated from the code by `python -m finetune.reference recipes`; do not edit by hand.
 """

@@ -208,7 +208,9 @@ class DistributedSection(Section):
 
 
 class OutputSection(Section):
-    dir: PathStr = Field("", description="Run folder; default runs/<recipe name> beside the recipe.")
+    dir: PathStr = Field("", description="Run folder. A relative path resolves against the recipe file's folder, "
+                         "like every path in a recipe (also when given with --set): recipes/x.toml with "
+                         "dir = \"../runs/x\" writes runs/x. Default: runs/<recipe name> beside the recipe.")
 
 
 class HubSection(Section):

@@ -8,13 +8,22 @@ from typing import Any
 
 
 class Console:
+    """``quiet`` (``finetune run -q``): only the final summary (and errors, which the CLI prints);
+    ``enabled=False``: nothing at all (the other processes of a multi-process run)."""
+
     def __init__(self, quiet: bool = False, enabled: bool = True) -> None:
         self.quiet = quiet
         self.enabled = enabled
         self.is_tty = sys.stdout.isatty()
 
     def print(self, message: str = "") -> None:
+        """Set-up and progress chatter: not shown with ``quiet``."""
         if self.enabled and not self.quiet:
+            print(message, flush=True)
+
+    def summary(self, message: str = "") -> None:
+        """What a run comes to (the final summary, warnings about its result): shown with ``quiet`` too."""
+        if self.enabled:
             print(message, flush=True)
 
     def progress(self, total: int, completed: int = 0) -> Progress:

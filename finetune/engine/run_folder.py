@@ -11,6 +11,7 @@ Layout::
       metrics.json     final metrics (written only when the run finishes)
       curves.png       loss and metric curves
       README.md        the model card (written only when the run finishes)
+      .lock            while a run trains here: its lock (finetune.engine.run_lock)
 
 A folder is "finished" only when run.json says so; metrics.json and README.md
 appear last, so a folder that looks complete is complete.
@@ -30,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from finetune.contract.recipe import CORE_SECTIONS
+from finetune.engine.run_lock import LOCK_FILE, RunLock, holder_now, in_use_error
 from finetune.errors import RunError
 
 RUN_FILE = "run.json"
@@ -129,6 +131,7 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._lock: RunLock | None = None
 
     # -- well-known paths ---------------------------------------------
     @property
@@ -211,49 +214,82 @@ class RunDir:
             raise RunError(f"{self.recipe_file}: cannot read the run's recipe ({exc}).") from None
 
     # -- creation / reuse ---------------------------------------------
-    def prepare(self, recipe_dict: dict[str, Any], recipe_toml: str, overwrite: bool, resume: bool) -> bool:
-        """Create the folder, or decide to resume it. Returns True when resuming.
+    def decide(self, recipe_dict: dict[str, Any], overwrite: bool, resume: bool, *,
+               ignore_locks_since: float | None = None) -> str:
+        """What a run with this recipe and these flags may do with the folder: ``"start"`` (absent or empty),
+        ``"overwrite"`` or ``"resume"``; a RunError saying why not otherwise. Reads only, so it runs before
+        the backbone loads, in every process; :meth:`prepare` decides again under the lock.
 
+        * a file, or a folder another process trains in (:mod:`~finetune.engine.run_lock`): refused;
+        * a non-empty folder that is not a run folder: always refused (we never delete what we did not write);
         * empty / absent folder: start (``resume=True`` is an error: nothing to resume);
-        * finished run: refuse unless ``overwrite``;
-        * unfinished run, same recipe: resume; different recipe: refuse, listing the differences;
-        * a non-empty folder that is not a run folder: always refused (we never delete what we did not write).
-        """
+        * a run, with ``overwrite``: start over; a finished run without it: refused;
+        * unfinished run, same recipe (or only :data:`SAFE_RESUME_CHANGES`): resume; different: refused,
+          listing the differences.
+
+        ``ignore_locks_since``: a lock taken after this time is left to :meth:`prepare`'s decision (in a
+        multi-process run it may be this run's own main process)."""
+        if resume and overwrite:
+            raise RunError("--resume and --overwrite together: --overwrite starts the run over, --resume continues "
+                           "it; pass one of them.")
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"output.dir: {self.path} is a file; choose a folder path for the run.")
-        exists = self.path.exists() and any(self.path.iterdir())
+        holder = holder_now(self.path, locked_before=ignore_locks_since)
+        if holder is not None:
+            raise in_use_error(self.path, holder)
+        exists = self.path.exists() and any(p.name != LOCK_FILE for p in self.path.iterdir())
         if exists and not self.run_file.exists():
             raise RunError(f"output.dir: {self.path} exists and is not a finetune run folder; "
                            "choose another output.dir (nothing was changed).")
-        if exists and overwrite:
-            self._wipe()
-            exists = False
         if not exists:
             if resume:
                 raise RunError(f"--resume: there is no run to resume in {self.path}; drop --resume to start one.")
-            self._create(recipe_dict, recipe_toml)
-            return False
+            return "start"
+        if overwrite:
+            return "overwrite"
         if self.is_finished():
             raise RunError(f"output.dir: {self.path} holds a finished run; pass --overwrite to replace it, "
-                           "or set output.dir (e.g. --set output.dir=runs/new-name) to keep it.")
+                           "or choose another output.dir (e.g. --set output.dir=<new folder>; relative to the "
+                           "recipe's folder) to keep it.")
         diffs = recipe_differences(self.resolved_recipe(), recipe_dict)
-        if diffs and all(line.split(":", 1)[0] in SAFE_RESUME_CHANGES for line in diffs):
-            # e.g. more epochs: continue the same run under the new recipe, and record it
-            write_text_atomic(self.recipe_file, recipe_toml)
-            self.recover_after_kill()
-            self._drop_final_files()
-            self.update_info(status="running", resumed_at=time.time(),
-                             recipe_changes=self.info().get("recipe_changes", []) + diffs)
-            return True
-        if diffs:
+        if diffs and not all(line.split(":", 1)[0] in SAFE_RESUME_CHANGES for line in diffs):
             raise RunError(
                 f"output.dir: {self.path} holds an unfinished run with a different recipe, so it cannot be "
                 "resumed:\n  " + "\n  ".join(diffs) +
                 "\nRestore the old values to resume it, pass --overwrite to start over, or choose another "
                 f"output.dir. Keys that may change on resume: {', '.join(sorted(SAFE_RESUME_CHANGES))}.")
+        return "resume"
+
+    def lock(self) -> None:
+        """Take the folder for this process (creating it) before anything in it changes; a RunError naming
+        the other process when one trains in it. Only the main process of a run locks; :meth:`unlock` (or
+        the process's end, however it ends) releases it."""
+        if self._lock is None:
+            self._lock = RunLock(self.path)
+        self._lock.acquire()
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def prepare(self, recipe_dict: dict[str, Any], recipe_toml: str, overwrite: bool, resume: bool) -> bool:
+        """Under the lock (:meth:`lock`): decide again (the folder may have changed since :meth:`decide`),
+        then create, wipe or reopen the folder. Returns True when resuming."""
+        if self._lock is None or not self._lock.held:
+            raise RuntimeError("RunDir.prepare() needs the folder's lock: call lock() first")
+        action = self.decide(recipe_dict, overwrite, resume)
+        if action == "overwrite":
+            self._wipe()
+        if action in ("start", "overwrite"):
+            self._create(recipe_dict, recipe_toml)
+            return False
+        diffs = recipe_differences(self.resolved_recipe(), recipe_dict)
+        if diffs:  # only safe keys (decide() refused the others), e.g. more epochs: continue under the new recipe
+            write_text_atomic(self.recipe_file, recipe_toml)
         self.recover_after_kill()
         self._drop_final_files()
-        self.update_info(status="running", resumed_at=time.time())
+        changes = {"recipe_changes": self.info().get("recipe_changes", []) + diffs} if diffs else {}
+        self.update_info(status="running", resumed_at=time.time(), **changes)
         return True
 
     def recover_after_kill(self) -> None:
@@ -286,10 +322,17 @@ class RunDir:
                            "choose a writable output.dir with free space.") from None
 
     def _wipe(self) -> None:
-        # Only what a run writes; anything else makes prepare() refuse before we get here.
+        # Only what a run writes; anything else makes decide() refuse before we get here. The folder moves
+        # away whole (a kill mid-wipe leaves no half-deleted run), its lock file with it: lock the new one.
         trash = self.path.with_name(f".{self.path.name}.overwritten-{os.getpid()}")
         os.replace(self.path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        old_lock, self._lock = self._lock, RunLock(self.path)
+        try:
+            self._lock.acquire()
+        finally:
+            if old_lock is not None:
+                old_lock.release()
+            shutil.rmtree(trash, ignore_errors=True)
 
     # -- checkpoints ---------------------------------------------------
     def checkpoints(self) -> list[Path]:

@@ -65,5 +65,5 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> 
     console.print("one collated batch:")
     for key, value in info["batch"].items():
         console.print(f"  {key}: {value}")
-    console.print("recipe is valid; nothing was trained or written.")
+    console.summary("recipe is valid; nothing was trained or written.")
     return info

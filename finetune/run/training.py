@@ -21,16 +21,33 @@ from finetune.run.adapter import adapter_writer, best_adapter_loader, expected_a
 from finetune.run.card import render_model_card
 from finetune.run.curves import plot_curves
 from finetune.run.data_files import data_changes, data_fingerprints
-from finetune.run.session import build_model, check_train_settings, open_session, speed_settings
+from finetune.run.session import Session, build_model, check_train_settings, open_session, speed_settings
 
 
 def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = False, overwrite: bool = False,
                console: Console | None = None) -> RunDir:
     console = console or Console()
-    started = time.perf_counter()
+    started, began = time.perf_counter(), time.time()
     session = open_session(recipe_path, overrides, announce=console.print)
-    recipe, task = session.recipe, session.task
     check_train_settings(session)
+    recipe = session.recipe
+    run = RunDir(recipe.output.dir)
+    # What the run folder allows is known without the model: refuse now rather than after loading the
+    # backbone (which can take a minute). Reads only, in every process.
+    fingerprints = data_fingerprints(recipe.data)
+    run.decide(recipe.to_dict(), overwrite, resume, ignore_locks_since=began)
+    if not overwrite:
+        check_data_unchanged(run, fingerprints)
+    try:
+        return _train(session, run, fingerprints, resume=resume, overwrite=overwrite, console=console,
+                      started=started)
+    finally:
+        run.unlock()  # held by the main process while it changes and trains in the folder
+
+
+def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resume: bool, overwrite: bool,
+           console: Console, started: float) -> RunDir:
+    recipe, task = session.recipe, session.task
     # Build everything that can fail on user input before the run folder is touched.
     t0 = time.perf_counter()
     model, processor, report = build_model(session)
@@ -41,17 +58,16 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     test_ds = None if test is None else task.build_dataset(test, processor, training=False)
     collate = task.collate_fn(processor)
     speed = speed_settings(task, recipe, train_ds, report)
-    run = RunDir(recipe.output.dir)
     accelerator = make_accelerator(recipe, run.path)
     main = accelerator.is_main_process
     if not main:
         console = Console(enabled=False)  # one progress display, one summary
-    # Only the main process touches the run folder; the others learn its decision.
+    # Only the main process touches the run folder, under its lock, deciding again (the folder may have
+    # changed while the model loaded); the others learn its decision.
     outcome: list[Any] = [None]
-    fingerprints: dict[str, Any] = {}
     if main:
         try:
-            fingerprints = data_fingerprints(recipe.data)
+            run.lock()
             if not overwrite:
                 check_data_unchanged(run, fingerprints)
             outcome[0] = ("ok", run.prepare(recipe.to_dict(), recipe.to_toml(), overwrite=overwrite, resume=resume))
@@ -145,8 +161,8 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     changed = data_changes(fingerprints, data_fingerprints(recipe.data))
     if changed:  # the data was read at the start, so the model is consistent with run.json's record
         run.update_info(data_changed_during_run=changed)
-        console.print("warning: data files changed while the run was training (it used the content read at "
-                      "the start, fingerprinted in run.json):\n  " + "\n  ".join(changed))
+        console.summary("warning: data files changed while the run was training (it used the content read at "
+                        "the start, fingerprinted in run.json):\n  " + "\n  ".join(changed))
     plot_curves(run.read_metrics_log(), run.curves_file, result.metric)
     task.finalize_run(run.path, metrics)  # may add entries to metrics
     write_json_atomic(run.metrics_file, metrics)
@@ -167,7 +183,7 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
         except HubError as exc:
             raise HubError(f"the run finished, but pushing it failed: {exc} Retry with: finetune push {run.path} "
                            f"--repo-id {recipe.hub.repo_id}") from None
-        console.print(f"pushed to {result['repo_id']} (commit {result['commit'][:8]})")
+        console.summary(f"pushed to {result['repo_id']} (commit {result['commit'][:8]})")
     return run
 
 
@@ -209,20 +225,20 @@ def _scalars(d: dict[str, Any]) -> dict[str, Any]:
 
 def _print_summary(console: Console, run: RunDir, metrics: dict[str, Any]) -> None:
     best = metrics["best"]
-    console.print("")
-    console.print(f"finished in {metrics['train']['wall_time_s']:.1f} s "
-                  f"({metrics['train']['samples_per_s']} samples/s training)")
+    console.print("")  # apart from the progress above (with --quiet there is none)
+    console.summary(f"finished in {metrics['train']['wall_time_s']:.1f} s "
+                    f"({metrics['train']['samples_per_s']} samples/s training)")
     shown = _shown(best)
-    console.print(f"best ({metrics['selection_metric']}) at step {best.get('step')}: {shown}  [eval split: "
-                  "selects the checkpoint, so optimistic]")
+    console.summary(f"best ({metrics['selection_metric']}) at step {best.get('step')}: {shown}  [eval split: "
+                    "selects the checkpoint, so optimistic]")
     if metrics.get("test"):
-        console.print(f"test (the selected adapter, scored once): {_shown(metrics['test'])}")
+        console.summary(f"test (the selected adapter, scored once): {_shown(metrics['test'])}")
     if metrics.get("before"):
-        console.print(f"before training (step 0): {_shown(metrics['before'])}")
+        console.summary(f"before training (step 0): {_shown(metrics['before'])}")
     if metrics["baseline"]:
         base = ", ".join(f"{k}={v:.4f}" for k, v in metrics["baseline"].items() if isinstance(v, float))
-        console.print(f"baseline ({metrics['baseline'].get('name')}): {base}")
-    console.print(f"run folder: {run.path} (adapter/, metrics.json, curves.png, README.md)")
+        console.summary(f"baseline ({metrics['baseline'].get('name')}): {base}")
+    console.summary(f"run folder: {run.path} (adapter/, metrics.json, curves.png, README.md)")
 
 
 def _shown(values: dict[str, Any]) -> str:

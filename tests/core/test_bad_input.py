@@ -314,6 +314,60 @@ def test_resume_without_a_run_is_an_error(make_recipe, tmp_path):
     assert list((tmp_path / "run").iterdir()) == []
 
 
+@pytest.mark.parametrize("case", ["file", "not a run", "finished", "nothing to resume", "other recipe",
+                                  "other data", "resume and overwrite"])
+def test_run_folder_refusals_come_before_the_backbone_loads(make_recipe, sentiment_csv, tmp_path, monkeypatch,
+                                                            case):
+    from finetune.errors import RunError
+    from finetune.run import training
+    from finetune.run.data_files import data_fingerprints
+
+    def no_model(session):
+        raise AssertionError("the backbone was loaded before the run folder was checked")
+
+    monkeypatch.setattr(training, "build_model", no_model)
+    recipe_path = make_recipe()
+    recipe = load_recipe(recipe_path)
+    out = tmp_path / "run"
+    flags = {}
+    if case == "file":
+        out.write_text("not a folder")
+        expected = f"output.dir: {out} is a file"
+    elif case == "not a run":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        expected = f"output.dir: {out} exists and is not a finetune run folder"
+    elif case == "finished":
+        fake_run(out, "finished", recipe.to_toml())
+        expected = f"output.dir: {out} holds a finished run; pass --overwrite"
+    elif case == "nothing to resume":
+        flags = {"resume": True}
+        expected = f"--resume: there is no run to resume in {out}"
+    elif case == "other recipe":
+        recipe.train.learning_rate = 0.5
+        fake_run(out, "running", recipe.to_toml())
+        expected = f"output.dir: {out} holds an unfinished run with a different recipe"
+    elif case == "other data":
+        fake_run(out, "interrupted", recipe.to_toml())
+        (out / "run.json").write_text(json.dumps({"status": "interrupted",
+                                                  "data_files": data_fingerprints(recipe.data)}))
+        write_csv(sentiment_csv, make_sentiment_rows(160, seed=1))
+        expected = f"output.dir: {out} holds an unfinished run that started on other data"
+    else:
+        fake_run(out, "running", recipe.to_toml())
+        flags = {"resume": True, "overwrite": True}
+        expected = "--resume and --overwrite together"
+    def state():
+        return out.read_text() if out.is_file() else snapshot(out)
+
+    before = state()
+    with pytest.raises(RunError) as info:
+        training.run_recipe(recipe_path, [], **flags)
+    assert str(info.value).startswith(expected), str(info.value)
+    assert state() == before
+    assert out.exists() == (case != "nothing to resume")
+
+
 def test_validate_never_writes_a_run_folder(make_recipe, sentiment_csv, tmp_path):
     recipe = make_recipe()
     sentiment_csv.write_text("")

@@ -18,6 +18,7 @@ from finetune import hookimpl
 from finetune.engine.console import Console
 from finetune.engine.plugins import get_registry
 from finetune.engine.run_folder import RunDir
+from finetune.engine.run_lock import LOCK_FILE
 from finetune.engine.stop import Interrupted
 from finetune.errors import RunError, TrainingError
 from finetune.run.training import run_recipe
@@ -147,13 +148,14 @@ def test_kill_9_mid_training_leaves_a_resumable_run(make_recipe, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert run.status == "running" and not run.is_finished()
+    assert json.loads((run.path / LOCK_FILE).read_text())["pid"] == proc.pid  # its record stays, its lock not
     step = json.loads((run.latest_checkpoint() / "loop_state.json").read_text())["global_step"]
     result = subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(recipe), "--resume",
                              "--set", "train.epochs=40"], cwd=str(REPO), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr
     assert f"Resuming from ckpt-{step:08d}" in result.stdout
-    assert run.is_finished()
+    assert run.is_finished() and not (run.path / LOCK_FILE).exists()
 
 
 def test_corrupt_checkpoint_is_named(make_recipe, tmp_path, callback_plugin):
@@ -296,8 +298,10 @@ def test_resume_repairs_what_a_kill_mid_replace_leaves(make_recipe, tmp_path, ca
     run.adapter_dir.rename(run.path / ".adapter.old-999")
     (run.path / ".adapter.tmp-998").mkdir()
     (run.path / ".run.json.tmp-997").write_text("{")
+    run.lock()
     run.prepare(json.loads(json.dumps(__import__("tomllib").loads(run.recipe_file.read_text()))),
                 run.recipe_file.read_text(), overwrite=False, resume=True)
+    run.unlock()
     assert (run.adapter_dir / "adapter_config.json").exists()
     assert not [p.name for p in run.path.glob(".*")]
 

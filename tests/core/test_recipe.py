@@ -109,6 +109,16 @@ def test_relative_paths_resolve_against_recipe_folder_not_cwd(tmp_path, monkeypa
     assert recipe.output.dir == str(base / "out" / "run1")
 
 
+def test_every_shipped_recipe_writes_its_run_under_the_repos_runs_folder(tmp_path, monkeypatch):
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)  # resolved against the recipe's folder, wherever it is run from
+    recipes = sorted((repo / "recipes").glob("*.toml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        out = Path(load_recipe(path).output.dir)
+        assert out.parent == repo / "runs" and out.name == path.stem, f"{path.name}: output.dir is {out}"
+
+
 def test_absolute_and_home_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     absolute = tmp_path / "abs" / "train.csv"
