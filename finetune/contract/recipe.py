@@ -232,8 +232,9 @@ class Recipe(BaseModel):
     output: OutputSection = Field(default_factory=OutputSection)
     hub: HubSection = Field(default_factory=HubSection)
 
-    # where the recipe came from (not part of the TOML)
+    # where the recipe came from, and which keys it set (not part of the TOML)
     _source: Path | None = None
+    _user_keys: frozenset[str] = frozenset()
 
     @property
     def source(self) -> Path | None:
@@ -243,6 +244,16 @@ class Recipe(BaseModel):
     @source.setter
     def source(self, path: Path | None) -> None:
         self._source = path
+
+    @property
+    def user_keys(self) -> frozenset[str]:
+        """The dotted keys the recipe file and its ``--set`` overrides gave (``"data.split"``,
+        ``"distributed.fsdp.cpu_offload"``); the other keys hold defaults or values the run resolved."""
+        return self._user_keys
+
+    @user_keys.setter
+    def user_keys(self, keys: frozenset[str]) -> None:
+        self._user_keys = frozenset(keys)
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe (defaults filled, paths absolute), ``None`` values dropped."""

@@ -19,8 +19,11 @@ def _fmt(value: Any) -> str:
 
 
 def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, Any], metrics: dict[str, Any],
-                      lora: dict[str, Any], plugins: list[dict[str, str]]) -> str:
-    """Markdown with Hub-style YAML front matter, from the run's facts."""
+                      lora: dict[str, Any], plugins: list[dict[str, str]], settings: dict[str, Any] | None = None,
+                      speed: list[str] | None = None) -> str:
+    """Markdown with Hub-style YAML front matter, from the run's facts. ``settings``: the recipe keys the
+    Training section shows (the ones set and the ones that matter, :mod:`finetune.run.recipe_view`; default:
+    the whole recipe); ``speed``: the run's speed settings, one sentence each."""
     import tomli_w
     import yaml
 
@@ -89,11 +92,23 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
               f"- wall time: {_fmt(metrics.get('train', {}).get('wall_time_s'))} s; mixed precision: "
               f"{metrics.get('train', {}).get('mixed_precision')}",
               f"- plugins: {', '.join(p['name'] + ' ' + p['version'] for p in plugins)}",
-              "", "Recipe:", "", "```toml", tomli_w.dumps(recipe).strip(), "```", "",
+              *_speed_line(speed),
+              "", "Settings (the ones the recipe sets and the ones that matter for this run; the run folder's "
+              "recipe.toml has every key):" if settings is not None else "Recipe:", "",
+              "```toml", tomli_w.dumps(recipe if settings is None else settings).strip(), "```", "",
               "## Usage", "", "```python", *task_usage_snippet(task, upstream or backbone.get("path")), "```", "",
               "## Limitations", "",
               "Trained on a small dataset; check the metrics above on data like yours before relying on it.", ""]
     return "\n".join(front + lines)
+
+
+def _speed_line(speed: list[str] | None) -> list[str]:
+    """The speed settings in effect, by name (each note starts with its recipe key), in one line."""
+    if not speed:
+        return []
+    names = ", ".join("`" + note.split(":", 1)[0] + "`" for note in speed)
+    return [f"- speed settings: {names} (faster; results may differ slightly from plain training; run.json says "
+            "how each works)"]
 
 
 def task_usage_snippet(task: Any, base: str) -> list[str]:

@@ -21,6 +21,7 @@ from finetune.run.adapter import adapter_writer, expected_adapter_tensors
 from finetune.run.card import render_model_card
 from finetune.run.curves import plot_curves
 from finetune.run.data_files import data_changes, data_fingerprints
+from finetune.run.recipe_view import recipe_view
 from finetune.run.session import build_model, check_train_settings, open_session, speed_settings
 
 
@@ -150,7 +151,7 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
                                                     "modules_to_save": report.modules_to_save,
                                                     "trainable_params": report.trainable_params,
                                                     "total_params": report.total_params},
-                             plugins=plugins)
+                             plugins=plugins, settings=recipe_view(recipe)[0], speed=speed)
     write_text_atomic(run.card_file, card)
     run.update_info(status="finished", finished_at=time.time())
     _print_summary(console, run, metrics)

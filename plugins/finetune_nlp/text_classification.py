@@ -202,13 +202,13 @@ class TextClassification(Task):
     def speed_notes(self) -> list[str]:
         notes = []
         if getattr(self, "_last_layer_shortened", False):
-            notes.append("task.last_layer_cls_only: the last layer computes the first token only, the one the "
-                         "classifier reads (same function; its dropout draws fewer masks, so masks differ; set it "
-                         "to false to compute every token)")
+            notes.append("task.last_layer_cls_only: the last layer computes only the first token, the one the "
+                         "classifier reads: faster; results equal within rounding, except that dropout there draws "
+                         "other random values (set it to false to compute every token)")
         if self.recipe.task.cache_frozen_layers:
-            notes.append("task.cache_frozen_layers: the frozen layers below peft.layers run once per example, in "
-                         "eval mode (no dropout there): faster, results differ slightly from training without the "
-                         "cache")
+            notes.append("task.cache_frozen_layers: the frozen layers below peft.layers run once per example and "
+                         "their output is reused every epoch, with no dropout there: much faster; results differ "
+                         "slightly from training without the cache (set it to false to run every layer every time)")
         return notes
 
     def _prefix(self, model: Any) -> FrozenPrefixCache | None:

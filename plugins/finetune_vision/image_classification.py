@@ -281,8 +281,8 @@ class ImageClassification(Task):
     def speed_notes(self) -> list[str]:
         if not self._folds_batchnorm():
             return []
-        return ["task.fold_batchnorm: each frozen BatchNorm that follows a convolution is computed folded into it "
-                "(the same function; float rounding differs; set it to false to compute them separately)"]
+        return ["task.fold_batchnorm: each frozen batch normalisation is merged into the convolution before it: "
+                "faster; results equal within rounding (set it to false to compute them separately)"]
 
     def _folds_batchnorm(self) -> bool:
         return self.recipe.task.fold_batchnorm and self.recipe.peft.method != "full"
