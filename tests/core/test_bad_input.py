@@ -116,8 +116,8 @@ def test_tsv_read_as_csv_hints_at_format(make_recipe, sentiment_csv, tmp_path):
 def test_tsv_with_commas_in_a_csv_file_suggests_the_tsv_format(make_recipe, sentiment_csv, tmp_path):
     recipe = make_recipe()
     write_rows(sentiment_csv, "text\tlabel", "good day\tpos", "good, very good\tpos", "bad day\tneg")
-    stderr = assert_user_error(run_cli("validate", str(recipe)), f"data.train: cannot read {sentiment_csv} as csv", "line 3",
-                               "first line splits cleanly on tabs (columns 'text', 'label')",
+    stderr = assert_user_error(run_cli("validate", str(recipe)), f"data.train: cannot read {sentiment_csv} as csv",
+                               "line 3", "first line splits cleanly on tabs (columns 'text', 'label')",
                                "read as comma-separated (csv)", 'Set data.format = "tsv"')
     assert "quote" not in stderr  # the old hint, wrong for this file
     fixed = run_cli("validate", str(recipe), "--set", 'data.format="tsv"')
