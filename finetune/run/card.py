@@ -63,8 +63,7 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
     front = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
     lines = [f"# {run_name}", "",
              f"{_WHAT.get(method, 'A fine-tune')} of `{upstream or backbone.get('name')}` for **{task.name}**, "
-             "trained with "
-             "[finetune](https://pypi.org/project/finetune/).", "",
+             f"trained with {_finetune_link()}.", "",
              "## Results", "", "| metric | before training | fine-tuned (best) | last | baseline |",
              "|---|---|---|---|---|"]
     last, before = metrics.get("last", {}), metrics.get("before", {})
@@ -109,6 +108,66 @@ def _speed_line(speed: list[str] | None) -> list[str]:
     names = ", ".join("`" + note.split(":", 1)[0] + "`" for note in speed)
     return [f"- speed settings: {names} (faster; results may differ slightly from plain training; run.json says "
             "how each works)"]
+
+
+#: Overrides the project page the card links "finetune" to (an http(s) URL); see :func:`project_url`.
+PROJECT_URL_ENV = "FINETUNE_PROJECT_URL"
+
+
+def _finetune_link() -> str:
+    url = project_url()
+    return f"[finetune]({url})" if url else "finetune"
+
+
+def project_url() -> str | None:
+    """The page of this project: ``FINETUNE_PROJECT_URL`` when set (it must be a clean http(s) URL: checked
+    before training, :func:`check_project_url`), else a Homepage/Repository/Source Project-URL of the
+    installed ``finetune`` distribution when it is this project's (it has the ``finetune`` command), else
+    None: the card then names finetune without a link. Never a guessed page: pypi.org/project/finetune
+    belongs to an unrelated library of the same name."""
+    import os
+
+    override = os.environ.get(PROJECT_URL_ENV, "").strip()
+    if override:
+        return override if _clean_url(override) else None
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("finetune")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not any(ep.group == "console_scripts" and ep.value.startswith("finetune.cli") for ep in dist.entry_points):
+        return None  # another distribution named finetune
+    for entry in dist.metadata.get_all("Project-URL") or []:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in ("homepage", "repository", "source", "source code") and _clean_url(url.strip()):
+            return url.strip()
+    return None
+
+
+def check_project_url() -> None:
+    """Refuse an unusable ``FINETUNE_PROJECT_URL`` before a run starts rather than drop it from the card."""
+    import os
+
+    from finetune.errors import RecipeError
+
+    value = os.environ.get(PROJECT_URL_ENV, "").strip()
+    if value and not _clean_url(value):
+        raise RecipeError(f"{PROJECT_URL_ENV}: {value!r} is not a plain http(s) URL (the model card links "
+                          "'finetune' to it); set it to e.g. https://example.com/you/finetune, or unset it.")
+
+
+def _clean_url(url: str) -> bool:
+    """An http(s) URL with a host and nothing that would break a Markdown link, and not PyPI's page of the
+    unrelated library called finetune."""
+    from urllib.parse import urlsplit
+
+    if not url.isprintable() or any(c in url for c in ' <>()[]"\'\\`'):
+        return False
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    return not (parts.hostname.endswith("pypi.org") and parts.path.rstrip("/").lower() == "/project/finetune")
 
 
 def task_usage_snippet(task: Any, base: str) -> list[str]:

@@ -88,6 +88,9 @@ def check_train_settings(session: Session) -> None:
         except ImportError:
             raise RecipeError("train.tensorboard = true needs TensorBoard, which is not installed: "
                               "pip install 'finetune[tensorboard]' (or set it to false).") from None
+    from finetune.run.card import check_project_url
+
+    check_project_url()
     hub = session.recipe.hub
     if hub.push:
         from finetune.run.hub import HUB_ID

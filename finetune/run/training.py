@@ -97,7 +97,8 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
                             resume_from=resume_from,
                             callbacks=session.registry.callbacks(),
                             save_adapter=adapter_writer(run, task, processor, recipe.peft.method,
-                                                          expected_adapter_tensors(model, recipe.peft.method)),
+                                                        expected_adapter_tensors(model, recipe.peft.method),
+                                                        base_model=session.backbone.upstream_id),
                             console=console)
         # Every process is here: leave together. Trackers are closed, and the process group is taken down
         # now rather than at interpreter exit, where gloo sometimes aborts a process that finished first.
