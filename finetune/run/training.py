@@ -144,7 +144,8 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
         run.update_info(data_changed_during_run=changed)
         console.print("warning: data files changed while the run was training (it used the content read at "
                       "the start, fingerprinted in run.json):\n  " + "\n  ".join(changed))
-    plot_curves(run.read_metrics_log(), run.curves_file, result.metric)
+    plot_curves(run.read_metrics_log(), run.curves_file, result.metric, task_metrics=task.metric_names or (),
+                epochs_completed=state.epoch, best_step=state.best_step)
     task.finalize_run(run.path, metrics)  # may add entries to metrics
     write_json_atomic(run.metrics_file, metrics)
     card = render_model_card(recipe=recipe.to_dict(), task=task, backbone=session.backbone.to_dict(),
