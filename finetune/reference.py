@@ -53,10 +53,18 @@ def recipe_reference_markdown() -> str:
         lines += [f"## Task `{task_name}` ({registry.tasks[task_name].plugin} plugin)", "", task.description, ""]
         for section_name, cls, base in (("task", task.task_options, TaskOptions),
                                          ("data", task.data_options, DataOptions)):
-            extra = [r for r in describe_fields(cls) if r[0] not in base.model_fields]
-            if extra:
-                lines += [f"Extra keys in `[{section_name}]`:", ""] + _table(extra) + [""]
+            own = task_specific_fields(cls, base)
+            if own:
+                heading = f"Keys of `[{section_name}]` this task adds or gives its own meaning:"
+                lines += [heading, "", *_table(own), ""]
     return "\n".join(lines)
+
+
+def task_specific_fields(cls: type[BaseModel], base: type[BaseModel]) -> list[tuple[str, str, str, str]]:
+    """The rows of a task's option class that the core section's table does not already say: keys it adds,
+    and keys it redeclares with another description, type or default (``data.train``: an image folder)."""
+    core = {row[0]: row for row in describe_fields(base)}
+    return [row for row in describe_fields(cls) if core.get(row[0]) != row]
 
 
 def describe_fields(section: type[BaseModel]) -> list[tuple[str, str, str, str]]:

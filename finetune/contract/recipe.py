@@ -74,9 +74,12 @@ class DataOptions(Section):
     #: of source (a built-in data set, say) adds its key.
     source_keys: ClassVar[tuple[str, ...]] = ("train", "dataset")
 
-    train: PathStr | None = Field(None, description="Training file: .csv, .tsv, .jsonl, .json or .parquet (or give "
-                                  "`dataset` instead).")
-    eval: PathStr | None = Field(None, description="Evaluation file; if absent, `split` of train is held out.")
+    # A task whose train/eval take something else (a folder of images, a manifest of clips) redeclares them
+    # with its own description: docs/recipes.md shows each task's own.
+    train: PathStr | None = Field(None, description="Training data; each task's section says what it takes (for "
+                                  "most a table file: .csv, .tsv, .jsonl, .json or .parquet). Or give `dataset`.")
+    eval: PathStr | None = Field(None, description="Evaluation data, in the same form as `train`; if absent, "
+                                 "`split` of train is held out.")
     dataset: str | None = Field(
         None, description="A data set instead of `train`: a Hugging Face Hub name (owner/name; downloaded when "
         "online, else from the cache), a folder written by save_to_disk, or a local .parquet/.arrow/.csv/.jsonl "

@@ -17,6 +17,7 @@ from finetune import (
     DataError,
     DataOptions,
     DataSplits,
+    PathStr,
     RecipeError,
     Task,
     TaskOptions,
@@ -34,6 +35,10 @@ _HEAD_NAMES = ("classifier", "score", "pre_classifier", "pooler")
 
 
 class TextClassificationData(DataOptions):
+    train: PathStr | None = Field(None, description="Training table: a .csv, .tsv, .jsonl, .json or .parquet file "
+                                  "with `text_column` and `label_column` (or give `dataset`).")
+    eval: PathStr | None = Field(None, description="Evaluation table with the same columns; if absent, `split` of "
+                                 "train is held out (each label keeps its share; `group_column` keeps groups whole).")
     text_column: str = Field("text", description="Column holding the text.")
     text_pair_column: str | None = Field(None, description="Optional second text column (sentence pairs).")
     label_column: str = Field("label", description="Column holding the label (string or integer).")

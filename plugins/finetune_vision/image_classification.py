@@ -52,7 +52,7 @@ class ImageClassificationData(DataOptions):
 
     train: PathStr | None = Field(
         None, description="Image folder (one subfolder per class; or with train/ and val/ inside), or a "
-                          ".csv/.jsonl/.parquet table of image paths and labels. Not needed with `source`.")
+                          ".csv/.jsonl/.parquet table of image paths and labels. Or give `source` or `dataset`.")
     eval: PathStr | None = Field(None, description="Eval image folder or table; if absent, `split` of train is "
                                                    "held out (stratified by class).")
     source: Literal["sklearn-digits"] | None = Field(
