@@ -17,8 +17,9 @@ from finetune.contract.recipe import CORE_SECTIONS, DataOptions, Section, TaskOp
 
 INTRO = """# Recipe reference
 
-A recipe is a TOML file. `finetune validate recipe.toml` prints it fully resolved
-(every default filled in); `--set SECTION.KEY=VALUE` overrides any key from the
+A recipe is a TOML file. `finetune validate recipe.toml` prints the keys it sets and
+those that matter for the run (`--all`: every key, defaults filled in), and names keys
+that are set but not used; `--set SECTION.KEY=VALUE` overrides any key from the
 command line (the value parses as a TOML literal, else as a string). Unknown
 sections and keys are errors with a "did you mean" hint. Relative paths resolve
 against the recipe file's folder.
