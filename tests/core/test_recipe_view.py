@@ -46,8 +46,10 @@ def test_validate_shows_the_keys_set_and_what_matters_and_all_shows_every_key(ma
     every = shown_recipe(full.stdout)
     assert every["data"]["split"] == 0.2 and every["train"]["fast_dropout"] is True
     assert {"fsdp", "deepspeed"} <= set(every["distributed"]) and every["hub"]["push"] is False
-    dry = run_cli("run", str(recipe), "--dry-run", "--all")
-    assert dry.returncode == 0 and shown_recipe(dry.stdout) == every
+    dry = run_cli("run", str(recipe), "--dry-run", "--all", "--set", "data.split=0.3")
+    assert dry.returncode == 0, dry.stderr
+    assert shown_recipe(dry.stdout) == {**every, "data": {**every["data"], "split": 0.3}}
+    assert "not used:         data.split is not used: data.eval gives the evaluation data." in dry.stdout
     misplaced = run_cli("run", str(recipe), "--all")
     assert misplaced.returncode == 2 and "--all only changes what --dry-run shows" in misplaced.stderr
 
