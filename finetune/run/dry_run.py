@@ -70,7 +70,7 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console,
     for note in speed:
         console.print(f"speed setting:    {note}")
     for note in unused:
-        console.print(f"not used:         {note}")
+        console.print(f"note:             {note}")
     console.print("one collated batch:")
     for key, value in info["batch"].items():
         console.print(f"  {key}: {value}")

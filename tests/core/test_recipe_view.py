@@ -49,7 +49,7 @@ def test_validate_shows_the_keys_set_and_what_matters_and_all_shows_every_key(ma
     dry = run_cli("run", str(recipe), "--dry-run", "--all", "--set", "data.split=0.3")
     assert dry.returncode == 0, dry.stderr
     assert shown_recipe(dry.stdout) == {**every, "data": {**every["data"], "split": 0.3}}
-    assert "not used:         data.split is not used: data.eval gives the evaluation data." in dry.stdout
+    assert "note:             data.split is not used: data.eval gives the evaluation data." in dry.stdout
     misplaced = run_cli("run", str(recipe), "--all")
     assert misplaced.returncode == 2 and "--all only changes what --dry-run shows" in misplaced.stderr
 
