@@ -129,7 +129,7 @@ def project_url() -> str | None:
 
     override = os.environ.get(PROJECT_URL_ENV, "").strip()
     if override:
-        return override if _clean_url(override) else None
+        return override if _url_problem(override) is None else None
     import importlib.metadata
 
     try:
@@ -140,7 +140,8 @@ def project_url() -> str | None:
         return None  # another distribution named finetune
     for entry in dist.metadata.get_all("Project-URL") or []:
         label, _, url = entry.partition(",")
-        if label.strip().lower() in ("homepage", "repository", "source", "source code") and _clean_url(url.strip()):
+        if label.strip().lower() in ("homepage", "repository", "source", "source code") \
+                and _url_problem(url.strip()) is None:
             return url.strip()
     return None
 
@@ -152,22 +153,25 @@ def check_project_url() -> None:
     from finetune.errors import RecipeError
 
     value = os.environ.get(PROJECT_URL_ENV, "").strip()
-    if value and not _clean_url(value):
-        raise RecipeError(f"{PROJECT_URL_ENV}: {value!r} is not a plain http(s) URL (the model card links "
-                          "'finetune' to it); set it to e.g. https://example.com/you/finetune, or unset it.")
+    problem = _url_problem(value) if value else None
+    if problem:
+        raise RecipeError(f"{PROJECT_URL_ENV}: {value!r} {problem}; the model card links 'finetune' to it. Set it to "
+                          "this project's page, e.g. https://example.com/you/finetune, or unset it.")
 
 
-def _clean_url(url: str) -> bool:
-    """An http(s) URL with a host and nothing that would break a Markdown link, and not PyPI's page of the
-    unrelated library called finetune."""
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the card's link to this project, or None: it must be an http(s) URL with a host,
+    hold nothing that would break a Markdown link, and not be PyPI's page of the unrelated 'finetune'."""
     from urllib.parse import urlsplit
 
     if not url.isprintable() or any(c in url for c in ' <>()[]"\'\\`'):
-        return False
+        return "holds spaces, quotes, brackets or control characters"
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return False
-    return not (parts.hostname.endswith("pypi.org") and parts.path.rstrip("/").lower() == "/project/finetune")
+        return "is not an http(s) URL with a host"
+    if parts.hostname.endswith("pypi.org") and parts.path.rstrip("/").lower() == "/project/finetune":
+        return "is PyPI's page of an unrelated library that is also called finetune"
+    return None
 
 
 def task_usage_snippet(task: Any, base: str) -> list[str]:

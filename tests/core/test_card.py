@@ -64,5 +64,18 @@ def test_the_project_link_comes_from_a_clean_override_or_is_left_out(monkeypatch
 def test_an_unusable_project_url_is_refused_before_training(make_recipe, tmp_path):
     result = run_cli("run", str(make_recipe()), env={card_module.PROJECT_URL_ENV: "https://pypi.org/project/finetune"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "FINETUNE_PROJECT_URL: 'https://pypi.org/project/finetune' is not a plain http(s) URL" in result.stderr
+    assert "FINETUNE_PROJECT_URL: 'https://pypi.org/project/finetune' is PyPI's page of an unrelated library" \
+        in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_adapter_readme_of_a_private_backbone_names_no_base_model(tmp_path):
+    from finetune.run.adapter import name_base_model
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nbase_model: /home/me/models/bert\nlibrary_name: peft\ntags:\n"
+                    "- base_model:adapter:/home/me/models/bert\n- lora\n---\n\n# Model Card\n\nbody /x\n")
+    name_base_model(card, None)
+    assert parse_front_matter(card.read_text()) == {"library_name": "peft", "tags": ["lora"]}
+    assert card.read_text().endswith("---\n\n# Model Card\n\nbody /x\n")  # PEFT's body untouched
+    name_base_model(tmp_path / "missing.md", "acme/x")  # no README (PEFT did not write one): nothing to do
