@@ -17,8 +17,9 @@ from finetune.contract.recipe import CORE_SECTIONS, DataOptions, Section, TaskOp
 
 INTRO = """# Recipe reference
 
-A recipe is a TOML file. `finetune validate recipe.toml` prints it fully resolved
-(every default filled in); `--set SECTION.KEY=VALUE` overrides any key from the
+A recipe is a TOML file. `finetune validate recipe.toml` prints the keys it sets and
+those that matter for the run (`--all`: every key, defaults filled in), and names keys
+that are set but not used; `--set SECTION.KEY=VALUE` overrides any key from the
 command line (the value parses as a TOML literal, else as a string). Unknown
 sections and keys are errors with a "did you mean" hint. Relative paths resolve
 against the recipe file's folder, not the current directory: data files and
@@ -55,10 +56,18 @@ def recipe_reference_markdown() -> str:
         lines += [f"## Task `{task_name}` ({registry.tasks[task_name].plugin} plugin)", "", task.description, ""]
         for section_name, cls, base in (("task", task.task_options, TaskOptions),
                                          ("data", task.data_options, DataOptions)):
-            extra = [r for r in describe_fields(cls) if r[0] not in base.model_fields]
-            if extra:
-                lines += [f"Extra keys in `[{section_name}]`:", ""] + _table(extra) + [""]
+            own = task_specific_fields(cls, base)
+            if own:
+                heading = f"Keys of `[{section_name}]` this task adds or gives its own meaning:"
+                lines += [heading, "", *_table(own), ""]
     return "\n".join(lines)
+
+
+def task_specific_fields(cls: type[BaseModel], base: type[BaseModel]) -> list[tuple[str, str, str, str]]:
+    """The rows of a task's option class that the core section's table does not already say: keys it adds,
+    and keys it redeclares with another description, type or default (``data.train``: an image folder)."""
+    core = {row[0]: row for row in describe_fields(base)}
+    return [row for row in describe_fields(cls) if core.get(row[0]) != row]
 
 
 def describe_fields(section: type[BaseModel]) -> list[tuple[str, str, str, str]]:

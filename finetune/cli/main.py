@@ -90,6 +90,8 @@ _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VAL
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in output.dir (error if there is none).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished (or different) run in output.dir.")
 @click.option("--dry-run", is_flag=True, help="Validate and show one batch; do not train (same as `validate`).")
+@click.option("--all", "show_all", is_flag=True,
+              help="With --dry-run: show every recipe key, defaults included (as `validate --all`).")
 @click.option("-q", "--quiet", is_flag=True, help="Only print errors and the final summary.")
 @click.option("--num-processes", type=int, default=1, show_default=True,
               help="Data-parallel processes on this machine (launched through Accelerate).")
@@ -97,10 +99,13 @@ _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VAL
 @click.option("--machine-rank", type=int, default=0, show_default=True, help="This machine's rank.")
 @click.option("--main-process-ip", help="Address of the machine with rank 0 (several machines).")
 @click.option("--main-process-port", type=int, help="Port for the processes to meet on.")
-def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool, dry_run: bool, quiet: bool,
-        num_processes: int, num_machines: int, machine_rank: int, main_process_ip: str | None,
+def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool, dry_run: bool, show_all: bool,
+        quiet: bool, num_processes: int, num_machines: int, machine_rank: int, main_process_ip: str | None,
         main_process_port: int | None) -> None:
     """Train a LoRA adapter as RECIPE says and write the run folder."""
+    if show_all and not dry_run:
+        raise click.UsageError("--all only changes what --dry-run shows; use `finetune run RECIPE --dry-run --all` "
+                               "(or `finetune validate RECIPE --all`).")
     if (num_processes > 1 or num_machines > 1) and "WORLD_SIZE" not in os.environ and not dry_run:
         from finetune.cli.launch import launch
 
@@ -114,7 +119,7 @@ def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool,
     if dry_run:
         from finetune.run.dry_run import dry_run as do_dry_run
 
-        do_dry_run(recipe, list(overrides), console)
+        do_dry_run(recipe, list(overrides), console, everything=show_all)
         return
     from finetune.run.training import run_recipe
 
@@ -124,13 +129,17 @@ def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool,
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @_set_option
-def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
-    """Resolve RECIPE, load the backbone and data, and show one collated batch, without training."""
+@click.option("--all", "show_all", is_flag=True,
+              help="Show every recipe key, defaults and settings this run does not use included.")
+def validate(recipe: Path, overrides: tuple[str, ...], show_all: bool) -> None:
+    """Resolve RECIPE, load the backbone and data, and show one collated batch, without training.
+
+    The recipe is shown as the keys you set and the ones that matter for this run; --all shows every key."""
     quiet_libraries()
     from finetune.engine.console import Console
     from finetune.run.dry_run import dry_run
 
-    dry_run(recipe, list(overrides), Console())
+    dry_run(recipe, list(overrides), Console(), everything=show_all)
 
 
 @cli.command()

@@ -101,3 +101,16 @@ def finetune_resolve_backbone(name, trust_remote_code):
         (the true Hub id, used on model cards) and ``source`` (a human
         readable provenance string, recorded in the run folder).
     """
+
+
+@hookspec
+def finetune_offline_backbones():
+    """Name the backbones this plugin's ``finetune_resolve_backbone`` serves without the network.
+
+    Called only when a backbone cannot be resolved: the error lists these names and suggests the closest
+    one to a mistyped name (``all-MiniLM-L6-v3`` -> ``sentence-transformers/all-MiniLM-L6-v2``). Keep it
+    cheap: return names from a constant, without loading or converting anything.
+
+    :returns: a list of names a recipe's ``model.backbone`` may hold (the canonical name of each backbone,
+        e.g. its Hub id; a name's last ``/`` part is matched too, so aliases need not be listed).
+    """

@@ -78,11 +78,12 @@ class DataOptions(Section):
     #: of source (a built-in data set, say) adds its key.
     source_keys: ClassVar[tuple[str, ...]] = ("train", "dataset")
 
-    train: PathStr | None = Field(None, description="Training file: .csv, .tsv, .jsonl, .json or .parquet (or give "
-                                  "`dataset` instead).")
-    eval: PathStr | None = Field(
-        None, description="Evaluation file, scored at every evaluation: it selects the best checkpoint (and early "
-        "stopping), so its best score is optimistic; report on `test`. If absent, `split` of train is held out.")
+    # A task whose train/eval take something else (a folder of images, a manifest of clips) redeclares them
+    # with its own description: docs/recipes.md shows each task's own.
+    train: PathStr | None = Field(None, description="Training data; each task's section says what it takes (for "
+                                  "most a table file: .csv, .tsv, .jsonl, .json or .parquet). Or give `dataset`.")
+    eval: PathStr | None = Field(None, description="Evaluation data, in the same form as `train`; if absent, "
+                                 "`split` of train is held out.")
     test: PathStr | None = Field(
         None, description="Test file, in the form of `train`: never used to select a checkpoint or to stop early; "
         "scored once at the end with the selected adapter and reported as test.* (metrics.json, model card, "
@@ -251,8 +252,9 @@ class Recipe(BaseModel):
     output: OutputSection = Field(default_factory=OutputSection)
     hub: HubSection = Field(default_factory=HubSection)
 
-    # where the recipe came from (not part of the TOML)
+    # where the recipe came from, and which keys it set (not part of the TOML)
     _source: Path | None = None
+    _user_keys: frozenset[str] = frozenset()
 
     @property
     def source(self) -> Path | None:
@@ -262,6 +264,16 @@ class Recipe(BaseModel):
     @source.setter
     def source(self, path: Path | None) -> None:
         self._source = path
+
+    @property
+    def user_keys(self) -> frozenset[str]:
+        """The dotted keys the recipe file and its ``--set`` overrides gave (``"data.split"``,
+        ``"distributed.fsdp.cpu_offload"``); the other keys hold defaults or values the run resolved."""
+        return self._user_keys
+
+    @user_keys.setter
+    def user_keys(self, keys: frozenset[str]) -> None:
+        self._user_keys = frozenset(keys)
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe (defaults filled, paths absolute), ``None`` values dropped."""

@@ -73,8 +73,9 @@ def load_table(path: str | Path | None, fmt: str = "auto", key: str = "data.trai
         raise DataError(f"{key}: {path} is not UTF-8 text: {_where_not_utf8(path, exc)}. Save it as UTF-8 "
                         "(e.g. in a spreadsheet: 'CSV UTF-8'; or iconv -f LATIN1 -t UTF-8).") from None
     except pd.errors.ParserError as exc:
-        raise DataError(f"{key}: cannot read {path} as {kind}: {str(exc).strip()}. A text containing the "
-                        "delimiter, a quote or a line break must be quoted (\"...\").") from None
+        hint = other_delimiter_hint(path, kind, key) or ("A text containing the delimiter, a quote or a line "
+                                                          "break must be quoted (\"...\").")
+        raise DataError(f"{key}: cannot read {path} as {kind}: {str(exc).strip()}. {hint}") from None
     except (ValueError, OSError) as exc:
         raise DataError(f"{key}: cannot read {path} as {kind}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - e.g. pyarrow errors on a corrupt parquet file
@@ -118,8 +119,52 @@ def _read_delimited(path: Path, sep: str, key: str) -> pd.DataFrame:
         except pd.errors.ParserWarning:
             pass
     line, n_fields, n_header = _first_long_row(path, sep)
-    raise DataError(f"{key}: {path}: line {line} has {n_fields} fields but the header has {n_header}; "
-                    "quote texts that contain the delimiter (\"...\") or fix the row.")
+    hint = other_delimiter_hint(path, "csv" if sep == "," else "tsv", key)
+    hint = f". {hint}" if hint else "; quote texts that contain the delimiter (\"...\") or fix the row."
+    raise DataError(f"{key}: {path}: line {line} has {n_fields} fields but the header has {n_header}{hint}")
+
+
+#: Delimiters a table file may use, by name; finetune reads the first two (data.format "csv" and "tsv").
+DELIMITERS = {",": "commas", "\t": "tabs", ";": "semicolons", "|": "pipes ('|')"}
+_SEPARATOR_OF = {"csv": ",", "tsv": "\t"}
+
+
+def other_delimiter_hint(path: Path, kind: str, key: str) -> str:
+    """When the first line of a file read as ``kind`` (csv/tsv) splits cleanly on another delimiter (tab,
+    comma, semicolon, pipe), a sentence saying so and how to read the file; else ``""``.
+
+    "Cleanly": the header has none of the expected delimiter and splits into two or more non-empty names
+    on exactly one other delimiter (a header such as ``text\tlabel`` in a .csv file)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            header = fh.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return delimiter_hint(header, _SEPARATOR_OF.get(kind), key, path)
+
+
+def delimiter_hint(header: str, expected: str | None, key: str, path: str | Path) -> str:
+    """The sentence of :func:`other_delimiter_hint` for a header line already read (``expected``: the
+    delimiter the file was read with, None if unknown)."""
+    if expected is not None and expected in header:
+        return ""
+    found = [sep for sep in DELIMITERS if sep != expected and len(header.split(sep)) >= 2
+             and all(name.strip() for name in header.split(sep))]
+    if len(found) != 1:
+        return ""
+    sep = found[0]
+    was = {",": "read as comma-separated (csv)", "\t": "read as tab-separated (tsv)"}.get(expected or "",
+                                                                                     "read as one column")
+    names = ", ".join(repr(name.strip()) for name in header.split(sep))
+    said = f"Its first line splits cleanly on {DELIMITERS[sep]} (columns {names}), but the file was {was}."
+    fmt = {",": "csv", "\t": "tsv"}.get(sep)
+    if fmt is not None and key.startswith("data."):
+        return f"{said} Set data.format = \"{fmt}\" in the recipe (or rename the file to .{fmt})."
+    if fmt is not None:
+        return f"{said} Rename the file to .{fmt} (the format comes from the extension)."
+    return (f"{said} finetune reads comma-separated (.csv) and tab-separated (.tsv) files, not {DELIMITERS[sep]}: "
+            f"save it as 'CSV UTF-8' with commas, or convert it: python -c \"import pandas as pd; "
+            f"pd.read_csv('{Path(path).name}', sep='{sep}').to_csv('{Path(path).stem}-commas.csv', index=False)\".")
 
 
 def _first_long_row(path: Path, sep: str) -> tuple[int | str, int | str, int | str]:
@@ -184,9 +229,10 @@ def require_columns(df: pd.DataFrame, columns: dict[str, str | None], path: str 
             from finetune.errors import did_you_mean
 
             hint = ""
-            if len(df.columns) == 1 and any(d in str(df.columns[0]) for d in ("\t", ";", ",", "|")):
-                hint = (" The file was read as a single column: its delimiter does not match the format; "
-                        "check data.format (csv: comma, tsv: tab).")
+            if len(df.columns) == 1 and any(d in str(df.columns[0]) for d in DELIMITERS):
+                hint = " " + (delimiter_hint(str(df.columns[0]), None, key, path) or (
+                    "The file was read as a single column: its delimiter does not match the format; check "
+                    "data.format (csv: comma, tsv: tab)."))
             raise DataError(f"{key}: column {column!r} not found in {path}{did_you_mean(column, df.columns)}. "
                             f"Columns found: {found}. Set {key} to one of them.{hint}")
 

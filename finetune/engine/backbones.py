@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.contract.backbone import ResolvedBackbone, upstream_id_of
-from finetune.engine import hub_access, zoo
+from finetune.engine import hub_access
 from finetune.errors import BackboneError
 
 if TYPE_CHECKING:
@@ -65,8 +65,10 @@ def _resolve(name: str, trust_remote_code: bool, registry: PluginRegistry | None
     if resolved is not None:
         return resolved
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or not hub_access.looks_like_hub_id(name):
-        raise BackboneError(f"model.backbone: {name!r} is not an existing folder; check the path "
-                            "(relative paths resolve against the recipe's folder).")
+        close = closest_backbone(name, registry)
+        raise BackboneError(f"model.backbone: {name!r} is not an existing folder"
+                            f"{f' (did you mean {close!r}?)' if close else ''}; check the path (relative paths "
+                            "resolve against the recipe's folder).")
     in_cache = hub_access.cached(name, revision)
     if in_cache is not None and not _loadable(in_cache[0], allow_pickled, trust_remote_code):
         in_cache = None
@@ -76,7 +78,7 @@ def _resolve(name: str, trust_remote_code: bool, registry: PluginRegistry | None
     if in_cache is not None and (not moving or hub_access.offline()):
         return _from_cache(name, *in_cache)
     if hub_access.offline():
-        raise BackboneError(_unavailable(name, revision, "HF_HUB_OFFLINE is set"))
+        raise BackboneError(_unavailable(name, revision, "HF_HUB_OFFLINE is set", registry))
     try:
         commit, files = hub_access.repo_files(name, revision)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one message
@@ -88,8 +90,9 @@ def _resolve(name: str, trust_remote_code: bool, registry: PluginRegistry | None
             if announce is not None:
                 announce(f"warning: {reason} Using the cached commit of {name} at {revision!r}: {in_cache[1]}.")
             return _from_cache(name, *in_cache)
-        raise BackboneError(f"model.backbone: {reason}" if reachable else _unavailable(name, revision, reason)) \
-            from None
+        if not reachable:
+            raise BackboneError(_unavailable(name, revision, reason, registry)) from None
+        raise BackboneError(f"model.backbone: {reason}{_did_you_mean(name, registry)}") from None
     in_cache = hub_access.cached(name, commit)
     if in_cache is not None and _loadable(in_cache[0], allow_pickled, trust_remote_code):
         return _from_cache(name, *in_cache)
@@ -125,11 +128,45 @@ def _loadable(folder: Path, allow_pickled: bool, trust_remote_code: bool) -> boo
     return allow_pickled and any(n.endswith(hub_access.PICKLED) for n in names)
 
 
-def _unavailable(name: str, revision: str | None, reason: str) -> str:
-    known = ", ".join(zoo.known_names()) or "none"
+def _unavailable(name: str, revision: str | None, reason: str, registry: PluginRegistry) -> str:
+    known = ", ".join(offline_backbones(registry)) or "none"
     at = f" at revision {revision!r}" if revision else ""
     return (f"model.backbone: {name!r}{at} is not a local folder, no installed plugin provides it, it is not in the "
-            f"local Hugging Face cache, and it cannot be downloaded now ({reason}). Offline backbones available "
-            f"here: {known}. Online, any Hub model id works (HF_ENDPOINT for another server); to work offline, "
-            f"download it once (`huggingface-cli download {name}`) or set backbone to a local folder saved with "
-            "save_pretrained().")
+            f"local Hugging Face cache, and it cannot be downloaded now ({reason}).{_did_you_mean(name, registry)} "
+            f"Offline backbones available here: {known}. Online, any Hub model id works (HF_ENDPOINT for another "
+            f"server); to work offline, download it once (`huggingface-cli download {name}`) or set backbone to a "
+            "local folder saved with save_pretrained().")
+
+
+def offline_backbones(registry: PluginRegistry) -> list[str]:
+    """The names the installed plugins resolve offline (their ``finetune_offline_backbones`` hook), in plugin
+    order; a plugin whose hook fails is skipped (this list only decorates an error message)."""
+    names: dict[str, None] = {}  # ordered, without repeats
+    for impl in registry.pm.hook.finetune_offline_backbones.get_hookimpls():
+        try:
+            listed = [str(n) for n in impl.function() or []]
+        except Exception:  # noqa: BLE001 - a broken listing must not hide the real error
+            listed = []
+        names.update(dict.fromkeys(listed))
+    return list(names)
+
+
+def _did_you_mean(name: str, registry: PluginRegistry) -> str:
+    close = closest_backbone(name, registry)
+    return f" Did you mean {close!r}?" if close else ""
+
+
+def closest_backbone(name: str, registry: PluginRegistry) -> str | None:
+    """The offline backbone or cached Hub model closest to a mistyped ``name``, if one is close. A candidate's
+    last ``/`` part counts too: ``all-MiniLM-L6-v3`` is close to ``sentence-transformers/all-MiniLM-L6-v2``."""
+    import difflib
+
+    typed = name.lower()
+    best, score = None, 0.0
+    for candidate in dict.fromkeys(offline_backbones(registry) + hub_access.cached_model_ids()):
+        for form in (candidate.lower(), candidate.rsplit("/", 1)[-1].lower()):
+            against = typed if "/" in form else typed.rsplit("/", 1)[-1]
+            ratio = difflib.SequenceMatcher(None, against, form).ratio()
+            if candidate != name and ratio > score:
+                best, score = candidate, ratio
+    return best if score >= 0.7 else None

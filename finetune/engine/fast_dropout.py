@@ -80,5 +80,6 @@ def install_fast_dropout(model: Any) -> int:
 
 def describe(replaced: int) -> str:
     """The line ``finetune validate`` and run.json show when ``replaced`` dropout layers draw numpy masks."""
-    return (f"train.fast_dropout: {replaced} dropout layers draw masks with numpy's PCG64 on CPU (same probability, "
-            "different masks than torch's; set it to false for torch's)")
+    return (f"train.fast_dropout: dropout on CPU picks the values it drops with a faster random generator "
+            f"({replaced} dropout layers): faster training steps; the same share of values is dropped but not the "
+            "same ones, so results differ slightly from PyTorch's dropout (set it to false for PyTorch's)")

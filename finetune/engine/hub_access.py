@@ -206,6 +206,18 @@ def cached(repo_id: str, revision: str | None, repo_type: str = "model") -> tupl
     return folder, commit
 
 
+def cached_model_ids() -> list[str]:
+    """The Hub ids of the models in the local Hugging Face cache (its ``models--owner--name`` folders)."""
+    from huggingface_hub import constants
+
+    try:
+        folders = list(Path(constants.HF_HUB_CACHE).iterdir())
+    except OSError:
+        return []
+    return sorted(f.name[len("models--"):].replace("--", "/") for f in folders
+                  if f.name.startswith("models--") and (f / "snapshots").is_dir())
+
+
 def is_commit(revision: str) -> bool:
     """A full commit hash (immutable), rather than a branch or tag name (which may move)."""
     import re

@@ -146,7 +146,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None,
             note += "; --set " + " --set ".join(overrides)
         raise RecipeError(f"{exc}{note})") from None
     recipe.source = path
+    recipe.user_keys = frozenset(dotted_keys(raw))
     return recipe
+
+
+def dotted_keys(raw: dict[str, Any], prefix: str = "") -> list[str]:
+    """``{"data": {"split": 0.2}}`` -> ``["data.split"]``: every leaf key of a TOML table, dotted."""
+    keys = []
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            keys += dotted_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 

@@ -42,6 +42,11 @@ def known_names() -> list[str]:
 
 
 @hookimpl
+def finetune_offline_backbones() -> list[str]:
+    return known_names()
+
+
+@hookimpl
 def finetune_resolve_backbone(name: str, trust_remote_code: bool) -> ResolvedBackbone | None:
     for entry in ENTRIES:
         if name != entry.upstream_id and name not in entry.aliases:

@@ -99,11 +99,38 @@ def verify_adapter(folder: Path, method: str, expected: dict[str, tuple[int, ...
     check_complete(tensors, expected, f"adapter ({name})")
 
 
+def name_base_model(card: Path, upstream_id: str | None) -> None:
+    """PEFT's ``README.md`` beside the adapter names the base model by the folder it was loaded from (a path on
+    this machine, meaningless elsewhere and refused by the Hub), in ``base_model`` and in a
+    ``base_model:adapter:PATH`` tag: name its Hub id instead, as the run's model card does, or no base model
+    when it has none."""
+    import yaml
+
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    end = text.find("\n---", 4) if text.startswith("---\n") else -1
+    if end < 0:
+        return
+    meta = yaml.safe_load(text[4:end]) or {}
+    if not isinstance(meta, dict):
+        return
+    if upstream_id:
+        meta["base_model"] = upstream_id
+    else:
+        meta.pop("base_model", None)
+    if isinstance(meta.get("tags"), list):
+        tags = [tag for tag in meta["tags"] if not str(tag).startswith("base_model:")]
+        relations = [str(tag).split(":")[1] for tag in meta["tags"] if str(tag).startswith("base_model:")]
+        meta["tags"] = [*(f"base_model:{relation}:{upstream_id}" for relation in relations if upstream_id), *tags]
+    card.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + text[end + 1:], encoding="utf-8")
+
+
 def adapter_writer(run: RunDir, task: Task, processor: Any, method: str,
-                     expected: dict[str, tuple[int, ...]] | None = None):
+                   expected: dict[str, tuple[int, ...]] | None = None, base_model: str | None = None):
     """``save(unwrapped_model, state_dict=None)``: write the adapter to a temp folder, verify it holds
     every trained tensor (``expected``), then swap it in; on any failure the previous adapter stays.
-    ``state_dict`` is the full state dict gathered from a sharded model (FSDP/DeepSpeed)."""
+    ``state_dict`` is the full state dict gathered from a sharded model (FSDP/DeepSpeed). ``base_model``:
+    the backbone's Hub id, which PEFT's README.md names instead of the local folder it loaded
+    (:func:`name_base_model`)."""
     import shutil
 
     def save(unwrapped_model: Any, state_dict: dict[str, Any] | None = None) -> None:
@@ -125,6 +152,7 @@ def adapter_writer(run: RunDir, task: Task, processor: Any, method: str,
             if method == "lora":
                 try:
                     unwrapped_model.save_pretrained(str(tmp), state_dict=state_dict)
+                    name_base_model(tmp / "README.md", base_model)
                 except KeyError as exc:  # PEFT looks up each adapter tensor in the (gathered) state dict
                     raise RunError(f"the adapter is incomplete: {exc} is missing from the model's state dict. "
                                    "It was not written; the previous one is intact. This happens when weights are "

@@ -19,8 +19,11 @@ def _fmt(value: Any) -> str:
 
 
 def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, Any], metrics: dict[str, Any],
-                      lora: dict[str, Any], plugins: list[dict[str, str]]) -> str:
-    """Markdown with Hub-style YAML front matter, from the run's facts."""
+                      lora: dict[str, Any], plugins: list[dict[str, str]], settings: dict[str, Any] | None = None,
+                      speed: list[str] | None = None) -> str:
+    """Markdown with Hub-style YAML front matter, from the run's facts. ``settings``: the recipe keys the
+    Training section shows (the ones set and the ones that matter, :mod:`finetune.run.recipe_view`; default:
+    the whole recipe); ``speed``: the run's speed settings, one sentence each."""
     import tomli_w
     import yaml
 
@@ -62,8 +65,7 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
     front = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
     lines = [f"# {run_name}", "",
              f"{_WHAT.get(method, 'A fine-tune')} of `{upstream or backbone.get('name')}` for **{task.name}**, "
-             "trained with "
-             "[finetune](https://pypi.org/project/finetune/).", "",
+             f"trained with {_finetune_link()}.", "",
              *results_section(metrics), "", "![curves](curves.png)", "",
               "## Training", "",
               f"- backbone: `{backbone.get('name')}` ({backbone.get('source')})",
@@ -79,7 +81,10 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
               f"- wall time: {_fmt(metrics.get('train', {}).get('wall_time_s'))} s; mixed precision: "
               f"{metrics.get('train', {}).get('mixed_precision')}",
               f"- plugins: {', '.join(p['name'] + ' ' + p['version'] for p in plugins)}",
-              "", "Recipe:", "", "```toml", tomli_w.dumps(recipe).strip(), "```", "",
+              *_speed_line(speed),
+              "", "Settings (the ones the recipe sets and the ones that matter for this run; the run folder's "
+              "recipe.toml has every key):" if settings is not None else "Recipe:", "",
+              "```toml", tomli_w.dumps(recipe if settings is None else settings).strip(), "```", "",
               "## Usage", "", "```python", *task_usage_snippet(task, upstream or backbone.get("path")), "```", "",
               "## Limitations", "",
               "Trained on a small dataset; check the metrics above on data like yours before relying on it.", ""]
@@ -119,6 +124,79 @@ def results_section(metrics: dict[str, Any]) -> list[str]:
     if baseline.get("name"):
         lines.append(f"- **baseline**: {baseline['name']}, fitted on the train split and scored on the eval split.")
     return lines
+
+
+def _speed_line(speed: list[str] | None) -> list[str]:
+    """The speed settings in effect, by name (each note starts with its recipe key), in one line."""
+    if not speed:
+        return []
+    names = ", ".join("`" + note.split(":", 1)[0] + "`" for note in speed)
+    return [f"- speed settings: {names} (faster; results may differ slightly from plain training; run.json says "
+            "how each works)"]
+
+
+#: Overrides the project page the card links "finetune" to (an http(s) URL); see :func:`project_url`.
+PROJECT_URL_ENV = "FINETUNE_PROJECT_URL"
+
+
+def _finetune_link() -> str:
+    url = project_url()
+    return f"[finetune]({url})" if url else "finetune"
+
+
+def project_url() -> str | None:
+    """The page of this project: ``FINETUNE_PROJECT_URL`` when set (it must be a clean http(s) URL: checked
+    before training, :func:`check_project_url`), else a Homepage/Repository/Source Project-URL of the
+    installed ``finetune`` distribution when it is this project's (it has the ``finetune`` command), else
+    None: the card then names finetune without a link. Never a guessed page: pypi.org/project/finetune
+    belongs to an unrelated library of the same name."""
+    import os
+
+    override = os.environ.get(PROJECT_URL_ENV, "").strip()
+    if override:
+        return override if _url_problem(override) is None else None
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("finetune")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if not any(ep.group == "console_scripts" and ep.value.startswith("finetune.cli") for ep in dist.entry_points):
+        return None  # another distribution named finetune
+    for entry in dist.metadata.get_all("Project-URL") or []:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in ("homepage", "repository", "source", "source code") \
+                and _url_problem(url.strip()) is None:
+            return url.strip()
+    return None
+
+
+def check_project_url() -> None:
+    """Refuse an unusable ``FINETUNE_PROJECT_URL`` before a run starts rather than drop it from the card."""
+    import os
+
+    from finetune.errors import RecipeError
+
+    value = os.environ.get(PROJECT_URL_ENV, "").strip()
+    problem = _url_problem(value) if value else None
+    if problem:
+        raise RecipeError(f"{PROJECT_URL_ENV}: {value!r} {problem}; the model card links 'finetune' to it. Set it to "
+                          "this project's page, e.g. https://example.com/you/finetune, or unset it.")
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the card's link to this project, or None: it must be an http(s) URL with a host,
+    hold nothing that would break a Markdown link, and not be PyPI's page of the unrelated 'finetune'."""
+    from urllib.parse import urlsplit
+
+    if not url.isprintable() or any(c in url for c in ' <>()[]"\'\\`'):
+        return "holds spaces, quotes, brackets or control characters"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "is not an http(s) URL with a host"
+    if parts.hostname.endswith("pypi.org") and parts.path.rstrip("/").lower() == "/project/finetune":
+        return "is PyPI's page of an unrelated library that is also called finetune"
+    return None
 
 
 def task_usage_snippet(task: Any, base: str) -> list[str]:

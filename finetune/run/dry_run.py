@@ -8,6 +8,7 @@ from typing import Any
 from finetune.engine.console import Console
 from finetune.engine.distributed import check_distributed
 from finetune.engine.loop import metric_mode
+from finetune.run.recipe_view import recipe_view
 from finetune.run.session import build_model, open_session, speed_settings
 
 
@@ -21,8 +22,12 @@ def describe_batch(batch: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> dict[str, Any]:
-    """Everything up to the first batch, no training, no run folder. Returns the report shown."""
+def dry_run(recipe_path: str | Path, overrides: list[str], console: Console,
+            everything: bool = False) -> dict[str, Any]:
+    """Everything up to the first batch, no training, no run folder. Returns the report shown.
+
+    The recipe is shown as the keys the user set and those that matter for this run
+    (:mod:`finetune.run.recipe_view`); ``everything`` shows every key, defaults included."""
     session = open_session(recipe_path, overrides, announce=console.print)
     check_distributed(session.recipe)
     model, processor, report = build_model(session)
@@ -33,7 +38,8 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> 
     n = min(session.recipe.train.batch_size, len(train_ds))
     batch = collate([train_ds[i] for i in range(n)])
     speed = speed_settings(task, session.recipe, train_ds, report)
-    console.print("# resolved recipe\n" + session.recipe.to_toml())
+    unused = recipe_view(session.recipe)[1]
+    console.print(show_recipe(session.recipe, everything))
     info = {
         "task": f"{task.name} ({type(task.task).__module__}.{type(task.task).__name__})",
         "backbone": session.backbone.to_dict(),
@@ -44,6 +50,7 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> 
         "data": session.splits.info,
         "batch": describe_batch(batch),
         "speed_settings": speed,
+        "not_used": unused,
     }
     console.print(f"task:             {info['task']}")
     console.print(f"backbone:         {session.backbone.name} -> {session.backbone.path}")
@@ -62,8 +69,23 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console) -> 
         console.print(f"data.{key}: {value}")
     for note in speed:
         console.print(f"speed setting:    {note}")
+    for note in unused:
+        console.print(f"note:             {note}")
     console.print("one collated batch:")
     for key, value in info["batch"].items():
         console.print(f"  {key}: {value}")
     console.summary("recipe is valid; nothing was trained or written.")
     return info
+
+
+def show_recipe(recipe: Any, everything: bool = False) -> str:
+    """The ``# resolved recipe`` block of ``finetune validate``: TOML of the keys worth showing (or every key)."""
+    import tomli_w
+
+    table, _, hidden = recipe_view(recipe, everything)
+    if everything:
+        head = "# resolved recipe: every key, defaults included"
+    else:
+        head = ("# resolved recipe: the keys you set and what this run uses"
+                + (f" ({hidden} defaults not shown; --all shows every key)" if hidden else ""))
+    return f"{head}\n{tomli_w.dumps(table)}"

@@ -79,14 +79,16 @@ def build_model(session: Session) -> tuple[Any, Any, LoraReport]:
 
 
 def speed_settings(task: GuardedTask, recipe: Recipe, train_ds: Any, report: LoraReport | None = None) -> list[str]:
-    """Speed options in effect that change results compared with plain training, one line each."""
+    """Speed options in effect that change results compared with plain training, one line each, in a user's
+    words: the setting, what it does, what it gains, how results compare, how to turn it off."""
     notes = []
     if report is not None and report.fast_dropout_modules:
         notes.append(fast_dropout.describe(report.fast_dropout_modules))
     plain_batches = not task.implements("train_batches")
     if recipe.train.group_by_length and plain_batches and task.example_lengths(train_ds) is not None:
-        notes.append("train.group_by_length: examples of similar length share a batch (less padding); batches "
-                     "differ from a plain shuffle (set it to false for plain shuffled batches)")
+        notes.append("train.group_by_length: examples of similar length are batched together: less padding, so "
+                     "faster; the batches are not a plain shuffle, so results differ slightly (set it to false for "
+                     "plain shuffled batches)")
     return notes + list(task.speed_notes() or [])
 
 
@@ -99,6 +101,9 @@ def check_train_settings(session: Session) -> None:
         except ImportError:
             raise RecipeError("train.tensorboard = true needs TensorBoard, which is not installed: "
                               "pip install 'finetune[tensorboard]' (or set it to false).") from None
+    from finetune.run.card import check_project_url
+
+    check_project_url()
     hub = session.recipe.hub
     if hub.push:
         from finetune.run.hub import HUB_ID

@@ -21,6 +21,7 @@ from finetune.run.adapter import adapter_writer, best_adapter_loader, expected_a
 from finetune.run.card import render_model_card
 from finetune.run.curves import plot_curves
 from finetune.run.data_files import data_changes, data_fingerprints
+from finetune.run.recipe_view import recipe_view
 from finetune.run.session import Session, build_model, check_train_settings, open_session, speed_settings
 
 
@@ -114,7 +115,8 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
                             resume_from=resume_from,
                             callbacks=session.registry.callbacks(),
                             save_adapter=adapter_writer(run, task, processor, recipe.peft.method,
-                                                          expected_adapter_tensors(model, recipe.peft.method)),
+                                                          expected_adapter_tensors(model, recipe.peft.method),
+                                                          base_model=session.backbone.upstream_id),
                             console=console, test_ds=test_ds,
                             load_best=best_adapter_loader(run, recipe.peft.method))
         # Every process is here: leave together. Trackers are closed, and the process group is taken down
@@ -163,7 +165,8 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
         run.update_info(data_changed_during_run=changed)
         console.summary("warning: data files changed while the run was training (it used the content read at "
                         "the start, fingerprinted in run.json):\n  " + "\n  ".join(changed))
-    plot_curves(run.read_metrics_log(), run.curves_file, result.metric)
+    plot_curves(run.read_metrics_log(), run.curves_file, result.metric, task_metrics=task.metric_names or (),
+                epochs_completed=state.epoch, best_step=state.best_step)
     task.finalize_run(run.path, metrics)  # may add entries to metrics
     write_json_atomic(run.metrics_file, metrics)
     card = render_model_card(recipe=recipe.to_dict(), task=task, backbone=session.backbone.to_dict(),
@@ -171,7 +174,7 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
                                                     "modules_to_save": report.modules_to_save,
                                                     "trainable_params": report.trainable_params,
                                                     "total_params": report.total_params},
-                             plugins=plugins)
+                             plugins=plugins, settings=recipe_view(recipe)[0], speed=speed)
     write_text_atomic(run.card_file, card)
     run.update_info(status="finished", finished_at=time.time())
     _print_summary(console, run, metrics)

@@ -25,6 +25,13 @@ def finetune_resolve_backbone(name, trust_remote_code):
 
 
 @hookimpl
+def finetune_offline_backbones():
+    from finetune_generation.zoo import UPSTREAM_ID
+
+    return [UPSTREAM_ID]
+
+
+@hookimpl
 def finetune_register_commands(cli):
     from finetune_generation.commands import merge
 

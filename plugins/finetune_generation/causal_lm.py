@@ -52,6 +52,12 @@ SAMPLES_DIR = "samples"
 
 
 class GenerationData(DataOptions):
+    train: PathStr | None = Field(
+        None, description="Training examples: a .jsonl file (one JSON object per line: chat `messages`, prompt and "
+        "completion, Alpaca instruction/input/output, or text; see `shape`), or a .csv/.tsv/.json/.parquet table "
+        "with those columns (or give `dataset`).")
+    eval: PathStr | None = Field(None, description="Evaluation examples of the same shape as `train`; if absent, "
+                                 "`split` of train is held out.")
     shape: Literal["auto", "messages", "prompt_completion", "alpaca", "text"] = Field(
         "auto", description="Data shape; 'auto' decides from the fields: messages, prompt+completion, "
                             "instruction+output (Alpaca), or text (continued pre-training).")

@@ -18,6 +18,7 @@ from finetune import (
     DataError,
     DataOptions,
     DataSplits,
+    PathStr,
     RecipeError,
     Task,
     TaskOptions,
@@ -35,6 +36,10 @@ _HEAD_NAMES = ("classifier", "score", "pre_classifier", "pooler")
 
 
 class TextClassificationData(DataOptions):
+    train: PathStr | None = Field(None, description="Training table: a .csv, .tsv, .jsonl, .json or .parquet file "
+                                  "with `text_column` and `label_column` (or give `dataset`).")
+    eval: PathStr | None = Field(None, description="Evaluation table with the same columns; if absent, `split` of "
+                                 "train is held out (each label keeps its share; `group_column` keeps groups whole).")
     text_column: str = Field("text", description="Column holding the text.")
     text_pair_column: str | None = Field(None, description="Optional second text column (sentence pairs).")
     label_column: str = Field("label", description="Column holding the label (string or integer).")
@@ -222,13 +227,13 @@ class TextClassification(Task):
     def speed_notes(self) -> list[str]:
         notes = []
         if getattr(self, "_last_layer_shortened", False):
-            notes.append("task.last_layer_cls_only: the last layer computes the first token only, the one the "
-                         "classifier reads (same function; its dropout draws fewer masks, so masks differ; set it "
-                         "to false to compute every token)")
+            notes.append("task.last_layer_cls_only: the last layer computes only the first token, the one the "
+                         "classifier reads: faster; results equal within rounding, except that dropout there draws "
+                         "other random values (set it to false to compute every token)")
         if self.recipe.task.cache_frozen_layers:
-            notes.append("task.cache_frozen_layers: the frozen layers below peft.layers run once per example, in "
-                         "eval mode (no dropout there): faster, results differ slightly from training without the "
-                         "cache")
+            notes.append("task.cache_frozen_layers: the frozen layers below peft.layers run once per example and "
+                         "their output is reused every epoch, with no dropout there: much faster; results differ "
+                         "slightly from training without the cache (set it to false to run every layer every time)")
         return notes
 
     def _prefix(self, model: Any) -> FrozenPrefixCache | None:

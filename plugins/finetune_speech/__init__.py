@@ -24,3 +24,10 @@ def finetune_resolve_backbone(name, trust_remote_code):
     from finetune_speech.whisper_zoo import resolve
 
     return resolve(name)
+
+
+@hookimpl
+def finetune_offline_backbones():
+    from finetune_speech.whisper_zoo import UPSTREAM_ID
+
+    return [UPSTREAM_ID]

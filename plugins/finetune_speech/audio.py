@@ -25,6 +25,8 @@ class AudioData(DataOptions):
     train: PathStr | None = Field(None, description="A folder of clips in class subfolders (audio-classification), "
                                   "or a manifest (.csv/.tsv/.jsonl/.parquet) with a path column and a label or text "
                                   "column; manifest paths are relative to the manifest's folder. Or give `dataset`.")
+    eval: PathStr | None = Field(None, description="Evaluation clips, in the same form as `train`; if absent, "
+                                 "`split` of train is held out.")
     path_column: str = Field("path", description="Manifest (or `dataset`) column holding the audio: file paths, or "
                              "with `dataset` a datasets Audio feature or encoded audio bytes.")
     max_seconds: float = Field(30.0, gt=0, le=3600,

@@ -13,12 +13,18 @@ from typing import Any
 
 from pydantic import Field
 
-from finetune import DataError, DataSplits, attention_projections
+from finetune import DataError, DataSplits, PathStr, attention_projections
 from finetune_speech.audio import AudioData
 from finetune_speech.common import SpeechOptions, SpeechTask, WaveDataset, model_type
 
 
 class AudioClassificationData(AudioData):
+    train: PathStr | None = Field(
+        None, description="A folder of audio clips with one subfolder per class (the subfolder names are the "
+        "labels), or a manifest (.csv/.tsv/.jsonl/.parquet) with `path_column` and `label_column`, its paths "
+        "relative to its folder. Or give `dataset`.")
+    eval: PathStr | None = Field(None, description="Evaluation clips: a class-subfolder folder or a manifest, as "
+                                 "`train`; if absent, `split` of train is held out (each label keeps its share).")
     label_column: str = Field("label", description="Manifest column holding the label.")
 
 

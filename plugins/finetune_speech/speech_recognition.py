@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from finetune import DataError, DataSplits, RecipeError
+from finetune import DataError, DataSplits, PathStr, RecipeError
 from finetune_speech.audio import AudioData
 from finetune_speech.common import SpeechOptions, SpeechTask, WaveDataset, model_type
 
@@ -24,6 +24,12 @@ PAD = -100
 
 
 class SpeechRecognitionData(AudioData):
+    train: PathStr | None = Field(
+        None, description="A manifest (.csv/.tsv/.jsonl/.parquet) with `path_column` (audio files, relative to the "
+        "manifest's folder) and `text_column` (the transcript); a folder is not enough, it has no transcripts. "
+        "Or give `dataset`.")
+    eval: PathStr | None = Field(None, description="Evaluation manifest with the same columns; if absent, `split` "
+                                 "of train is held out.")
     text_column: str = Field("text", description="Manifest column holding the transcript.")
 
 

@@ -22,3 +22,10 @@ def finetune_resolve_backbone(name, trust_remote_code):
     from finetune_vision.zoo import resolve
 
     return resolve(name)
+
+
+@hookimpl
+def finetune_offline_backbones():
+    from finetune_vision.zoo import known_names
+
+    return known_names()

@@ -52,7 +52,7 @@ class ImageClassificationData(DataOptions):
 
     train: PathStr | None = Field(
         None, description="Image folder (one subfolder per class; or with train/ and val/ inside), or a "
-                          ".csv/.jsonl/.parquet table of image paths and labels. Not needed with `source`.")
+                          ".csv/.jsonl/.parquet table of image paths and labels. Or give `source` or `dataset`.")
     eval: PathStr | None = Field(None, description="Eval image folder or table; if absent, `split` of train is "
                                                    "held out (stratified by class).")
     source: Literal["sklearn-digits"] | None = Field(
@@ -311,8 +311,8 @@ class ImageClassification(Task):
     def speed_notes(self) -> list[str]:
         if not self._folds_batchnorm():
             return []
-        return ["task.fold_batchnorm: each frozen BatchNorm that follows a convolution is computed folded into it "
-                "(the same function; float rounding differs; set it to false to compute them separately)"]
+        return ["task.fold_batchnorm: each frozen batch normalisation is merged into the convolution before it: "
+                "faster; results equal within rounding (set it to false to compute them separately)"]
 
     def _folds_batchnorm(self) -> bool:
         return self.recipe.task.fold_batchnorm and self.recipe.peft.method != "full"

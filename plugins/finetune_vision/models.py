@@ -127,12 +127,16 @@ def _load_timm(arch: str, folder: Path | None, config: dict[str, Any], backbone:
         raise BackboneError(f"model.backbone: timm cannot build {arch!r} ({type(exc).__name__}: {exc}).") from None
     if init == "pretrained":
         if folder is None:
+            import difflib
+
             from finetune_vision.zoo import known_names
 
+            close = difflib.get_close_matches(backbone.name, known_names(), n=1, cutoff=0.8)
             raise BackboneError(
-                f"model.backbone: {backbone.name!r}: no pretrained weights for timm architecture {arch!r} are "
-                f"available offline (not in the local Hugging Face cache as timm/{arch}). Offline vision "
-                f"backbones: {', '.join(known_names())}; or set task.init = \"random\" to train it from scratch.")
+                f"model.backbone: {backbone.name!r}{f' (did you mean {close[0]!r}?)' if close else ''}: no "
+                f"pretrained weights for timm architecture {arch!r} are available offline (not in the local "
+                f"Hugging Face cache as timm/{arch}). Offline vision backbones: "
+                f"{', '.join(known_names())}; or set task.init = \"random\" to train it from scratch.")
         _load_timm_weights(model, folder)
     data_cfg = timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)  # the pretrained, not img_size
     preprocess = {

@@ -113,6 +113,27 @@ def test_tsv_read_as_csv_hints_at_format(make_recipe, sentiment_csv, tmp_path):
     assert_no_run_folder(tmp_path / "run")
 
 
+def test_tsv_with_commas_in_a_csv_file_suggests_the_tsv_format(make_recipe, sentiment_csv, tmp_path):
+    recipe = make_recipe()
+    write_rows(sentiment_csv, "text\tlabel", "good day\tpos", "good, very good\tpos", "bad day\tneg")
+    stderr = assert_user_error(run_cli("validate", str(recipe)), f"data.train: cannot read {sentiment_csv} as csv",
+                               "line 3", "first line splits cleanly on tabs (columns 'text', 'label')",
+                               "read as comma-separated (csv)", 'Set data.format = "tsv"')
+    assert "quote" not in stderr  # the old hint, wrong for this file
+    fixed = run_cli("validate", str(recipe), "--set", 'data.format="tsv"')
+    assert fixed.returncode == 0, fixed.stderr
+
+
+@pytest.mark.parametrize(("sep", "named"), [(";", "semicolons"), ("|", "pipes")])
+def test_other_delimiters_are_named_with_a_way_to_convert(make_recipe, sentiment_csv, tmp_path, sep, named):
+    recipe = make_recipe()
+    write_rows(sentiment_csv, f"text{sep}label", f"good, very good{sep}pos", f"bad day{sep}neg")
+    stderr = assert_user_error(run_cli("validate", str(recipe)), f"first line splits cleanly on {named}",
+                               "reads comma-separated (.csv) and tab-separated (.tsv) files",
+                               f"pd.read_csv('train.csv', sep='{sep}').to_csv('train-commas.csv', index=False)")
+    assert "quote" not in stderr
+
+
 def test_single_class(make_recipe, sentiment_csv, tmp_path):
     recipe = make_recipe()
     write_csv(sentiment_csv, [r for r in make_sentiment_rows(40) if r["label"] == "pos"])
@@ -205,6 +226,53 @@ def test_unresolvable_backbone_fails_fast(make_recipe, tmp_path):
                       "huggingface-cli download nobody/no-such-model", "Online, any Hub model id works")
     assert elapsed < 20, f"took {elapsed:.1f} s"
     assert_no_run_folder(tmp_path / "run")
+
+
+def test_mistyped_backbone_gets_the_closest_offline_name(make_recipe, tmp_path):
+    recipe = str(make_recipe())
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    result = run_cli("validate", recipe, "--set", 'model.backbone="all-MiniLM-L6-v3"', env=env)
+    assert_user_error(result, "model.backbone: 'all-MiniLM-L6-v3' is not a local folder",
+                      "Did you mean 'sentence-transformers/all-MiniLM-L6-v2'?",
+                      # every installed plugin's offline names are listed, not only the core's
+                      "Offline backbones available here: sentence-transformers/all-MiniLM-L6-v2",
+                      "mobilenetv2_100.tv_in1k", "openai/whisper-tiny.en", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    # a model in the local Hugging Face cache is a candidate too (a timm name typed with dashes)
+    snapshot = tmp_path / "hub-cache" / "models--timm--vit_tiny_patch16_224" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    result = run_cli("validate", recipe, "--set", 'model.backbone="vit-tiny-patch16-22"', env=env)
+    assert_user_error(result, "Did you mean 'timm/vit_tiny_patch16_224'?")
+    unrelated = run_cli("validate", recipe, "--set", 'model.backbone="acme/nothing-like-it"', env=env)
+    assert "did you mean" not in assert_user_error(unrelated, "is not a local folder").lower()
+    assert_no_run_folder(tmp_path / "run")
+
+
+def test_closest_backbone_skips_a_plugin_whose_listing_fails():
+    from finetune import hookimpl
+    from finetune.engine.backbones import closest_backbone, offline_backbones
+    from finetune.engine.plugins import get_registry
+
+    class Broken:
+        @staticmethod
+        @hookimpl
+        def finetune_offline_backbones():
+            raise RuntimeError("listing failed")
+
+    class Store:
+        @staticmethod
+        @hookimpl
+        def finetune_offline_backbones():
+            return ["acme/sentiment-small", "sentence-transformers/all-MiniLM-L6-v2"]
+
+    registry = get_registry()
+    registry.pm.register(Broken(), name="broken")
+    registry.pm.register(Store(), name="store")
+    names = offline_backbones(registry)
+    assert names.count("sentence-transformers/all-MiniLM-L6-v2") == 1 and "acme/sentiment-small" in names
+    assert closest_backbone("acme/sentiment-smal", registry) == "acme/sentiment-small"
+    assert closest_backbone("sentiment-smll", registry) == "acme/sentiment-small"  # the name's last part
+    assert closest_backbone("something-else-entirely", registry) is None
 
 
 def test_missing_local_backbone_path(make_recipe, tmp_path):

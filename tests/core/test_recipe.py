@@ -326,7 +326,7 @@ def test_missing_required_key(tmp_path):
     message = recipe_error(write_recipe(tmp_path, {"data": 'split = 0.3'}))
     assert "data.train: required key is missing" in message
     assert "add it under [data]" in message
-    assert "Training file" in message  # says what the key is for
+    assert "Training table: a .csv" in message  # says what the key is for, for this task
 
 
 def test_missing_required_section(tmp_path):

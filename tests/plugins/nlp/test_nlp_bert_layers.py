@@ -242,8 +242,9 @@ def test_attention_applies_fast_dropout_and_one_note_reports_it(make_recipe):
     assert all("forward" in sa.__dict__ and type(sa.dropout) is not torch.nn.Dropout for sa in attentions)
     notes = dry_run(make_recipe(), [], QUIET)["speed_settings"]
     assert [n for n in notes if n.startswith("train.fast_dropout:")] == [
-        f"train.fast_dropout: {report.fast_dropout_modules} dropout layers draw masks with numpy's PCG64 on CPU "
-        "(same probability, different masks than torch's; set it to false for torch's)"]
+        "train.fast_dropout: dropout on CPU picks the values it drops with a faster random generator "
+        f"({report.fast_dropout_modules} dropout layers): faster training steps; the same share of values is dropped "
+        "but not the same ones, so results differ slightly from PyTorch's dropout (set it to false for PyTorch's)"]
     off = ["train.fast_dropout=false"]
     model, _, _ = build_model(open_session(make_recipe(), off))
     layers = model.get_base_model().bert.encoder.layer
