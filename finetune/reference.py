@@ -21,7 +21,8 @@ A recipe is a TOML file. `finetune validate recipe.toml` prints it fully resolve
 (every default filled in); `--set SECTION.KEY=VALUE` overrides any key from the
 command line (the value parses as a TOML literal, else as a string). Unknown
 sections and keys are errors with a "did you mean" hint. Relative paths resolve
-against the recipe file's folder.
+against the recipe file's folder. Each task's section also lists the fields
+`finetune predict` adds to every input record.
 
 Generated from the code by `python -m finetune.reference recipes`; do not edit by hand.
 """
@@ -56,6 +57,10 @@ def recipe_reference_markdown() -> str:
             extra = [r for r in describe_fields(cls) if r[0] not in base.model_fields]
             if extra:
                 lines += [f"Extra keys in `[{section_name}]`:", ""] + _table(extra) + [""]
+        if task.prediction_fields:
+            lines += ["`finetune predict` adds to each input record (whose own fields are kept as they are):", "",
+                      "| field | meaning |", "|---|---|"]
+            lines += [f"| `{name}` | {meaning} |" for name, meaning in task.prediction_fields.items()] + [""]
     return "\n".join(lines)
 
 

@@ -83,6 +83,25 @@ _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VAL
                            help="Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable).")
 
 
+class PredictCommand(click.Command):
+    """``finetune predict``, whose help ends with the fields each installed task's predictions add."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        from finetune.engine.plugins import get_registry
+
+        tasks = get_registry().tasks
+        with formatter.section("Prediction fields (added to each input record; its own fields stay as they are)"):
+            for name in sorted(tasks):
+                fields = tasks[name].cls.prediction_fields
+                formatter.write_text(f"{name}:")
+                with formatter.indentation():
+                    if isinstance(fields, dict) and fields:
+                        formatter.write_dl([(str(k), str(v)) for k, v in fields.items()])
+                    else:
+                        formatter.write_text("(not declared by its plugin)")
+
+
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @_set_option
@@ -167,7 +186,7 @@ def plugins() -> None:
         click.echo(f"error: {conflict}", err=True)
 
 
-@cli.command()
+@cli.command(cls=PredictCommand)
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--input", "input_path", type=click.Path(path_type=Path),
               help="A .csv/.tsv/.jsonl/.parquet file with the recipe's input column(s); default: lines on stdin.")
@@ -186,8 +205,10 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, ou
             texts: tuple[str, ...], batch_size: int, trust_remote_code: bool, overrides: tuple[str, ...]) -> None:
     """Predict with the best adapter of the run in RUN_DIR (a run folder, or a Hub repo id it was pushed to).
 
-    Inputs come from --text, --input, or lines on stdin. --set changes prediction-time
-    settings of the run's recipe (e.g. a generation task's sampling options)."""
+    Inputs come from --text, --input, or lines on stdin. Each output row is the input
+    record, unchanged, plus the prediction's fields (listed below for each task).
+    --set changes prediction-time settings of the run's recipe (the input column, a
+    generation task's sampling options)."""
     quiet_libraries()
     from finetune.run.inference import load_run
     from finetune.run.predictions import predict_records, read_records, write_predictions

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.engine.guard import PREDICTION_PREFIXES
 from finetune.errors import DataError
 
 
@@ -19,7 +20,13 @@ def read_records(task: Any, input_path: Path | None, texts: list[str] | None = N
     if input_path is not None:
         if not input_path.exists():
             raise DataError(f"--input: {input_path} not found.")
-        return task.read_predict_input(input_path)
+        records = task.read_predict_input(input_path)
+        taken = sorted({k for r in records for k in r if isinstance(k, str) and k.startswith(PREDICTION_PREFIXES)})
+        if taken:
+            raise DataError(f"--input: {input_path} has the column(s) {', '.join(map(repr, taken))}: names starting "
+                            f"with {' or '.join(PREDICTION_PREFIXES)} are where `finetune predict` writes its "
+                            "predictions (is this an earlier output of predict?). Rename or drop those columns.")
+        return records
     if sys.stdin.isatty():
         print(f"reading one {columns[0] if columns else 'input'} per line from stdin (Ctrl-D to finish)...",
               file=sys.stderr)
