@@ -210,14 +210,11 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, ou
     --set changes prediction-time settings of the run's recipe (the input column, a
     generation task's sampling options)."""
     quiet_libraries()
+    from finetune.run.hub import find_run
     from finetune.run.inference import load_run
     from finetune.run.predictions import predict_records, read_records, write_predictions
 
-    if not run_dir.exists():
-        from finetune.run.hub import is_hub_id, pull
-
-        if is_hub_id(str(run_dir)):
-            run_dir = pull(str(run_dir))
+    run_dir = find_run(str(run_dir))
     task, model, processor, _ = load_run(run_dir, list(overrides), trust_remote_code=trust_remote_code,
                                          announce=lambda line: click.echo(line, err=True))
     records = read_records(task, input_path, list(texts))

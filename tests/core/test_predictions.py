@@ -71,8 +71,11 @@ def test_predict_cli_file_and_stdin(trained_run, tmp_path):
 
 
 def test_predict_errors_are_clear(tmp_path, trained_run):
-    with pytest.raises(RunError, match="not a finetune run folder"):
+    with pytest.raises(RunError, match="nowhere: no such run folder"):
         load_run(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="not a finetune run folder"):
+        load_run(tmp_path / "empty")
     _, run = trained_run
     result = run_cli("predict", str(run.path), "--input", str(tmp_path / "missing.csv"))
     assert result.returncode == 2 and "missing.csv" in result.stderr and "Traceback" not in result.stderr
@@ -118,6 +121,22 @@ def test_predict_help_lists_every_tasks_prediction_fields_and_a_predict_example(
                          ("causal-lm", ("pred_text", "pred_finish_reason", "pred_new_tokens"))):
         section = listing.split(f"{task}:")[1]
         assert all(field in section for field in fields), (task, section)
+
+
+def test_a_mistyped_run_folder_is_a_missing_folder_not_a_hub_id(tmp_path):
+    """`runs/sentt` for `runs/sent`: runs/ is here, so it is a local path that does not exist (no Hub involved)."""
+    for name in ("sent", "sentiment-big", "vision"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "recipe.toml").write_text("")
+    unreachable = {"HF_ENDPOINT": "http://127.0.0.1:9"}
+    result = run_cli("predict", "runs/sentt", "-t", "x", cwd=tmp_path, env=unreachable)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "runs/sentt: no such run folder. Did you mean runs/sent?" in result.stderr
+    assert "Hub" not in result.stderr and "reach" not in result.stderr
+    far = run_cli("predict", "runs/zzz", "-t", "x", cwd=tmp_path, env=unreachable)
+    assert "The run folders in runs: sent, sentiment-big, vision." in far.stderr
+    push = run_cli("push", "runs/sentt", "--repo-id", "me/sent", cwd=tmp_path, env=unreachable)
+    assert push.returncode == 2 and "Did you mean runs/sent?" in push.stderr and "reach" not in push.stderr
 
 
 def test_predict_text_option(trained_run, tmp_path):
