@@ -79,8 +79,8 @@ def cli(debug: bool) -> None:
     """
 
 
-_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                           help="Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable).")
+def _set_option(help_text: str = "Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable)."):
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=help_text)
 
 
 class PredictCommand(click.Command):
@@ -104,7 +104,7 @@ class PredictCommand(click.Command):
 
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@_set_option
+@_set_option()
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in output.dir (error if there is none).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished (or different) run in output.dir.")
 @click.option("--dry-run", is_flag=True, help="Validate and show one batch; do not train (same as `validate`).")
@@ -141,7 +141,7 @@ def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool,
 
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@_set_option
+@_set_option()
 def validate(recipe: Path, overrides: tuple[str, ...]) -> None:
     """Resolve RECIPE, load the backbone and data, and show one collated batch, without training."""
     quiet_libraries()
@@ -191,16 +191,19 @@ def plugins() -> None:
 @click.option("--input", "input_path", type=click.Path(path_type=Path),
               help="A .csv/.tsv/.jsonl/.parquet file with the recipe's input column(s); default: lines on stdin.")
 @click.option("--output", "output_path", type=click.Path(path_type=Path),
-              help="Write predictions here (.jsonl: JSON lines; .csv/.tsv: a table whose list and dict cells are "
-                   "JSON); default: JSON lines on stdout.")
-@click.option("--format", "output_format", type=click.Choice(["auto", "jsonl", "csv", "tsv"]), default="auto",
-              show_default=True, help="Output format (auto: from the --output suffix).")
+              help="Write predictions here, in the format its suffix names (.jsonl/.ndjson: JSON lines; .json: one "
+                   "JSON array; .csv/.tsv: a table whose list and dict cells are JSON; another suffix needs "
+                   "--format); default: stdout.")
+@click.option("--format", "output_format", type=click.Choice(["auto", "jsonl", "json", "csv", "tsv"]),
+              default="auto", show_default=True,
+              help="Output format, whatever the --output suffix (auto: from the suffix; JSON lines on stdout).")
 @click.option("--text", "--prompt", "-t", "texts", multiple=True, help="An input given directly (repeatable): a text, "
               "a prompt, a file path.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow the run's backbone to run its own modelling code "
               "(needed when the run was trained with model.trust_remote_code; a run folder never allows it itself).")
-@_set_option
+@_set_option("Change a setting of the run's recipe for this prediction, e.g. --set data.text_column=review "
+             "(the input column a text task reads) or --set task.max_new_tokens=32 (repeatable).")
 def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, output_format: str,
             texts: tuple[str, ...], batch_size: int, trust_remote_code: bool, overrides: tuple[str, ...]) -> None:
     """Predict with the best adapter of the run in RUN_DIR (a run folder, or a Hub repo id it was pushed to).
@@ -212,8 +215,9 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, ou
     quiet_libraries()
     from finetune.run.hub import find_run
     from finetune.run.inference import load_run
-    from finetune.run.predictions import predict_records, read_records, write_predictions
+    from finetune.run.predictions import check_output, predict_records, read_records, write_predictions
 
+    output_format = check_output(output_path, output_format)  # before the model loads
     run_dir = find_run(str(run_dir))
     task, model, processor, _ = load_run(run_dir, list(overrides), trust_remote_code=trust_remote_code,
                                          announce=lambda line: click.echo(line, err=True))

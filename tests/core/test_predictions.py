@@ -111,6 +111,25 @@ def test_predicting_on_labelled_data_keeps_its_label_column_and_adds_pred_fields
     assert "Rename or drop those columns" in again.stderr
 
 
+def test_output_is_written_as_its_suffix_says_or_refused_before_the_model_loads(trained_run, tmp_path):
+    _, run = trained_run
+    text = run_cli("predict", str(run.path), "-t", "good great day", "--output", str(tmp_path / "p.txt"))
+    assert text.returncode == 2 and not (tmp_path / "p.txt").exists() and "Traceback" not in text.stderr
+    assert "p.txt: the suffix '.txt' names no format" in text.stderr
+    assert ".jsonl (JSON lines)" in text.stderr and ".csv (a CSV table)" in text.stderr
+    assert "--format jsonl|json|csv|tsv" in text.stderr
+    missing = run_cli("predict", str(run.path), "-t", "x", "--output", str(tmp_path / "no" / "p.csv"))
+    assert missing.returncode == 2 and "the folder" in missing.stderr and "does not exist" in missing.stderr
+    array = run_cli("predict", str(run.path), "-t", "good great day", "-t", "awful bad food",
+                    "--output", str(tmp_path / "p.json"))
+    assert array.returncode == 0, array.stderr
+    rows = json.loads((tmp_path / "p.json").read_text())  # one JSON array, as .json says
+    assert [r["text"] for r in rows] == ["good great day", "awful bad food"] and rows[0]["pred_label"] in ("neg", "pos")
+    table = run_cli("predict", str(run.path), "-t", "good great day", "--format", "csv")  # stdout, as asked
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0] == "text,pred_label,pred_score,prob_neg,prob_pos"
+
+
 def test_predict_help_lists_every_tasks_prediction_fields_and_a_predict_example():
     result = run_cli("predict", "--help")
     assert result.returncode == 0
@@ -121,6 +140,9 @@ def test_predict_help_lists_every_tasks_prediction_fields_and_a_predict_example(
                          ("causal-lm", ("pred_text", "pred_finish_reason", "pred_new_tokens"))):
         section = listing.split(f"{task}:")[1]
         assert all(field in section for field in fields), (task, section)
+    shown = " ".join(result.stdout.split())  # as one line: help text wraps
+    assert "--set data.text_column=review" in shown and "learning_rate" not in shown
+    assert ".json: one JSON array" in shown
 
 
 def test_a_mistyped_run_folder_is_a_missing_folder_not_a_hub_id(tmp_path):
