@@ -19,7 +19,7 @@ from finetune.contract.labels import label_text, sorted_labels
 from finetune.contract.layers import attention_projections, resolve_layers, transformer_layers
 from finetune.contract.recipe import DataOptions, PathStr, Recipe, TaskOptions
 from finetune.contract.tables import load_table, read_jsonl, require_columns, split_frame
-from finetune.contract.task import DataSplits, Task
+from finetune.contract.task import DataSplits, Task, missing_input_column
 from finetune.engine.datasets_source import DatasetSource, DatasetSplit, open_dataset
 from finetune.engine.run_folder import RunDir
 from finetune.errors import BackboneError, DataError, FinetuneError, PluginError, RecipeError
@@ -55,6 +55,7 @@ __all__ = [
     "length_grouped_batches",
     "load_run",
     "load_table",
+    "missing_input_column",
     "open_dataset",
     "package_dir",
     "read_jsonl",

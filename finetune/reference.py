@@ -24,7 +24,8 @@ command line (the value parses as a TOML literal, else as a string). Unknown
 sections and keys are errors with a "did you mean" hint. Relative paths resolve
 against the recipe file's folder, not the current directory: data files and
 `output.dir` alike (the recipes in `recipes/` write to `runs/<name>` with
-`dir = "../runs/<name>"`).
+`dir = "../runs/<name>"`). Each task's section also lists the fields
+`finetune predict` adds to every input record.
 
 Generated from the code by `python -m finetune.reference recipes`; do not edit by hand.
 """
@@ -60,6 +61,10 @@ def recipe_reference_markdown() -> str:
             if own:
                 heading = f"Keys of `[{section_name}]` this task adds or gives its own meaning:"
                 lines += [heading, "", *_table(own), ""]
+        if task.prediction_fields:
+            lines += ["`finetune predict` adds to each input record (whose own fields are kept as they are):", "",
+                      "| field | meaning |", "|---|---|"]
+            lines += [f"| `{name}` | {meaning} |" for name, meaning in task.prediction_fields.items()] + [""]
     return "\n".join(lines)
 
 

@@ -94,6 +94,7 @@ def task_problems(cls: type) -> list[str]:
     from finetune.contract.recipe import DataOptions, TaskOptions
     from finetune.contract.task import Task
     from finetune.engine.conformance import method_problems
+    from finetune.engine.guard import PREDICTION_PREFIXES
 
     problems = []
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", cls.name or ""):
@@ -114,6 +115,14 @@ def task_problems(cls: type) -> list[str]:
         problems.append(f"default_metric {cls.default_metric!r} is not in metric_names {names}")
     if not isinstance(cls.lower_is_better, tuple):
         problems.append(f"lower_is_better must be a tuple of metric names, not {cls.lower_is_better!r}")
+    fields = cls.prediction_fields
+    if not (isinstance(fields, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items())):
+        problems.append(f"prediction_fields must be a dict of field name -> meaning (str), not {fields!r}")
+    else:
+        unprefixed = [k for k in fields if not k.startswith(PREDICTION_PREFIXES)]
+        if unprefixed:
+            problems.append(f"prediction_fields {unprefixed} should start with pred_ (prob_ for a class probability), "
+                            "so that a prediction never takes an input column's name")
     if cls.library_name not in ("peft", "transformers", "timm"):
         problems.append("library_name should be peft, transformers or timm (Hub metadata)")
     errors, warnings = method_problems(cls)

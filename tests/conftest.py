@@ -83,10 +83,11 @@ def make_recipe(tmp_path, tiny_bert, sentiment_csv):
     return _make
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: int = 600):
-    """Run the real `finetune` CLI in a subprocess (as a user would)."""
+def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: int = 600,
+            cwd: Path | None = None):
+    """Run the real `finetune` CLI in a subprocess (as a user would), in the repository (or ``cwd``)."""
     import subprocess
 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "finetune.cli", *args], capture_output=True, text=True,
-                          env=full_env, input=input, timeout=timeout, cwd=str(REPO))
+                          env=full_env, input=input, timeout=timeout, cwd=str(cwd or REPO))

@@ -150,7 +150,7 @@ class Tagger(Task):
                 if word is not None and word not in seen:
                     seen.add(word)
                     tags.append(TAGS[ids[position]])
-            rows.append({**record, "tags": tags})
+            rows.append({**record, "pred_tags": tags})
         if self.recipe.task.bug == "short_predict":
             return rows[:-1]
         return rows

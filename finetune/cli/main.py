@@ -80,13 +80,32 @@ def cli(debug: bool) -> None:
     """
 
 
-_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                           help="Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable).")
+def _set_option(help_text: str = "Override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable)."):
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=help_text)
+
+
+class PredictCommand(click.Command):
+    """``finetune predict``, whose help ends with the fields each installed task's predictions add."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        from finetune.engine.plugins import get_registry
+
+        tasks = get_registry().tasks
+        with formatter.section("Prediction fields (added to each input record; its own fields stay as they are)"):
+            for name in sorted(tasks):
+                fields = tasks[name].cls.prediction_fields
+                formatter.write_text(f"{name}:")
+                with formatter.indentation():
+                    if isinstance(fields, dict) and fields:
+                        formatter.write_dl([(str(k), str(v)) for k, v in fields.items()])
+                    else:
+                        formatter.write_text("(not declared by its plugin)")
 
 
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@_set_option
+@_set_option()
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in output.dir (error if there is none).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished (or different) run in output.dir.")
 @click.option("--dry-run", is_flag=True, help="Validate and show one batch; do not train (same as `validate`).")
@@ -128,7 +147,7 @@ def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool,
 
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@_set_option
+@_set_option()
 @click.option("--all", "show_all", is_flag=True,
               help="Show every recipe key, defaults and settings this run does not use included.")
 def validate(recipe: Path, overrides: tuple[str, ...], show_all: bool) -> None:
@@ -177,36 +196,39 @@ def plugins() -> None:
         click.echo(f"error: {conflict}", err=True)
 
 
-@cli.command()
+@cli.command(cls=PredictCommand)
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--input", "input_path", type=click.Path(path_type=Path),
               help="A .csv/.tsv/.jsonl/.parquet file with the recipe's input column(s); default: lines on stdin.")
 @click.option("--output", "output_path", type=click.Path(path_type=Path),
-              help="Write predictions here (.jsonl: JSON lines; .csv/.tsv: a table whose list and dict cells are "
-                   "JSON); default: JSON lines on stdout.")
-@click.option("--format", "output_format", type=click.Choice(["auto", "jsonl", "csv", "tsv"]), default="auto",
-              show_default=True, help="Output format (auto: from the --output suffix).")
+              help="Write predictions here, in the format its suffix names (.jsonl/.ndjson: JSON lines; .json: one "
+                   "JSON array; .csv/.tsv: a table whose list and dict cells are JSON; another suffix needs "
+                   "--format); default: stdout.")
+@click.option("--format", "output_format", type=click.Choice(["auto", "jsonl", "json", "csv", "tsv"]),
+              default="auto", show_default=True,
+              help="Output format, whatever the --output suffix (auto: from the suffix; JSON lines on stdout).")
 @click.option("--text", "--prompt", "-t", "texts", multiple=True, help="An input given directly (repeatable): a text, "
               "a prompt, a file path.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow the run's backbone to run its own modelling code "
               "(needed when the run was trained with model.trust_remote_code; a run folder never allows it itself).")
-@_set_option
+@_set_option("Change a setting of the run's recipe for this prediction, e.g. --set data.text_column=review "
+             "(the input column a text task reads) or --set task.max_new_tokens=32 (repeatable).")
 def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, output_format: str,
             texts: tuple[str, ...], batch_size: int, trust_remote_code: bool, overrides: tuple[str, ...]) -> None:
     """Predict with the best adapter of the run in RUN_DIR (a run folder, or a Hub repo id it was pushed to).
 
-    Inputs come from --text, --input, or lines on stdin. --set changes prediction-time
-    settings of the run's recipe (e.g. a generation task's sampling options)."""
+    Inputs come from --text, --input, or lines on stdin. Each output row is the input
+    record, unchanged, plus the prediction's fields (listed below for each task).
+    --set changes prediction-time settings of the run's recipe (the input column, a
+    generation task's sampling options)."""
     quiet_libraries()
+    from finetune.run.hub import find_run
     from finetune.run.inference import load_run
-    from finetune.run.predictions import predict_records, read_records, write_predictions
+    from finetune.run.predictions import check_output, predict_records, read_records, write_predictions
 
-    if not run_dir.exists():
-        from finetune.run.hub import is_hub_id, pull
-
-        if is_hub_id(str(run_dir)):
-            run_dir = pull(str(run_dir))
+    output_format = check_output(output_path, output_format)  # before the model loads
+    run_dir = find_run(str(run_dir))
     task, model, processor, _ = load_run(run_dir, list(overrides), trust_remote_code=trust_remote_code,
                                          announce=lambda line: click.echo(line, err=True))
     records = read_records(task, input_path, list(texts))
@@ -224,19 +246,17 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, ou
 @click.option("--batch-size", type=int, help="Evaluation batch size (default: the run's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the run's backbone to run its own modelling code "
               "(needed when the run was trained with model.trust_remote_code).")
-@_set_option
+@_set_option("Change a setting of the run's recipe for this evaluation, e.g. --set data.label_column=gold "
+             "(repeatable).")
 def evaluate(run_dir: Path, input_path: Path, output_path: Path | None, batch_size: int | None,
              trust_remote_code: bool, overrides: tuple[str, ...]) -> None:
     """Score the best adapter of the run in RUN_DIR (a run folder, or a Hub repo id it was pushed to) on a
     labelled file, with the task's own metrics (as at an evaluation during training)."""
     quiet_libraries()
     from finetune.run.evaluate import evaluate_run
+    from finetune.run.hub import find_run
 
-    if not run_dir.exists():
-        from finetune.run.hub import is_hub_id, pull
-
-        if is_hub_id(str(run_dir)):
-            run_dir = pull(str(run_dir))
+    run_dir = find_run(str(run_dir))
     result = evaluate_run(run_dir, input_path, list(overrides), batch_size=batch_size,
                           trust_remote_code=trust_remote_code, announce=lambda line: click.echo(line, err=True))
     step = f" (adapter of step {result['adapter_step']})" if result["adapter_step"] is not None else ""

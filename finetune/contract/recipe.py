@@ -210,8 +210,9 @@ class DistributedSection(Section):
 
 class OutputSection(Section):
     dir: PathStr = Field("", description="Run folder. A relative path resolves against the recipe file's folder, "
-                         "like every path in a recipe (also when given with --set): recipes/x.toml with "
-                         "dir = \"../runs/x\" writes runs/x. Default: runs/<recipe name> beside the recipe.")
+                         "like every path in a recipe (also when given with --set): recipes/text-quickstart.toml "
+                         "with dir = \"../runs/text-quickstart\" writes runs/text-quickstart. "
+                         "Default: runs/<recipe name> beside the recipe.")
 
 
 class HubSection(Section):

@@ -61,13 +61,15 @@ The core passes every argument by position, except ``training`` (``build_dataset
 ``batch_size``/``stream`` (``predict``), which it passes by name: an override may rename the others.
 Every method runs through the core's guard: an exception (other than a ``finetune`` error, which is
 shown as it is) is reported naming the plugin, the task and the method, and a return value that breaks
-the contract (wrong type, one prediction per example missing, a loss without gradient, ...) is reported
-the same way, with what was wrong with it. ``finetune.testing.check_plugin`` checks method names and
-signatures against this class before anything runs.
+the contract (wrong type, one prediction per example missing, a prediction that overwrites an input
+field, a loss without gradient, ...) is reported the same way, with what was wrong with it.
+``finetune.testing.check_plugin`` checks method names and signatures against this class before anything
+runs.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -132,6 +134,11 @@ class Task:
     #: Fill value for evaluation outputs of different widths (see :meth:`evaluation_step`): tensors are
     #: padded with it to the widest batch before :meth:`compute_metrics` sees them.
     eval_pad_value: ClassVar[int | float] = -100
+    #: The fields :meth:`predict` adds to each input record, name -> one-line meaning (listed by ``finetune
+    #: predict --help`` and the docs). Names start with ``pred_`` (``prob_`` for a class probability);
+    #: ``<...>`` stands for a varying part, e.g. ``{"prob_<label>": "probability of that label"}``. When
+    #: given, the core checks that every field a prediction adds is listed. Empty: not declared.
+    prediction_fields: ClassVar[dict[str, str]] = {}
 
     #: JSON-serialisable facts needed to rebuild the model for inference (label names, target scaling...).
     #: Fill it in :meth:`prepare_data`; the core saves it beside the adapter (``finetune_task.json``) and
@@ -289,8 +296,13 @@ class Task:
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
                 batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
         """Predict for raw records (dicts with :meth:`predict_input_columns`), under ``torch.no_grad()``,
-        the model in eval mode. Return one dict per record, in order: usually the record's own fields plus
-        the prediction's (``label``, ``score``, ... ; lists and dicts are written as JSON).
+        the model in eval mode. Return one dict per record, in order: the record's fields, unchanged (the
+        user's data: a gold ``label`` column stays as it was), plus the prediction's fields, named
+        ``pred_<name>`` (``pred_label``, ``pred_score``, ``pred_text``...) or ``prob_<class>`` for a class
+        probability, as :attr:`prediction_fields` lists them; lists and dicts are written as JSON. The core
+        checks every row: an input field changed or left out (except encoded bytes, which no output file
+        holds) or an added field named otherwise is an error naming the plugin. An input file whose columns
+        already use those prefixes is refused before :meth:`predict` runs.
 
         ``batch_size`` and ``stream`` are passed by name; ``stream`` is True when results go to a terminal (a
         generation task may print tokens as they come). Prediction settings come from ``self.recipe``
@@ -313,12 +325,7 @@ class Task:
         df = load_table(path, key="--input")
         missing = [c for c in self.predict_input_columns() if c not in df.columns]
         if missing:
-            found = ", ".join(repr(c) for c in df.columns)
-            raise DataError(f"--input: {path} has no column {missing[0]!r}{did_you_mean(missing[0], df.columns)} "
-                            f"(columns found: {found}); this run reads its input from "
-                            f"{', '.join(map(repr, self.predict_input_columns()))}. Rename the column in the file, "
-                            "or name yours with `finetune predict RUN --set data.<key>=<column>` (the run's "
-                            "recipe.toml shows which [data] key names it).")
+            raise missing_input_column(path, missing[0], [str(c) for c in df.columns], self.recipe.data)
         return df.to_dict(orient="records")
 
     def usage_snippet(self, base: str) -> str | None:
@@ -328,3 +335,24 @@ class Task:
         the adapter folder is ``'adapter'`` (the Hub repo's root once pushed). Use :attr:`state` for facts
         such as label names. Default: None (the card shows a generic ``PeftModel.from_pretrained`` line)."""
         return None
+
+
+def input_column_key(data: Any, column: str) -> str | None:
+    """The recipe key that names an input column (``"data.text_column"`` when ``data.text_column`` is
+    ``column``), or None when no ``[data]`` key does."""
+    keys = sorted((name for name, value in data if value == column), key=lambda name: not name.endswith("_column"))
+    return f"data.{keys[0]}" if keys else None
+
+
+def missing_input_column(path: str | Path, column: str, found: list[str], data: Any) -> DataError:
+    """The error for a ``finetune predict --input`` file without the input column ``column``: the columns it has,
+    and the two fixes (rename the column, or ``--set`` the ``[data]`` key that names it to the file's column)."""
+    key = input_column_key(data, column)
+    close = difflib.get_close_matches(column, found, n=1, cutoff=0.6)
+    listed = ", ".join(map(repr, found)) or "none"
+    fix = "Rename that column in the file"
+    if key:
+        guess = close[0] if close else (found[0] if len(found) == 1 else "<column>")
+        fix += f", or say which column holds it: `finetune predict RUN --set {key}={guess}`"
+    return DataError(f"--input: {path} has no column {column!r}{did_you_mean(column, found)} (columns found: "
+                     f"{listed}); this run reads its input from {column!r}{f' ({key})' if key else ''}. {fix}.")

@@ -11,6 +11,7 @@ errors without a traceback (``--debug`` shows one).
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,6 +50,9 @@ class GuardedTask:
         if not inspect.ismethod(value):  # data, classes, models stored on the task: as they are
             return value
 
+        if name == "predict":
+            return self.guarded_predict(value)
+
         def call(*args: Any, **kwargs: Any) -> Any:
             result = attributed(self.owner, self.where(name), value, *args, **kwargs)
             check = _RETURN_CHECKS.get(name)
@@ -85,6 +89,22 @@ class GuardedTask:
             return batch
 
         return collator
+
+
+    def guarded_predict(self, predict: Callable[..., Any]) -> Callable[..., Any]:
+        """``predict`` whose rows are checked against the records as they were given (a copy taken before
+        the call, so that a record changed in place is caught too)."""
+
+        def call(model: Any, processor: Any, records: Any, *args: Any, **kwargs: Any) -> Any:
+            given = [dict(r) if isinstance(r, Mapping) else r for r in records]
+            rows = attributed(self.owner, self.where("predict"), predict, model, processor, records, *args, **kwargs)
+            problem = (_check_predictions(rows, model, processor, given)
+                       or prediction_row_problem(rows, given, type(self.task).prediction_fields))
+            if problem:
+                raise self.fail("predict", problem)
+            return rows
+
+        return call
 
 
 class GuardedCallback:
@@ -267,6 +287,57 @@ def _check_predictions(value: Any, model: Any = None, processor: Any = None, rec
     return None
 
 
+#: Prefixes of the fields a prediction adds (``Task.predict``): never the name of an input column.
+PREDICTION_PREFIXES = ("pred_", "prob_")
+
+
+def prediction_row_problem(rows: list[Mapping[str, Any]], records: list[Mapping[str, Any]],
+                           declared: Mapping[str, str]) -> str | None:
+    """What is wrong with predicted ``rows`` against their input ``records`` (None: nothing): an input field
+    changed or left out (encoded bytes may be left out: no output file holds them), or an added field not
+    named ``pred_*``/``prob_*``, or (when the task declares ``prediction_fields``) not declared there."""
+    patterns = [re.compile(re.sub(r"<[^>]*>", ".+", re.escape(name))) for name in declared]
+    for number, (row, record) in enumerate(zip(rows, records), start=1):
+        for key, value in record.items():
+            if key not in row:
+                if isinstance(value, (bytes, bytearray)):
+                    continue
+                return (f"left out the input field {key!r} of record {number}; a row keeps every field of its "
+                        "input record (the user's data) and adds its own")
+            if not _same(row[key], value):
+                return (f"changed the input field {key!r} of record {number} ({_short(value)} -> "
+                        f"{_short(row[key])}); a prediction must not overwrite the user's data: give it a field "
+                        "of its own named pred_<name> (prob_<class> for a class probability)")
+        for key in row:
+            if key in record:
+                continue
+            if not (isinstance(key, str) and key.startswith(PREDICTION_PREFIXES)):
+                return (f"added the field {key!r} to record {number}; name prediction fields pred_<name> "
+                        "(prob_<class> for a class probability) so that they never take an input column's name")
+            if patterns and not any(p.fullmatch(key) for p in patterns):
+                return (f"added the field {key!r} to record {number}, which its prediction_fields do not list "
+                        f"({', '.join(declared)}); list it there (`finetune predict --help` shows them)")
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two field values are equal (NaN equals NaN: an empty table cell; arrays compare whole)."""
+    if a is b:
+        return True
+    try:
+        equal = a == b
+        if hasattr(equal, "all"):
+            return bool(equal.all())
+        return bool(equal) or (a != a and b != b)
+    except Exception:  # noqa: BLE001 - values that cannot be compared are not the same
+        return False
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _check_optional_text(value: Any, *args: Any, **kwargs: Any) -> str | None:
     return None if value is None or isinstance(value, str) else f"returned {_kind(value)}; give a str or None"
 
@@ -292,7 +363,6 @@ _RETURN_CHECKS: dict[str, Callable[..., str | None]] = {
     "example_lengths": _check_lengths,
     "baseline": _check_optional_dict,
     "speed_notes": _check_name_list,
-    "predict": _check_predictions,
     "predict_input_columns": _check_name_list,
     "read_predict_input": _check_records,
     "usage_snippet": _check_optional_text,

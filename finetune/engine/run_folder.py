@@ -20,6 +20,7 @@ appear last, so a folder that looks complete is complete.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 import shutil
@@ -114,6 +115,30 @@ def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             lines.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
     return lines
+
+
+def missing_run_folder(path: str | Path) -> RunError:
+    """The error for a run folder that does not exist: it says so, with the nearest existing folders to what was
+    typed (a typo: ``runs/sentt`` for ``runs/sent``), found with difflib at the first part that does not exist."""
+    path = Path(path)
+    parent, rest = path.parent, [path.name]
+    while not parent.is_dir() and parent != parent.parent:
+        parent, rest = parent.parent, [parent.name, *rest]
+    missing, tail = rest[0], rest[1:]
+    try:
+        siblings = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        siblings = []
+    nearest = [parent.joinpath(name, *tail) for name in difflib.get_close_matches(missing, siblings, n=3, cutoff=0.6)]
+    nearest = [str(p) for p in nearest if p.is_dir()]
+    if nearest:
+        hint = f" Did you mean {' or '.join(nearest)}?"
+    else:
+        runs = [name for name in siblings if (parent / name / "recipe.toml").exists()]
+        shown = ", ".join(runs[:10]) + (", ..." if len(runs) > 10 else "")
+        hint = f" The run folders in {parent}: {shown}." if runs and not tail else ""
+    where = f" ({parent / missing} does not exist)" if tail else ""
+    return RunError(f"{path}: no such run folder{where}.{hint}")
 
 
 class RunDir:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.engine.hub_access import describe_hub_error, endpoint, use_request_timeout
-from finetune.engine.run_folder import RunDir
+from finetune.engine.run_folder import RunDir, missing_run_folder
 from finetune.errors import FinetuneError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -34,7 +34,24 @@ class HubError(FinetuneError):
 
 
 def is_hub_id(value: str) -> bool:
-    return bool(HUB_ID.match(value)) and not Path(value).exists()
+    """Whether a command's argument names a Hub repo rather than a local folder: shaped ``user/name``, and
+    neither it nor its first part (``runs`` of ``runs/sent``) is a folder here."""
+    return bool(HUB_ID.match(value)) and not Path(value).exists() and not Path(value.split("/")[0]).is_dir()
+
+
+def find_run(value: str) -> Path:
+    """The run folder a command's RUN_DIR argument names: a local folder, or (when it is a Hub id, see
+    :func:`is_hub_id`) the repo pulled from the Hub. A local path that does not exist is an error suggesting the
+    nearest folders; a Hub id that cannot be pulled is an error saying both that no such folder is here and what
+    the Hub answered."""
+    if not is_hub_id(value):
+        if not Path(value).exists():
+            raise missing_run_folder(value)
+        return Path(value)
+    try:
+        return pull(value)
+    except HubError as exc:
+        raise HubError(f"{value}: no folder of that name here; tried as a Hub repo id: {exc}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -148,6 +165,8 @@ def push_run(run_path: str | Path, repo_id: str, *, private: bool = False, revis
     from huggingface_hub import HfApi
 
     run = RunDir(run_path)
+    if not run.path.exists():
+        raise missing_run_folder(run.path)
     if not run.recipe_file.exists():
         raise HubError(f"{run.path}: not a finetune run folder (no recipe.toml).")
     if not HUB_ID.match(repo_id):
@@ -199,6 +218,10 @@ def pull(repo_id: str, revision: str | None = None) -> Path:
     try:
         path = Path(snapshot_download(repo_id, revision=revision, endpoint=endpoint()))
     except Exception as exc:  # noqa: BLE001
+        # With nothing cached, snapshot_download reports any failed request (an unreachable server, or its
+        # HTTP 404 for a repo it does not have) as LocalEntryNotFoundError; what the Hub answered is the cause.
+        if "LocalEntryNotFound" in type(exc).__name__ and exc.__cause__ is not None:
+            exc = exc.__cause__
         raise HubError(describe_hub_error(exc, "pull", repo_id)) from None
     if not (path / "recipe.toml").exists() or not (path / "finetune_task.json").exists():
         raise HubError(f"{repo_id} is not a finetune model repo (no recipe.toml / finetune_task.json); load it with "

@@ -11,7 +11,7 @@ from finetune.contract.task import Task
 from finetune.engine.backbones import resolve_backbone
 from finetune.engine.plugins import get_registry
 from finetune.engine.recipe_file import apply_overrides, validate_recipe
-from finetune.engine.run_folder import RunDir
+from finetune.engine.run_folder import RunDir, missing_run_folder
 from finetune.errors import RecipeError, RunError
 from finetune.run.adapter import TASK_STATE_FILE, TRAINED_WEIGHTS_FILE, load_trained_weights
 
@@ -34,6 +34,8 @@ def load_run(run_path: str | Path, overrides: list[str] | None = None, *, trust_
     from peft import PeftModel
 
     run = RunDir(run_path)
+    if not run.path.exists():
+        raise missing_run_folder(run.path)
     if not run.recipe_file.exists():
         raise RunError(f"{run.path}: not a finetune run folder (no recipe.toml).")
     if not (run.adapter_dir / TASK_STATE_FILE).exists():

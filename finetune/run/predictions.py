@@ -1,4 +1,5 @@
-"""Reading prediction inputs and writing predictions (JSON lines, or a CSV whose list and dict cells are JSON)."""
+"""Reading prediction inputs and writing predictions (JSON lines, a JSON array, or a CSV/TSV table whose list and
+dict cells are JSON)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.engine.guard import PREDICTION_PREFIXES
 from finetune.errors import DataError
 
 
@@ -19,7 +21,13 @@ def read_records(task: Any, input_path: Path | None, texts: list[str] | None = N
     if input_path is not None:
         if not input_path.exists():
             raise DataError(f"--input: {input_path} not found.")
-        return task.read_predict_input(input_path)
+        records = task.read_predict_input(input_path)
+        taken = sorted({k for r in records for k in r if isinstance(k, str) and k.startswith(PREDICTION_PREFIXES)})
+        if taken:
+            raise DataError(f"--input: {input_path} has the column(s) {', '.join(map(repr, taken))}: names starting "
+                            f"with {' or '.join(PREDICTION_PREFIXES)} are where `finetune predict` writes its "
+                            "predictions (is this an earlier output of predict?). Rename or drop those columns.")
+        return records
     if sys.stdin.isatty():
         print(f"reading one {columns[0] if columns else 'input'} per line from stdin (Ctrl-D to finish)...",
               file=sys.stderr)
@@ -39,39 +47,62 @@ def predict_records(task: Any, model: Any, processor: Any, records: list[dict[st
         return task.predict(model, processor, records, batch_size=batch_size, stream=stream)
 
 
-#: Output formats by file suffix (``finetune predict --output``); anything else is CSV unless --format says.
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+#: Output formats by file suffix (``finetune predict --output``); ``--format`` chooses one whatever the suffix.
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+#: What each format writes, for help and error messages.
+FORMAT_NAMES = {"jsonl": "JSON lines", "json": "one JSON array", "csv": "a CSV table", "tsv": "a TSV table"}
 
 
 def output_format(output_path: Path | None, fmt: str = "auto") -> str:
-    """``jsonl``/``csv``/``tsv``: ``fmt`` when given, else from the suffix (stdout: JSON lines)."""
+    """``jsonl``/``json``/``csv``/``tsv``: ``fmt`` when given, else from the suffix (stdout: JSON lines). A
+    suffix that names no format is an error (rather than a file whose contents its name belies)."""
     if fmt != "auto":
         return fmt
     if output_path is None:
         return "jsonl"
-    return FORMATS.get(output_path.suffix.lower(), "csv")
+    kind = FORMATS.get(output_path.suffix.lower())
+    if kind is None:
+        known = ", ".join(f"{suffix} ({FORMAT_NAMES[k]})" for suffix, k in FORMATS.items())
+        raise DataError(f"--output: {output_path}: the suffix {output_path.suffix or '(none)'!r} names no format "
+                        f"finetune writes ({known}). Name the file with one of these suffixes, or keep the name "
+                        f"and choose the format with --format {'|'.join(FORMAT_NAMES)}.")
+    return kind
+
+
+def check_output(output_path: Path | None, fmt: str = "auto") -> str:
+    """The output format, checked with the output's folder before any prediction is made (fails fast)."""
+    kind = output_format(output_path, fmt)
+    if output_path is not None and not output_path.parent.is_dir():
+        raise DataError(f"--output: {output_path}: the folder {output_path.parent} does not exist; create it first.")
+    return kind
 
 
 def write_predictions(rows: list[dict[str, Any]], output_path: Path | None, fmt: str = "auto") -> None:
-    """One JSON object per line (stdout, or a .jsonl file), or a CSV/TSV file in which list and dict values
-    (tags, spans, probabilities) are written as JSON text, so a spreadsheet or ``json.loads`` reads them back."""
+    """JSON lines (stdout's default), one JSON array, or a CSV/TSV table in which list and dict values (tags,
+    spans, probabilities) are written as JSON text, so a spreadsheet or ``json.loads`` reads them back."""
     kind = output_format(output_path, fmt)
     if output_path is None:
-        for row in rows:
-            sys.stdout.write(json.dumps(row, ensure_ascii=False, default=_plain) + "\n")
+        _write(rows, sys.stdout, kind, line_end="\n")
         return
+    with open(output_path, "w", newline="", encoding="utf-8") as fh:
+        _write(rows, fh, kind)
+    print(f"wrote {len(rows)} predictions to {output_path} ({FORMAT_NAMES[kind]})", file=sys.stderr)
+
+
+def _write(rows: list[dict[str, Any]], fh: Any, kind: str, line_end: str = "\r\n") -> None:
     if kind == "jsonl":
-        with open(output_path, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(row, ensure_ascii=False, default=_plain) + "\n" for row in rows)
+        fh.writelines(json.dumps(row, ensure_ascii=False, default=_plain) + "\n" for row in rows)
+    elif kind == "json":
+        json.dump(rows, fh, ensure_ascii=False, default=_plain, indent=1)
+        fh.write("\n")
     else:
         import csv
 
         columns = list(dict.fromkeys(key for row in rows for key in row))
-        with open(output_path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, delimiter="\t" if kind == "tsv" else ",")
-            writer.writeheader()
-            writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
-    print(f"wrote {len(rows)} predictions to {output_path} ({kind})", file=sys.stderr)
+        writer = csv.DictWriter(fh, fieldnames=columns, delimiter="\t" if kind == "tsv" else ",",
+                                lineterminator=line_end)
+        writer.writeheader()
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
 
 
 def _cell(value: Any) -> Any:

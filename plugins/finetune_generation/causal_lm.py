@@ -28,6 +28,7 @@ from finetune import (
     Task,
     TaskOptions,
     attention_projections,
+    missing_input_column,
     open_dataset,
     transformer_layers,
 )
@@ -106,6 +107,10 @@ class CausalLM(Task):
     metric_names = ("perplexity",)
     pipeline_tag = "text-generation"
     library_name = "peft"
+    prediction_fields = {"pred_text": "the generated answer",
+                         "pred_finish_reason": "why generation stopped: 'stop' (a stop token) or 'length' "
+                                               "(task.max_new_tokens)",
+                         "pred_new_tokens": "how many tokens were generated"}
 
     def __init__(self, recipe: Any) -> None:
         super().__init__(recipe)
@@ -387,10 +392,17 @@ class CausalLM(Task):
         records = [rec for _, rec in read_records(str(path), "auto", "--input")]
         accepted = {column, self.recipe.data.messages_column}
         for i, rec in enumerate(records):
-            if not accepted & set(rec):
-                raise DataError(f"--input: {path}: record {i + 1} has no {column!r} field (fields: "
-                                f"{', '.join(map(repr, rec)) or 'none'}); give prompts in a {column!r} field or a "
-                                "text file with one prompt per line.")
+            if accepted & set(rec):
+                continue
+            where = f"{path}: record {i + 1}"
+            if self.state.get("shape") == "messages":  # the prompt field's name is fixed; the list's is a key
+                fields = ", ".join(map(repr, rec)) or "none"
+                raise DataError(f"--input: {where} has neither a {column!r} field nor a "
+                                f"{self.recipe.data.messages_column!r} list (fields: {fields}). Give one of them "
+                                "(`--set data.messages_column=<field>` names the list's field), or a .txt file with "
+                                "one prompt per line.")
+            error = missing_input_column(where, column, list(rec), self.recipe.data)
+            raise DataError(f"{error} A .txt file with one prompt per line works too.")
         return records
 
     def _record_example(self, record: dict[str, Any]) -> Example:
@@ -423,7 +435,7 @@ class CausalLM(Task):
                 outs += generate(model, processor, [prompt], kwargs, stream_to=sink, seed=opts.seed)
         else:
             outs = generate(model, processor, prompts, kwargs, batch_size=batch_size, seed=opts.seed)
-        return [{**r, "generation": g.text, "finish_reason": g.finish_reason, "new_tokens": g.new_tokens}
+        return [{**r, "pred_text": g.text, "pred_finish_reason": g.finish_reason, "pred_new_tokens": g.new_tokens}
                 for r, g in zip(records, outs)]
 
     def usage_snippet(self, base: str) -> str:

@@ -70,6 +70,9 @@ class TextClassification(Task):
     metric_names = ("accuracy", "macro_f1")
     pipeline_tag = "text-classification"
     library_name = "peft"
+    prediction_fields = {"pred_label": "the most likely label",
+                         "pred_score": "its probability",
+                         "prob_<label>": "the probability of each label"}
 
     # -- data ----------------------------------------------------------
     def _read(self, path: str, key: str):
@@ -338,8 +341,8 @@ class TextClassification(Task):
             for record, p in zip(chunk, probs):
                 best = int(p.argmax())
                 label = int(labels[best]) if self.state.get("integer_labels") else labels[best]
-                rows.append({**record, "label": label, "score": float(p[best]),
-                             **{f"prob_{label}": float(p[i]) for i, label in enumerate(labels)}})
+                rows.append({**record, "pred_label": label, "pred_score": float(p[best]),
+                             **{f"prob_{name}": float(p[i]) for i, name in enumerate(labels)}})
         return rows
 
     def usage_snippet(self, base: str) -> str:

@@ -40,6 +40,7 @@ class AudioClassification(SpeechTask):
     default_metric = "accuracy"
     metric_names = ("accuracy", "macro_f1")
     pipeline_tag = "audio-classification"
+    prediction_fields = {"pred_label": "the most likely label", "pred_score": "its probability"}
 
     def target_column(self) -> str:
         return self.recipe.data.label_column
@@ -180,7 +181,7 @@ class AudioClassification(SpeechTask):
             probs = torch.softmax(model(**batch).logits.float(), dim=-1).cpu()
             for record, p in zip(records[start:start + batch_size], probs):
                 best = int(p.argmax())
-                rows.append({**record, "label": labels[best], "score": round(float(p[best]), 4)})
+                rows.append({**record, "pred_label": labels[best], "pred_score": round(float(p[best]), 4)})
         return rows
 
     def usage_snippet(self, base: str) -> str:

@@ -80,6 +80,7 @@ class SpeechRecognition(SpeechTask):
     default_metric = "wer"
     metric_names = ("wer", "cer")
     pipeline_tag = "automatic-speech-recognition"
+    prediction_fields = {"pred_text": "the transcript"}
     target_key = "data.text_column"
 
     def target_column(self) -> str:
@@ -231,7 +232,7 @@ class SpeechRecognition(SpeechTask):
             feats = self.features(processor, waves[start:start + batch_size])["input_features"].to(device)
             ids = self._generate(model, feats)
             texts = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            rows += [{**r, "text": t.strip()} for r, t in zip(records[start:start + batch_size], texts)]
+            rows += [{**r, "pred_text": t.strip()} for r, t in zip(records[start:start + batch_size], texts)]
         return rows
 
     def usage_snippet(self, base: str) -> str:

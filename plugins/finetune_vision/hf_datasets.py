@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import DataError, DatasetSource, open_dataset
+from finetune import DataError, DatasetSource, missing_input_column, open_dataset
 
 
 @dataclass
@@ -138,9 +138,9 @@ def is_datasets_input(path: Path) -> bool:
 
 
 def predict_records(path: Path, data: Any) -> list[dict[str, Any]]:
-    """Records for ``finetune predict``: ``image`` (a path or ``file[split][row]``) and ``source`` (what to
-    decode: a path or encoded bytes) from a save_to_disk folder or a .parquet/.arrow file."""
-    key = "--input image column (data.image_column)"
+    """Records for ``finetune predict``: the image column (``data.image_column``: a path or ``file[split][row]``)
+    and ``source`` (the encoded bytes to decode, when the data set embeds them) from a save_to_disk folder or a
+    .parquet/.arrow file."""
     try:
         source = open_dataset(data, None, location=path)
     except DataError as exc:
@@ -154,7 +154,8 @@ def predict_records(path: Path, data: Any) -> list[dict[str, Any]]:
                             f"{path / splits[0] if splits and path.is_dir() else path} (save_to_disk writes "
                             "one folder per split).")
         ds, where = source.splits[splits[0]], f"{path}[{splits[0]}]"
-    if data.image_column not in ds.column_names:
-        raise _column_error(key, data.image_column, ds, where)
-    names, sources = _image_sources(ds, data.image_column, path if path.is_dir() else path.parent, where)
-    return [{"image": n, "source": s} if not isinstance(s, str) else {"image": s} for n, s in zip(names, sources)]
+    column = data.image_column
+    if column not in ds.column_names:
+        raise missing_input_column(where, column, list(ds.column_names), data)
+    names, sources = _image_sources(ds, column, path if path.is_dir() else path.parent, where)
+    return [{column: n, "source": s} if not isinstance(s, str) else {column: s} for n, s in zip(names, sources)]

@@ -98,6 +98,11 @@ class ImageClassification(Task):
     default_metric = "accuracy"
     metric_names = ("accuracy", "top_k_accuracy", "macro_f1")
     pipeline_tag = "image-classification"
+    prediction_fields = {"pred_label": "the most likely label (empty when the image could not be read)",
+                         "pred_score": "its probability",
+                         "pred_label_<k>": "the k-th most likely label, k = 1 .. task.top_k",
+                         "pred_score_<k>": "its probability",
+                         "pred_error": "why the image could not be read (only then)"}
     library_name = "peft"
 
     # -- data ----------------------------------------------------------
@@ -380,58 +385,62 @@ class ImageClassification(Task):
 
     # -- inference -----------------------------------------------------
     def predict_input_columns(self) -> list[str]:
-        return ["image"]
+        return [self.recipe.data.image_column]
 
     def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
         path = Path(path)
+        column = self.recipe.data.image_column
         from finetune_vision.hf_datasets import is_datasets_input
 
         if path.is_dir() and not is_datasets_input(path):
             files = list_image_files(path)
             if not files:
                 raise DataError(f"--input: {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-            return [{"image": str(f)} for f in files]
+            return [{column: str(f)} for f in files]
         if path.suffix.lower() in IMAGE_EXTENSIONS:
-            return [{"image": str(path)}]
-        from finetune_vision.hf_datasets import is_datasets_input, predict_records
+            return [{column: str(path)}]
+        from finetune_vision.hf_datasets import predict_records
 
         if is_datasets_input(path):  # a save_to_disk folder, .parquet or .arrow: Image features, bytes or paths
             return predict_records(path, self.recipe.data)
-        column = self.recipe.data.image_column
-        df = load_table(path, key="--input")
-        require_columns(df, {"--input image column (data.image_column)": column}, path)
-        return [{"image": str(p) if Path(str(p)).is_absolute() else str((path.parent / str(p)).resolve())}
-                for p in df[column]]
+        records = super().read_predict_input(path)  # a table: its columns kept, image paths relative to it
+        for record in records:
+            image = Path(str(record[column]))
+            record[column] = str(image if image.is_absolute() else (path.parent / image).resolve())
+        return records
 
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
                 batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
         import torch
 
         labels = self.state["labels"]
+        column = self.recipe.data.image_column
         k = min(self.recipe.task.top_k, len(labels))
         transform = processor.transform(training=False, options=self.recipe.data)
         device = next(model.parameters()).device
         rows: list[dict[str, Any]] = []
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
+            out: list[dict[str, Any]] = [{} for _ in chunk]  # in input order, readable images or not
             tensors, ok = [], []
-            for record in chunk:
+            for position, record in enumerate(chunk):
                 try:
-                    tensors.append(transform(load_rgb(record.get("source", record["image"]))))
-                    ok.append(record)
+                    tensors.append(transform(load_rgb(record.get("source", record[column]))))
+                    ok.append(position)
                 except Exception as exc:  # noqa: BLE001 - one bad file must not lose the others
-                    rows.append({**_shown(record), "label": None, "score": None,
-                                 "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
-            if not tensors:
-                continue
-            probs = torch.softmax(self._logits(model, torch.stack(tensors).to(device)).float(), dim=-1).cpu()
-            for record, p in zip(ok, probs):
-                values, indices = p.topk(k)
-                row = {**_shown(record), "label": labels[int(indices[0])], "score": float(values[0])}
-                for j, (v, i) in enumerate(zip(values, indices), start=1):
-                    row[f"label_{j}"] = labels[int(i)]
-                    row[f"prob_{j}"] = float(v)
-                rows.append(row)
+                    out[position] = {**_shown(record), "pred_label": None, "pred_score": None,
+                                     "pred_error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+            if tensors:
+                probs = torch.softmax(self._logits(model, torch.stack(tensors).to(device)).float(), dim=-1).cpu()
+                for position, p in zip(ok, probs):
+                    values, indices = p.topk(k)
+                    row = {**_shown(chunk[position]), "pred_label": labels[int(indices[0])],
+                           "pred_score": float(values[0])}
+                    for j, (v, i) in enumerate(zip(values, indices), start=1):
+                        row[f"pred_label_{j}"] = labels[int(i)]
+                        row[f"pred_score_{j}"] = float(v)
+                    out[position] = row
+            rows += out
         return rows
 
     def usage_snippet(self, base: str) -> str:

@@ -11,6 +11,7 @@ import pytest
 from conftest import run_cli
 from fake_plugins import install_tagger, tagging_rows, write_jsonl
 
+from finetune import Task
 from finetune.engine.console import Console
 from finetune.engine.plugins import get_registry, reset_registry
 from finetune.engine.run_folder import RunDir
@@ -146,7 +147,6 @@ def test_metrics_as_numpy_or_torch_scalars_are_refused_not_silently_dropped():
     import numpy as np
     import torch
 
-    from finetune import Task
     from finetune.engine.guard import GuardedTask
 
     class Metrics(Task):
@@ -163,6 +163,68 @@ def test_metrics_as_numpy_or_torch_scalars_are_refused_not_silently_dropped():
             task.compute_metrics(None, None)
     task.task.value = 0.5
     assert task.compute_metrics(None, None)["accuracy"] == 0.5  # nested numpy values are fine (details)
+
+
+class Overwriter(Task):
+    """A predict that writes its label over the input's (the bug a user met), or worse, as ``mode`` says."""
+
+    name = "overwriter"
+    prediction_fields = {"pred_label": "the label", "prob_<label>": "each label's probability"}
+    mode = "overwrite"
+
+    def predict(self, model, processor, records, batch_size=32, stream=False):
+        if self.mode == "in_place":  # changes the records it was given and returns them
+            for record in records:
+                record["label"] = "pos"
+            return records
+        rows = []
+        for record in records:
+            row = {**record, "pred_label": "pos", "prob_pos": 1.0}
+            if self.mode == "overwrite":
+                row["label"] = "pos"
+            elif self.mode == "drop":
+                del row["label"]
+            elif self.mode == "unprefixed":
+                row["score"] = 1.0
+            elif self.mode == "undeclared":
+                row["pred_confidence"] = 1.0
+            rows.append(row)
+        return rows
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("overwrite", r"Overwriter.predict changed the input field 'label' of record 2 \('neg' -> 'pos'\); a prediction "
+                  r"must not overwrite the user's data: give it a field of its own named pred_<name>"),
+    ("in_place", r"Overwriter.predict changed the input field 'label' of record 2 \('neg' -> 'pos'\)"),
+    ("drop", r"Overwriter.predict left out the input field 'label' of record 1; a row keeps every field"),
+    ("unprefixed", r"Overwriter.predict added the field 'score' to record 1; name prediction fields pred_<name>"),
+    ("undeclared", r"Overwriter.predict added the field 'pred_confidence' to record 1, which its prediction_fields "
+                   r"do not list \(pred_label, prob_<label>\)"),
+])
+def test_a_prediction_that_overwrites_or_drops_an_input_field_is_the_plugins_error(mode, message):
+    from finetune.engine.guard import GuardedTask
+
+    task = GuardedTask(Overwriter(None), "plugin 'o' (o-dist)")
+    task.task.mode = mode
+    records = [{"text": "good day", "label": "pos", "n": float("nan")}, {"text": "bad day", "label": "neg"}]
+    with pytest.raises(PluginError, match=r"^plugin 'o' \(o-dist\): " + message):
+        task.predict(None, None, records, batch_size=2, stream=False)
+
+
+def test_a_prediction_that_keeps_the_input_passes_and_bytes_may_be_left_out():
+    from finetune.engine.guard import GuardedTask
+
+    class Keeper(Overwriter):
+        mode = "keep"
+
+        def predict(self, model, processor, records, batch_size=32, stream=False):
+            rows = super().predict(model, processor, records)
+            return [{k: v for k, v in row.items() if not isinstance(v, bytes)} for row in rows]
+
+    task = GuardedTask(Keeper(None), "plugin 'o' (o-dist)")
+    records = [{"image": "a.png", "source": b"\x89PNG", "label": "pos", "n": float("nan")}]
+    rows = task.predict(None, None, records)  # NaN (an empty cell) equals itself; the bytes are not written
+    assert rows[0]["label"] == "pos" and rows[0]["pred_label"] == "pos" and "source" not in rows[0]
 
 
 # -- the task class against the contract, before anything runs -------------------------------------

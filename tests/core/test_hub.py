@@ -99,6 +99,15 @@ def test_pull_and_predict_from_a_hub_id(hub, finished_run):
     assert json.loads(from_hub.stdout) == json.loads(from_run.stdout)
 
 
+def test_a_hub_id_that_cannot_be_pulled_says_both_no_local_folder_and_what_the_hub_answered(hub, tmp_path):
+    missing = run_cli("predict", "me/nothing", "--text", "x", env=hub_env(hub), cwd=tmp_path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "me/nothing: no folder of that name here; tried as a Hub repo id: could not pull me/nothing" \
+        in missing.stderr and "no such repository (HTTP 404)" in missing.stderr
+    down = run_cli("predict", "me/nothing", "--text", "x", env={"HF_ENDPOINT": "http://127.0.0.1:9"}, cwd=tmp_path)
+    assert down.returncode == 2 and "no folder of that name here" in down.stderr and "cannot reach" in down.stderr
+
+
 def test_repush_is_idempotent_and_a_newer_run_is_one_commit(hub, finished_run, make_recipe):
     first = push_run(finished_run.path, "me/tiny")
     again = push_run(finished_run.path, "me/tiny")

@@ -32,7 +32,7 @@ def test_smoke_run_takes_list_rows_varies_lengths_merges_overrides_and_is_quiet(
     assert recipe["train"]["learning_rate"] == 0.01 and recipe["train"]["mixed_precision"] == "no"  # ...merged
     assert recipe["train"]["eval_batch_size"] == 4
     assert result.metrics["best"]["examples"] == 8
-    assert [len(p["tags"]) for p in result.predictions] == [3, 3, 3, 3]
+    assert [len(p["pred_tags"]) for p in result.predictions] == [3, 3, 3, 3]
     out, err = capfd.readouterr()
     assert "LOAD REPORT" not in out + err and "Loading weights" not in out + err
 

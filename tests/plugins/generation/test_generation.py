@@ -427,8 +427,8 @@ def test_reloaded_adapter_reproduces_eval_loss_and_predicts(trained):
     assert loss == pytest.approx(best, rel=0.05)  # one batch (token mean) vs the loop's per-batch mean
     with torch.no_grad():
         rows = task.predict(model, tok, [{"prompt": "add 3 and 4"}, {"prompt": "add 9 and 9"}])
-    assert [set(r) >= {"prompt", "generation", "finish_reason", "new_tokens"} for r in rows] == [True, True]
-    assert all(r["new_tokens"] <= 8 for r in rows)
+    assert [set(r) == {"prompt", "pred_text", "pred_finish_reason", "pred_new_tokens"} for r in rows] == [True, True]
+    assert all(r["pred_new_tokens"] <= 8 for r in rows)
 
 
 def test_predict_streams_to_stderr(trained, capsys):
@@ -437,7 +437,7 @@ def test_predict_streams_to_stderr(trained, capsys):
     with torch.no_grad():
         rows = task.predict(model, tok, [{"prompt": "add 3 and 4"}], stream=True)
     err = capsys.readouterr().err
-    assert ">>> add 3 and 4" in err and rows[0]["generation"].strip() in err
+    assert ">>> add 3 and 4" in err and rows[0]["pred_text"].strip() in err
 
 
 def test_predict_cli_prompt_and_prompts_file(trained, tmp_path):
@@ -449,7 +449,7 @@ def test_predict_cli_prompt_and_prompts_file(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["add 3 and 3"]  # --prompt wins over --input
-    assert rows[0]["new_tokens"] <= 4
+    assert rows[0]["pred_new_tokens"] <= 4
     result = cli_in_process("predict", str(run.path), "--input", str(prompts), "--set", "task.temperature=0.8",
                             "--set", "task.seed=1")
     assert result.exit_code == 0, result.stderr

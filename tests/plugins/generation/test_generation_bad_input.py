@@ -101,3 +101,17 @@ def test_chat_template_that_looks_ahead_is_refused(make_gen_recipe):
     with pytest.raises(RecipeError, match="task.chat_template: the chat template does not render a conversation "
                                           "as a growing prefix"):
         build(make_gen_recipe(task=f"chat_template = {json.dumps(template)}"))
+
+
+def test_a_predict_input_without_the_prompt_field_names_the_key_that_fixes_it(make_gen_recipe, tmp_path):
+    from finetune.run.predictions import read_records
+
+    task = open_session(make_gen_recipe()).task  # prompt/completion data: data.prompt_column names the field
+    questions = write_jsonl(tmp_path / "questions.jsonl", [{"question": "add 1 and 2", "answer": "3"}])
+    with pytest.raises(DataError) as error:
+        read_records(task, questions)
+    message = str(error.value)
+    assert "questions.jsonl: record 1 has no column 'prompt'" in message and "'question', 'answer'" in message
+    assert "`finetune predict RUN --set data.prompt_column=<column>`" in message and "one prompt per line" in message
+    task.recipe.data.prompt_column = "question"  # what that --set does
+    assert read_records(task, questions) == [{"question": "add 1 and 2", "answer": "3"}]

@@ -67,7 +67,7 @@ def test_short_quickstart_learns_the_format_and_to_stop(tmp_path):
     result = run_cli("predict", str(out), "--prompt", "Convert 2 km to m.", "--set", "task.max_new_tokens=24")
     assert result.returncode == 0, result.stderr[-2000:]
     row = json.loads(result.stdout.splitlines()[0])
-    assert row["finish_reason"] == "stop" and row["generation"].strip()
+    assert row["pred_finish_reason"] == "stop" and row["pred_text"].strip()
 
     from click.testing import CliRunner
 

@@ -61,7 +61,7 @@ def test_quickstart_beats_the_baseline(tmp_path):
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
     result = run_cli("predict", str(tmp_path / "qs"), input="wonderful\nhorrible\n")
     assert result.returncode == 0, result.stderr
-    labels = [json.loads(line)["label"] for line in result.stdout.splitlines()]
+    labels = [json.loads(line)["pred_label"] for line in result.stdout.splitlines()]
     assert labels == ["positive", "negative"]
 
     # pushed to a (local) Hub, the card names the true upstream model and its license

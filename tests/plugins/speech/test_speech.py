@@ -88,8 +88,8 @@ def test_audio_classification_whisper_folder_train_predict(tiny_whisper, tones, 
     records = task.read_predict_input(tones / "low")
     assert len(records) == 12
     rows = task.predict(model, processor, records, batch_size=5)
-    assert {r["label"] for r in rows} <= {"low", "high"}
-    assert sum(r["label"] == "low" for r in rows) >= 9
+    assert {r["pred_label"] for r in rows} <= {"low", "high"}
+    assert sum(r["pred_label"] == "low" for r in rows) >= 9
     card = (run.path / "README.md").read_text()
     assert "WhisperClipClassifier" in card and "pipeline_tag: audio-classification" in card
 
@@ -123,7 +123,7 @@ def test_audio_classification_wav2vec2_manifest(tones, tmp_path):
     assert metrics["data"]["eval_examples"] == 8  # one of three speaker groups held out
     task, model, processor, _ = load_run(run.path)
     rows = task.predict(model, processor, task.read_predict_input(manifest))
-    assert len(rows) == 24 and all(r["label"] in ("low", "high") for r in rows)
+    assert len(rows) == 24 and all(r["pred_label"] in ("low", "high") for r in rows)
 
 
 def test_speech_recognition_tiny_whisper(tiny_whisper, tmp_path):
@@ -149,7 +149,7 @@ def test_speech_recognition_tiny_whisper(tiny_whisper, tmp_path):
     assert metrics["data"]["test_examples"] == 4 and set(metrics["test"]) >= {"wer", "cer"}
     task, model, processor, _ = load_run(run.path)
     rows = task.predict(model, processor, task.read_predict_input(tmp_path / "c0.wav"))
-    assert len(rows) == 1 and isinstance(rows[0]["text"], str)
+    assert len(rows) == 1 and isinstance(rows[0]["pred_text"], str)
 
 
 def test_decode_resamples_mixes_and_truncates(tmp_path):

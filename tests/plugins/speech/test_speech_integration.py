@@ -82,4 +82,4 @@ def test_quickstart_short_finetune_and_predict(whisper, tmp_path):
                      env={"FINETUNE_CACHE": os.environ["FINETUNE_CACHE"]})
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(rows) == 24 and all(r["label"] in metrics["best_details"]["per_class"] for r in rows)
+    assert len(rows) == 24 and all(r["pred_label"] in metrics["best_details"]["per_class"] for r in rows)

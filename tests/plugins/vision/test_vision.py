@@ -272,16 +272,38 @@ def test_predict_cli_on_a_folder_prints_top_k(timm_run, tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 7
     broken = [r for r in rows if r["image"].endswith("broken.png")]
-    assert broken and broken[0]["error"] and not broken[0]["label"]
+    assert broken and broken[0]["pred_error"] and not broken[0]["pred_label"]
     good = [r for r in rows if not r["image"].endswith("broken.png")]
     for row in good:
-        assert row["label"] == row["label_1"] and row["label_2"] in ("red", "green", "blue")
-        assert 1.0 >= float(row["prob_1"]) >= float(row["prob_2"]) >= 0.0
-    correct = sum(r["label"] == r["image"].split("/")[-2] for r in good)
+        assert row["pred_label"] == row["pred_label_1"] and row["pred_label_2"] in ("red", "green", "blue")
+        assert 1.0 >= float(row["pred_score_1"]) >= float(row["pred_score_2"]) >= 0.0
+    correct = sum(r["pred_label"] == r["image"].split("/")[-2] for r in good)
     assert correct >= 4
     result = run_cli("predict", str(run.path), "--text", str(inputs / "blue" / "img_00.png"))
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.splitlines()[0])["label"] in ("red", "green", "blue")
+    assert json.loads(result.stdout.splitlines()[0])["pred_label"] in ("red", "green", "blue")
+
+
+def test_predict_on_a_labelled_table_keeps_its_columns_and_a_missing_image_column_names_the_key(timm_run, tmp_path):
+    from finetune.errors import DataError
+    from finetune.run.predictions import read_records
+
+    _, run = timm_run
+    write_colour_images(tmp_path / "new", per_class=1, seed=3)
+    table = tmp_path / "new" / "labelled.csv"  # image paths relative to the table, the user's gold labels
+    table.write_text("file,label,note\nred/img_00.png,red,a\nblue/img_00.png,blue,b\n")
+    task, model, processor, _ = load_run(run.path)
+    with pytest.raises(DataError) as error:
+        read_records(task, table)
+    message = str(error.value)
+    assert "has no column 'image'" in message and "'file', 'label', 'note'" in message
+    assert "`finetune predict RUN --set data.image_column=<column>`" in message and "--input image" not in message
+    task, model, processor, _ = load_run(run.path, ["data.image_column=file"])
+    with torch.no_grad():
+        rows = task.predict(model, processor, read_records(task, table))
+    assert [(r["label"], r["note"]) for r in rows] == [("red", "a"), ("blue", "b")]  # kept as they were
+    assert [r["file"] for r in rows] == [str(tmp_path / "new" / c / "img_00.png") for c in ("red", "blue")]
+    assert all(r["pred_label"] in ("red", "green", "blue") for r in rows)
 
 
 def test_timm_name_resolves_from_the_local_hugging_face_cache(vision_recipe, tiny_timm_cnn, tmp_path):

@@ -94,12 +94,12 @@ def test_save_to_disk_dict_with_classlabel_trains_evaluates_on_its_split_and_pre
     assert len(records) == 6 and isinstance(records[0]["source"], bytes)
     rows = task.predict(model, processor, records)
     assert [r["image"] for r in rows] == [f"{tmp_path / 'my-data' / 'test'}[{i}]" for i in range(6)]
-    assert all(r["label"] in CLASSES and "source" not in r for r in rows)
+    assert all(r["pred_label"] in CLASSES and "source" not in r for r in rows)
     write_predictions(rows, tmp_path / "preds.csv")
     assert "bytes" not in (tmp_path / "preds.csv").read_text()
     colour_dataset(1, seed=7, image_feature=False, label="str").to_parquet(str(tmp_path / "new.parquet"))
     rows = task.predict(model, processor, read_records(task, tmp_path / "new.parquet"))
-    assert len(rows) == 3 and all(r["label"] in CLASSES for r in rows)
+    assert len(rows) == 3 and all(r["pred_label"] in CLASSES for r in rows)
     with pytest.raises(DataError, match=r"holds the splits \['train', 'test'\]; give one split"):
         read_records(task, tmp_path / "my-data")
 

@@ -92,5 +92,5 @@ def test_quickstart_short_run_transfers(tmp_path):
     predict = run_cli("predict", str(out), "--input", str(threes), "--output", str(tmp_path / "p.jsonl"))
     assert predict.returncode == 0, predict.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-    assert len(rows) == 183 and sum(r["label"] == "3" for r in rows) > 0.5 * len(rows)
-    assert {"label_1", "prob_1", "label_5", "prob_5"} <= set(rows[0])
+    assert len(rows) == 183 and sum(r["pred_label"] == "3" for r in rows) > 0.5 * len(rows)
+    assert {"pred_label_1", "pred_score_1", "pred_label_5", "pred_score_5"} <= set(rows[0])

@@ -87,8 +87,8 @@ def test_vit_at_a_non_native_size_trains_predicts_and_reloads_exactly(backend, v
     records = [{"image": p} for p in session.splits.eval["image"]]
     rows = task.predict(ours, processor, records)
     probs = torch.softmax(logits.float(), dim=-1)
-    assert [r["label"] for r in rows] == [task.state["labels"][i] for i in probs.argmax(-1).tolist()]
-    assert [r["score"] for r in rows] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-6)
+    assert [r["pred_label"] for r in rows] == [task.state["labels"][i] for i in probs.argmax(-1).tolist()]
+    assert [r["pred_score"] for r in rows] == pytest.approx(probs.max(-1).values.tolist(), abs=1e-6)
     # the model card's usage snippet builds / runs the model the same way
     card = run.card_file.read_text()
     assert (f"img_size={SIZE}" if backend == "timm" else "interpolate_pos_encoding=True") in card

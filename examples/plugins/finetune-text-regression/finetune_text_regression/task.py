@@ -38,6 +38,7 @@ class TextRegressionTask(Task):
     metric_names = ("mse", "mae", "pearson")
     lower_is_better = ("mse", "mae")
     pipeline_tag = "text-classification"  # the Hub has no text-regression tag; this is the closest
+    prediction_fields = {"pred_value": "the predicted number"}
 
     # -- data ----------------------------------------------------------
     def _read(self, path: str, key: str):
@@ -154,7 +155,7 @@ class TextRegressionTask(Task):
             enc = processor([str(r[column]) for r in chunk], truncation=True, padding=True,
                             max_length=self.recipe.data.max_length, return_tensors="pt").to(device)
             values = model(**enc).logits.squeeze(-1).float().cpu() * self.state["std"] + self.state["center"]
-            rows += [{**r, "prediction": float(v)} for r, v in zip(chunk, values)]
+            rows += [{**r, "pred_value": float(v)} for r, v in zip(chunk, values)]
         return rows
 
     def usage_snippet(self, base: str) -> str:

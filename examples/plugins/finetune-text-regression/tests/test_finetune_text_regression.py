@@ -14,4 +14,4 @@ def test_trains_end_to_end(tmp_path):
             for w in ["good", "fine", "great", "bad", "awful", "sad", "nice", "poor"] * 10]
     result = run_task_smoke("text-regression", tmp_path, rows=rows, data={"target_column": "target"})
     assert result.metrics["best"]["mse"] >= 0
-    assert result.predictions and "prediction" in result.predictions[0]
+    assert result.predictions and "pred_value" in result.predictions[0]
