@@ -153,6 +153,10 @@ def adapter_writer(run: RunDir, task: Task, processor: Any, method: str,
                 try:
                     unwrapped_model.save_pretrained(str(tmp), state_dict=state_dict)
                     name_base_model(tmp / "README.md", base_model)
+                    if base_model:  # what a pushed adapter's AutoPeftModel... loads, not a path on this machine
+                        config = json.loads((tmp / "adapter_config.json").read_text())
+                        config["base_model_name_or_path"] = base_model
+                        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
                 except KeyError as exc:  # PEFT looks up each adapter tensor in the (gathered) state dict
                     raise RunError(f"the adapter is incomplete: {exc} is missing from the model's state dict. "
                                    "It was not written; the previous one is intact. This happens when weights are "

@@ -39,6 +39,8 @@ def test_card_and_adapter_readme_name_the_hub_model_and_link_no_other_project(ma
     assert parse_front_matter(adapter_card)["base_model"] == "acme/tiny-bert"  # PEFT wrote the local folder
     assert str(upstream_bert) not in adapter_card
     assert parse_front_matter(adapter_card)["library_name"] == "peft"  # the rest of PEFT's card is kept
+    config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "acme/tiny-bert"  # as pushed: loadable elsewhere
 
     training = card.split("## Training", 1)[1].split("## Usage", 1)[0]
     assert "the run folder's recipe.toml has every key" in training
