@@ -5,6 +5,7 @@ The Hub work extends this card rather than writing a second one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +85,34 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
               *_speed_line(speed),
               "", "Settings (the ones the recipe sets and the ones that matter for this run; the run folder's "
               "recipe.toml has every key):" if settings is not None else "Recipe:", "",
-              "```toml", tomli_w.dumps(recipe if settings is None else settings).strip(), "```", "",
+              "```toml", tomli_w.dumps(public_recipe(settings if settings is not None else recipe, upstream)).strip(),
+              "```", "",
               "## Usage", "", "```python", *task_usage_snippet(task, upstream or backbone.get("path")), "```", "",
               "## Limitations", "",
               "Trained on a small dataset; check the metrics above on data like yours before relying on it.", ""]
     return "\n".join(front + lines)
+
+
+def public_recipe(recipe: dict[str, Any], upstream: str | None) -> dict[str, Any]:
+    """The recipe as the card shows it and the Hub repo holds it: local paths reduced to file names (they mean
+    nothing elsewhere), the backbone as its Hub id when known, no token."""
+    import copy
+
+    out = copy.deepcopy(recipe)
+    for name, section in out.items():
+        if not isinstance(section, dict):
+            continue
+        for key, value in section.items():
+            if isinstance(value, str) and os.path.isabs(value) and (name, key) != ("model", "backbone"):
+                section[key] = Path(value).name
+    # The backbone becomes its Hub id when known; a private local backbone stays as written (only a
+    # machine that has it can rebuild the model, and the card says the base is not on the Hub).
+    if upstream:
+        out.setdefault("model", {})["backbone"] = upstream
+    if "output" in out:
+        out["output"]["dir"] = "runs/" + Path(recipe.get("output", {}).get("dir", "run")).name
+    out.get("hub", {}).pop("token", None)
+    return out
 
 
 def results_section(metrics: dict[str, Any]) -> list[str]:

@@ -15,7 +15,6 @@ never printed, logged or written. ``HF_ENDPOINT`` points the client at another s
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 from finetune.engine.hub_access import describe_hub_error, endpoint, use_request_timeout
 from finetune.engine.run_folder import RunDir, missing_run_folder
 from finetune.errors import FinetuneError
+from finetune.run.card import public_recipe
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -120,27 +120,6 @@ def check_adapter(adapter_dir: Path) -> None:
 # ---------------------------------------------------------------------------
 # staging and pushing
 
-def _public_recipe(recipe: dict[str, Any], upstream: str | None) -> dict[str, Any]:
-    """The resolved recipe with local paths reduced to file names (they mean nothing elsewhere)."""
-    import copy
-
-    out = copy.deepcopy(recipe)
-    for name, section in out.items():
-        if not isinstance(section, dict):
-            continue
-        for key, value in section.items():
-            if isinstance(value, str) and os.path.isabs(value) and (name, key) != ("model", "backbone"):
-                section[key] = Path(value).name
-    # The backbone becomes its Hub id when known; a private local backbone stays as written (only a
-    # machine that has it can rebuild the model, and the card says the base is not on the Hub).
-    if upstream:
-        out.setdefault("model", {})["backbone"] = upstream
-    if "output" in out:
-        out["output"]["dir"] = "runs/" + Path(recipe.get("output", {}).get("dir", "run")).name
-    out.get("hub", {}).pop("token", None)
-    return out
-
-
 def stage_repo(run: RunDir, folder: Path) -> list[str]:
     """Copy what is pushed into ``folder``; returns the file names."""
     import tomli_w
@@ -150,7 +129,7 @@ def stage_repo(run: RunDir, folder: Path) -> list[str]:
             shutil.copy2(item, folder / item.name)
     info = run.info()
     upstream = (info.get("backbone") or {}).get("upstream_id")
-    (folder / "recipe.toml").write_text(tomli_w.dumps(_public_recipe(run.resolved_recipe(), upstream)))
+    (folder / "recipe.toml").write_text(tomli_w.dumps(public_recipe(run.resolved_recipe(), upstream)))
     for name in ("metrics.json", "README.md"):
         if (run.path / name).exists():
             shutil.copy2(run.path / name, folder / name)

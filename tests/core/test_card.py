@@ -43,6 +43,9 @@ def test_card_and_adapter_readme_name_the_hub_model_and_link_no_other_project(ma
     assert config["base_model_name_or_path"] == "acme/tiny-bert"  # as pushed: loadable elsewhere
 
     training = card.split("## Training", 1)[1].split("## Usage", 1)[0]
+    settings = training.split("```toml", 1)[1].split("```", 1)[0]
+    assert str(recipe.parent) not in settings  # the card is pushed: file names, not this machine's paths
+    assert 'train = "train.csv"' in settings and 'backbone = "acme/tiny-bert"' in settings
     assert "the run folder's recipe.toml has every key" in training
     assert "split = 0.25" in training and "learning_rate = 0.01" in training  # set in the recipe
     assert "[distributed" not in training and "[hub]" not in training and "fast_dropout = true" not in training
