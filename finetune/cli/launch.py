@@ -31,7 +31,7 @@ def launch(argv: list[str], *, num_processes: int, num_machines: int, machine_ra
     """Run ``finetune <argv>`` in ``num_processes`` processes; returns the exit code."""
     import torch
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+    cmd = [sys.executable, "-m", "finetune.cli.launch", "--multi_gpu",
            "--num_processes", str(num_processes * num_machines), "--num_machines", str(num_machines),
            "--machine_rank", str(machine_rank), "--dynamo_backend", "no", "--mixed_precision", "no"]
     if main_process_ip:
@@ -44,3 +44,28 @@ def launch(argv: list[str], *, num_processes: int, num_machines: int, machine_ra
         env["ACCELERATE_USE_CPU"] = "1"
     cmd += ["-m", "finetune.cli", *strip_launch_options(argv)]
     return subprocess.call(cmd, env=env)
+
+
+def launcher_main(argv: list[str]) -> int:
+    """Accelerate's launcher (``accelerate launch ARGV``), run as this module: when a process fails, its own
+    message is what the user reads (a finetune error is printed by the process as ``error: ...``), and the
+    launcher exits with that process's exit code instead of adding torch's ChildFailedError traceback."""
+    import logging
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the failure is reported below
+    try:
+        launch_command(launch_command_parser().parse_args(argv))
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 1
+        print(f"finetune: process {failure.local_rank} of the launch stopped with exit code {failure.exitcode}; "
+              "the others were stopped.", file=sys.stderr)
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(launcher_main(sys.argv[1:]))

@@ -127,6 +127,10 @@ def run(recipe: Path, overrides: tuple[str, ...], resume: bool, overwrite: bool,
                                "(or `finetune validate RECIPE --all`).")
     if (num_processes > 1 or num_machines > 1) and "WORLD_SIZE" not in os.environ and not dry_run:
         from finetune.cli.launch import launch
+        from finetune.engine.plugins import get_registry
+        from finetune.engine.recipe_file import load_recipe
+
+        load_recipe(recipe, list(overrides), get_registry().get_task)  # a recipe error once, before any process
 
         sys.exit(launch(sys.argv[1:], num_processes=num_processes, num_machines=num_machines,
                         machine_rank=machine_rank, main_process_ip=main_process_ip,

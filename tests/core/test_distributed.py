@@ -44,3 +44,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(make_recipe,
     assert two.stdout.count("test (adapter of step") == 1
     # one progress display: each evaluation is printed once, by the main process
     assert two.stdout.count("eval @ step 5 ") == 1
+
+
+def test_user_errors_in_a_multi_process_run_are_clear_without_a_launcher_traceback(make_recipe):
+    # a recipe error: found once, before any process starts
+    typo = run_cli("run", str(make_recipe(data='text_colum = "text"')), "--num-processes", "2")
+    assert typo.returncode == 2 and typo.stderr.count("error: ") == 1, typo.stderr[-2000:]
+    assert "did you mean 'text_column'?" in typo.stderr
+    # a data error: each process reports it as usual, the launcher adds its exit code, not a traceback
+    data = run_cli("run", str(make_recipe(data='label_column = "nope"', name="data.toml")), "--num-processes", "2")
+    assert data.returncode == 2, data.stderr[-2000:]
+    assert "error: data.label_column: column 'nope' not found" in data.stderr
+    assert "Traceback" not in data.stderr and "ChildFailedError" not in data.stderr
+    assert "stopped with exit code 2" in data.stderr
