@@ -195,7 +195,9 @@ def entity_metrics(references: list[list[str]], predictions: list[list[str]]) ->
 # -- reading ---------------------------------------------------------------------
 
 
-def _read_conll(path: Path, key: str) -> list[dict[str, Any]]:
+def _read_conll(path: Path, key: str, tagged: bool = True) -> list[dict[str, Any]]:
+    """Sentences of a CoNLL column file; ``tagged=False`` (prediction input) also takes one-column lines
+    (a word without a tag: its ``tags`` entry is None)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -220,11 +222,11 @@ def _read_conll(path: Path, key: str) -> list[dict[str, Any]]:
         if columns[0] == "-DOCSTART-":
             flush()
             continue
-        if len(columns) < 2:
+        if len(columns) < 2 and tagged:
             raise DataError(f"{key}: {path}, line {number}: {line.strip()!r} has one column; a CoNLL file holds "
                             "a word and its tag (in the last column) per line, separated by spaces or tabs.")
         tokens.append(columns[0])
-        tags.append(columns[-1])
+        tags.append(columns[-1] if len(columns) > 1 else None)
         lines.append(number)
     flush()
     return sentences
@@ -526,6 +528,22 @@ class TokenClassification(Task):
     def predict_input_columns(self) -> list[str]:
         return [self.recipe.data.tokens_column]
 
+    def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
+        """A CoNLL column file (a word per line, tags optional) or, as by default, a table file."""
+        if Path(path).suffix.lower() not in CONLL_SUFFIXES:
+            return super().read_predict_input(path)
+        if not Path(path).is_file():
+            raise DataError(f"--input: {path} does not exist or is not a file.")
+        records = []
+        for sentence in _read_conll(Path(path), "--input", tagged=False):
+            record = {self.recipe.data.tokens_column: sentence["tokens"]}
+            if all(tag is not None for tag in sentence["tags"]):  # gold tags are kept beside the predictions
+                record[self.recipe.data.tags_column] = sentence["tags"]
+            records.append(record)
+        if not records:
+            raise DataError(f"--input: {path} holds no sentences.")
+        return records
+
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
                 batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
         import torch
@@ -537,8 +555,8 @@ class TokenClassification(Task):
             value = record.get(column)
             if isinstance(value, str):
                 words = value.split()
-            elif isinstance(value, list):
-                words = [str(v) for v in value]
+            elif isinstance(value, (list, tuple)) or hasattr(value, "tolist"):  # a list, or an array (parquet)
+                words = [str(v) for v in list(value)]
             else:
                 raise DataError(f"prediction input: {column!r} (data.tokens_column) must be a list of words or a "
                                 f"string, not {value!r:.80}.")

@@ -244,7 +244,7 @@ def test_entity_metrics_match_seqeval_on_random_sequences():
 # -- end to end ---------------------------------------------------------------------
 
 
-def test_tiny_run_predict_evaluate_and_plain_peft_reload(tmp_path, tiny_bert):
+def test_tiny_run_predict_evaluate_and_plain_peft_reload(tmp_path, tiny_bert, monkeypatch, capsys):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForTokenClassification, AutoTokenizer
@@ -304,3 +304,49 @@ def test_tiny_run_predict_evaluate_and_plain_peft_reload(tmp_path, tiny_bert):
                       return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.allclose(plain(**batch).logits, ours(**batch).logits, atol=1e-6)
+    # the model card's usage snippet runs as written (from the run folder, where adapter/ is)
+    monkeypatch.chdir(run)
+    capsys.readouterr()
+    exec(task.usage_snippet(str(tiny_bert)), {})
+    import ast
+
+    printed = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [w for w, _ in printed] == "Ada Lovelace lived in London".split()
+    assert all(tag in labels for _, tag in printed)
+
+
+def test_only_the_first_sub_token_of_a_word_is_labelled_and_long_words_keep_their_start(tmp_path, tiny_bert):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "##ness", "day"]) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(vocab))  # transformers 5: vocab=
+    train = write_jsonl(tmp_path / "train.jsonl", ner_rows(12))
+    task = open_session(make_recipe(tmp_path, tiny_bert, train, data={"max_length": 4})).task
+    labels = task.state["labels"]  # O, B-LOC, I-LOC, B-PER, I-PER
+    items = task._windows([["goodness", "day"], ["goodnessnessness", "day"]], tokenizer,
+                          [["B-PER", "O"], ["B-LOC", "O"]])
+    # max_length 4: [CLS] + 2 sub-tokens + [SEP] per window, so each word gets its own window
+    assert [(i["sentence"], i["word_start"]) for i in items] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert tokenizer.convert_ids_to_tokens(items[0]["input_ids"]) == ["[CLS]", "good", "##ness", "[SEP]"]
+    assert items[0]["labels"] == [-100, labels.index("B-PER"), -100, -100]
+    assert items[1]["labels"] == [-100, labels.index("O"), -100]
+    # a word of 4 sub-tokens is cut to the window, its first sub-token still carries the tag
+    assert tokenizer.convert_ids_to_tokens(items[2]["input_ids"]) == ["[CLS]", "good", "##ness", "[SEP]"]
+    assert items[2]["labels"] == [-100, labels.index("B-LOC"), -100, -100]
+    # one window when the budget allows: labels only on first sub-tokens
+    task.recipe.data.max_length = 16
+    [item] = task._windows([["goodness", "day", "good"]], tokenizer, [["B-PER", "I-PER", "O"]])
+    assert item["labels"] == [-100, labels.index("B-PER"), -100, labels.index("I-PER"), labels.index("O"), -100]
+
+
+def test_a_conll_file_is_a_prediction_input_with_or_without_tags(tmp_path, tiny_bert):
+    train = write_jsonl(tmp_path / "train.jsonl", ner_rows(12))
+    task = open_session(make_recipe(tmp_path, tiny_bert, train)).task
+    words = tmp_path / "new.conll"
+    words.write_text("-DOCSTART-\n\ngood\nday\n\nbad\n")
+    assert task.read_predict_input(words) == [{"tokens": ["good", "day"]}, {"tokens": ["bad"]}]
+    tagged = write_conll(tmp_path / "gold.conll", [{"tokens": ["good", "day"], "tags": ["B-PER", "O"]}])
+    assert task.read_predict_input(tagged) == [{"tokens": ["good", "day"], "tags": ["B-PER", "O"]}]
+    jsonl = write_jsonl(tmp_path / "new.jsonl", [{"tokens": ["good", "day"]}])
+    assert task.read_predict_input(jsonl) == [{"tokens": ["good", "day"]}]
