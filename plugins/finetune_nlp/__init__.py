@@ -8,5 +8,7 @@ finetune_hook_version = "1"
 @hookimpl
 def finetune_register_tasks(register):
     from finetune_nlp.text_classification import TextClassification
+    from finetune_nlp.token_classification import TokenClassification
 
     register(TextClassification)
+    register(TokenClassification)
