@@ -317,8 +317,14 @@ def pull(repo_id: str, revision: str | None) -> None:
 def new_plugin(name: str, template: str | None, parent: Path, task_name: str | None, with_callback: bool,
                with_command: bool) -> None:
     """Create a pip-installable plugin package finetune-NAME with a task that runs, tests and a README."""
-    from finetune.cli.scaffold import choose_template, create_plugin
+    from finetune.cli.scaffold import choose_template, create_plugin, plugin_names
+    from finetune.engine.plugins import get_registry
 
+    task = task_name or plugin_names(name)["task"]
+    registry = get_registry()
+    if task in registry.tasks:
+        raise FinetuneError(f"new-plugin: a task named {task!r} is already installed ({registry.owner_of(task)}); "
+                            "two plugins cannot register one name. Choose another NAME, or --task OTHER-NAME.")
     why = "chosen with --template"
     if template is None:
         template, why = choose_template(name)

@@ -114,21 +114,24 @@ def test_each_template_installs_lists_its_task_and_its_own_tests_pass(tmp_path, 
 
 
 def test_the_scaffold_keeps_the_name_as_typed_and_picks_the_template_it_suggests(tmp_path):
-    result = run_cli("new-plugin", "token-classification", "--dir", str(tmp_path))
+    result = run_cli("new-plugin", "token-tagging", "--dir", str(tmp_path))
     assert result.returncode == 0 and "template: tagging, from 'token' in the name" in result.stdout
-    root = tmp_path / "finetune-token-classification"
-    assert 'token-classification = "finetune_token_classification"' in (root / "pyproject.toml").read_text()
+    root = tmp_path / "finetune-token-tagging"
+    assert 'token-tagging = "finetune_token_tagging"' in (root / "pyproject.toml").read_text()
     readme = (root / "README.md").read_text()
-    assert "`finetune new-plugin token-classification --template tagging`" in readme
-    task = (root / "finetune_token_classification" / "task.py").read_text()
-    assert 'name = "token-classification"' in task and "Tag every word" in task
-    hooks = (root / "finetune_token_classification" / "__init__.py").read_text()
+    assert "`finetune new-plugin token-tagging --template tagging`" in readme
+    task = (root / "finetune_token_tagging" / "task.py").read_text()
+    assert 'name = "token-tagging"' in task and "Tag every word" in task
+    hooks = (root / "finetune_token_tagging" / "__init__.py").read_text()
     assert "finetune_register_commands" not in hooks and "finetune_register_callbacks" not in hooks
     assert "a number from a text" not in readme + task
-    again = run_cli("new-plugin", "token-classification", "--dir", str(tmp_path))
+    again = run_cli("new-plugin", "token-tagging", "--dir", str(tmp_path))
     assert again.returncode == 2 and "already exists" in again.stderr
     bad = run_cli("new-plugin", "x", "--template", "nope", "--dir", str(tmp_path))
     assert bad.returncode == 2 and "nope" in bad.stderr
+    taken = run_cli("new-plugin", "token-classification", "--dir", str(tmp_path))  # a built-in task's name
+    assert taken.returncode == 2 and "a task named 'token-classification' is already installed" in taken.stderr
+    assert not (tmp_path / "finetune-token-classification").exists()
 
 
 def test_scaffold_rejects_bad_names(tmp_path):
