@@ -7,6 +7,8 @@ finetune_hook_version = "1"
 
 @hookimpl
 def finetune_register_tasks(register):
+    from finetune_nlp.multi_label import MultiLabelClassification
     from finetune_nlp.text_classification import TextClassification
 
     register(TextClassification)
+    register(MultiLabelClassification)
