@@ -296,3 +296,32 @@ def test_plain_peft_reloads_the_adapter_with_the_same_logits(trained, tiny_bert)
         fresh = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
         assert not torch.allclose(fresh(**batch).logits, ours(**batch).logits, atol=1e-3)
     assert ours.config.problem_type == "multi_label_classification"
+
+
+def test_validate_and_the_frozen_prefix_cache_give_eval_and_test_ids_of_their_own(tmp_path, tiny_bert):
+    train = write_jsonl(tmp_path / "train.jsonl", tagged_rows(40))
+    recipe = recipe_file(tmp_path, tiny_bert, train, data="test_split = 0.2",
+                         train_section="").read_text().replace("[task]\n", "[task]\ncache_frozen_layers = true\n")
+    recipe = recipe.replace("[peft]\n", "[peft]\nlayers = [-1]\n")
+    path = tmp_path / "cache.toml"
+    path.write_text(recipe)
+    session = open_session(path, [])
+    task, splits = session.task, session.splits
+    assert (len(splits.train), len(splits.eval), len(splits.test)) == (24, 8, 8)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    eval_ds = task.build_dataset(splits.eval, tokenizer, training=False)
+    test_ds = task.build_dataset(splits.test, tokenizer, training=False)
+    eval_ids = {eval_ds[i]["example_id"] for i in range(len(eval_ds))}
+    test_ids = {test_ds[i]["example_id"] for i in range(len(test_ds))}
+    assert len(eval_ids) == len(test_ids) == 8 and not eval_ids & test_ids
+    assert {eval_ds[i]["tune_thresholds"] for i in range(8)} == {1}  # the eval split tunes the thresholds
+    assert {test_ds[i]["tune_thresholds"] for i in range(8)} == {0}  # the test split does not
+    result = run_cli("validate", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "multi-label-classification" in result.stdout and "task.cache_frozen_layers" in result.stdout
+    trained = run_cli("run", str(path))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    metrics = json.loads(RunDir(tmp_path / "run").metrics_file.read_text())
+    assert "micro_f1" in metrics["best"] and "micro_f1" in metrics["test"]
