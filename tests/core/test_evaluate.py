@@ -105,3 +105,28 @@ def test_a_task_without_a_test_split_is_refused_not_silently_ignored(tmp_path, t
     assert result.returncode == 2, result.stderr[-2000:]
     assert "data.test_split: task 'word-tagging' (plugin 'tagger'" in result.stderr
     assert "does not read a test split" in result.stderr and "finetune evaluate RUN --input FILE" in result.stderr
+
+
+def test_with_the_frozen_layer_cache_the_test_split_never_reads_the_eval_splits_cache(make_recipe, tmp_path):
+    from transformers import AutoTokenizer
+
+    recipe = make_recipe(data="test_split = 0.25")
+    overrides = ["task.cache_frozen_layers=true", "peft.layers=[-1]"]
+    session = open_session(recipe, overrides)
+    tokenizer = AutoTokenizer.from_pretrained(session.backbone.path)
+    eval_ds = session.task.build_dataset(session.splits.eval, tokenizer, training=False)
+    test_ds = session.task.build_dataset(session.splits.test, tokenizer, training=False)
+    eval_ids = {eval_ds[i]["example_id"] for i in range(len(eval_ds))}
+    test_ids = {test_ds[i]["example_id"] for i in range(len(test_ds))}
+    assert len(eval_ids) == len(eval_ds) and len(test_ids) == len(test_ds) and not eval_ids & test_ids
+    # end to end: the test numbers equal a fresh evaluation of the same rows with the selected adapter
+    result = run_cli("run", str(recipe), *[a for o in overrides for a in ("--set", o)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    test_csv = tmp_path / "held-out.csv"
+    session.splits.test.to_csv(test_csv, index=False)
+    scored = run_cli("evaluate", str(tmp_path / "run"), "--input", str(test_csv), "--output", str(tmp_path / "s.json"))
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    got = json.loads((tmp_path / "s.json").read_text())["metrics"]
+    assert got["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
+    assert got["eval_loss"] == pytest.approx(metrics["test"]["eval_loss"], abs=1e-5)

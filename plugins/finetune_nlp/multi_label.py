@@ -1,0 +1,368 @@
+"""``multi-label-classification``: each text (or text pair) gets any number of labels, none included.
+
+Data: a table with a text column (and optionally a second text column for pairs) and a label column
+holding, per row, a list of labels (a JSON list in .jsonl, or a JSON list written as text in a .csv) or
+a string of labels separated by ``data.label_delimiter`` (``"sports,politics"``); ``[]`` is a row with
+no label. Model: a sequence-classification head with one sigmoid output per label, trained with binary
+cross-entropy. Each label's decision threshold is tuned on the eval split at every evaluation (the
+value, on a 0.05..0.95 grid, that maximises that label's F1); the thresholds of the selected checkpoint
+are saved with its adapter and used by ``predict``, ``finetune evaluate`` and the test split. Metrics:
+micro-F1 (selects the checkpoint), macro-F1, subset accuracy (every label right), the same three at a
+fixed 0.5 threshold (``*_at05``: not tuned on the data they score), and a per-label report. Baseline:
+word and bigram TF-IDF + one-vs-rest logistic regression on the same split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from finetune import (
+    DataError,
+    DataOptions,
+    DataSplits,
+    PathStr,
+    RunDir,
+    label_text,
+    load_table,
+    require_columns,
+    sorted_labels,
+    split_frame,
+)
+from finetune_nlp.text_classification import TextClassificationOptions
+from finetune_nlp.text_shared import EncodedDataset, EncoderClassifier, is_integer, row_locations
+
+#: The thresholds tried for each label.
+THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
+#: Per-example batch key marking the eval split, whose predictions tune the thresholds.
+TUNE_KEY = "tune_thresholds"
+#: The file beside the adapter that holds the task's state (written by the core).
+_STATE_FILE = "finetune_task.json"
+
+
+class MultiLabelData(DataOptions):
+    train: PathStr | None = Field(None, description="Training table: a .csv, .tsv, .jsonl, .json or .parquet file "
+                                  "with `text_column` and `label_column`.")
+    eval: PathStr | None = Field(None, description="Evaluation table with the same columns; if absent, `split` of "
+                                 "train is held out at random (`group_column` keeps groups whole). It also tunes "
+                                 "each label's threshold.")
+    text_column: str = Field("text", description="Column holding the text.")
+    text_pair_column: str | None = Field(None, description="Optional second text column (sentence pairs).")
+    label_column: str = Field("labels", description="Column holding each row's labels: a list (JSON lines), a JSON "
+                              "list written as text (`[\"a\", \"b\"]`, `[]` for none), or labels separated by "
+                              "`label_delimiter` (`a,b`).")
+    label_delimiter: str = Field(",", min_length=1, description="Separates the labels of a row written as one "
+                                 "string (`sports,politics`); spaces around each label are ignored.")
+    max_length: int = Field(128, gt=0, le=8192, description="Truncate texts to this many tokens.")
+
+
+class MultiLabelOptions(TextClassificationOptions):
+    baseline: bool = Field(True, description="Also score a TF-IDF + one-vs-rest logistic regression baseline on "
+                           "the split.")
+
+
+class MultiLabelClassification(EncoderClassifier):
+    name = "multi-label-classification"
+    description = "Tag texts (or text pairs) with any number of labels (sigmoid outputs, tuned thresholds)."
+    task_options = MultiLabelOptions
+    data_options = MultiLabelData
+    default_metric = "micro_f1"
+    metric_names = ("micro_f1", "macro_f1", "subset_accuracy", "micro_f1_at05", "macro_f1_at05",
+                    "subset_accuracy_at05")
+    pipeline_tag = "text-classification"
+    library_name = "peft"
+    prediction_fields = {"pred_labels": "the labels whose probability reaches their tuned threshold (a list)",
+                         "prob_<label>": "the probability of each label"}
+
+    # -- data ----------------------------------------------------------
+    def _read(self, path: str | Path, key: str) -> Any:
+        data = self.recipe.data
+        df = load_table(path, data.format, key=key)
+        locations = lambda rows: row_locations(path, data.format, rows)  # noqa: E731
+        require_columns(df, {"data.text_column": data.text_column, "data.text_pair_column": data.text_pair_column,
+                             "data.label_column": data.label_column, "data.group_column": data.group_column},
+                        str(path))
+        self.check_texts(df, key, str(path), locations)
+        parsed = []
+        for i, value in enumerate(df[data.label_column].tolist()):
+            try:
+                parsed.append(parse_labels(value, data.label_delimiter))
+            except ValueError as exc:
+                raise DataError(f"{key}: {path}: data.label_column ({data.label_column!r}) on {locations([i])}: "
+                                f"{exc}") from None
+        df[data.label_column] = parsed
+        return df
+
+    def read_examples(self, path: Path, key: str) -> Any:
+        """A labelled table (data.test, ``finetune evaluate --input``): columns as in training, labels known."""
+        df = self._read(path, key)
+        self._check_labels(df, key, str(path), self.state["labels"],
+                           lambda rows: row_locations(path, self.recipe.data.format, rows))
+        return df
+
+    def _check_labels(self, df: Any, key: str, where: str, labels: list[str], locations: Any) -> None:
+        known = set(labels)
+        rows = [i for i, row in enumerate(df[self.recipe.data.label_column].tolist()) if set(row) - known]
+        if rows:
+            unseen = sorted_labels({x for row in df[self.recipe.data.label_column] for x in row} - known)
+            raise DataError(f"{key}: labels {unseen} appear in {where} (e.g. on {locations(rows[:5])}) but never "
+                            f"in training (training labels: {labels}); add training examples for them or drop "
+                            "those rows.")
+
+    def prepare_data(self) -> DataSplits:
+        data = self.recipe.data
+        seed = self.recipe.train.seed
+        train = self._read(data.train, "data.train")
+        test = None
+        if data.test_split:  # held out first, so the test rows never depend on the eval settings
+            train, test = split_frame(train, data.test_split, seed, group=data.group_column, key="data.test_split")
+        if data.limit:
+            train = train.sample(n=min(data.limit, len(train)), random_state=seed).reset_index(drop=True)
+        if data.eval:
+            eval_ = self._read(data.eval, "data.eval")
+        else:
+            train, eval_ = split_frame(train, data.split, seed, group=data.group_column)
+        labels = sorted_labels(x for row in train[data.label_column] for x in row)
+        if not labels:
+            raise DataError(f"data.label_column: no row of the training data ({data.train}) has a label "
+                            f"({data.label_column!r}); multi-label classification needs at least one label.")
+        if data.eval:
+            self._check_labels(eval_, "data.eval", str(data.eval), labels,
+                               lambda rows: row_locations(data.eval, data.format, rows))
+        else:
+            self._check_labels(eval_, "data.split", f"the eval rows held out from {data.train}", labels,
+                               lambda rows: f"row(s) {', '.join(str(i + 1) for i in rows)} of them")
+        self.state = {"labels": labels, "integer_labels": all(is_integer(label) for label in labels),
+                      "thresholds": dict.fromkeys(labels, 0.5)}
+        self._eval_examples = eval_  # the split whose predictions tune the thresholds
+        if data.test:
+            test = self.read_examples(Path(data.test), "data.test")
+        elif test is not None:
+            self._check_labels(test, "data.test_split", "the test split", labels,
+                               lambda rows: f"row(s) {', '.join(str(i + 1) for i in rows)} of it")
+        counts = {label: 0 for label in labels}
+        for row in train[data.label_column]:
+            for label in row:
+                counts[label] += 1
+        info = {"train_examples": len(train), "eval_examples": len(eval_),
+                **({"test_examples": len(test)} if test is not None else {}), "labels": labels,
+                "train_label_counts": counts,
+                "train_rows_without_label": int(sum(1 for row in train[data.label_column] if not row))}
+        return DataSplits(train=train, eval=eval_, info=info, test=test)
+
+    def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
+        labels = self.state["labels"]
+        enc = self.encode(examples, processor)
+        targets = multi_hot(examples[self.recipe.data.label_column].tolist(), labels)
+        ids = None
+        if self.recipe.task.cache_frozen_layers:  # each eval dataset (eval, test) gets ids of its own
+            if training:
+                ids = list(range(len(targets)))
+            else:
+                start = getattr(self, "_next_eval_id", -1)
+                ids = [start - i for i in range(len(targets))]
+                self._next_eval_id = start - len(targets)
+        extra = None
+        if not training:
+            tune = int(examples is getattr(self, "_eval_examples", None))
+            extra = {TUNE_KEY: [tune] * len(targets)}
+        return EncodedDataset(enc, [[float(v) for v in row] for row in targets], ids, extra)
+
+    # -- model ---------------------------------------------------------
+    def head_config(self) -> dict[str, Any]:
+        return {**super().head_config(), "problem_type": "multi_label_classification"}
+
+    def training_loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        batch = {k: v for k, v in batch.items() if k != TUNE_KEY}
+        return self.forward(model, batch).loss
+
+    # -- evaluation ----------------------------------------------------
+    def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        batch = dict(batch)
+        tune = batch.pop(TUNE_KEY, None)
+        out = self.forward(model, batch)
+        probs = torch.sigmoid(out.logits.float())
+        flag = (torch.zeros(len(probs)) if tune is None else tune).reshape(-1, 1).to(probs)
+        # The last column says whether the example belongs to the eval split (thresholds are tuned on it).
+        return {"loss": out.loss, "predictions": torch.cat([probs, flag], dim=1), "references": batch["labels"]}
+
+    def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
+        import numpy as np
+
+        labels = self.state["labels"]
+        predictions = np.asarray(predictions, dtype=float)
+        probs, tune = predictions[:, :-1], bool(len(predictions)) and bool(predictions[:, -1].max() > 0.5)
+        refs = np.asarray(references) > 0.5
+        if tune:
+            # The eval split: tune, and keep the thresholds in the state the core saves with the adapter
+            # when this evaluation is the best so far (so the saved thresholds go with the saved weights).
+            thresholds = tune_thresholds(probs, refs)
+            self.state["thresholds"] = {label: float(t) for label, t in zip(labels, thresholds)}
+        else:
+            thresholds = self._selected_thresholds()
+        metrics = multilabel_metrics(probs >= np.asarray(thresholds), refs, labels)
+        fixed = multilabel_metrics(probs >= 0.5, refs, labels)
+        per_label = metrics.pop("per_label")
+        for label, t in zip(labels, thresholds):
+            per_label[label]["threshold"] = float(t)
+        return {**metrics, **{f"{k}_at05": v for k, v in fixed.items() if k != "per_label"},
+                "per_label": per_label}
+
+    def _selected_thresholds(self) -> list[float]:
+        """The selected adapter's thresholds: in a run (the test split), read from the adapter the run
+        folder holds (the state in memory is the last evaluation's); otherwise the loaded run's state."""
+        state = self.state
+        if getattr(self, "_eval_examples", None) is not None:
+            try:
+                saved = json.loads((RunDir(self.recipe.output.dir).adapter_dir / _STATE_FILE).read_text())
+                state = saved.get("state") or state
+            except (OSError, ValueError):
+                pass
+        thresholds = state.get("thresholds") or {}
+        return [float(thresholds.get(label, 0.5)) for label in self.state["labels"]]
+
+    def baseline(self, splits: DataSplits) -> dict[str, Any] | None:
+        if not self.recipe.task.baseline:
+            return None
+        import warnings
+
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.multiclass import OneVsRestClassifier
+
+        labels, column = self.state["labels"], self.recipe.data.label_column
+        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+        x_train = vectorizer.fit_transform(self.baseline_texts(splits.train))
+        y_train = multi_hot(splits.train[column].tolist(), labels)
+        clf = OneVsRestClassifier(LogisticRegression(max_iter=2000, C=10.0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a label on every (or no) training row: a constant predictor
+            clf.fit(x_train, y_train)
+            pred = clf.predict(vectorizer.transform(self.baseline_texts(splits.eval)))
+        metrics = multilabel_metrics(pred > 0.5, multi_hot(splits.eval[column].tolist(), labels) > 0.5, labels)
+        metrics.pop("per_label")
+        return {"name": "word TF-IDF + one-vs-rest logistic regression", **metrics}
+
+    # -- inference -----------------------------------------------------
+    def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
+                batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
+        import torch
+
+        labels = self.state["labels"]
+        thresholds = self._selected_thresholds()
+        integer = self.state.get("integer_labels")
+        rows = []
+        device = next(model.parameters()).device
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            enc = self.encode_records(processor, chunk, device)
+            probs = torch.sigmoid(model(**enc).logits.float()).cpu().tolist()
+            for record, p in zip(chunk, probs):
+                chosen = [int(name) if integer else name
+                          for name, value, t in zip(labels, p, thresholds) if value >= t]
+                rows.append({**record, "pred_labels": chosen,
+                             **{f"prob_{name}": float(p[i]) for i, name in enumerate(labels)}})
+        return rows
+
+    def usage_snippet(self, base: str) -> str:
+        labels = self.state.get("labels", [])
+        thresholds = [round(t, 2) for t in self._selected_thresholds()] if labels else []
+        return (
+            "from peft import PeftModel\n"
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+            f"labels = {labels!r}\n"
+            f"thresholds = {thresholds!r}  # tuned on the eval split\n"
+            f"base = AutoModelForSequenceClassification.from_pretrained({base!r}, num_labels=len(labels),\n"
+            "    problem_type='multi_label_classification')\n"
+            "model = PeftModel.from_pretrained(base, 'adapter').eval()  # the run's adapter/ folder\n"
+            "tokenizer = AutoTokenizer.from_pretrained('adapter')\n"
+            "probs = model(**tokenizer(['some text'], return_tensors='pt')).logits.sigmoid()[0]\n"
+            "print([name for name, p, t in zip(labels, probs.tolist(), thresholds) if p >= t])")
+
+
+def parse_labels(value: Any, delimiter: str) -> list[str]:
+    """One row's labels, distinct, in the order written: a list, a JSON list as text, or a delimited
+    string. ValueError for a missing or blank value (a row with no label is written ``[]``)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):  # a list column read from parquet
+        value = value.tolist()
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ValueError("empty; write [] for a row with no label.")
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"{text[:60]!r} starts like a JSON list but is not one ({exc.msg}).") from None
+            if not isinstance(value, list):
+                raise ValueError(f"{text[:60]!r} is not a JSON list.")
+        else:
+            value = text.split(delimiter)
+    elif value is None or (isinstance(value, float) and value != value):
+        raise ValueError("empty; write [] for a row with no label.")
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    labels: list[str] = []
+    for item in value:
+        if isinstance(item, (list, dict)) or item is None:
+            raise ValueError(f"{item!r} in {value!r} is not a label (a string or an integer).")
+        label = label_text(item).strip()
+        if label and label not in labels:
+            labels.append(label)
+    return labels
+
+
+def multi_hot(rows: list[list[str]], labels: list[str]) -> Any:
+    """A ``[rows, labels]`` 0/1 float array."""
+    import numpy as np
+
+    index = {label: i for i, label in enumerate(labels)}
+    out = np.zeros((len(rows), len(labels)), dtype=np.float32)
+    for r, row in enumerate(rows):
+        for label in row:
+            out[r, index[label]] = 1.0
+    return out
+
+
+def tune_thresholds(probs: Any, refs: Any, grid: tuple[float, ...] = THRESHOLD_GRID) -> list[float]:
+    """Per label, the threshold of ``grid`` with the highest F1 on (``probs``, ``refs``); ties go to the one
+    nearest 0.5. A label with no positive example scores 1 where nothing is predicted (no false positive)."""
+    import numpy as np
+
+    probs, refs = np.asarray(probs, dtype=float), np.asarray(refs, dtype=bool)
+    chosen = []
+    for j in range(probs.shape[1]):
+        best, best_key = 0.5, None
+        for t in grid:
+            pred = probs[:, j] >= t
+            tp = int(np.sum(pred & refs[:, j]))
+            wrong = int(np.sum(pred != refs[:, j]))  # false positives + false negatives
+            f1 = 1.0 if tp + wrong == 0 else 2 * tp / (2 * tp + wrong)
+            key = (f1, -abs(t - 0.5))
+            if best_key is None or key > best_key:
+                best, best_key = t, key
+        chosen.append(float(best))
+    return chosen
+
+
+def multilabel_metrics(pred: Any, refs: Any, labels: list[str]) -> dict[str, Any]:
+    """micro-F1, macro-F1, subset accuracy and a per-label report from ``[examples, labels]`` 0/1 arrays."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    pred, refs = np.asarray(pred, dtype=int), np.asarray(refs, dtype=int)
+    p, r, f, s = precision_recall_fscore_support(refs, pred, average=None, zero_division=0)
+    return {
+        "micro_f1": float(f1_score(refs, pred, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(refs, pred, average="macro", zero_division=0)),
+        "subset_accuracy": float(accuracy_score(refs, pred)),
+        "per_label": {label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                              "support": int(s[i])} for i, label in enumerate(labels)},
+    }

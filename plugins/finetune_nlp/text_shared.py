@@ -1,0 +1,217 @@
+"""What the NLP plugin's encoder classification tasks share (``text-classification``,
+``multi-label-classification``): a transformers encoder with a sequence-classification head, LoRA on its
+attention, the frozen-prefix cache and the shortened last layer, batching by padding, reading tables
+with errors naming file and line. Not a task of its own (never registered)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from finetune import DataError, RecipeError, Task, attention_projections
+from finetune_nlp.prefix_cache import FrozenPrefixCache
+
+HEAD_NAMES = ("classifier", "score", "pre_classifier", "pooler")
+
+
+class EncoderClassifier(Task):
+    """Base of the encoder classification tasks: everything but data, labels, metrics and predictions.
+
+    A subclass fills ``state["labels"]`` in ``prepare_data`` and may extend the head's configuration with
+    :meth:`head_config`. Its recipe's task options need ``cache_frozen_layers`` and
+    ``last_layer_cls_only``; its data options ``text_column``, ``text_pair_column`` and ``max_length``."""
+
+    # -- data ----------------------------------------------------------
+    def check_texts(self, df: Any, key: str, where: str, locations: Any) -> Any:
+        """No empty text (naming rows via ``locations``); texts as strings."""
+        column = self.recipe.data.text_column
+        check_not_empty(df, column, "data.text_column", key, where, locations)
+        df[column] = df[column].astype(str)
+        return df
+
+    def encode(self, examples: Any, processor: Any) -> Any:
+        data = self.recipe.data
+        texts = examples[data.text_column].tolist()
+        pairs = examples[data.text_pair_column].astype(str).tolist() if data.text_pair_column else None
+        return processor(texts, pairs, truncation=True, max_length=data.max_length)
+
+    def encode_records(self, processor: Any, records: list[dict[str, Any]], device: Any) -> Any:
+        """A padded batch of tensors from raw prediction records, on ``device``."""
+        data = self.recipe.data
+        texts = [str(r[data.text_column]) for r in records]
+        pairs = [str(r[data.text_pair_column]) for r in records] if data.text_pair_column else None
+        return processor(texts, pairs, truncation=True, max_length=data.max_length, padding=True,
+                         return_tensors="pt").to(device)
+
+    def baseline_texts(self, df: Any) -> list[str]:
+        data = self.recipe.data
+        if data.text_pair_column:
+            return (df[data.text_column] + " [SEP] " + df[data.text_pair_column].astype(str)).tolist()
+        return df[data.text_column].tolist()
+
+    def example_lengths(self, dataset: Any) -> list[int]:
+        return [len(ids) for ids in dataset.encodings["input_ids"]]
+
+    def collate_fn(self, processor: Any):
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(processor, return_tensors="pt")
+
+    def predict_input_columns(self) -> list[str]:
+        data = self.recipe.data
+        return [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
+
+    # -- model ---------------------------------------------------------
+    def head_config(self) -> dict[str, Any]:
+        """Keyword arguments of ``AutoModelForSequenceClassification.from_pretrained`` for the head."""
+        labels = self.state["labels"]
+        return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {label: i for i, label in enumerate(labels)}}
+
+    def load_model(self, backbone: Any) -> tuple[Any, Any]:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        kwargs = {"local_files_only": True, "trust_remote_code": backbone.trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            backbone.path, ignore_mismatched_sizes=True, **self.head_config(), **kwargs)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+            model.config.pad_token_id = tokenizer.pad_token_id
+        if self.recipe.task.cache_frozen_layers:
+            self._first_trainable = self._check_prefix_cache(model, tokenizer)
+        self._last_layer_shortened = self.recipe.task.last_layer_cls_only and self._shorten_last_layer(model, tokenizer)
+        from finetune_nlp.bert_layers import explicit_attention
+
+        explicit_attention(model)  # applies train.fast_dropout's dropout modules inside attention too
+        return model, tokenizer
+
+    def _shorten_last_layer(self, model: Any, tokenizer: Any) -> bool:
+        """task.last_layer_cls_only (finetune_nlp.bert_layers), checked on a padded probe batch."""
+        from finetune_nlp.bert_layers import last_layer, shorten_last_layer
+
+        if last_layer(model) is None:
+            return False  # not a BERT-style layer: nothing to shorten, nothing changes
+        probe = tokenizer(["the last layer is checked on this probe text", "a short one"], padding=True,
+                          truncation=True, max_length=self.recipe.data.max_length, return_tensors="pt")
+        shortened, why = shorten_last_layer(model, lambda: model(**probe).logits)
+        if not shortened:
+            print(f"warning: task.last_layer_cls_only: {why}, so the last layer computes every token (slower, "
+                  "same results); set it to false to silence this", file=sys.stderr)
+        return shortened
+
+    def _check_prefix_cache(self, model: Any, tokenizer: Any) -> int:
+        """The lowest LoRA layer, after checking the cache can be exact (before the run folder exists)."""
+        from finetune import resolve_layers
+
+        peft = self.recipe.peft
+        if peft.method != "lora" or peft.layers is None:
+            raise RecipeError("task.cache_frozen_layers needs LoRA in the top layers only: set peft.method = "
+                              "\"lora\" and peft.layers (e.g. [-2, -1]), or set task.cache_frozen_layers = false.")
+        _, layers = resolve_layers(model, peft.layers)
+        if layers[0] == 0:
+            raise RecipeError(f"task.cache_frozen_layers: peft.layers {peft.layers} includes layer 0, so no layer "
+                              "is frozen below LoRA; use the top layers (e.g. [-2, -1]) or turn the cache off.")
+        if getattr(tokenizer, "padding_side", "right") != "right":
+            raise RecipeError("task.cache_frozen_layers needs a tokenizer that pads on the right; turn the cache off.")
+        return layers[0]
+
+    def speed_notes(self) -> list[str]:
+        notes = []
+        if getattr(self, "_last_layer_shortened", False):
+            notes.append("task.last_layer_cls_only: the last layer computes only the first token, the one the "
+                         "classifier reads: faster; results equal within rounding, except that dropout there draws "
+                         "other random values (set it to false to compute every token)")
+        if self.recipe.task.cache_frozen_layers:
+            notes.append("task.cache_frozen_layers: the frozen layers below peft.layers run once per example and "
+                         "their output is reused every epoch, with no dropout there: much faster; results differ "
+                         "slightly from training without the cache (set it to false to run every layer every time)")
+        return notes
+
+    def _prefix(self, model: Any) -> FrozenPrefixCache | None:
+        if not self.recipe.task.cache_frozen_layers:
+            return None
+        cache = getattr(self, "_prefix_cache", None)
+        if cache is None:
+            first = getattr(self, "_first_trainable", None)
+            if first is None:
+                from finetune import resolve_layers
+
+                first = resolve_layers(model, self.recipe.peft.layers)[1][0]
+            cache = self._prefix_cache = FrozenPrefixCache(model, first)
+        return cache
+
+    def forward(self, model: Any, batch: dict[str, Any]) -> Any:
+        """``model(**batch)``, through the frozen-prefix cache when it is on."""
+        cache = self._prefix(model)
+        return cache.forward(model, batch) if cache is not None else model(**batch)
+
+    def train_mode(self, model: Any) -> None:
+        cache = self._prefix(model)
+        if cache is None:
+            model.train()
+        else:
+            cache.train_mode(model)
+
+    def training_loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        return self.forward(model, batch).loss
+
+    def lora_targets(self, model: Any) -> list[str]:
+        return attention_projections(model)
+
+    def modules_to_save(self, model: Any) -> list[str]:
+        # The head, and the pooler in front of it: all-MiniLM-L6-v2 was trained with mean pooling, so its
+        # CLS pooler is effectively untrained and must learn too.
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        return [n for n in HEAD_NAMES if n in names]
+
+    def peft_task_type(self) -> str:
+        return "SEQ_CLS"
+
+
+class EncodedDataset:
+    """Tokenizer output + one label (or label vector) per example, with optional extra per-example keys."""
+
+    def __init__(self, encodings: Any, labels: list[Any], ids: list[int] | None = None,
+                 extra: dict[str, list[Any]] | None = None) -> None:
+        self.encodings = encodings
+        self.labels = labels
+        self.ids = ids
+        self.extra = extra or {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {k: v[i] for k, v in self.encodings.items()}
+        item["labels"] = self.labels[i]
+        if self.ids is not None:
+            item[FrozenPrefixCache.ID_KEY] = self.ids[i]
+        for key, values in self.extra.items():
+            item[key] = values[i]
+        return item
+
+
+def check_not_empty(df: Any, column: str, ckey: str, key: str, where: str, locations: Any) -> None:
+    """DataError naming up to five rows whose ``column`` is missing or blank."""
+    values = df[column]
+    empty = values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())
+    bad = [i for i, is_empty in enumerate(empty.tolist()) if is_empty]  # positions, not index labels
+    if bad:
+        raise DataError(f"{key}: {where}: {len(bad)} row(s) have an empty {ckey} ({column!r}), e.g. on "
+                        f"{locations(bad[:5])}; fill or remove them.")
+
+
+def row_locations(path: str, fmt: str, positions: list[int]) -> str:
+    """'line(s) 3, 7' for text formats (csv/tsv: after the header line), else 'row(s) 1, 5' (1-based)."""
+    suffix = str(path).lower().rsplit(".", 1)[-1]
+    kind = fmt if fmt != "auto" else {"ndjson": "jsonl", "pq": "parquet"}.get(suffix, suffix)
+    if kind in ("csv", "tsv"):
+        return "line(s) " + ", ".join(str(i + 2) for i in positions)  # +2: header line, 1-based
+    if kind == "jsonl":
+        return "line(s) " + ", ".join(str(i + 1) for i in positions)
+    return "row(s) " + ", ".join(str(i + 1) for i in positions)
+
+
+def is_integer(label: str) -> bool:
+    return label.lstrip("-").isdigit()
