@@ -270,3 +270,36 @@ def test_every_task_family_round_trips_through_the_hub(hub, vision_run, generati
         from_run = run_cli("predict", str(family_run.path), *args)
         assert from_hub.returncode == 0, from_hub.stderr[-2000:]
         assert json.loads(from_hub.stdout.splitlines()[-1]) == json.loads(from_run.stdout.splitlines()[-1])
+
+
+def test_token_and_multi_label_runs_train_on_two_processes_and_round_trip_through_the_hub(hub, tmp_path,
+                                                                                          tiny_bert):
+    """The NLP tasks added after the first wave: a 2-process run each, pushed, and predicted by id as from
+    the run folder."""
+    from conftest import make_sentiment_rows
+    from fake_plugins import tagging_rows, write_jsonl
+
+    tags = [{"tokens": r["tokens"], "tags": [t if t == "O" else "B-" + t for t in r["tags"]]}
+            for r in tagging_rows(48)]
+    labels = [{"text": r["text"], "labels": [r["label"]] + (["long"] if len(r["text"]) > 30 else [])}
+              for r in make_sentiment_rows(48)]
+    cases = {
+        "token-classification": (write_jsonl(tmp_path / "tags.jsonl", tags), ["--text", "good bad table"]),
+        "multi-label-classification": (write_jsonl(tmp_path / "labels.jsonl", labels), ["--text", "good movie"]),
+    }
+    for name, (data, args) in cases.items():
+        recipe = tmp_path / f"{name}.toml"
+        recipe.write_text(f'[task]\nname = "{name}"\n[model]\nbackbone = "{tiny_bert}"\n'
+                          f'[data]\ntrain = "{data}"\nsplit = 0.25\nmax_length = 16\n[peft]\nr = 4\nalpha = 8\n'
+                          '[train]\nepochs = 1\nbatch_size = 8\nlearning_rate = 1e-2\nmixed_precision = "no"\n'
+                          f'[output]\ndir = "{tmp_path / name}"\n')
+        trained = run_cli("run", str(recipe), "--num-processes", "2", env=hub_env(hub))
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        assert RunDir(tmp_path / name).info()["processes"] == 2
+        push_run(tmp_path / name, f"me/{name}")
+        meta = parse_front_matter(commits(hub, f"me/{name}")[-1]["files"]["README.md"].decode())
+        assert meta["pipeline_tag"] == ("token-classification" if name.startswith("token") else "text-classification")
+        from_hub = run_cli("predict", f"me/{name}", *args, env=hub_env(hub))
+        from_run = run_cli("predict", str(tmp_path / name), *args)
+        assert from_hub.returncode == 0, from_hub.stderr[-2000:]
+        assert json.loads(from_hub.stdout.splitlines()[-1]) == json.loads(from_run.stdout.splitlines()[-1])
