@@ -25,6 +25,7 @@ from finetune import (
     DataOptions,
     DataSplits,
     PathStr,
+    RecipeError,
     RunDir,
     label_text,
     load_table,
@@ -114,6 +115,9 @@ class MultiLabelClassification(EncoderClassifier):
 
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
+        if data.dataset:
+            raise RecipeError("data.dataset: multi-label-classification reads files for now; give data.train (JSON "
+                              "lines, CSV, TSV or Parquet) instead.")
         seed = self.recipe.train.seed
         train = self._read(data.train, "data.train")
         test = None

@@ -325,3 +325,12 @@ def test_validate_and_the_frozen_prefix_cache_give_eval_and_test_ids_of_their_ow
     assert trained.returncode == 0, trained.stderr[-3000:]
     metrics = json.loads(RunDir(tmp_path / "run").metrics_file.read_text())
     assert "micro_f1" in metrics["best"] and "micro_f1" in metrics["test"]
+
+
+def test_a_data_set_source_is_refused_clearly_until_it_is_supported(tmp_path, tiny_bert):
+    from finetune.errors import RecipeError
+
+    train = write_jsonl(tmp_path / "train.jsonl", tagged_rows(8))
+    recipe = recipe_file(tmp_path, tiny_bert, train)
+    with pytest.raises(RecipeError, match=r"data.dataset: multi-label-classification reads files for now"):
+        open_session(recipe, ["data.train=", f"data.dataset={train}"])
