@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import NEGATIVE, NEUTRAL, POSITIVE, run_cli
+from conftest import NEGATIVE, NEUTRAL, POSITIVE, run_cli, write_csv
 
 from finetune.engine.run_folder import RunDir
 from finetune.errors import DataError
@@ -38,13 +38,6 @@ def write_jsonl(path, rows):
     return path
 
 
-def write_table(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def recipe_file(tmp_path, tiny_bert, train, *, data="", train_section="", name="recipe.toml", out="run", epochs=2):
@@ -96,7 +89,7 @@ def test_parse_labels_takes_lists_json_text_and_delimited_strings():
 def test_jsonl_lists_and_csv_json_strings_read_the_same(tmp_path, tiny_bert):
     rows = tagged_rows(40)
     jsonl = write_jsonl(tmp_path / "train.jsonl", rows)
-    as_csv = write_table(tmp_path / "train.csv", [{"text": r["text"], "labels": json.dumps(r["labels"])}
+    as_csv = write_csv(tmp_path / "train.csv", [{"text": r["text"], "labels": json.dumps(r["labels"])}
                                                    for r in rows])
     a = open_session(recipe_file(tmp_path, tiny_bert, jsonl, name="a.toml"), []).splits
     b = open_session(recipe_file(tmp_path, tiny_bert, as_csv, name="b.toml"), []).splits
@@ -110,9 +103,9 @@ def test_jsonl_lists_and_csv_json_strings_read_the_same(tmp_path, tiny_bert):
 
 def test_delimited_labels_and_the_delimiter_option(tmp_path, tiny_bert):
     rows = tagged_rows(40)
-    comma = write_table(tmp_path / "comma.csv", [{"text": r["text"], "labels": ",".join(r["labels"]) or "[]"}
+    comma = write_csv(tmp_path / "comma.csv", [{"text": r["text"], "labels": ",".join(r["labels"]) or "[]"}
                                                  for r in rows])
-    pipe = write_table(tmp_path / "pipe.csv", [{"text": r["text"], "labels": " | ".join(r["labels"]) or "[]"}
+    pipe = write_csv(tmp_path / "pipe.csv", [{"text": r["text"], "labels": " | ".join(r["labels"]) or "[]"}
                                                for r in rows])
     a = open_session(recipe_file(tmp_path, tiny_bert, comma, name="a.toml"), []).splits
     b = open_session(recipe_file(tmp_path, tiny_bert, pipe, data='label_delimiter = "|"', name="b.toml"), []).splits
@@ -141,7 +134,7 @@ def test_unknown_labels_empty_texts_and_bad_label_cells_name_the_file_and_row(tm
         open_session(recipe_file(tmp_path, tiny_bert, empty, name="e.toml"), [])
     table = [{"text": r["text"], "labels": json.dumps(r["labels"])} for r in tagged_rows(40)]
     table[6]["labels"] = '["pos", '
-    broken = write_table(tmp_path / "broken.csv", table)
+    broken = write_csv(tmp_path / "broken.csv", table)
     with pytest.raises(DataError, match=r"data.train: .*broken.csv: data.label_column \('labels'\) on line\(s\) 8: "
                                         r".*not one"):
         open_session(recipe_file(tmp_path, tiny_bert, broken, name="b.toml"), [])
@@ -210,7 +203,7 @@ def test_compute_metrics_tunes_on_the_eval_split_only(tmp_path, tiny_bert):
 def trained(tmp_path_factory, tiny_bert):
     tmp = tmp_path_factory.mktemp("multilabel")
     train = write_jsonl(tmp / "data" / "train.jsonl", tagged_rows(120))
-    test = write_table(tmp / "data" / "test.csv", [{"id": f"r{i}", "text": r["text"],
+    test = write_csv(tmp / "data" / "test.csv", [{"id": f"r{i}", "text": r["text"],
                                                     "labels": ",".join(r["labels"]) or "[]"}
                                                    for i, r in enumerate(tagged_rows(24, seed=5))])
     # eval_loss with "max" selects the worst evaluation: an early adapter, not the last one
