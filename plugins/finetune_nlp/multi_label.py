@@ -161,14 +161,7 @@ class MultiLabelClassification(EncoderClassifier):
         labels = self.state["labels"]
         enc = self.encode(examples, processor)
         targets = multi_hot(examples[self.recipe.data.label_column].tolist(), labels)
-        ids = None
-        if self.recipe.task.cache_frozen_layers:  # each eval dataset (eval, test) gets ids of its own
-            if training:
-                ids = list(range(len(targets)))
-            else:
-                start = getattr(self, "_next_eval_id", -1)
-                ids = [start - i for i in range(len(targets))]
-                self._next_eval_id = start - len(targets)
+        ids = self.example_ids(len(targets), training)
         extra = None
         if not training:
             tune = int(examples is getattr(self, "_eval_examples", None))

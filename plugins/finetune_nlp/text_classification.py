@@ -149,16 +149,7 @@ class TextClassification(EncoderClassifier):
         label_ids = {label: i for i, label in enumerate(self.state["labels"])}
         enc = self.encode(examples, processor)
         labels = [label_ids[v] for v in examples[data.label_column]]
-        # With the frozen-prefix cache every example carries an id: i for training, negative for eval and test.
-        ids = None
-        if self.recipe.task.cache_frozen_layers:
-            if training:
-                ids = list(range(len(labels)))
-            else:  # each eval dataset (eval, then test) gets ids of its own: the cache is keyed by id
-                start = getattr(self, "_next_eval_id", -1)
-                ids = [start - i for i in range(len(labels))]
-                self._next_eval_id = start - len(labels)
-        return EncodedDataset(enc, labels, ids)
+        return EncodedDataset(enc, labels, self.example_ids(len(labels), training))
 
     # -- evaluation ----------------------------------------------------
     def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:

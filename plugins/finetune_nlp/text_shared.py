@@ -35,6 +35,17 @@ class EncoderClassifier(Task):
         pairs = examples[data.text_pair_column].astype(str).tolist() if data.text_pair_column else None
         return processor(texts, pairs, truncation=True, max_length=data.max_length)
 
+    def example_ids(self, n: int, training: bool) -> list[int] | None:
+        """Ids for the frozen-layer cache (None when it is off): 0..n-1 for training; each eval dataset (eval,
+        then test) gets negative ids of its own, since the cache is keyed by id."""
+        if not self.recipe.task.cache_frozen_layers:
+            return None
+        if training:
+            return list(range(n))
+        start = getattr(self, "_next_eval_id", -1)
+        self._next_eval_id = start - n
+        return [start - i for i in range(n)]
+
     def encode_records(self, processor: Any, records: list[dict[str, Any]], device: Any) -> Any:
         """A padded batch of tensors from raw prediction records, on ``device``."""
         data = self.recipe.data
