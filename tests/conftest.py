@@ -83,6 +83,71 @@ def make_recipe(tmp_path, tiny_bert, sentiment_csv):
     return _make
 
 
+@pytest.fixture
+def callback_plugin():
+    """Register a plugin whose callbacks a test supplies; unregistered afterwards."""
+    import types
+
+    from finetune import hookimpl
+    from finetune.engine.plugins import get_registry
+
+    registry = get_registry()
+    module = types.ModuleType("test_callbacks_plugin")
+    module.callbacks = []
+
+    @hookimpl
+    def finetune_register_callbacks(register):
+        for cb in module.callbacks:
+            register(cb)
+
+    module.finetune_register_callbacks = finetune_register_callbacks
+    registry.pm.register(module, name="test-callbacks")
+    yield module
+    registry.pm.unregister(module)
+
+
+def assert_resume_equals_uninterrupted(callback_plugin, full_recipe: Path, cut_recipe: Path, stop_at: int):
+    """Run ``full_recipe``; run ``cut_recipe`` (the same recipe, another output folder) with a Ctrl-C at
+    training step ``stop_at`` (a step that is logged), then run it again: the resumed run must end with the
+    same adapter tensors, task state and metrics as the uninterrupted one. Returns both run folders."""
+    import json
+    import signal
+
+    from safetensors.torch import load_file
+
+    from finetune.engine.console import Console
+    from finetune.engine.stop import Interrupted
+    from finetune.run.training import run_recipe
+
+    quiet = Console(quiet=True)
+    full = run_recipe(full_recipe, [], console=quiet)
+
+    class CtrlC:
+        def on_log(self, run, state, logs):
+            if state.global_step == stop_at:
+                os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C
+
+    callback_plugin.callbacks = [CtrlC()]
+    try:
+        with pytest.raises(Interrupted, match="resumable"):
+            run_recipe(cut_recipe, [], console=quiet)
+    finally:
+        callback_plugin.callbacks = []
+    resumed = run_recipe(cut_recipe, [], resume=True, console=quiet)
+    assert resumed.is_finished()
+    a, b = (load_file(str(r.adapter_dir / "adapter_model.safetensors")) for r in (full, resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
+    state_a, state_b = (json.loads((r.adapter_dir / "finetune_task.json").read_text()) for r in (full, resumed))
+    assert state_a == state_b
+    m_full, m_res = (json.loads(r.metrics_file.read_text()) for r in (full, resumed))
+    assert m_full["best"] == m_res["best"] and m_full["last"] == m_res["last"]
+    steps = [r["step"] for r in resumed.read_metrics_log() if r["kind"] == "train"]
+    assert steps == sorted(set(steps)), "metrics.jsonl must not repeat steps after a resume"
+    return full, resumed
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: int = 600,
             cwd: Path | None = None):
     """Run the real `finetune` CLI in a subprocess (as a user would), in the repository (or ``cwd``)."""

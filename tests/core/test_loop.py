@@ -8,15 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import pytest
 from conftest import REPO
 from safetensors.torch import load_file
 
-from finetune import hookimpl
 from finetune.engine.console import Console
-from finetune.engine.plugins import get_registry
 from finetune.engine.run_folder import RunDir
 from finetune.engine.run_lock import LOCK_FILE
 from finetune.engine.stop import Interrupted
@@ -34,24 +31,6 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 1e-6) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max().item() <= atol, key
-
-
-@pytest.fixture
-def callback_plugin():
-    """Register a plugin whose callbacks a test supplies; unregistered afterwards."""
-    registry = get_registry()
-    module = types.ModuleType("test_callbacks_plugin")
-    module.callbacks = []
-
-    @hookimpl
-    def finetune_register_callbacks(register):
-        for cb in module.callbacks:
-            register(cb)
-
-    module.finetune_register_callbacks = finetune_register_callbacks
-    registry.pm.register(module, name="test-callbacks")
-    yield module
-    registry.pm.unregister(module)
 
 
 def test_training_learns_and_writes_complete_run_folder(make_recipe):

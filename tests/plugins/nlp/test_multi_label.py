@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import NEGATIVE, NEUTRAL, POSITIVE, run_cli, write_csv
+from conftest import NEGATIVE, NEUTRAL, POSITIVE, assert_resume_equals_uninterrupted, run_cli, write_csv
 
 from finetune.engine.run_folder import RunDir
 from finetune.errors import DataError
@@ -327,3 +327,12 @@ def test_a_data_set_source_is_refused_clearly_until_it_is_supported(tmp_path, ti
     recipe = recipe_file(tmp_path, tiny_bert, train)
     with pytest.raises(RecipeError, match=r"data.dataset: multi-label-classification reads files for now"):
         open_session(recipe, ["data.train=", f"data.dataset={train}"])
+
+
+def test_ctrl_c_then_resume_equals_the_uninterrupted_run_thresholds_included(tmp_path, tiny_bert, callback_plugin):
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", tagged_rows(64))
+    section = "eval_every_steps = 2"
+    full = recipe_file(tmp_path, tiny_bert, train, train_section=section, name="full.toml", out="full", epochs=3)
+    cut = recipe_file(tmp_path, tiny_bert, train, train_section=section, name="cut.toml", out="cut", epochs=3)
+    full_run, _ = assert_resume_equals_uninterrupted(callback_plugin, full, cut, stop_at=4)
+    assert "thresholds" in json.loads((full_run.adapter_dir / "finetune_task.json").read_text())["state"]

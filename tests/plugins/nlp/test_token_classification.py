@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import NEGATIVE, NEUTRAL, POSITIVE, run_cli
+from conftest import NEGATIVE, NEUTRAL, POSITIVE, assert_resume_equals_uninterrupted, run_cli
 from fake_plugins import write_jsonl
 
 from finetune.errors import DataError
@@ -350,3 +350,13 @@ def test_a_conll_file_is_a_prediction_input_with_or_without_tags(tmp_path, tiny_
     assert task.read_predict_input(tagged) == [{"tokens": ["good", "day"], "tags": ["B-PER", "O"]}]
     jsonl = write_jsonl(tmp_path / "new.jsonl", [{"tokens": ["good", "day"]}])
     assert task.read_predict_input(jsonl) == [{"tokens": ["good", "day"]}]
+
+
+def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_bert, callback_plugin):
+    train = write_conll(tmp_path / "data" / "train.conll", ner_rows(48))
+    opts = {"epochs": 2, "checkpoint_every_steps": 3}
+    full = make_recipe(tmp_path, tiny_bert, train, train_opts=opts, name="full.toml")
+    cut = make_recipe(tmp_path, tiny_bert, train, train_opts=opts, name="cut.toml")
+    for path, out in ((full, "full"), (cut, "cut")):
+        path.write_text(path.read_text().replace(str(tmp_path / "run"), str(tmp_path / out)))
+    assert_resume_equals_uninterrupted(callback_plugin, full, cut, stop_at=4)
