@@ -478,3 +478,45 @@ def test_tensorboard_requested_but_missing_fails_before_training(make_recipe, tm
     result = run_cli("run", str(make_recipe()), "--set", "train.tensorboard=true")
     assert result.returncode == 2 and "pip install 'finetune[tensorboard]'" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------
+# each NLP task's own broken data, through the CLI
+
+
+def task_recipe(tmp_path: Path, tiny_bert: Path, task: str, data: dict) -> Path:
+    import tomli_w
+
+    recipe = {"task": {"name": task}, "model": {"backbone": str(tiny_bert)},
+              "data": {"split": 0.25, "max_length": 16, **data}, "peft": {"r": 4, "alpha": 8},
+              "train": {"epochs": 1, "mixed_precision": "no"}, "output": {"dir": str(tmp_path / "run")}}
+    path = tmp_path / "recipe.toml"
+    path.write_text(tomli_w.dumps(recipe))
+    return path
+
+
+NER_LINES = ['{"tokens": ["good", "day"], "tags": ["B-PER", "O"]}'] * 8
+LABEL_LINES = ['{"text": "good day", "labels": ["pos"]}', '{"text": "bad day", "labels": ["neg"]}'] * 4
+
+
+@pytest.mark.parametrize("task,train,eval_lines,fragments", [
+    ("token-classification", NER_LINES + ['{"tokens": ["a", "good", "day"], "tags": ["O", "B-PER"]}'], None,
+     ["train.jsonl, line 9: 3 tokens but 2 tags"]),
+    ("token-classification", NER_LINES + ['{"tokens": ["a", "good"], "tags": ["O", "I-PER"]}'], None,
+     ["train.jsonl, line 9: invalid IOB2 tag sequence", "I-PER"]),
+    ("token-classification", NER_LINES, ['{"tokens": ["bad", "day"], "tags": ["B-LOC", "O"]}'],
+     ["data.eval:", "eval.jsonl, line 1: tag 'B-LOC'"]),
+    ("multi-label-classification", LABEL_LINES, ['{"text": "so so", "labels": ["meh"]}'],
+     ["data.eval: labels ['meh'] appear in", "eval.jsonl", "line(s) 1"]),
+    ("multi-label-classification", LABEL_LINES + ['{"text": "", "labels": ["pos"]}'], None,
+     ["1 row(s) have an empty data.text_column", "line(s) 9"]),
+], ids=["ner-misaligned", "ner-invalid-iob2", "ner-unknown-eval-tag", "multilabel-unknown-eval-label",
+        "multilabel-empty-text"])
+def test_task_data_errors_name_the_file_and_line(tmp_path, tiny_bert, task, train, eval_lines, fragments):
+    (tmp_path / "data").mkdir()
+    data = {"train": str(write_rows(tmp_path / "data" / "train.jsonl", *train))}
+    if eval_lines:
+        data["eval"] = str(write_rows(tmp_path / "data" / "eval.jsonl", *eval_lines))
+    result = run_cli("run", str(task_recipe(tmp_path, tiny_bert, task, data)))
+    assert_user_error(result, *fragments)
+    assert_no_run_folder(tmp_path / "run")
