@@ -55,21 +55,33 @@ class DatasetSplit:
     base: Path | None  #: the folder relative file paths inside it resolve against (None: none)
 
     def frame(self) -> Any:
-        """The split as a pandas DataFrame; ``ClassLabel`` columns hold their label names, not their ids."""
+        """The split as a pandas DataFrame; ``ClassLabel`` columns hold their label names, not their ids, and so
+        do list-of-``ClassLabel`` columns (e.g. a tag per word, or several labels per text): lists of names.
+        An id outside the names becomes None (a task reports it as a missing label)."""
         import datasets
+        import numpy as np
 
         df = self.dataset.to_pandas()
+
+        def name(names: list[str], v: Any) -> str | None:
+            return names[int(v)] if isinstance(v, (int, np.integer)) and 0 <= v < len(names) else None
+
         for column, feature in self.dataset.features.items():
             if isinstance(feature, datasets.ClassLabel):
-                names = feature.names
-                df[column] = [names[v] if isinstance(v, int) and 0 <= v < len(names) else None for v in df[column]]
+                df[column] = [name(feature.names, v) for v in df[column]]
+            elif _list_of_class_label(feature):
+                names = feature.feature.names
+                df[column] = [None if v is None else [name(names, x) for x in v] for v in df[column]]
         return df
 
     def class_names(self, column: str) -> list[str] | None:
-        """The names of a ``ClassLabel`` column, in its order (None for any other column)."""
+        """The names of a ``ClassLabel`` column (or of a list-of-``ClassLabel`` column's items), in their order
+        (None for any other column)."""
         import datasets
 
         feature = self.dataset.features.get(column)
+        if _list_of_class_label(feature):
+            feature = feature.feature
         return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
     def require_columns(self, columns: dict[str, str | None]) -> None:
@@ -140,6 +152,13 @@ class DatasetSource:
         if self.splits[name] is None or len(self.splits[name]) == 0:
             raise DataError(f"{key}: {self.resolved}[{name}] is empty (0 rows); choose a split with examples.")
         return DatasetSplit(self.splits[name], f"{self.resolved}[{name}]", self.base)
+
+
+def _list_of_class_label(feature: Any) -> bool:
+    import datasets
+
+    return isinstance(feature, (datasets.List, datasets.LargeList)) and \
+        isinstance(feature.feature, datasets.ClassLabel)
 
 
 def open_dataset(data: Any, recipe_dir: Path | None = None, announce: Callable[[str], None] | None = None,

@@ -25,10 +25,10 @@ from finetune import (
     DataOptions,
     DataSplits,
     PathStr,
-    RecipeError,
     RunDir,
     label_text,
     load_table,
+    open_dataset,
     require_columns,
     sorted_labels,
     split_frame,
@@ -46,7 +46,8 @@ _STATE_FILE = "finetune_task.json"
 
 class MultiLabelData(DataOptions):
     train: PathStr | None = Field(None, description="Training table: a .csv, .tsv, .jsonl, .json or .parquet file "
-                                  "with `text_column` and `label_column`.")
+                                  "with `text_column` and `label_column` (or give `dataset`: a data set whose label "
+                                  "column holds lists of labels or of ClassLabel ids, e.g. go_emotions).")
     eval: PathStr | None = Field(None, description="Evaluation table with the same columns; if absent, `split` of "
                                  "train is held out at random (`group_column` keeps groups whole). It also tunes "
                                  "each label's threshold.")
@@ -82,17 +83,26 @@ class MultiLabelClassification(EncoderClassifier):
     def _read(self, path: str | Path, key: str) -> Any:
         data = self.recipe.data
         df = load_table(path, data.format, key=key)
-        locations = lambda rows: row_locations(path, data.format, rows)  # noqa: E731
+        return self._checked(df, key, str(path), lambda rows: row_locations(path, data.format, rows))
+
+    def _read_split(self, split: Any, key: str) -> Any:
+        """A data set split (``finetune.open_dataset``); a list-of-ClassLabel label column (as in go_emotions)
+        is read as label names."""
+        return self._checked(split.frame(), key, split.where, _row_numbers)
+
+    def _checked(self, df: Any, key: str, where: str, locations: Any) -> Any:
+        """Columns present, no empty text, each row's labels parsed into a list (errors name ``where`` and rows)."""
+        data = self.recipe.data
         require_columns(df, {"data.text_column": data.text_column, "data.text_pair_column": data.text_pair_column,
                              "data.label_column": data.label_column, "data.group_column": data.group_column},
-                        str(path))
-        self.check_texts(df, key, str(path), locations)
+                        where)
+        self.check_texts(df, key, where, locations)
         parsed = []
         for i, value in enumerate(df[data.label_column].tolist()):
             try:
                 parsed.append(parse_labels(value, data.label_delimiter))
             except ValueError as exc:
-                raise DataError(f"{key}: {path}: data.label_column ({data.label_column!r}) on {locations([i])}: "
+                raise DataError(f"{key}: {where}: data.label_column ({data.label_column!r}) on {locations([i])}: "
                                 f"{exc}") from None
         df[data.label_column] = parsed
         return df
@@ -115,29 +125,40 @@ class MultiLabelClassification(EncoderClassifier):
 
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
-        if data.dataset:
-            raise RecipeError("data.dataset: multi-label-classification reads files for now; give data.train (JSON "
-                              "lines, CSV, TSV or Parquet) instead.")
         seed = self.recipe.train.seed
-        train = self._read(data.train, "data.train")
-        test = None
+        eval_ = test = None
+        provenance: dict[str, Any] = {}
+        if data.dataset:
+            source = open_dataset(data, self.recipe.source.parent if self.recipe.source else None)
+            train_split, eval_split = source.train_and_eval(data)
+            test_split, provenance = source.test_split(data), source.info
+            train_where, train = train_split.where, self._read_split(train_split, "data.dataset_split")
+            if eval_split is not None:
+                eval_ = self._read_split(eval_split, "data.dataset_eval_split")
+            if test_split is not None:
+                test = self._read_split(test_split, "data.dataset_test_split")
+        else:
+            train_where, train = data.train, self._read(data.train, "data.train")
         if data.test_split:  # held out first, so the test rows never depend on the eval settings
             train, test = split_frame(train, data.test_split, seed, group=data.group_column, key="data.test_split")
         if data.limit:
             train = train.sample(n=min(data.limit, len(train)), random_state=seed).reset_index(drop=True)
         if data.eval:
             eval_ = self._read(data.eval, "data.eval")
-        else:
+        elif eval_ is None:
             train, eval_ = split_frame(train, data.split, seed, group=data.group_column)
         labels = sorted_labels(x for row in train[data.label_column] for x in row)
         if not labels:
-            raise DataError(f"data.label_column: no row of the training data ({data.train}) has a label "
+            raise DataError(f"data.label_column: no row of the training data ({train_where}) has a label "
                             f"({data.label_column!r}); multi-label classification needs at least one label.")
         if data.eval:
             self._check_labels(eval_, "data.eval", str(data.eval), labels,
                                lambda rows: row_locations(data.eval, data.format, rows))
+        elif data.dataset_eval_split:
+            self._check_labels(eval_, "data.dataset_eval_split", f"{data.dataset}[{data.dataset_eval_split}]", labels,
+                               _row_numbers)
         else:
-            self._check_labels(eval_, "data.split", f"the eval rows held out from {data.train}", labels,
+            self._check_labels(eval_, "data.split", f"the eval rows held out from {train_where}", labels,
                                lambda rows: f"row(s) {', '.join(str(i + 1) for i in rows)} of them")
         self.state = {"labels": labels, "integer_labels": all(is_integer(label) for label in labels),
                       "thresholds": dict.fromkeys(labels, 0.5)}
@@ -145,7 +166,8 @@ class MultiLabelClassification(EncoderClassifier):
         if data.test:
             test = self.read_examples(Path(data.test), "data.test")
         elif test is not None:
-            self._check_labels(test, "data.test_split", "the test split", labels,
+            self._check_labels(test, "data.test_split" if data.test_split else "data.dataset_test_split",
+                               "the test split", labels,
                                lambda rows: f"row(s) {', '.join(str(i + 1) for i in rows)} of it")
         counts = {label: 0 for label in labels}
         for row in train[data.label_column]:
@@ -154,7 +176,8 @@ class MultiLabelClassification(EncoderClassifier):
         info = {"train_examples": len(train), "eval_examples": len(eval_),
                 **({"test_examples": len(test)} if test is not None else {}), "labels": labels,
                 "train_label_counts": counts,
-                "train_rows_without_label": int(sum(1 for row in train[data.label_column] if not row))}
+                "train_rows_without_label": int(sum(1 for row in train[data.label_column] if not row)),
+                **provenance}
         return DataSplits(train=train, eval=eval_, info=info, test=test)
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
@@ -280,6 +303,10 @@ class MultiLabelClassification(EncoderClassifier):
             "tokenizer = AutoTokenizer.from_pretrained('adapter')\n"
             "probs = model(**tokenizer(['some text'], return_tensors='pt')).logits.sigmoid()[0]\n"
             "print([name for name, p, t in zip(labels, probs.tolist(), thresholds) if p >= t])")
+
+
+def _row_numbers(rows: list[int]) -> str:
+    return "row(s) " + ", ".join(str(i + 1) for i in rows)
 
 
 def parse_labels(value: Any, delimiter: str) -> list[str]:

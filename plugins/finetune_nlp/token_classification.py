@@ -25,6 +25,7 @@ from finetune import (
     Task,
     TaskOptions,
     attention_projections,
+    open_dataset,
     read_jsonl,
     split_frame,
 )
@@ -39,11 +40,14 @@ class TokenClassificationData(DataOptions):
     train: PathStr | None = Field(None, description="Training sentences: a .jsonl file (one sentence per line, "
                                   "with `tokens_column` and `tags_column` lists) or a CoNLL-style column file "
                                   "(.conll, .txt, .iob: one word per line, its tag in the last column, a blank "
-                                  "line between sentences, -DOCSTART- lines ignored).")
+                                  "line between sentences, -DOCSTART- lines ignored); or give `dataset` (a data set "
+                                  "with a words column and a tags column, e.g. conll2003 with tags_column = "
+                                  "\"ner_tags\").")
     eval: PathStr | None = Field(None, description="Evaluation sentences in the same form; if absent, `split` of "
                                  "the training sentences is held out.")
-    tokens_column: str = Field("tokens", description="JSON lines: the field holding the list of words.")
-    tags_column: str = Field("tags", description="JSON lines: the field holding the list of tags (one per word).")
+    tokens_column: str = Field("tokens", description="JSON lines or data set: the field holding the list of words.")
+    tags_column: str = Field("tags", description="JSON lines or data set: the field holding the list of tags (one "
+                             "per word): tag strings, or a data set's ClassLabel ids (read as their names).")
     tag_scheme: Literal["auto", "IOB2", "IOB1", "BIOES", "IO"] = Field(
         "auto", description="Tag scheme of the data files; 'auto' detects it from the training tags. Tags are "
         "converted to IOB2 for training and prediction; an invalid sequence in a strict scheme (IOB2, BIOES) "
@@ -232,31 +236,43 @@ def _read_conll(path: Path, key: str, tagged: bool = True) -> list[dict[str, Any
     return sentences
 
 
+def _sentence(record: dict[str, Any], where: str, number: int, key: str, data: Any,
+              unit: str = "line") -> dict[str, Any]:
+    """One sentence of a JSON line or a data set row: its words and tags checked for shape."""
+    values = {}
+    for column, ckey in ((data.tokens_column, "data.tokens_column"), (data.tags_column, "data.tags_column")):
+        if column not in record:
+            raise DataError(f"{key}: {where}, {unit} {number}: no {column!r} field ({ckey}); the {unit} has "
+                            f"{sorted(record)}. Rename the field or set {ckey}.")
+        value = record[column]
+        value = value.tolist() if hasattr(value, "tolist") else value  # a data set row holds numpy arrays
+        if not isinstance(value, list) or any(isinstance(v, (list, dict)) or v is None for v in value):
+            raise DataError(f"{key}: {where}, {unit} {number}: {column!r} ({ckey}) must be a list of strings, "
+                            f"not {value!r:.80}.")
+        values[column] = [str(v) for v in value]
+    tokens, tags = values[data.tokens_column], values[data.tags_column]
+    if len(tokens) != len(tags):
+        raise DataError(f"{key}: {where}, {unit} {number}: {len(tokens)} tokens but {len(tags)} tags; give one "
+                        "tag per token.")
+    if not tokens:
+        raise DataError(f"{key}: {where}, {unit} {number}: an empty sentence (no tokens); remove the {unit}.")
+    return {"tokens": tokens, "tags": tags, "lines": [number] * len(tokens), "unit": unit}
+
+
 def _read_jsonl(path: Path, key: str, data: Any) -> list[dict[str, Any]]:
-    sentences = []
-    for number, record in read_jsonl(path, key):
-        values = {}
-        for column, ckey in ((data.tokens_column, "data.tokens_column"), (data.tags_column, "data.tags_column")):
-            if column not in record:
-                raise DataError(f"{key}: {path}, line {number}: no {column!r} field ({ckey}); the line has "
-                                f"{sorted(record)}. Rename the field or set {ckey}.")
-            value = record[column]
-            if not isinstance(value, list) or any(isinstance(v, (list, dict)) or v is None for v in value):
-                raise DataError(f"{key}: {path}, line {number}: {column!r} ({ckey}) must be a list of strings, "
-                                f"not {value!r:.80}.")
-            values[column] = [str(v) for v in value]
-        tokens, tags = values[data.tokens_column], values[data.tags_column]
-        if len(tokens) != len(tags):
-            raise DataError(f"{key}: {path}, line {number}: {len(tokens)} tokens but {len(tags)} tags; give one "
-                            "tag per token.")
-        if not tokens:
-            raise DataError(f"{key}: {path}, line {number}: an empty sentence (no tokens); remove the line.")
-        sentences.append({"tokens": tokens, "tags": tags, "lines": [number] * len(tokens)})
-    return sentences
+    return [_sentence(record, str(path), number, key, data) for number, record in read_jsonl(path, key)]
+
+
+def _read_split(split: Any, key: str, data: Any) -> list[dict[str, Any]]:
+    """The sentences of a data set split (``finetune.open_dataset``): words and tags columns, tags as names (a
+    ``ClassLabel`` tag column, as in conll2003's ``ner_tags``, is read as its tag names)."""
+    split.require_columns({"data.tokens_column": data.tokens_column, "data.tags_column": data.tags_column})
+    return [_sentence(record, split.where, number, key, data, unit="row")
+            for number, record in enumerate(split.frame().to_dict("records"), start=1)]
 
 
 def _where(path: Any, sentence: dict[str, Any], i: int = 0) -> str:
-    return f"{path}, line {sentence['lines'][i]}"
+    return f"{path}, {sentence.get('unit', 'line')} {sentence['lines'][i]}"
 
 
 # -- the task ----------------------------------------------------------------------
@@ -336,39 +352,50 @@ class TokenClassification(Task):
 
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
-        if data.dataset:
-            raise RecipeError("data.dataset: token-classification reads files for now; give data.train (JSON lines "
-                              "or a CoNLL column file) instead.")
         if data.group_column:
             raise RecipeError("data.group_column: token-classification does not group sentences; remove it.")
-        raw = self._read_raw(data.train, "data.train")
+        eval_split = test_split = None
+        provenance: dict[str, Any] = {}
+        if data.dataset:
+            source = open_dataset(data, self.recipe.source.parent if self.recipe.source else None)
+            train_split, eval_split = source.train_and_eval(data)
+            test_split, provenance = source.test_split(data), source.info
+            train_where, raw = train_split.where, _read_split(train_split, "data.dataset_split", data)
+        else:
+            train_where, raw = data.train, self._read_raw(data.train, "data.train")
         scheme = data.tag_scheme if data.tag_scheme != "auto" else detect_scheme([s["tags"] for s in raw])
-        train = self._to_frame(raw, data.train, "data.train", scheme)
+        train = self._to_frame(raw, train_where, "data.dataset_split" if data.dataset else "data.train", scheme)
         seed = self.recipe.train.seed
         test = None
+        if test_split is not None:
+            test = self._to_frame(_read_split(test_split, "data.dataset_test_split", data), test_split.where,
+                                  "data.dataset_test_split", scheme)
         if data.test_split:  # held out first, so the test sentences never depend on the eval settings
             train, test = split_frame(train, data.test_split, seed, key="data.test_split")
         if data.limit:
             train = train.sample(n=min(data.limit, len(train)), random_state=seed).reset_index(drop=True)
         if data.eval:
             eval_ = self._to_frame(self._read_raw(data.eval, "data.eval"), data.eval, "data.eval", scheme)
+        elif eval_split is not None:
+            eval_ = self._to_frame(_read_split(eval_split, "data.dataset_eval_split", data), eval_split.where,
+                                   "data.dataset_eval_split", scheme)
         else:
             train, eval_ = split_frame(train, data.split, seed)
         kinds = sorted({tag[2:] for tags in train["tags"] for tag in tags if tag != "O"})
         if not kinds:
-            raise DataError(f"data.train: {data.train}: every training tag is O; tag some entities.")
+            raise DataError(f"data.train: {train_where}: every training tag is O; tag some entities.")
         labels = ["O"] + [f"{p}-{kind}" for kind in kinds for p in ("B", "I")]
         self.state = {"labels": labels, "scheme": scheme}
-        self._check_types(eval_, "data.eval", labels)
+        self._check_types(eval_, "data.eval" if data.eval else "data.dataset_eval_split", labels)
         if data.test:
             test = self.read_examples(Path(data.test), "data.test")
         elif test is not None:
-            self._check_types(test, "data.test_split", labels)
+            self._check_types(test, "data.test_split" if data.test_split else "data.dataset_test_split", labels)
         counts = {kind: sum(tag == f"B-{kind}" for tags in train["tags"] for tag in tags) for kind in kinds}
         info = {"train_sentences": len(train), "eval_sentences": len(eval_),
                 **({"test_sentences": len(test)} if test is not None else {}),
                 "train_words": int(sum(len(t) for t in train["tokens"])), "tag_scheme": scheme,
-                "entity_types": kinds, "train_entity_counts": counts}
+                "entity_types": kinds, "train_entity_counts": counts, **provenance}
         return DataSplits(train=train, eval=eval_, info=info, test=test)
 
     # -- windows -------------------------------------------------------

@@ -320,13 +320,39 @@ def test_validate_and_the_frozen_prefix_cache_give_eval_and_test_ids_of_their_ow
     assert "micro_f1" in metrics["best"] and "micro_f1" in metrics["test"]
 
 
-def test_a_data_set_source_is_refused_clearly_until_it_is_supported(tmp_path, tiny_bert):
-    from finetune.errors import RecipeError
+def test_a_data_set_with_class_label_lists_reads_like_a_file(tmp_path, tiny_bert):
+    import datasets
 
-    train = write_jsonl(tmp_path / "train.jsonl", tagged_rows(8))
-    recipe = recipe_file(tmp_path, tiny_bert, train)
-    with pytest.raises(RecipeError, match=r"data.dataset: multi-label-classification reads files for now"):
-        open_session(recipe, ["data.train=", f"data.dataset={train}"])
+    names = ["neg", "pos"]
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "labels": datasets.List(datasets.ClassLabel(names=names))})
+
+    def split(rows):  # labels as ClassLabel ids, as in go_emotions
+        return datasets.Dataset.from_dict({"text": [r["text"] for r in rows],
+                                           "labels": [[names.index(x) for x in r["labels"]] for r in rows]},
+                                          features=features)
+
+    folder = tmp_path / "emotions"
+    datasets.DatasetDict({"train": split(tagged_rows(24)), "validation": split(tagged_rows(8, seed=1)),
+                          "test": split(tagged_rows(6, seed=2))}).save_to_disk(str(folder))
+    recipe = recipe_file(tmp_path, tiny_bert, tmp_path / "unused.jsonl")
+    dataset = ["data.train=", f"data.dataset={folder}", "data.dataset_eval_split=validation"]
+    session = open_session(recipe, [*dataset, "data.dataset_test_split=test"])
+    splits = session.splits
+    assert (len(splits.train), len(splits.eval), len(splits.test)) == (24, 8, 6)
+    assert splits.train["labels"].tolist() == [r["labels"] for r in tagged_rows(24)]
+    assert session.task.state["labels"] == ["neg", "pos"] and splits.info["dataset"] == str(folder)
+
+    # a label the training split never has: the data set split and its row are named
+    strings = datasets.Dataset.from_dict({"text": ["good day", "bad day", "so so"],
+                                          "labels": [["pos"], ["neg"], ["sports"]]})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [r["text"] for r in tagged_rows(8)],
+                                                               "labels": [r["labels"] for r in tagged_rows(8)]}),
+                          "validation": strings}).save_to_disk(str(tmp_path / "strings"))
+    with pytest.raises(DataError, match=r"data.dataset_eval_split: labels \['sports'\] appear in "
+                                        r".*strings\[validation\] \(e.g. on row\(s\) 3\)"):
+        open_session(recipe, ["data.train=", f"data.dataset={tmp_path / 'strings'}",
+                              "data.dataset_eval_split=validation"])
 
 
 def test_ctrl_c_then_resume_equals_the_uninterrupted_run_thresholds_included(tmp_path, tiny_bert, callback_plugin):

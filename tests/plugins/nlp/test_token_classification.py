@@ -360,3 +360,36 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_bert, ca
     for path, out in ((full, "full"), (cut, "cut")):
         path.write_text(path.read_text().replace(str(tmp_path / "run"), str(tmp_path / out)))
     assert_resume_equals_uninterrupted(callback_plugin, full, cut, stop_at=4)
+
+
+def test_a_data_set_with_class_label_tags_reads_like_a_file(tmp_path, tiny_bert):
+    import datasets
+
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    features = datasets.Features({"tokens": datasets.List(datasets.Value("string")),
+                                  "ner_tags": datasets.List(datasets.ClassLabel(names=names))})
+
+    def split(rows):  # tags as ClassLabel ids, as in conll2003's ner_tags
+        return datasets.Dataset.from_dict({"tokens": [r["tokens"] for r in rows],
+                                           "ner_tags": [[names.index(t) for t in r["tags"]] for r in rows]},
+                                          features=features)
+
+    folder = tmp_path / "ner-data"
+    datasets.DatasetDict({"train": split(ner_rows(24)), "validation": split(ner_rows(8, seed=1)),
+                          "test": split(ner_rows(6, seed=2))}).save_to_disk(str(folder))
+    recipe = make_recipe(tmp_path, tiny_bert, tmp_path / "unused.jsonl")
+    session = open_session(recipe, ["data.train=", f"data.dataset={folder}", "data.tags_column=ner_tags",
+                                    "data.dataset_eval_split=validation", "data.dataset_test_split=test"])
+    splits = session.splits
+    assert (len(splits.train), len(splits.eval), len(splits.test)) == (24, 8, 6)
+    assert splits.train["tags"].tolist() == [r["tags"] for r in ner_rows(24)]
+    assert splits.test["tokens"].tolist() == [r["tokens"] for r in ner_rows(6, seed=2)]
+    assert session.task.state["labels"] == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert splits.info["dataset"] == str(folder)
+
+    # a row whose words and tags disagree: the data set split and the row are named
+    rows = ner_rows(8)
+    rows[2]["tags"] = rows[2]["tags"][:-1] if len(rows[2]["tags"]) > 1 else []
+    datasets.DatasetDict({"train": split(rows)}).save_to_disk(str(tmp_path / "broken"))
+    with pytest.raises(DataError, match=r"data.dataset_split: .*broken\[train\], row 3: \d+ tokens but \d+ tags"):
+        open_session(recipe, ["data.train=", f"data.dataset={tmp_path / 'broken'}", "data.tags_column=ner_tags"])
