@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-EXAMPLE_PLUGIN := examples/plugins/finetune-text-regression
+EXAMPLE_PLUGIN := examples/plugins/finetune-rating-regression
 EXAMPLE_STAMP := $(VENV)/.example-plugin-installed
 
 .PHONY: setup quickstart test test-fast lint clean

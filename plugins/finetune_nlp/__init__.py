@@ -9,8 +9,10 @@ finetune_hook_version = "1"
 def finetune_register_tasks(register):
     from finetune_nlp.multi_label import MultiLabelClassification
     from finetune_nlp.text_classification import TextClassification
+    from finetune_nlp.text_regression import TextRegression
     from finetune_nlp.token_classification import TokenClassification
 
     register(TextClassification)
     register(TokenClassification)
     register(MultiLabelClassification)
+    register(TextRegression)

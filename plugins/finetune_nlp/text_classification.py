@@ -79,10 +79,9 @@ class TextClassification(EncoderClassifier):
         require_columns(df, {"data.text_column": data.text_column, "data.text_pair_column": data.text_pair_column,
                              "data.label_column": data.label_column,
                              "data.group_column": data.group_column}, where)
-        for column, ckey in ((data.text_column, "data.text_column"), (data.label_column, "data.label_column")):
-            check_not_empty(df, column, ckey, key, where, locations)
+        check_not_empty(df, data.label_column, "data.label_column", key, where, locations)
+        self.check_texts(df, key, where, locations)
         df[data.label_column] = df[data.label_column].map(label_text)
-        df[data.text_column] = df[data.text_column].astype(str)
         return df
 
     def _from_dataset(self) -> tuple[Any, Any, Any, dict[str, Any]]:

@@ -23,10 +23,12 @@ class EncoderClassifier(Task):
 
     # -- data ----------------------------------------------------------
     def check_texts(self, df: Any, key: str, where: str, locations: Any) -> Any:
-        """No empty text (naming rows via ``locations``); texts as strings."""
-        column = self.recipe.data.text_column
-        check_not_empty(df, column, "data.text_column", key, where, locations)
-        df[column] = df[column].astype(str)
+        """No empty text, nor empty second text of a pair (naming rows via ``locations``); texts as strings."""
+        data = self.recipe.data
+        for column, ckey in ((data.text_column, "data.text_column"), (data.text_pair_column, "data.text_pair_column")):
+            if column is not None:
+                check_not_empty(df, column, ckey, key, where, locations)
+                df[column] = df[column].astype(str)
         return df
 
     def encode(self, examples: Any, processor: Any) -> Any:

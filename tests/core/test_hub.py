@@ -272,8 +272,8 @@ def test_every_task_family_round_trips_through_the_hub(hub, vision_run, generati
         assert json.loads(from_hub.stdout.splitlines()[-1]) == json.loads(from_run.stdout.splitlines()[-1])
 
 
-def test_token_and_multi_label_runs_train_on_two_processes_and_round_trip_through_the_hub(hub, tmp_path,
-                                                                                          tiny_bert):
+def test_token_multi_label_and_regression_runs_train_on_two_processes_and_round_trip_through_the_hub(
+        hub, tmp_path, tiny_bert):
     """The NLP tasks added after the first wave: a 2-process run each, pushed, and predicted by id as from
     the run folder."""
     from conftest import make_sentiment_rows
@@ -286,6 +286,9 @@ def test_token_and_multi_label_runs_train_on_two_processes_and_round_trip_throug
     cases = {
         "token-classification": (write_jsonl(tmp_path / "tags.jsonl", tags), ["--text", "good bad table"]),
         "multi-label-classification": (write_jsonl(tmp_path / "labels.jsonl", labels), ["--text", "good movie"]),
+        "text-regression": (write_jsonl(tmp_path / "scores.jsonl", [{"text": r["text"], "target": len(r["text"]) / 10}
+                                                                     for r in make_sentiment_rows(48)]),
+                            ["--text", "good movie"]),
     }
     for name, (data, args) in cases.items():
         recipe = tmp_path / f"{name}.toml"

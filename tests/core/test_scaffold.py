@@ -16,12 +16,12 @@ from conftest import REPO, make_sentiment_rows, run_cli, write_csv
 from finetune.cli.scaffold import create_plugin
 from finetune.engine.run_folder import RunDir
 
-EXAMPLE = REPO / "examples" / "plugins" / "finetune-text-regression"
+EXAMPLE = REPO / "examples" / "plugins" / "finetune-rating-regression"
 
 
 def _example_installed() -> bool:
     try:
-        importlib.metadata.distribution("finetune-text-regression")
+        importlib.metadata.distribution("finetune-rating-regression")
         return True
     except importlib.metadata.PackageNotFoundError:
         return False
@@ -36,10 +36,10 @@ needs_example = pytest.mark.skipif(not _example_installed(),
 @needs_example
 def test_example_plugin_is_discovered_from_its_own_distribution():
     result = run_cli("plugins")
-    assert "text-regression (finetune-text-regression 0.1.0) [ok]" in result.stdout
-    assert "hooks:  finetune_register_tasks\n" in result.stdout.split("text-regression (")[1]
-    assert "text-regression" in run_cli("tasks").stdout
-    assert "text-regression" not in run_cli("--help").stdout  # installing a plugin adds no command unless asked
+    assert "rating-regression (finetune-rating-regression 0.1.0) [ok]" in result.stdout
+    assert "hooks:  finetune_register_tasks\n" in result.stdout.split("rating-regression (")[1]
+    assert "rating-regression" in run_cli("tasks").stdout
+    assert "rating-regression" not in run_cli("--help").stdout  # installing a plugin adds no command unless asked
 
 
 @needs_example
@@ -49,7 +49,7 @@ def test_example_plugin_trains_through_finetune_run(tmp_path, tiny_bert):
     recipe = tmp_path / "regression.toml"
     recipe.write_text(f"""
 [task]
-name = "text-regression"
+name = "rating-regression"
 normalize_target = true
 
 [model]
@@ -79,15 +79,15 @@ dir = "{tmp_path / 'run'}"
     assert metrics["best"]["mse"] < metrics["baseline"]["mse"]  # learned something beyond the mean
     assert metrics["best"]["mse"] < metrics["before"]["mse"]  # and beyond the untouched model
     plugins = {p["name"]: p for p in run.info()["plugins"]}
-    assert plugins["text-regression"]["distribution"] == "finetune-text-regression"
+    assert plugins["rating-regression"]["distribution"] == "finetune-rating-regression"
 
 
 def test_example_is_exactly_what_the_scaffold_generates(tmp_path):
-    fresh = create_plugin("text-regression", tmp_path)
+    fresh = create_plugin("rating-regression", tmp_path)
     generated = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
     committed = sorted(p.relative_to(EXAMPLE) for p in EXAMPLE.rglob("*") if p.is_file()
                        and "__pycache__" not in p.parts and ".egg-info" not in str(p))
-    assert generated == committed, "regenerate examples/plugins with `finetune new-plugin text-regression`"
+    assert generated == committed, "regenerate examples/plugins with `finetune new-plugin rating-regression`"
     for rel in generated:
         assert (fresh / rel).read_text() == (EXAMPLE / rel).read_text(), rel
 

@@ -38,8 +38,8 @@ def test_smoke_run_takes_list_rows_varies_lengths_merges_overrides_and_is_quiet(
 
 
 @pytest.mark.skipif(os.environ.get("CI") != "true" and not __import__("importlib").util.find_spec(
-    "finetune_text_regression"), reason="example plugin not installed (`make test` installs it)")
-@pytest.mark.parametrize("plugin", ["nlp", "vision", "speech", "generation", "text-regression"])
+    "finetune_rating_regression"), reason="example plugin not installed (`make test` installs it)")
+@pytest.mark.parametrize("plugin", ["nlp", "vision", "speech", "generation", "rating-regression"])
 def test_plugins_pass_the_conformance_kit(plugin):
     report = check_plugin(plugin)
     assert report.ok, report.problems

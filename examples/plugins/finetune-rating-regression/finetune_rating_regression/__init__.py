@@ -1,4 +1,4 @@
-"""finetune plugin: the text-regression task.
+"""finetune plugin: the rating-regression task.
 
 Only hooks live here; the task class is imported inside the hook so that loading the plugin (which the
 finetune CLI does at every start) does not import torch.
@@ -12,6 +12,6 @@ finetune_hook_version = "1"
 
 @hookimpl
 def finetune_register_tasks(register):
-    from finetune_text_regression.task import TextRegressionTask
+    from finetune_rating_regression.task import RatingRegressionTask
 
-    register(TextRegressionTask)
+    register(RatingRegressionTask)

@@ -1,4 +1,4 @@
-"""The `text-regression` task: predict a number from a text with a transformers encoder + LoRA."""
+"""The `rating-regression` task: predict a number from a text with a transformers encoder + LoRA."""
 
 from __future__ import annotations
 
@@ -19,21 +19,21 @@ from finetune import (
 )
 
 
-class TextRegressionTaskData(DataOptions):
+class RatingRegressionTaskData(DataOptions):
     text_column: str = Field("text", description="Column with the input text.")
     target_column: str = Field("target", description="Column with the number to predict.")
     max_length: int = Field(128, gt=0, description="Tokens kept per text.")
 
 
-class TextRegressionTaskOptions(TaskOptions):
+class RatingRegressionTaskOptions(TaskOptions):
     normalize_target: bool = Field(True, description="Train on standardised targets (mean 0, std 1).")
 
 
-class TextRegressionTask(Task):
-    name = "text-regression"
+class RatingRegressionTask(Task):
+    name = "rating-regression"
     description = "Predict a number from a text (a score, a rating) with a transformers encoder."
-    task_options = TextRegressionTaskOptions
-    data_options = TextRegressionTaskData
+    task_options = RatingRegressionTaskOptions
+    data_options = RatingRegressionTaskData
     default_metric = "mse"
     metric_names = ("mse", "mae", "pearson")
     lower_is_better = ("mse", "mae")
