@@ -17,6 +17,9 @@ def read_records(task: Any, input_path: Path | None, texts: list[str] | None = N
     if texts:
         if not columns:
             raise DataError("predict: this task takes no --text input; use --input.")
+        if len(columns) > 1:
+            raise DataError(f"predict: this run reads the columns {columns} for each input (e.g. a text pair), so one "
+                            "--text is not enough; give them in an --input file (CSV, TSV or JSON lines).")
         return [{columns[0]: t} for t in texts]
     if input_path is not None:
         if not input_path.exists():

@@ -172,3 +172,10 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path, tiny_bert, ca
     full = recipe_file(tmp_path, tiny_bert, train, name="full.toml", out="full", epochs=2)
     cut = recipe_file(tmp_path, tiny_bert, train, name="cut.toml", out="cut", epochs=2)
     assert_resume_equals_uninterrupted(callback_plugin, full, cut, stop_at=4)
+
+
+def test_a_pair_run_refuses_a_single_text_input_clearly(trained):
+    _, run, _ = trained
+    result = run_cli("predict", str(run), "--text", "good day")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "reads the columns ['first', 'second']" in result.stderr and "--input file" in result.stderr
