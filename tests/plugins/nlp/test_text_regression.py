@@ -130,7 +130,7 @@ def test_run_learns_the_pair_score_and_writes_its_card(trained):
         assert {"rmse", "mae", "r2", "pearson", "spearman"} <= set(metrics[split]), split
     assert metrics["best"]["rmse"] < metrics["before"]["rmse"]
     assert metrics["best"]["rmse"] < metrics["baseline"]["mean_rmse"]  # beyond predicting the mean
-    assert metrics["baseline"]["name"] == "word TF-IDF + ridge regression"
+    assert metrics["baseline"]["name"] == "char n-gram TF-IDF + ridge regression"
     card = (run / "README.md").read_text()
     assert "num_labels=1" in card and "pipeline_tag: text-classification" in card
 
