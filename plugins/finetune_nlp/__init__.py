@@ -8,9 +8,11 @@ finetune_hook_version = "1"
 @hookimpl
 def finetune_register_tasks(register):
     from finetune_nlp.multi_label import MultiLabelClassification
+    from finetune_nlp.question_answering import QuestionAnswering
     from finetune_nlp.text_classification import TextClassification
     from finetune_nlp.token_classification import TokenClassification
 
     register(TextClassification)
     register(TokenClassification)
     register(MultiLabelClassification)
+    register(QuestionAnswering)
