@@ -58,7 +58,9 @@ class QuestionAnsweringData(DataOptions):
     train: PathStr | None = Field(None, description="Training questions: SQuAD JSON (.json: {\"data\": [{\"title\", "
                                   "\"paragraphs\": [{\"context\", \"qas\": [...]}]}]}), a .json list or .jsonl file "
                                   "of flat records (`context_column`, `question_column`, `answers_column` = "
-                                  "{\"text\": [...], \"answer_start\": [...]}), or a .parquet file of them.")
+                                  "{\"text\": [...], \"answer_start\": [...]}), or a .parquet file of them. "
+                                  "Or give `dataset` (the flat layout of the Hugging Face `squad` and `squad_v2` "
+                                  "data sets).")
     eval: PathStr | None = Field(None, description="Evaluation questions in the same form; if absent, `split` of "
                                  "the training questions is held out (questions on one context, or one "
                                  "`group_column` value, stay together).")
@@ -643,7 +645,7 @@ class QuestionAnswering(Task):
             golds[n] = [a["text"] for a in answers]
             preds[n] = overlap_sentence(context, question)
         metrics = squad_metrics(golds, preds, no_answer=bool(self.state.get("allow_no_answer")))
-        return {"name": "the context sentence sharing the most words with the question (always answers)",
+        return {"name": "context sentence with the most question words (always answers)",
                 **{k: float(v) for k, v in metrics.items() if not k.endswith("total")}}
 
     # -- inference -----------------------------------------------------

@@ -5,7 +5,6 @@ v2.0 metric replicated by hand, and tiny runs through the CLI (predict, evaluate
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -13,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NEUTRAL, POSITIVE, REPO, run_cli
+from conftest import REPO, run_cli
 from fake_plugins import write_jsonl
+from qa_fixtures import qa_rows, to_squad
 
 from finetune.errors import DataError, RecipeError
 from finetune.run.session import open_session
@@ -26,33 +26,6 @@ from finetune_nlp.question_answering import (
     overlap_sentence,
     squad_metrics,
 )
-
-
-def qa_rows(n: int, seed: int = 0, unanswerable: float = 0.0, words: tuple[int, int] = (4, 12)) -> list[dict]:
-    """Contexts of neutral words with one positive word (the answer to "which is good") or, for a fraction
-    ``unanswerable``, none (no answer)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        context = [rng.choice(NEUTRAL) for _ in range(rng.randint(*words))]
-        answers = {"text": [], "answer_start": []}
-        if rng.random() >= unanswerable:
-            at = rng.randrange(len(context) + 1)
-            answer = rng.choice(POSITIVE)
-            context.insert(at, answer)
-            answers = {"text": [answer], "answer_start": [len(" ".join(context[:at])) + (1 if at else 0)]}
-        rows.append({"id": f"q{seed}-{i}", "context": " ".join(context), "question": "which is good",
-                     "answers": answers})
-    return rows
-
-
-def to_squad(rows: list[dict], title: str = "words") -> dict:
-    paragraphs = [{"context": r["context"], "qas": [
-        {"id": r["id"], "question": r["question"], "is_impossible": not r["answers"]["text"],
-         "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"],
-                                                                      r["answers"]["answer_start"])]}]}
-                  for r in rows]
-    return {"version": "v2.0", "data": [{"title": title, "paragraphs": paragraphs}]}
 
 
 def make_recipe(tmp_path: Path, backbone: Path, train: Path, *, data: dict | None = None, task: dict | None = None,
@@ -289,7 +262,7 @@ def test_tiny_run_predict_evaluate_and_plain_peft_reload(tmp_path, tiny_bert, mo
     for split in ("best", "before", "test"):
         assert {"exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"} <= set(metrics[split]), split
     assert metrics["best"]["f1"] > metrics["before"]["f1"]
-    assert 0.0 <= metrics["baseline"]["f1"] <= 1.0 and "sentence" in metrics["baseline"]["name"]
+    assert 0.0 <= metrics["baseline"]["f1"] <= 1.0 and "question words" in metrics["baseline"]["name"]
     card = (run / "README.md").read_text()
     assert "AutoModelForQuestionAnswering" in card and "pipeline_tag: question-answering" in card
 
