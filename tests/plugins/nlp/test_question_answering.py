@@ -143,6 +143,15 @@ def test_squad_json_and_flat_jsonl_read_the_same_questions(tmp_path, tiny_bert):
         assert list(x["context"]) == list(y["context"])
     assert len(a.train) + len(a.eval) == 40 and a.info["allow_no_answer"] is True
     assert a.info["train_unanswerable"] + a.info["eval_unanswerable"] == sum(not r["answers"]["text"] for r in rows)
+    # questions on one context stay on one side of the split; data.test_split is held out first, the same way
+    shared = qa_rows(10, seed=3)
+    shared = [{**r, "context": shared[i // 5]["context"], "answers": shared[i // 5]["answers"], "id": f"s{i}"}
+              for i, r in enumerate(shared)]  # 2 contexts, 5 questions each
+    many = write_jsonl(tmp_path / "shared.jsonl", rows + shared)
+    d = open_session(make_recipe(tmp_path, tiny_bert, many, data={"test_split": 0.2})).splits
+    sides = [set(x["context"]) for x in (d.train, d.eval, d.test)]
+    assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+    assert len(d.train) + len(d.eval) + len(d.test) == 50 and len(d.test) >= 1
     # a list of {text, answer_start} answers, and a JSON list of records, read the same
     listed = [{**r, "answers": [{"text": t, "answer_start": s} for t, s in
                                 zip(r["answers"]["text"], r["answers"]["answer_start"])]} for r in rows]
