@@ -141,13 +141,11 @@ def _best_thresh(scores: dict[Any, float], na_probs: dict[Any, float], has_ans: 
     return best / len(scores), thresh
 
 
-def squad_metrics(golds: dict[Any, list[str]], preds: dict[Any, str],
-                  na_probs: dict[Any, float] | None = None, no_answer: bool = False) -> dict[str, Any]:
+def squad_metrics(golds: dict[Any, list[str]], preds: dict[Any, str], no_answer: bool = False) -> dict[str, Any]:
     """Exact match and F1 (fractions) as the official SQuAD v2.0 script computes them. ``golds``: question
     id -> gold answer texts (empty: unanswerable); ``preds``: id -> predicted text ("" for no answer).
-    With ``no_answer`` (or any unanswerable question), ``HasAns_*``/``NoAns_*`` too, and with ``na_probs``
-    (id -> null score - best span score, the span ``preds`` holds) ``best_exact``/``best_f1`` and their
-    thresholds."""
+    With ``no_answer`` (or any unanswerable question), ``HasAns_*``/``NoAns_*`` too (see
+    :func:`best_threshold_metrics` for ``best_*``)."""
     exact, f1 = {}, {}
     for qid, answers in golds.items():
         gold = gold_texts(answers)
