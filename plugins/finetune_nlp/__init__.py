@@ -8,6 +8,7 @@ finetune_hook_version = "1"
 @hookimpl
 def finetune_register_tasks(register):
     from finetune_nlp.multi_label import MultiLabelClassification
+    from finetune_nlp.question_answering import QuestionAnswering
     from finetune_nlp.text_classification import TextClassification
     from finetune_nlp.text_regression import TextRegression
     from finetune_nlp.token_classification import TokenClassification
@@ -16,3 +17,4 @@ def finetune_register_tasks(register):
     register(TokenClassification)
     register(MultiLabelClassification)
     register(TextRegression)
+    register(QuestionAnswering)

@@ -520,3 +520,29 @@ def test_task_data_errors_name_the_file_and_line(tmp_path, tiny_bert, task, trai
     result = run_cli("run", str(task_recipe(tmp_path, tiny_bert, task, data)))
     assert_user_error(result, *fragments)
     assert_no_run_folder(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------
+# question-answering data
+
+@pytest.mark.parametrize(("record", "fragments"), [
+    ({"context": "a good day", "question": "which is good", "answers": {"text": ["good"], "answer_start": [4]}},
+     ["line 2: answer 'good' does not start at answer_start 4: the context there reads 'od d'",
+      "answer_start counts characters from 0", "the text occurs at character 2; set answer_start to the one meant"]),
+    ({"context": "", "question": "which is good", "answers": {"text": [], "answer_start": []}},
+     ["line 2: the context ('context') is empty", "Fill it in or remove the question"]),
+    ({"context": "a good day", "answers": {"text": ["good"], "answer_start": [2]}},
+     ["line 2: no 'question' field (data.question_column)", "Rename the field or set data.question_column"]),
+], ids=["answer-start-mismatch", "empty-context", "missing-question"])
+def test_question_answering_bad_rows_name_file_and_line(tiny_bert, tmp_path, record, fragments):
+    good = {"context": "the day was nice", "question": "which is good", "answers": {"text": ["nice"],
+                                                                                 "answer_start": [12]}}
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in (good, record, good)) + "\n")
+    recipe = tmp_path / "qa.toml"
+    recipe.write_text(f'[task]\nname = "question-answering"\n[model]\nbackbone = "{tiny_bert}"\n'
+                      f'[data]\ntrain = "{data}"\nmax_length = 24\ndoc_stride = 4\n'
+                      f'[output]\ndir = "{tmp_path / "run"}"\n')
+    for command in ("validate", "run"):
+        assert_user_error(run_cli(command, str(recipe)), f"data.train: {data}, ", *fragments)
+        assert_no_run_folder(tmp_path / "run")

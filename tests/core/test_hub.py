@@ -306,3 +306,32 @@ def test_token_multi_label_and_regression_runs_train_on_two_processes_and_round_
         from_run = run_cli("predict", str(tmp_path / name), *args)
         assert from_hub.returncode == 0, from_hub.stderr[-2000:]
         assert json.loads(from_hub.stdout.splitlines()[-1]) == json.loads(from_run.stdout.splitlines()[-1])
+
+
+def test_question_answering_trains_on_two_processes_and_round_trips_through_the_hub(hub, tmp_path, tiny_bert):
+    """question-answering as token-classification above: a 2-process run (windows of one question dealt to
+    different processes, gathered for the metric), pushed, and predicted by id as from the run folder."""
+    from fake_plugins import write_jsonl
+    from qa_fixtures import qa_rows
+
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(48, unanswerable=0.2, words=(4, 30)))
+    questions = write_jsonl(tmp_path / "questions.jsonl", [{"question": "which is good", "context": "a day was nice"},
+                                                          {"question": "which", "context": " ".join(["the"] * 40)}])
+    recipe = tmp_path / "qa.toml"
+    recipe.write_text(f'[task]\nname = "question-answering"\n[model]\nbackbone = "{tiny_bert}"\n'
+                      f'[data]\ntrain = "{data}"\nsplit = 0.25\nmax_length = 24\ndoc_stride = 4\n[peft]\nr = 4\n'
+                      'alpha = 8\n[train]\nepochs = 1\nbatch_size = 8\nlearning_rate = 1e-2\nmixed_precision = "no"\n'
+                      f'[output]\ndir = "{tmp_path / "qa"}"\n')
+    trained = run_cli("run", str(recipe), "--num-processes", "2", env=hub_env(hub))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert RunDir(tmp_path / "qa").info()["processes"] == 2
+    metrics = json.loads((tmp_path / "qa" / "metrics.json").read_text())
+    assert metrics["best"]["total"] == metrics["data"]["eval_examples"]  # every question once, all windows gathered
+    push_run(tmp_path / "qa", "me/qa")
+    meta = parse_front_matter(commits(hub, "me/qa")[-1]["files"]["README.md"].decode())
+    assert meta["pipeline_tag"] == "question-answering"
+    from_hub = run_cli("predict", "me/qa", "--input", str(questions), env=hub_env(hub))
+    from_run = run_cli("predict", str(tmp_path / "qa"), "--input", str(questions))
+    assert from_hub.returncode == 0, from_hub.stderr[-2000:]
+    assert [json.loads(li) for li in from_hub.stdout.splitlines()] == \
+        [json.loads(li) for li in from_run.stdout.splitlines()]
