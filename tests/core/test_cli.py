@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def test_help_lists_commands():
@@ -44,3 +44,9 @@ def test_quiet_run_prints_the_final_summary_and_nothing_else(make_recipe, tmp_pa
 
     loud = run_cli("run", str(make_recipe(train="epochs = 1")), "--overwrite")
     assert loud.returncode == 0 and "eval @ step" in loud.stdout and "LoRA on" in loud.stdout  # what -q leaves out
+
+
+def test_python_dash_m_finetune_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "finetune", "tasks"], capture_output=True, text=True, cwd=str(REPO))
+    assert result.returncode == 0, result.stderr
+    assert "text-classification" in result.stdout
