@@ -18,8 +18,9 @@ class EncoderClassifier(Task):
     """Base of the encoder classification tasks: everything but data, labels, metrics and predictions.
 
     A subclass fills ``state["labels"]`` in ``prepare_data`` and may extend the head's configuration with
-    :meth:`head_config`. Its recipe's task options need ``cache_frozen_layers`` and
-    ``last_layer_cls_only``; its data options ``text_column``, ``text_pair_column`` and ``max_length``."""
+    :meth:`head_config`. Its recipe's task options need ``cache_frozen_layers`` and ``last_layer_cls_only``
+    (``pooling`` is optional: finetune_nlp.mean_pooling); its data options ``text_column``,
+    ``text_pair_column`` and ``max_length``."""
 
     # -- data ----------------------------------------------------------
     def check_texts(self, df: Any, key: str, where: str, locations: Any) -> Any:
@@ -91,7 +92,13 @@ class EncoderClassifier(Task):
             model.config.pad_token_id = tokenizer.pad_token_id
         if self.recipe.task.cache_frozen_layers:
             self._first_trainable = self._check_prefix_cache(model, tokenizer)
-        self._last_layer_shortened = self.recipe.task.last_layer_cls_only and self._shorten_last_layer(model, tokenizer)
+        mean = getattr(self.recipe.task, "pooling", "cls") == "mean"
+        if mean:
+            from finetune_nlp.mean_pooling import add_mean_pooling
+
+            add_mean_pooling(model)  # the head reads every token's output: the last layer stays whole
+        self._last_layer_shortened = (self.recipe.task.last_layer_cls_only and not mean
+                                      and self._shorten_last_layer(model, tokenizer))
         from finetune_nlp.bert_layers import explicit_attention
 
         explicit_attention(model)  # applies train.fast_dropout's dropout modules inside attention too
