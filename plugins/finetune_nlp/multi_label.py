@@ -299,6 +299,7 @@ class MultiLabelClassification(EncoderClassifier):
             f"thresholds = {thresholds!r}  # tuned on the eval split\n"
             f"base = AutoModelForSequenceClassification.from_pretrained({base!r}, num_labels=len(labels),\n"
             "    problem_type='multi_label_classification')\n"
+            f"{self.pooling_snippet()}"
             "model = PeftModel.from_pretrained(base, 'adapter').eval()  # the run's adapter/ folder\n"
             "tokenizer = AutoTokenizer.from_pretrained('adapter')\n"
             "probs = model(**tokenizer(['some text'], return_tensors='pt')).logits.sigmoid()[0]\n"

@@ -9,7 +9,7 @@ logistic regression on the same split.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -53,6 +53,14 @@ class TextClassificationOptions(TaskOptions):
         "BERT-style layers (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM) after a check on a probe batch that the head "
         "reads only that token. That layer's dropout then draws fewer random numbers, so dropout masks differ "
         "from a run without it.")
+    pooling: Literal["cls", "mean"] = Field(
+        "cls", description="What the classifier reads: 'cls', the first token of the last layer (through the "
+        "backbone's pooler where it has one); 'mean', the mean of the last layer over the real tokens, the "
+        "sentence embedding that sentence-transformers backbones (all-MiniLM-L6-v2, ...) were trained to produce: "
+        "much better with few examples per class (measured for text-classification: benchmarks/fewshot_text.py). "
+        "'mean' turns last_layer_cls_only off (and cannot be combined with cache_frozen_layers); it works through "
+        "hooks added when the task loads the model (training, predict, load_run). Plain transformers reads the "
+        "first token, so the model card's usage snippet writes the same hooks out in plain torch.")
 
 
 class TextClassification(EncoderClassifier):
@@ -213,6 +221,7 @@ class TextClassification(EncoderClassifier):
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
             f"labels = {labels!r}\n"
             f"base = AutoModelForSequenceClassification.from_pretrained({base!r}, num_labels=len(labels))\n"
+            f"{self.pooling_snippet()}"
             "model = PeftModel.from_pretrained(base, 'adapter').eval()  # the run's adapter/ folder\n"
             "tokenizer = AutoTokenizer.from_pretrained('adapter')\n"
             "logits = model(**tokenizer(['some text'], return_tensors='pt')).logits\n"

@@ -195,6 +195,7 @@ class TextRegression(EncoderClassifier):
             "from peft import PeftModel\n"
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
             f"base = AutoModelForSequenceClassification.from_pretrained({base!r}, num_labels=1)\n"
+            f"{self.pooling_snippet()}"
             "model = PeftModel.from_pretrained(base, 'adapter').eval()  # the run's adapter/ folder\n"
             "tokenizer = AutoTokenizer.from_pretrained('adapter')\n"
             f"value = model(**tokenizer(['some text']{pair}, return_tensors='pt')).logits[0, 0].item()\n"

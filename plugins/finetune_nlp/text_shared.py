@@ -18,8 +18,9 @@ class EncoderClassifier(Task):
     """Base of the encoder classification tasks: everything but data, labels, metrics and predictions.
 
     A subclass fills ``state["labels"]`` in ``prepare_data`` and may extend the head's configuration with
-    :meth:`head_config`. Its recipe's task options need ``cache_frozen_layers`` and
-    ``last_layer_cls_only``; its data options ``text_column``, ``text_pair_column`` and ``max_length``."""
+    :meth:`head_config`. Its recipe's task options need ``cache_frozen_layers`` and ``last_layer_cls_only``
+    (``pooling`` is optional: finetune_nlp.mean_pooling); its data options ``text_column``,
+    ``text_pair_column`` and ``max_length``."""
 
     # -- data ----------------------------------------------------------
     def check_texts(self, df: Any, key: str, where: str, locations: Any) -> Any:
@@ -81,6 +82,14 @@ class EncoderClassifier(Task):
         return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                 "label2id": {label: i for i, label in enumerate(labels)}}
 
+    def pooling_snippet(self) -> str:
+        """Lines for the usage snippet after ``base = ...``: plain-torch hooks when ``task.pooling = "mean"``."""
+        if getattr(self.recipe.task, "pooling", "cls") != "mean":
+            return ""
+        from finetune_nlp.mean_pooling import PLAIN_SNIPPET
+
+        return PLAIN_SNIPPET
+
     def load_model(self, backbone: Any) -> tuple[Any, Any]:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -93,7 +102,16 @@ class EncoderClassifier(Task):
             model.config.pad_token_id = tokenizer.pad_token_id
         if self.recipe.task.cache_frozen_layers:
             self._first_trainable = self._check_prefix_cache(model, tokenizer)
-        self._last_layer_shortened = self.recipe.task.last_layer_cls_only and self._shorten_last_layer(model, tokenizer)
+        mean = getattr(self.recipe.task, "pooling", "cls") == "mean"
+        if mean and self.recipe.task.cache_frozen_layers:
+            raise RecipeError("task.pooling = \"mean\" and task.cache_frozen_layers do not go together (the cache "
+                              "runs the layers without the hooks that pool); turn one of them off.")
+        if mean:
+            from finetune_nlp.mean_pooling import add_mean_pooling
+
+            add_mean_pooling(model)  # the head reads every token's output: the last layer stays whole
+        self._last_layer_shortened = (self.recipe.task.last_layer_cls_only and not mean
+                                      and self._shorten_last_layer(model, tokenizer))
         from finetune_nlp.bert_layers import explicit_attention
 
         explicit_attention(model)  # applies train.fast_dropout's dropout modules inside attention too
