@@ -10,7 +10,9 @@ indices) and must point at the answer text, checked for every answer.
 
 A context longer than ``data.max_length`` tokens is read in overlapping windows (``data.doc_stride`` tokens
 shared by consecutive windows); the fast tokenizer's offsets map answers from characters to tokens and
-predicted spans back to characters, so a prediction is always an exact substring of the context. The best
+predicted spans back to characters, so a prediction is always an exact substring of the context; a span
+that starts or ends inside a word (a sub-word token: "Roll" of "Rollo") is widened to the whole word
+(runs of letters and digits in the context). The best
 span over all windows (``task.n_best`` start and end candidates per window, at most
 ``task.max_answer_length`` tokens) wins; when unanswerable questions are allowed, "no answer" is predicted
 when the null score ([CLS] start + end) beats the best span's by more than ``task.null_threshold``.
@@ -354,6 +356,17 @@ def answer_span(context: str, answer: dict[str, Any]) -> tuple[int, int]:
     return start + lead, start + len(text.rstrip())
 
 
+def snap_to_words(context: str, start: int, end: int) -> tuple[int, int]:
+    """The span ``[start, end)`` of ``context`` widened to whole words: a span that starts or ends inside a
+    word (a run of letters and digits, e.g. "Roll" of "Rollo" when the span stopped at a sub-word token) is
+    extended to that word's first or last character; a span at word boundaries is unchanged."""
+    while 0 < start < len(context) and context[start - 1].isalnum() and context[start].isalnum():
+        start -= 1
+    while 0 < end < len(context) and context[end - 1].isalnum() and context[end].isalnum():
+        end += 1
+    return start, end
+
+
 def char_to_tokens(offsets: list[tuple[int, int] | None], start: int, end: int) -> tuple[int, int] | None:
     """The first and last token of the context tokens (``offsets``: ``None`` for non-context tokens) covering
     characters ``[start, end)``, or None when the span is not wholly inside them."""
@@ -591,7 +604,7 @@ class QuestionAnswering(Task):
             for e in ends:
                 if e < s or e - s + 1 > task.max_answer_length:
                     continue
-                a, b = int(offsets[s][0]), int(offsets[e][1])
+                a, b = snap_to_words(context, int(offsets[s][0]), int(offsets[e][1]))
                 spans.append((float(start_logits[s] + end_logits[e]), a, b, float(p_start[s] * p_end[e])))
         spans.sort(key=lambda c: -c[0])
         return spans[:task.n_best], null, null_prob

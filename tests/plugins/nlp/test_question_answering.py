@@ -24,6 +24,7 @@ from finetune_nlp.question_answering import (
     char_to_tokens,
     normalize_answer,
     overlap_sentence,
+    snap_to_words,
     squad_metrics,
 )
 
@@ -130,6 +131,23 @@ def test_an_answer_outside_the_window_maps_to_nothing():
     offsets = [None, None, (0, 4), (5, 8), None]  # [CLS] q [SEP]? - two context tokens: chars 0-8
     assert char_to_tokens(offsets, 5, 8) == (3, 3)
     assert char_to_tokens(offsets, 5, 12) is None and char_to_tokens(offsets, 0, 8) == (2, 3)
+
+
+def test_spans_inside_a_word_snap_to_the_whole_word():
+    context = "Rollo, the Norse leader (c. 860-930), ruled Normandy; 911 treaty."
+    for (a, b), want in (((0, 4), "Rollo"),            # "Roll": ended on a sub-word token
+                         ((1, 5), "Rollo"),            # "ollo": started inside the word
+                         ((2, 3), "Rollo"),            # inside on both sides
+                         ((0, 5), "Rollo"),            # whole word: unchanged
+                         ((11, 18), "Norse leader"),   # "Norse l" -> "Norse leader"
+                         ((25, 29), "c. 860"),         # "c. 8": digits are word characters too
+                         ((29, 34), "860-930"),        # "60-93": hyphen and parenthesis are boundaries
+                         ((44, 52), "Normandy"),       # at both boundaries already
+                         ((55, 57), "911")):
+        start, end = snap_to_words(context, a, b)
+        assert context[start:end] == want, (context[a:b], context[start:end])
+    assert snap_to_words(context, 0, len(context)) == (0, len(context))
+    assert snap_to_words("Überlingen am See", 1, 4) == (0, 10)  # letters beyond ASCII
 
 
 def test_the_baseline_picks_the_sentence_with_most_question_words():
