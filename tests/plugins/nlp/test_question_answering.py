@@ -150,6 +150,41 @@ def test_spans_inside_a_word_snap_to_the_whole_word():
     assert snap_to_words("Überlingen am See", 1, 4) == (0, 10)  # letters beyond ASCII
 
 
+def test_the_null_threshold_is_tuned_on_eval_and_the_saved_one_is_used_elsewhere(tmp_path, tiny_bert):
+    train = write_jsonl(tmp_path / "train.jsonl", qa_rows(20, unanswerable=0.25))
+    task = open_session(make_recipe(tmp_path, tiny_bert, train)).task.task
+    assert task.state["allow_no_answer"] is True and task.recipe.task.tune_null_threshold is True
+    # hand-made scores: null - best span = 1.0 for the answerable question, 3.0 for the unanswerable one
+    task._questions = {0: {"context": "c", "answers": ["Paris"], "tune": True},
+                       1: {"context": "c", "answers": [], "tune": True},
+                       2: {"context": "c", "answers": ["Rome"], "tune": False},
+                       3: {"context": "c", "answers": [], "tune": False}}
+    eval_preds = [(0, 5.0, [(4.0, "Paris")]), (1, 5.0, [(2.0, "Rome")])]
+    eval_refs = [(0, ["Paris"]), (1, [])]
+    m = task.compute_metrics(eval_preds, eval_refs)  # the eval split: threshold 0 would say no answer to both
+    assert m["null_threshold"] == m["best_f1_thresh"] == 1.0 and m["f1"] == 1.0
+    assert task.state["null_threshold"] == 1.0  # saved with the adapter when this evaluation is the best
+    # another split (test, evaluate) uses the threshold, not its own best one: na 0.5 answers, na 2.0 does not
+    test_preds = [(2, 5.0, [(4.5, "Rome")]), (3, 5.0, [(3.0, "Paris")])]
+    test_refs = [(2, ["Rome"]), (3, [])]
+    m = task.compute_metrics(test_preds, test_refs)
+    assert m["null_threshold"] == 1.0 and m["f1"] == 1.0 and task.state["null_threshold"] == 1.0
+    # in a run, the selected adapter's saved threshold wins over the last evaluation's
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "finetune_task.json").write_text(json.dumps(
+        {"task": "question-answering", "state": {"allow_no_answer": True, "null_threshold": 4.0}}))
+    m = task.compute_metrics(test_preds, test_refs)
+    assert m["null_threshold"] == 4.0 and m["f1"] == 0.5 and m["NoAns_f1"] == 0.0  # na 2.0 <= 4: answered
+    # tune_null_threshold = false: task.null_threshold throughout, nothing tuned
+    fixed = open_session(make_recipe(tmp_path, tiny_bert, train, name="fixed.toml", out="fixed",
+                                     task={"tune_null_threshold": False, "null_threshold": 5.0})).task.task
+    fixed._questions = task._questions
+    m = fixed.compute_metrics(eval_preds, eval_refs)
+    assert m["null_threshold"] == 5.0 and "null_threshold" not in fixed.state
+    assert m["f1"] == 0.5 and m["best_f1_thresh"] == 1.0  # na 1.0 and 3.0 <= 5: answers both
+
+
 def test_the_baseline_picks_the_sentence_with_most_question_words():
     context = "Paris is big. The Eiffel Tower is in Paris! It was built in 1889."
     assert overlap_sentence(context, "When was it built?") == "It was built in 1889."
