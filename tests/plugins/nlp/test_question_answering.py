@@ -335,6 +335,11 @@ def test_tiny_run_predict_evaluate_and_plain_peft_reload(tmp_path, tiny_bert, mo
         assert {"exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"} <= set(metrics[split]), split
     assert metrics["best"]["f1"] > metrics["before"]["f1"]
     assert 0.0 <= metrics["baseline"]["f1"] <= 1.0 and "question words" in metrics["baseline"]["name"]
+    # the null threshold is tuned on the eval split; the test split uses the selected checkpoint's
+    assert metrics["best"]["null_threshold"] == metrics["best"]["best_f1_thresh"]
+    assert metrics["test"]["null_threshold"] == metrics["best"]["null_threshold"]
+    saved = json.loads((run / "adapter" / "finetune_task.json").read_text())["state"]
+    assert saved["null_threshold"] == metrics["best"]["null_threshold"]
     card = (run / "README.md").read_text()
     assert "AutoModelForQuestionAnswering" in card and "pipeline_tag: question-answering" in card
 
