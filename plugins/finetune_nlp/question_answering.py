@@ -10,10 +10,16 @@ indices) and must point at the answer text, checked for every answer.
 
 A context longer than ``data.max_length`` tokens is read in overlapping windows (``data.doc_stride`` tokens
 shared by consecutive windows); the fast tokenizer's offsets map answers from characters to tokens and
-predicted spans back to characters, so a prediction is always an exact substring of the context. The best
+predicted spans back to characters, so a prediction is always an exact substring of the context; a span
+that starts or ends inside a word (a sub-word token: "Roll" of "Rollo") is widened to the whole word
+(runs of letters and digits in the context). The best
 span over all windows (``task.n_best`` start and end candidates per window, at most
 ``task.max_answer_length`` tokens) wins; when unanswerable questions are allowed, "no answer" is predicted
-when the null score ([CLS] start + end) beats the best span's by more than ``task.null_threshold``.
+when the null score ([CLS] start + end) beats the best span's by more than the null threshold. With
+``task.tune_null_threshold`` (the default) that threshold is tuned on the eval split at every evaluation
+(its ``best_f1_thresh``, like the multi-label task's per-label thresholds) and saved with the adapter, so
+the selected checkpoint's threshold is the one predict, evaluate and the test split use; otherwise it is
+``task.null_threshold``.
 
 Metrics: exact match and F1 with the official SQuAD normalisation (lower case, no punctuation, no
 articles, single spaces), the maximum over the gold answers, as the official v2.0 evaluation script
@@ -41,6 +47,7 @@ from finetune import (
     DataSplits,
     PathStr,
     RecipeError,
+    RunDir,
     Task,
     TaskOptions,
     attention_projections,
@@ -52,6 +59,7 @@ from finetune import (
 )
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_STATE_FILE = "finetune_task.json"  # the task state the core saves with the adapter (finetune.run.adapter)
 
 
 class QuestionAnsweringData(DataOptions):
@@ -88,7 +96,14 @@ class QuestionAnsweringOptions(TaskOptions):
         "yes when some training or eval question has no answer.")
     null_threshold: float = Field(
         0.0, description="No answer is predicted when null score - best span score > this (logits; higher: "
-        "answers more often). Each evaluation reports best_f1_thresh, the value that was best on its split.")
+        "answers more often). Used when tune_null_threshold is off, and before the first evaluation. Each "
+        "evaluation reports best_f1_thresh, the value that was best on its split.")
+    tune_null_threshold: bool = Field(
+        True, description="With unanswerable questions: at each evaluation set the null threshold to the eval "
+        "split's best_f1_thresh (the value that maximises its F1; so eval numbers are optimistic); the selected "
+        "checkpoint's threshold is saved with the adapter and used by predict, evaluate and the test split. "
+        "Off: null_threshold throughout (e.g. `finetune predict --set task.tune_null_threshold=false --set "
+        "task.null_threshold=2`).")
 
 
 # -- the official SQuAD v2.0 metric ----------------------------------------------------
@@ -354,6 +369,17 @@ def answer_span(context: str, answer: dict[str, Any]) -> tuple[int, int]:
     return start + lead, start + len(text.rstrip())
 
 
+def snap_to_words(context: str, start: int, end: int) -> tuple[int, int]:
+    """The span ``[start, end)`` of ``context`` widened to whole words: a span that starts or ends inside a
+    word (a run of letters and digits, e.g. "Roll" of "Rollo" when the span stopped at a sub-word token) is
+    extended to that word's first or last character; a span at word boundaries is unchanged."""
+    while 0 < start < len(context) and context[start - 1].isalnum() and context[start].isalnum():
+        start -= 1
+    while 0 < end < len(context) and context[end - 1].isalnum() and context[end].isalnum():
+        end += 1
+    return start, end
+
+
 def char_to_tokens(offsets: list[tuple[int, int] | None], start: int, end: int) -> tuple[int, int] | None:
     """The first and last token of the context tokens (``offsets``: ``None`` for non-context tokens) covering
     characters ``[start, end)``, or None when the span is not wholly inside them."""
@@ -440,6 +466,7 @@ class QuestionAnswering(Task):
                             f"(first: {next(w for w, a in zip(train['where'], train['answers']) if not a)}); "
                             "unset it or remove them.")
         self.state = {"allow_no_answer": allow}
+        self._eval_examples = eval_  # the split whose predictions tune the null threshold
         if data.test:
             test = self.read_examples(Path(data.test), "data.test")
         info = {"train_questions": len(train), "eval_questions": len(eval_),
@@ -499,8 +526,9 @@ class QuestionAnswering(Task):
         # and evaluation_step finds its context and gold answers by it
         registry = self.__dict__.setdefault("_questions", {})
         first = len(registry)
+        tune = examples is getattr(self, "_eval_examples", None)  # the eval split tunes the null threshold
         for n, (context, gold) in enumerate(zip(contexts, answers)):
-            registry[first + n] = {"context": context, "answers": [a["text"] for a in gold]}
+            registry[first + n] = {"context": context, "answers": [a["text"] for a in gold], "tune": tune}
         for item in items:
             item["example"] += first
         return items
@@ -591,7 +619,7 @@ class QuestionAnswering(Task):
             for e in ends:
                 if e < s or e - s + 1 > task.max_answer_length:
                     continue
-                a, b = int(offsets[s][0]), int(offsets[e][1])
+                a, b = snap_to_words(context, int(offsets[s][0]), int(offsets[e][1]))
                 spans.append((float(start_logits[s] + end_logits[e]), a, b, float(p_start[s] * p_end[e])))
         spans.sort(key=lambda c: -c[0])
         return spans[:task.n_best], null, null_prob
@@ -609,12 +637,28 @@ class QuestionAnswering(Task):
             references.append((uid, question["answers"]))
         return {"loss": out.loss, "predictions": predictions, "references": references}
 
-    def _decide(self, best: tuple[float, Any] | None, null: float) -> bool:
-        """Whether the answer is "no answer": only when allowed, when no span is valid or the null score beats
-        the best span's by more than task.null_threshold."""
+    def _decide(self, best: tuple[float, Any] | None, null: float, threshold: float) -> bool:
+        """Whether the answer is "no answer": when no span is valid or, only when allowed, when the null score
+        beats the best span's by more than ``threshold``."""
         if best is None:
             return True
-        return bool(self.state.get("allow_no_answer")) and null - best[0] > self.recipe.task.null_threshold
+        return bool(self.state.get("allow_no_answer")) and null - best[0] > threshold
+
+    def _selected_threshold(self) -> float:
+        """The null threshold in use: task.null_threshold, or with task.tune_null_threshold the selected
+        adapter's tuned one: in a run (the test split) read from the adapter the run folder holds (the state in
+        memory is the last evaluation's); otherwise the loaded run's state."""
+        task = self.recipe.task
+        if not task.tune_null_threshold:
+            return float(task.null_threshold)
+        state = self.state
+        if getattr(self, "_eval_examples", None) is not None:
+            try:
+                saved = json.loads((RunDir(self.recipe.output.dir).adapter_dir / _STATE_FILE).read_text())
+                state = saved.get("state") or state
+            except (OSError, ValueError):
+                pass
+        return float(state.get("null_threshold", task.null_threshold))
 
     def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
         best: dict[int, tuple[float, str]] = {}
@@ -625,13 +669,25 @@ class QuestionAnswering(Task):
                 if uid not in best or score > best[uid][0]:
                     best[uid] = (score, text)
         golds = {uid: list(answers) for uid, answers in references}
-        preds = {uid: "" if self._decide(best.get(uid), null[uid]) else best[uid][1] for uid in golds}
         allow = bool(self.state.get("allow_no_answer"))
-        metrics = squad_metrics(golds, preds, no_answer=allow)
+        threshold = self._selected_threshold()
+        chosen: dict[str, float] = {}
         if allow:
             span_preds = {uid: best[uid][1] if uid in best else "" for uid in golds}
             na = {uid: null[uid] - best[uid][0] if uid in best else 1e9 for uid in golds}
-            metrics.update(best_threshold_metrics(golds, span_preds, na))
+            chosen = best_threshold_metrics(golds, span_preds, na)
+            registry = getattr(self, "_questions", {})
+            if (self.recipe.task.tune_null_threshold and golds
+                    and all(registry.get(uid, {}).get("tune") for uid in golds)):
+                # the eval split: tune, and keep the threshold in the state the core saves with the adapter
+                # when this evaluation is the best so far (so the saved threshold goes with the saved weights)
+                threshold = chosen["best_f1_thresh"]
+                self.state["null_threshold"] = threshold
+        preds = {uid: "" if self._decide(best.get(uid), null[uid], threshold) else best[uid][1] for uid in golds}
+        metrics = squad_metrics(golds, preds, no_answer=allow)
+        if allow:
+            metrics.update(chosen)
+            metrics["null_threshold"] = float(threshold)
         return metrics
 
     def baseline(self, splits: DataSplits) -> dict[str, Any] | None:
@@ -712,9 +768,10 @@ class QuestionAnswering(Task):
                 if spans and (n not in best or spans[0][0] > best[n][0]):
                     best[n] = spans[0]
         rows = []
+        threshold = self._selected_threshold()
         for n, record in enumerate(records):
             span = best.get(n)
-            if self._decide(span, null[n][0]):
+            if self._decide(span, null[n][0], threshold):
                 fields = {"pred_answer": "", "pred_start": None, "pred_end": None, "pred_score": null[n][1]}
             else:
                 _, a, b, prob = span

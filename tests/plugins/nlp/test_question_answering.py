@@ -24,6 +24,7 @@ from finetune_nlp.question_answering import (
     char_to_tokens,
     normalize_answer,
     overlap_sentence,
+    snap_to_words,
     squad_metrics,
 )
 
@@ -130,6 +131,58 @@ def test_an_answer_outside_the_window_maps_to_nothing():
     offsets = [None, None, (0, 4), (5, 8), None]  # [CLS] q [SEP]? - two context tokens: chars 0-8
     assert char_to_tokens(offsets, 5, 8) == (3, 3)
     assert char_to_tokens(offsets, 5, 12) is None and char_to_tokens(offsets, 0, 8) == (2, 3)
+
+
+def test_spans_inside_a_word_snap_to_the_whole_word():
+    context = "Rollo, the Norse leader (c. 860-930), ruled Normandy; 911 treaty."
+    for (a, b), want in (((0, 4), "Rollo"),            # "Roll": ended on a sub-word token
+                         ((1, 5), "Rollo"),            # "ollo": started inside the word
+                         ((2, 3), "Rollo"),            # inside on both sides
+                         ((0, 5), "Rollo"),            # whole word: unchanged
+                         ((11, 18), "Norse leader"),   # "Norse l" -> "Norse leader"
+                         ((25, 29), "c. 860"),         # "c. 8": digits are word characters too
+                         ((29, 34), "860-930"),        # "60-93": hyphen and parenthesis are boundaries
+                         ((44, 52), "Normandy"),       # at both boundaries already
+                         ((55, 57), "911")):
+        start, end = snap_to_words(context, a, b)
+        assert context[start:end] == want, (context[a:b], context[start:end])
+    assert snap_to_words(context, 0, len(context)) == (0, len(context))
+    assert snap_to_words("Überlingen am See", 1, 4) == (0, 10)  # letters beyond ASCII
+
+
+def test_the_null_threshold_is_tuned_on_eval_and_the_saved_one_is_used_elsewhere(tmp_path, tiny_bert):
+    train = write_jsonl(tmp_path / "train.jsonl", qa_rows(20, unanswerable=0.25))
+    task = open_session(make_recipe(tmp_path, tiny_bert, train)).task.task
+    assert task.state["allow_no_answer"] is True and task.recipe.task.tune_null_threshold is True
+    # hand-made scores: null - best span = 1.0 for the answerable question, 3.0 for the unanswerable one
+    task._questions = {0: {"context": "c", "answers": ["Paris"], "tune": True},
+                       1: {"context": "c", "answers": [], "tune": True},
+                       2: {"context": "c", "answers": ["Rome"], "tune": False},
+                       3: {"context": "c", "answers": [], "tune": False}}
+    eval_preds = [(0, 5.0, [(4.0, "Paris")]), (1, 5.0, [(2.0, "Rome")])]
+    eval_refs = [(0, ["Paris"]), (1, [])]
+    m = task.compute_metrics(eval_preds, eval_refs)  # the eval split: threshold 0 would say no answer to both
+    assert m["null_threshold"] == m["best_f1_thresh"] == 1.0 and m["f1"] == 1.0
+    assert task.state["null_threshold"] == 1.0  # saved with the adapter when this evaluation is the best
+    # another split (test, evaluate) uses the threshold, not its own best one: na 0.5 answers, na 2.0 does not
+    test_preds = [(2, 5.0, [(4.5, "Rome")]), (3, 5.0, [(3.0, "Paris")])]
+    test_refs = [(2, ["Rome"]), (3, [])]
+    m = task.compute_metrics(test_preds, test_refs)
+    assert m["null_threshold"] == 1.0 and m["f1"] == 1.0 and task.state["null_threshold"] == 1.0
+    # in a run, the selected adapter's saved threshold wins over the last evaluation's
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "finetune_task.json").write_text(json.dumps(
+        {"task": "question-answering", "state": {"allow_no_answer": True, "null_threshold": 4.0}}))
+    m = task.compute_metrics(test_preds, test_refs)
+    assert m["null_threshold"] == 4.0 and m["f1"] == 0.5 and m["NoAns_f1"] == 0.0  # na 2.0 <= 4: answered
+    # tune_null_threshold = false: task.null_threshold throughout, nothing tuned
+    fixed = open_session(make_recipe(tmp_path, tiny_bert, train, name="fixed.toml", out="fixed",
+                                     task={"tune_null_threshold": False, "null_threshold": 5.0})).task.task
+    fixed._questions = task._questions
+    m = fixed.compute_metrics(eval_preds, eval_refs)
+    assert m["null_threshold"] == 5.0 and "null_threshold" not in fixed.state
+    assert m["f1"] == 0.5 and m["best_f1_thresh"] == 1.0  # na 1.0 and 3.0 <= 5: answers both
 
 
 def test_the_baseline_picks_the_sentence_with_most_question_words():
@@ -282,6 +335,11 @@ def test_tiny_run_predict_evaluate_and_plain_peft_reload(tmp_path, tiny_bert, mo
         assert {"exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh"} <= set(metrics[split]), split
     assert metrics["best"]["f1"] > metrics["before"]["f1"]
     assert 0.0 <= metrics["baseline"]["f1"] <= 1.0 and "question words" in metrics["baseline"]["name"]
+    # the null threshold is tuned on the eval split; the test split uses the selected checkpoint's
+    assert metrics["best"]["null_threshold"] == metrics["best"]["best_f1_thresh"]
+    assert metrics["test"]["null_threshold"] == metrics["best"]["null_threshold"]
+    saved = json.loads((run / "adapter" / "finetune_task.json").read_text())["state"]
+    assert saved["null_threshold"] == metrics["best"]["null_threshold"]
     card = (run / "README.md").read_text()
     assert "AutoModelForQuestionAnswering" in card and "pipeline_tag: question-answering" in card
 
