@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "finetune"
 
 #: Bottom to top. A module may import its own layer and the layers below, never above.
-LAYERS = {"errors": 0, "contract": 1, "engine": 2, "run": 3, "cli": 4, "testing": 4, "reference": 4}
+LAYERS = {"errors": 0, "contract": 1, "engine": 2, "run": 3, "cli": 4, "testing": 4, "reference": 4, "__main__": 4}
 
 
 def module_name(path: Path, root: Path = REPO) -> str:
