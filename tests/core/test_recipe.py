@@ -376,7 +376,7 @@ def test_plugin_data_option_typo_did_you_mean(tmp_path):
 def test_plugin_task_option_typo_did_you_mean(tmp_path):
     message = recipe_error(write_recipe(tmp_path, {"task": 'name = "text-classification"\nbasline = false'}))
     assert "task.basline: unknown key (did you mean 'baseline'?)" in message
-    assert "Valid keys in [task]: name, baseline, cache_frozen_layers, last_layer_cls_only." in message
+    assert "Valid keys in [task]: name, baseline, cache_frozen_layers, last_layer_cls_only, pooling." in message
 
 
 @pytest.mark.parametrize(("section", "line", "key", "expectation"), [
