@@ -17,12 +17,14 @@ from finetune.contract.hookspecs import HOOK_VERSION as FINETUNE_HOOK_VERSION
 from finetune.contract.hookspecs import hookimpl
 from finetune.contract.labels import label_text, sorted_labels
 from finetune.contract.layers import attention_projections, resolve_layers, transformer_layers
+from finetune.contract.rewards import RewardFunction
 from finetune.contract.recipe import DataOptions, PathStr, Recipe, TaskOptions
 from finetune.contract.tables import load_table, read_jsonl, require_columns, split_frame
 from finetune.contract.task import DataSplits, Task, missing_input_column
 from finetune.engine.datasets_source import DatasetSource, DatasetSplit, open_dataset
+from finetune.engine.plugins import reward_functions
 from finetune.engine.run_folder import RunDir
-from finetune.errors import BackboneError, DataError, FinetuneError, PluginError, RecipeError
+from finetune.errors import BackboneError, DataError, FinetuneError, PluginError, RecipeError, did_you_mean
 from finetune.run.inference import load_run
 
 __version__ = "0.1.0"
@@ -43,12 +45,14 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "ResolvedBackbone",
+    "RewardFunction",
     "RunDir",
     "Task",
     "TaskOptions",
     "attention_projections",
     "cache_root",
     "cached_folder",
+    "did_you_mean",
     "epoch_batches",
     "hookimpl",
     "label_text",
@@ -61,6 +65,7 @@ __all__ = [
     "read_jsonl",
     "require_columns",
     "resolve_layers",
+    "reward_functions",
     "sorted_labels",
     "split_frame",
     "transformer_layers",

@@ -331,7 +331,11 @@ def plugin_reference_markdown() -> str:
     lines += _options_section()
     lines += ["## Callbacks", "", rst_to_markdown(inspect.getmodule(Callback).__doc__), ""]
     lines += _class_section(Callback) + _class_section(LoopState)
-    documented = {"Task", "DataSplits", "Callback", "LoopState", "TaskOptions", "DataOptions", "hookimpl",
+    from finetune.contract.rewards import RewardFunction
+
+    lines += ["## Reward functions", "", rst_to_markdown(inspect.getmodule(RewardFunction).__doc__), ""]
+    lines += _class_section(RewardFunction)
+    documented = {"Task", "DataSplits", "Callback", "LoopState", "RewardFunction", "TaskOptions", "DataOptions", "hookimpl",
                   "FINETUNE_HOOK_VERSION"}
     lines += ["## Everything else in `finetune.__all__`", "",
               "`hookimpl` marks hook implementations (above); `FINETUNE_HOOK_VERSION` is the contract's version, "

@@ -182,6 +182,19 @@ def tasks() -> None:
 
 
 @cli.command()
+def rewards() -> None:
+    """List the reward functions recipes can name (task.rewards of the grpo task), and their plugins."""
+    from finetune.engine.plugins import get_registry
+
+    found = get_registry().rewards()
+    if not found:
+        click.echo("no reward functions registered (no installed plugin implements finetune_register_rewards)")
+    width = max((len(n) for n in found), default=0)
+    for name, reward in found.items():
+        click.echo(f"{name:<{width}}  {reward.description}  [{reward.plugin}]")
+
+
+@cli.command()
 def plugins() -> None:
     """List installed plugins: distribution, version, hooks, tasks, and load errors."""
     from finetune.engine.plugins import get_registry

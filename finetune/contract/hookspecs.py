@@ -114,3 +114,19 @@ def finetune_offline_backbones():
     :returns: a list of names a recipe's ``model.backbone`` may hold (the canonical name of each backbone,
         e.g. its Hub id; a name's last ``/`` part is matched too, so aliases need not be listed).
     """
+
+
+@hookspec
+def finetune_register_rewards(register):
+    """Register reward functions by name: what tasks that learn from rewards (the generation plugin's
+    ``grpo`` task: ``[task] rewards = {"exact-number" = 1.0}``) score generated text with.
+
+    Called once, the first time a task asks for reward functions (:func:`finetune.reward_functions`).
+
+    :param register: call ``register(name, function, description="...")`` once per function. ``name`` is
+        what recipes write (lower-case words joined by ``-``); ``function(completions, examples)`` gets the
+        generated texts and, for each, its data row as a dict (every field, plus ``"prompt"`` and
+        ``"reference"``) and returns one number per completion (higher is better). Two plugins registering
+        the same name is an error naming both. See :class:`finetune.RewardFunction`.
+    :returns: nothing.
+    """

@@ -57,6 +57,11 @@ class ModelSection(Section):
     allow_pickled_weights: bool = Field(
         False, description="Allow a Hub backbone whose only weights are pickled (pytorch_model.bin); they load "
         "with torch.load(weights_only=True). Off: such a repo is refused.")
+    start_from: PathStr | None = Field(
+        None, description="Continue from a finished run: its run folder (or its adapter/ folder). Its LoRA adapter "
+        "is this run's starting point (e.g. preference tuning or GRPO after supervised fine-tuning); the backbone "
+        "and [peft] method, r and target modules must be the ones it was trained with. A reference model (the "
+        "base with the adapter disabled) stays the backbone itself.")
 
 
 class DataOptions(Section):

@@ -17,6 +17,7 @@ class LoraReport:
     total_params: int
     layers: list[int] | None = None  #: transformer layers holding LoRA (None: all)
     fast_dropout_modules: int = 0  #: dropout layers switched to the fast CPU masks (train.fast_dropout)
+    started_from: str | None = None  #: the adapter folder the weights started from (model.start_from)
 
     @property
     def trainable_fraction(self) -> float:
@@ -80,3 +81,64 @@ def _plain_training(model: Any, method: str, saved: list[str]) -> tuple[Any, Lor
     total = sum(p.numel() for p in model.parameters())
     return model, LoraReport(target_modules=[] if method == "none" else "all", modules_to_save=saved,
                              trainable_params=trainable, total_params=total)
+
+
+def load_start_adapter(model: Any, recipe: Any) -> str:
+    """``model.start_from``: copy a finished run's LoRA weights into the freshly attached adapter.
+
+    ``model`` is the PEFT model :func:`attach_lora` returned. The run's backbone, ``[peft]`` r and target
+    modules must match (a clear error names what differs and how to fix it); every LoRA tensor of this
+    model must be filled from the adapter, with its shape. Returns the adapter folder it read."""
+    import json
+    import tomllib
+    from pathlib import Path
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    given = Path(recipe.model.start_from)
+    folder = given / "adapter" if (given / "adapter" / "adapter_config.json").is_file() else given
+    weights, config_file = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    if not given.exists():
+        raise RecipeError(f"model.start_from: {given} does not exist; give a finished run folder (or its adapter/ "
+                          "folder).")
+    if recipe.peft.method != "lora":
+        raise RecipeError(f"model.start_from continues a LoRA adapter; it does not apply to peft.method = "
+                          f"\"{recipe.peft.method}\" (use method = \"lora\", or unset model.start_from).")
+    if not (weights.is_file() and config_file.is_file()):
+        raise RecipeError(f"model.start_from: {folder} holds no LoRA adapter (adapter_model.safetensors and "
+                          "adapter_config.json); give a finished run folder (a run still training has no adapter/ "
+                          "yet; one trained with peft.method = \"none\"/\"full\" has no LoRA adapter).")
+    parent_recipe = folder.parent / "recipe.toml"
+    if parent_recipe.is_file():
+        with parent_recipe.open("rb") as fh:
+            parent_backbone = tomllib.load(fh).get("model", {}).get("backbone")
+        if parent_backbone and parent_backbone != recipe.model.backbone:
+            raise RecipeError(f"model.start_from: {folder.parent} was trained on backbone {parent_backbone!r}, this "
+                              f"recipe's model.backbone is {recipe.model.backbone!r}; an adapter only fits the "
+                              "backbone it was trained on (set model.backbone to it).")
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    ours = model.peft_config["default"]
+    mine_targets = sorted(ours.target_modules) if not isinstance(ours.target_modules, str) else ours.target_modules
+    theirs = saved.get("target_modules")
+    theirs = sorted(theirs) if isinstance(theirs, list) else theirs
+    if saved.get("r") != ours.r or theirs != mine_targets:
+        raise RecipeError(f"model.start_from: the adapter in {folder} has r = {saved.get('r')} on {theirs}; this "
+                          f"recipe attaches r = {ours.r} on {mine_targets}. Set [peft] r and target_modules to the "
+                          "adapter's (alpha too, to keep its scale).")
+    tensors = load_file(str(weights))
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if "lora_" in n}
+    try:
+        result = set_peft_model_state_dict(model, tensors)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"model.start_from: the adapter in {folder} does not fit this model ({first}); it was "
+                          "trained on another backbone or with other [peft] settings.") from None
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    missing = [n for n in (getattr(result, "missing_keys", None) or []) if n in expected]
+    if unexpected or missing:
+        bad = (unexpected or missing)[:3]
+        raise RecipeError(f"model.start_from: the adapter in {folder} does not fit this model ({len(unexpected)} of "
+                          f"its tensors have no place here, {len(missing)} LoRA tensors here are not in it; e.g. "
+                          f"{bad}); it was trained on another backbone or with other [peft] settings.")
+    return str(folder)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import pluggy
 
 from finetune.contract import hookspecs
 from finetune.contract.hookspecs import HOOK_VERSION
+from finetune.contract.rewards import RewardFunction
 from finetune.contract.task import Task
 from finetune.engine.conformance import method_problems
 from finetune.engine.guard import GuardedCallback, GuardedTask, attributed
@@ -57,6 +59,7 @@ class PluginRegistry:
         self.tasks: dict[str, TaskEntry] = {}
         self.conflicts: list[str] = []
         self._conflict_plugins: list[str] = []  #: the plugin whose registration caused each conflict
+        self._rewards: dict[str, RewardFunction] | None = None  #: collected on first use
 
     # -- loading -------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -200,10 +203,55 @@ class PluginRegistry:
                     from exc
         return found
 
+    def rewards(self) -> dict[str, RewardFunction]:
+        """Every reward function registered through ``finetune_register_rewards``, by name (collected once).
+        A name registered twice, a name that is not a recipe-friendly word, or a function that is not
+        callable is an error naming the plugin(s)."""
+        if self._rewards is not None:
+            return self._rewards
+        found: dict[str, RewardFunction] = {}
+
+        def register(name: Any, function: Any, description: str = "", *, plugin: str) -> None:
+            if not isinstance(name, str) or not _REWARD_NAME.match(name):
+                raise PluginError(f"reward name {name!r}: use lower-case words joined by '-' or '_' (e.g. "
+                                  "'exact-number')")
+            if not callable(function):
+                raise PluginError(f"reward {name!r}: {function!r} is not callable")
+            if name in found:
+                raise PluginError(f"reward function {name!r} is registered by two plugins: {found[name].plugin} "
+                                  f"and {plugin}; uninstall one of them or restrict loading with FINETUNE_PLUGINS")
+            found[name] = RewardFunction(name=name, function=function, description=str(description or ""),
+                                         plugin=plugin)
+
+        for impl in self.pm.hook.finetune_register_rewards.get_hookimpls():
+            owner = f"plugin {impl.plugin_name!r}"
+            try:
+                impl.function(register=lambda name, function, description="", owner=owner:
+                              register(name, function, description, plugin=owner))
+            except PluginError as exc:
+                raise PluginError(f"{owner}, finetune_register_rewards: {exc}") from None
+            except Exception as exc:  # noqa: BLE001
+                raise PluginError(f"{owner} raised in finetune_register_rewards: {type(exc).__name__}: {exc}") \
+                    from exc
+        self._rewards = dict(sorted(found.items()))
+        return self._rewards
+
     def loaded(self) -> list[dict[str, str]]:
         """Name, distribution and version of every plugin that loaded (for the run folder)."""
         return [{"name": p.name, "distribution": p.distribution, "version": p.version}
                 for p in self.plugins if p.error is None]
+
+
+_REWARD_NAME = re.compile(r"^[a-z][a-z0-9]*([-_][a-z0-9]+)*$")
+
+
+def reward_functions() -> dict[str, RewardFunction]:
+    """The reward functions every installed plugin registered (``finetune_register_rewards``), by name.
+
+    Each value is a :class:`finetune.RewardFunction`; call it as ``reward(completions, examples)``. A task
+    that lets recipes name reward functions looks them up here, so that a misspelled name can be refused
+    with the closest registered one before training."""
+    return get_registry().rewards()
 
 
 def _allowed_plugins() -> set[str] | None:

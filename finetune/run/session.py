@@ -17,7 +17,7 @@ from finetune.contract.task import DataSplits
 from finetune.engine import fast_dropout
 from finetune.engine.backbones import resolve_backbone
 from finetune.engine.guard import GuardedTask
-from finetune.engine.lora import LoraReport, attach_lora
+from finetune.engine.lora import LoraReport, attach_lora, load_start_adapter
 from finetune.engine.plugins import PluginRegistry, get_registry
 from finetune.engine.recipe_file import load_recipe
 from finetune.errors import RecipeError, did_you_mean
@@ -73,6 +73,8 @@ def build_model(session: Session) -> tuple[Any, Any, LoraReport]:
     task = session.task
     model, processor = task.load_model(session.backbone)
     model, report = attach_lora(model, session.recipe.peft, task)
+    if session.recipe.model.start_from:
+        report.started_from = load_start_adapter(model, session.recipe)
     if fast_dropout.fast_dropout_applies(session.recipe):
         report.fast_dropout_modules = fast_dropout.install_fast_dropout(model)
     return model, processor, report

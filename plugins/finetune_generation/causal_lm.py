@@ -75,7 +75,9 @@ class GenerationData(DataOptions):
                                              "restart per example, so attention stays within an example).")
 
 
-class CausalLMOptions(TaskOptions):
+class GenerationOptions(TaskOptions):
+    """``[task]`` options every generation task shares: how prompts are rendered and how text is generated."""
+
     chat_template: str = Field("auto", description="'auto': the tokenizer's chat template if it has one, else "
                                                    "plain prompt + completion; 'none': never; or a Jinja "
                                                    "template text.")
@@ -83,9 +85,6 @@ class CausalLMOptions(TaskOptions):
                                                                  "(wins over chat_template).")
     system_prompt: str | None = Field(None, description="System message added to every conversation that has "
                                                         "none (chat template only).")
-    train_on: Literal["completion", "all"] = Field(
-        "completion", description="'completion': loss on the answer tokens (and their end token) only; "
-                                  "'all': on every token.")
     max_new_tokens: int = Field(128, gt=0, description="Generation: most new tokens per prompt.")
     temperature: float = Field(0.0, ge=0, description="Generation: 0 is greedy; > 0 samples.")
     top_p: float = Field(1.0, gt=0, le=1, description="Generation: nucleus sampling (temperature > 0).")
@@ -96,6 +95,12 @@ class CausalLMOptions(TaskOptions):
                                                      "(samples/step-N.jsonl); 0 = off.")
     sample_max_new_tokens: int = Field(64, gt=0, description="Most new tokens for those eval samples "
                                                              "(also before training, samples/step-00000000.jsonl).")
+
+
+class CausalLMOptions(GenerationOptions):
+    train_on: Literal["completion", "all"] = Field(
+        "completion", description="'completion': loss on the answer tokens (and their end token) only; "
+                                  "'all': on every token.")
 
 
 class CausalLM(Task):
@@ -222,7 +227,7 @@ class CausalLM(Task):
         if self.encoder is None or self.encoder.tokenizer is not processor:
             self.encoder = Encoder(tokenizer=processor, use_template=bool(getattr(processor, "chat_template", None)),
                                    stop_ids=self._stop_ids(processor), system_prompt=self.recipe.task.system_prompt,
-                                   train_on_all=self.recipe.task.train_on == "all")
+                                   train_on_all=getattr(self.recipe.task, "train_on", "completion") == "all")
         return self.encoder
 
     def _stop_ids(self, tokenizer: Any) -> list[int]:
@@ -611,4 +616,4 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["IGNORE", "CausalLM", "CausalLMOptions", "GenerationData"]
+__all__ = ["IGNORE", "CausalLM", "CausalLMOptions", "GenerationData", "GenerationOptions"]
