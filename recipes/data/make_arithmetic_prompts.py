@@ -1,0 +1,42 @@
+"""Build the prompt sets for the stages after supervised fine-tuning (DPO, GRPO) of the generation quickstart.
+
+* ``arithmetic_prompts.jsonl``: 256 training prompts for preference tuning and GRPO;
+* ``arithmetic_heldout.jsonl``: 100 held-out prompts on which every stage (SFT, DPO, GRPO) is measured.
+
+Same generator and answer format as ``arithmetic_instructions.jsonl`` (chat ``messages``; the assistant turn
+is the reference answer, e.g. "42 - 75 = -33"), another seed, and no question of the SFT data or of the other
+file repeated: a held-out question was never trained on by any stage. No external data (public domain / CC0).
+
+    python recipes/data/make_arithmetic_prompts.py   # rewrites both .jsonl files next to this script
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from make_arithmetic_instructions import make_row
+
+HERE = Path(__file__).parent
+SIZES = {"arithmetic_prompts.jsonl": 256, "arithmetic_heldout.jsonl": 100}
+
+
+def main() -> None:
+    seen = {json.loads(line)["messages"][0]["content"]
+            for line in (HERE / "arithmetic_instructions.jsonl").read_text().splitlines() if line.strip()}
+    rng = random.Random(1)
+    for name, size in SIZES.items():
+        rows = []
+        while len(rows) < size:
+            row = make_row(rng)
+            key = row["messages"][0]["content"]
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+        (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"wrote {len(rows)} rows to {HERE / name}")
+
+
+if __name__ == "__main__":
+    main()
