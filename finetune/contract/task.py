@@ -26,6 +26,7 @@ imports inside methods: task classes are imported when the CLI starts.
         task.train_batches(train_ds, batch_size, seed, epoch)
         task.train_mode(model)
         per micro-batch: task.training_loss(model, batch)
+        at each logging step: task.training_logs()    # extra numbers for the log line
         at each evaluation (eval mode, no grad):
             per eval batch: task.evaluation_step(model, batch)
             task.compute_metrics(predictions, references)   # all batches, all processes gathered
@@ -240,6 +241,15 @@ class Task:
         """The scalar loss tensor of one training batch (default: ``model(**batch).loss``). It must come
         from the model's forward pass (the core calls ``backward`` on it)."""
         return model(**batch).loss
+
+    def training_logs(self) -> dict[str, float]:
+        """Numbers the task measured while training since the last call (e.g. GRPO's mean reward and KL per
+        step), as ``{name: float}``: at every logging step (``train.log_every_steps``) the core adds them to the
+        log line, logs.jsonl, TensorBoard (``train/<name>``) and the callbacks' ``on_log``; with several
+        processes each one's values are averaged. Average what :meth:`training_loss` recorded since the last
+        call and start afresh. Names must not be the core's own (``loss``, ``lr``, ``samples_per_s``).
+        Default: none."""
+        return {}
 
     def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         """One eval batch (eval mode, under ``torch.no_grad()``) -> a dict with any of:
