@@ -33,8 +33,10 @@ imports inside methods: task classes are imported when the CLI starts.
             task.finalize_eval(metrics)
             task.after_evaluate(model, processor, run_path, step, metrics)   # main process only
             task.train_mode(model)
-    the test split (``splits.test``, if any): the selected adapter is loaded back and scored once as at
-    an evaluation (build_dataset, evaluation_step, compute_metrics, finalize_eval): metrics.json ``test``
+    the test split (``splits.test``, if any): the selected adapter is loaded back, its saved ``state`` put
+    back into ``task.state``, and scored once as at an evaluation (build_dataset, evaluation_step,
+    compute_metrics, finalize_eval): metrics.json ``test``
+    task.state = <the selected adapter's state>   # what an evaluation tuned goes with the selected weights
     task.finalize_run(run_path, metrics)           # main process, before metrics.json and the card
     task.usage_snippet(base)                       # for the model card
 
@@ -144,7 +146,10 @@ class Task:
     #: JSON-serialisable facts needed to rebuild the model for inference (label names, target scaling...).
     #: Fill it in :meth:`prepare_data`; the core saves it beside the adapter (``finetune_task.json``) and
     #: restores it before :meth:`load_model` when a run is loaded for prediction. Read it in
-    #: :meth:`load_model`, :meth:`compute_metrics` and :meth:`predict`, never the training data.
+    #: :meth:`load_model`, :meth:`compute_metrics` and :meth:`predict`, never the training data. It is saved
+    #: with every new best adapter, so what :meth:`compute_metrics` tunes on the eval split (a threshold) goes
+    #: with those weights; after training (test split, :meth:`finalize_run`, the card) the core puts the
+    #: selected adapter's saved state back here.
     state: dict[str, Any]
 
     def __init__(self, recipe: Recipe) -> None:
