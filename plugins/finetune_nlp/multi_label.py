@@ -27,13 +27,11 @@ from finetune import (
     PathStr,
     label_text,
     load_table,
-    open_dataset,
     require_columns,
     sorted_labels,
-    split_frame,
 )
 from finetune_nlp.text_classification import TextClassificationOptions
-from finetune_nlp.text_shared import EncodedDataset, EncoderClassifier, is_integer, row_locations
+from finetune_nlp.text_shared import EncodedDataset, EncoderClassifier, is_integer, row_locations, table_splits
 
 #: The thresholds tried for each label.
 THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
@@ -123,28 +121,7 @@ class MultiLabelClassification(EncoderClassifier):
 
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
-        seed = self.recipe.train.seed
-        eval_ = test = None
-        provenance: dict[str, Any] = {}
-        if data.dataset:
-            source = open_dataset(data, self.recipe.source.parent if self.recipe.source else None)
-            train_split, eval_split = source.train_and_eval(data)
-            test_split, provenance = source.test_split(data), source.info
-            train_where, train = train_split.where, self._read_split(train_split, "data.dataset_split")
-            if eval_split is not None:
-                eval_ = self._read_split(eval_split, "data.dataset_eval_split")
-            if test_split is not None:
-                test = self._read_split(test_split, "data.dataset_test_split")
-        else:
-            train_where, train = data.train, self._read(data.train, "data.train")
-        if data.test_split:  # held out first, so the test rows never depend on the eval settings
-            train, test = split_frame(train, data.test_split, seed, group=data.group_column, key="data.test_split")
-        if data.limit:
-            train = train.sample(n=min(data.limit, len(train)), random_state=seed).reset_index(drop=True)
-        if data.eval:
-            eval_ = self._read(data.eval, "data.eval")
-        elif eval_ is None:
-            train, eval_ = split_frame(train, data.split, seed, group=data.group_column)
+        train, eval_, test, train_where, provenance = table_splits(self, self._read, self._read_split)
         labels = sorted_labels(x for row in train[data.label_column] for x in row)
         if not labels:
             raise DataError(f"data.label_column: no row of the training data ({train_where}) has a label "

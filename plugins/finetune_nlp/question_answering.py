@@ -56,6 +56,7 @@ from finetune import (
     read_jsonl,
     split_frame,
 )
+from finetune_nlp.text_shared import pad_fields
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -535,26 +536,13 @@ class QuestionAnswering(Task):
         return [len(item["input_ids"]) for item in dataset]
 
     def collate_fn(self, processor: Any):
-        import torch
-
         pad_id = processor.pad_token_id if processor.pad_token_id is not None else 0
 
         def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-            width = max(len(item["input_ids"]) for item in items)
-
-            def pad(seq: list[Any], value: Any) -> list[Any]:
-                return list(seq) + [value] * (width - len(seq))
-
-            batch = {"input_ids": torch.tensor([pad(i["input_ids"], pad_id) for i in items]),
-                     "attention_mask": torch.tensor([pad(i["attention_mask"], 0) for i in items])}
-            if "token_type_ids" in items[0]:
-                batch["token_type_ids"] = torch.tensor([pad(i["token_type_ids"], 0) for i in items])
-            batch["start_positions"] = torch.tensor([i["start_positions"] for i in items])
-            batch["end_positions"] = torch.tensor([i["end_positions"] for i in items])
+            batch = pad_fields(items, {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0},
+                               same=("start_positions", "end_positions"))
             if "example" in items[0]:
-                batch["example"] = torch.tensor([i["example"] for i in items])
-                batch["cls_index"] = torch.tensor([i["cls_index"] for i in items])
-                batch["offsets"] = torch.tensor([pad(i["offsets"], [-1, -1]) for i in items])
+                batch.update(pad_fields(items, {"offsets": [-1, -1]}, same=("example", "cls_index")))
             return batch
 
         return collate

@@ -22,12 +22,10 @@ from finetune import (
     DataSplits,
     PathStr,
     load_table,
-    open_dataset,
     require_columns,
-    split_frame,
 )
 from finetune_nlp.text_classification import TextClassificationOptions
-from finetune_nlp.text_shared import EncodedDataset, EncoderClassifier, row_locations
+from finetune_nlp.text_shared import EncodedDataset, EncoderClassifier, row_locations, table_splits
 
 
 class TextRegressionData(DataOptions):
@@ -94,30 +92,9 @@ class TextRegression(EncoderClassifier):
 
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
-        seed = self.recipe.train.seed
-        eval_ = test = None
-        provenance: dict[str, Any] = {}
-        if data.dataset:
-            source = open_dataset(data, self.recipe.source.parent if self.recipe.source else None)
-            rows = lambda rows: "row(s) " + ", ".join(str(i + 1) for i in rows)  # noqa: E731
-            train_split, eval_split = source.train_and_eval(data)
-            test_split, provenance = source.test_split(data), source.info
-            train_where = train_split.where
-            train = self._checked(train_split.frame(), "data.dataset_split", train_split.where, rows)
-            if eval_split is not None:
-                eval_ = self._checked(eval_split.frame(), "data.dataset_eval_split", eval_split.where, rows)
-            if test_split is not None:
-                test = self._checked(test_split.frame(), "data.dataset_test_split", test_split.where, rows)
-        else:
-            train_where, train = data.train, self._read(data.train, "data.train")
-        if data.test_split:  # held out first, so the test rows never depend on the eval settings
-            train, test = split_frame(train, data.test_split, seed, group=data.group_column, key="data.test_split")
-        if data.limit:
-            train = train.sample(n=min(data.limit, len(train)), random_state=seed).reset_index(drop=True)
-        if data.eval:
-            eval_ = self._read(data.eval, "data.eval")
-        elif eval_ is None:
-            train, eval_ = split_frame(train, data.split, seed, group=data.group_column)
+        rows = lambda rows: "row(s) " + ", ".join(str(i + 1) for i in rows)  # noqa: E731
+        train, eval_, test, train_where, provenance = table_splits(
+            self, self._read, lambda split, key: self._checked(split.frame(), key, split.where, rows))
         values = train[data.target_column]
         if len(train) < 2 or float(values.std()) == 0.0:
             raise DataError(f"data.target_column: the target ({data.target_column!r}) of the training data "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from finetune import DataError, RecipeError, Task, attention_projections
+from finetune import DataError, RecipeError, Task, attention_projections, open_dataset, split_frame
 from finetune_nlp.prefix_cache import FrozenPrefixCache
 
 HEAD_NAMES = ("classifier", "score", "pre_classifier", "pooler")
@@ -246,3 +246,48 @@ def row_locations(path: str, fmt: str, positions: list[int]) -> str:
 
 def is_integer(label: str) -> bool:
     return label.lstrip("-").isdigit()
+
+
+def table_splits(task: Task, read_file: Any, read_split: Any) -> tuple[Any, Any, Any, str, dict[str, Any]]:
+    """``(train, eval, test, train_where, provenance)`` tables per the recipe's ``[data]`` keys, the way every
+    table task reads them: ``dataset`` (its train / eval / test splits) or ``train``; then ``test_split``
+    held out first (so the test rows never depend on the eval settings), ``limit``, ``eval`` (a file) or
+    ``split`` held out of train. ``read_file(path, key)`` reads a file, ``read_split(split, key)`` a data-set
+    split (a :class:`finetune.DatasetSplit`); eval is never None, test is None unless a split gives one
+    (``data.test``, a file, is the caller's: ``read_examples``)."""
+    recipe = task.recipe
+    data, seed = recipe.data, recipe.train.seed
+    eval_ = test = None
+    provenance: dict[str, Any] = {}
+    if data.dataset:
+        source = open_dataset(data, recipe.source.parent if recipe.source else None)
+        train_split, eval_split = source.train_and_eval(data)
+        test_split, provenance = source.test_split(data), source.info
+        train_where, train = train_split.where, read_split(train_split, "data.dataset_split")
+        if eval_split is not None:
+            eval_ = read_split(eval_split, "data.dataset_eval_split")
+        if test_split is not None:
+            test = read_split(test_split, "data.dataset_test_split")
+    else:
+        train_where, train = str(data.train), read_file(data.train, "data.train")
+    if data.test_split:
+        train, test = split_frame(train, data.test_split, seed, group=data.group_column, key="data.test_split")
+    if data.limit:
+        train = train.sample(n=min(data.limit, len(train)), random_state=seed).reset_index(drop=True)
+    if data.eval:
+        eval_ = read_file(data.eval, "data.eval")
+    elif eval_ is None:
+        train, eval_ = split_frame(train, data.split, seed, group=data.group_column)
+    return train, eval_, test, train_where, provenance
+
+
+def pad_fields(items: list[dict[str, Any]], pads: dict[str, Any], same: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A batch of token-level items: each field in ``pads`` (present in the items) right-padded with its
+    value to the longest ``input_ids``; the fields in ``same`` (one value per item) stacked as they are."""
+    import torch
+
+    width = max(len(item["input_ids"]) for item in items)
+    batch = {name: torch.tensor([list(i[name]) + [value] * (width - len(i[name])) for i in items])
+             for name, value in pads.items() if name in items[0]}
+    batch.update({name: torch.tensor([i[name] for i in items]) for name in same if name in items[0]})
+    return batch

@@ -29,6 +29,7 @@ from finetune import (
     read_jsonl,
     split_frame,
 )
+from finetune_nlp.text_shared import pad_fields
 
 SCHEMES = ("IOB2", "IOB1", "BIOES", "IO")
 CONLL_SUFFIXES = (".conll", ".txt", ".iob", ".iob2", ".bio", ".conllu")
@@ -453,22 +454,11 @@ class TokenClassification(Task):
         return [len(item["input_ids"]) for item in dataset]
 
     def collate_fn(self, processor: Any):
-        import torch
-
         pad_id = processor.pad_token_id if processor.pad_token_id is not None else 0
 
         def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-            width = max(len(item["input_ids"]) for item in items)
-
-            def pad(seq: list[int], value: int) -> list[int]:
-                return list(seq) + [value] * (width - len(seq))
-
-            batch = {"input_ids": torch.tensor([pad(i["input_ids"], pad_id) for i in items]),
-                     "attention_mask": torch.tensor([pad(i["attention_mask"], 0) for i in items]),
-                     "labels": torch.tensor([pad(i["labels"], -100) for i in items])}
-            if "sentence" in items[0]:
-                batch["sentence"] = torch.tensor([i["sentence"] for i in items])
-                batch["word_start"] = torch.tensor([i["word_start"] for i in items])
+            batch = pad_fields(items, {"input_ids": pad_id, "attention_mask": 0, "labels": -100},
+                               same=("sentence", "word_start"))
             return batch
 
         return collate
