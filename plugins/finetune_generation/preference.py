@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from finetune import DataError, RecipeError
-from finetune_generation.causal_lm import CausalLM, GenerationOptions, _plain_head
+from finetune_generation.causal_lm import CausalLM, GenerationOptions, _plain_head, shared_prefix_length
 from finetune_generation.data import IGNORE, Example, collate
 from finetune_generation.preference_data import (
     PreferenceData,
@@ -304,7 +304,10 @@ def _as_sft(ex: PreferenceExample) -> Example:
 def answer_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     """``(summed, counts)`` per row: the summed log-probability of the learned tokens (label != -100) and how
     many there are. Same values as :func:`finetune_generation.logprobs.sequence_logps`; for models with a plain
-    output head the vocabulary projection runs only on the learned positions (most positions are prompt)."""
+    output head the vocabulary projection runs only on the learned positions (most positions are prompt), and
+    the tokens every row starts with (the system prompt, the chat header; for a pair, the prompt too when the
+    batch is one pair) are computed once when ``causal_lm.shared_prefix_length`` finds that exact and cheaper,
+    as ``causal_lm.answer_loss`` does."""
     import torch
 
     from finetune_generation.logprobs import sequence_logps
@@ -312,15 +315,34 @@ def answer_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     head = _plain_head(model)
     if head is None:
         return sequence_logps(model, batch)
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    target = batch["labels"][:, 1:]
-    mask = target != IGNORE
-    logits = head(out.hidden_states[-1][:, :-1][mask]).float()
-    picked = logits.gather(-1, target[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-    rows = torch.arange(target.shape[0], device=target.device)[:, None].expand_as(target)[mask]
-    sums = torch.zeros(target.shape[0], dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
-    return sums, mask.sum(-1)
+    labels = batch["labels"]
+    size, width = labels.shape
+    counts = (labels[:, 1:] != IGNORE).sum(-1)
+    target = torch.full_like(labels, IGNORE)  # target[:, t] = the token position t predicts
+    target[:, :-1] = labels[:, 1:]
+    row_of = torch.arange(size, device=labels.device)[:, None].expand(size, width)
+    prefix = shared_prefix_length(model, batch)
+    if prefix:  # the rows' shared start (system prompt, chat header, a pair's prompt) computed once
+        keep = batch["attention_mask"].bool().clone()
+        keep[1:, :prefix] = False
+        positions = torch.arange(width, device=labels.device).expand(size, width)[keep]
+        segment = row_of.clone()
+        segment[:, :prefix] = -1
+        segment = segment[keep]
+        allowed = (positions[None, :] <= positions[:, None]) & (
+            (segment[None, :] == segment[:, None]) | (segment[None, :] == -1))
+        out = model(input_ids=batch["input_ids"][keep][None], attention_mask=allowed[None, None],
+                    position_ids=positions[None], use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden, target, rows = out.hidden_states[-1][0], target[keep], row_of[keep]
+    else:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden, rows = out.hidden_states[-1], row_of
+    learned = target != IGNORE
+    logits = head(hidden[learned]).float()
+    picked = logits.gather(-1, target[learned].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    sums = torch.zeros(size, dtype=picked.dtype, device=picked.device).index_add(0, rows[learned], picked)
+    return sums, counts
 
 
 def mismatched_batch(batch: dict[str, Any], pad_id: int, max_length: int) -> dict[str, Any]:

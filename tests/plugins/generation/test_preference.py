@@ -133,7 +133,8 @@ def test_reference_equals_the_untouched_base_even_after_training_changed_the_ada
     from finetune_generation.logprobs import reference, sequence_logps
     from finetune_generation.preference import answer_logps
 
-    session, model, tok = _session(pref_recipe())
+    system = "the quick answer assistant: add the numbers and answer the sum, the quick answer"
+    session, model, tok = _session(pref_recipe(task=f"system_prompt = {system!r}"))  # a prefix every row shares
     task = session.task
     ds = task.build_dataset(session.splits.train, tok, training=True)
     batch = task.collate_fn(tok)([ds[i] for i in range(4)])
@@ -155,10 +156,24 @@ def test_reference_equals_the_untouched_base_even_after_training_changed_the_ada
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # the cached reference (computed in the first training step, before any update) is the base's too
     torch.testing.assert_close(task._reference(model, batch), expected, atol=1e-5, rtol=1e-5)
-    # answer_logps (head on learned positions only) = sequence_logps (full logits)
+    # answer_logps (head on learned positions only, the shared prefix computed once) = sequence_logps (full logits)
+    from finetune_generation.causal_lm import shared_prefix_length
+
+    assert shared_prefix_length(model, batch) > 0  # the system prompt is shared: that path is tested
     with torch.no_grad():
-        torch.testing.assert_close(answer_logps(model, batch)[0], sequence_logps(model, batch)[0], atol=1e-5,
-                                   rtol=1e-5)
+        got, counts = answer_logps(model, batch)
+        want, want_counts = sequence_logps(model, batch)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert counts.tolist() == want_counts.tolist()
+    import finetune_generation.preference as preference
+
+    original = preference.shared_prefix_length
+    preference.shared_prefix_length = lambda *a: 0
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(answer_logps(model, batch)[0], want, atol=1e-5, rtol=1e-5)
+    finally:
+        preference.shared_prefix_length = original
 
 
 @pytest.mark.parametrize("chat", [False, True])
