@@ -53,6 +53,10 @@ class PreferenceOptions(GenerationOptions):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="DPO: probability that a preference label is wrong (conservative DPO); 0 = "
         "plain DPO.")
+    sft_weight: float = Field(
+        0.0, ge=0, description="DPO: weight of an added SFT term, the chosen answer's mean token negative "
+        "log-likelihood (RPO, Pang et al. 2024; trl's rpo_alpha); keeps the chosen answers likely while the "
+        "rejected ones are pushed down. 0 = plain DPO.")
     desirable_weight: float = Field(1.0, gt=0, description="KTO: weight lambda_D of desirable examples (raise it "
                                                            "when they are the rarer kind).")
     undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight lambda_U of undesirable examples.")
@@ -102,15 +106,22 @@ class PreferenceTuning(CausalLM):
     # -- data ----------------------------------------------------------
     def prepare_data(self) -> Any:
         opts = self.recipe.task
-        if opts.label_smoothing and self.objective != "dpo":
-            raise RecipeError(f"task.label_smoothing applies to objective 'dpo' only (objective is "
-                              f"{self.objective!r}); remove it.")
+        for key in ("label_smoothing", "sft_weight"):
+            if getattr(opts, key) and self.objective != "dpo":
+                raise RecipeError(f"task.{key} applies to objective 'dpo' only (objective is {self.objective!r}); "
+                                  "remove it.")
         splits = preference_splits(self.recipe, self.objective == "kto", self._info)
         first = splits.train[0].prompt
         self.state = {"shape": "messages" if first.messages is not None else "prompt_completion",
                       "objective": self.objective}
         self._info["objective"] = self.objective
-        self._eval_examples = [_as_sft(ex) for ex in splits.eval if ex.desirable is not False]
+        seen: set[str] = set()  # one sample per prompt (a prompt may have several pairs)
+        self._eval_examples = []
+        for ex in splits.eval:
+            key = repr(ex.prompt.messages or ex.prompt.prompt)
+            if ex.desirable is not False and key not in seen:
+                seen.add(key)
+                self._eval_examples.append(_as_sft(ex))
         return splits
 
     def read_examples(self, path: Any, key: str) -> list[PreferenceExample]:
@@ -197,6 +208,8 @@ class PreferenceTuning(CausalLM):
             ref = self._reference(model, batch)
             losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, ref[:size], ref[size:], beta,
                                                     opts.label_smoothing)
+            if opts.sft_weight:
+                losses = losses + opts.sft_weight * -(chosen / counts[:size].clamp(min=1))
         else:
             avg = sums / counts.clamp(min=1)
             if self.objective == "simpo":

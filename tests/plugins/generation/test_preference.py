@@ -241,3 +241,23 @@ def test_bad_input_is_a_clear_error_before_the_run_folder(pref_recipe, tmp_path,
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
     assert not (tmp_path / f"run-{objective}").exists()
+
+
+def test_sft_weight_adds_the_chosen_mean_token_nll_and_other_objectives_refuse_it(pref_recipe):
+    from finetune.errors import RecipeError
+    from finetune.run.session import open_session
+    from finetune_generation.logprobs import sequence_logps
+
+    session, model, tok = _session(pref_recipe(task="sft_weight = 0.5"))
+    task = session.task
+    ds = task.build_dataset(session.splits.train, tok, training=True)
+    batch = task.collate_fn(tok)([ds[i] for i in range(3)])
+    model.eval()
+    with torch.no_grad():
+        with_sft = task._losses(model, batch)[0]
+        task.recipe.task.sft_weight = 0.0
+        plain = task._losses(model, batch)[0]
+        sums, counts = sequence_logps(model, batch)
+    torch.testing.assert_close(with_sft - plain, 0.5 * -(sums[:3] / counts[:3]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RecipeError, match="task.sft_weight applies to objective 'dpo' only"):
+        open_session(pref_recipe("orpo", task="sft_weight = 0.5"))
