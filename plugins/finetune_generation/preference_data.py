@@ -233,7 +233,8 @@ def preference_splits(recipe: Any, unpaired: bool, info: dict[str, Any] | None =
         info.update(source.info)
 
         def rows(part: Any, key: str) -> list[PreferenceExample]:
-            records = [(f"{part.where}: row {i + 1}", clean_record(r)) for i, r in enumerate(part.frame().to_dict("records"))]
+            frame = part.frame().to_dict("records")
+            records = [(f"{part.where}: row {i + 1}", clean_record(r)) for i, r in enumerate(frame)]
             return read_preferences(records, data, key, unpaired)
 
         train_split, eval_split = source.train_and_eval(data)

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 from conftest import assert_resume_equals_uninterrupted, run_cli
-from generation_fixtures import tiny_gpt2, tiny_llama, write_jsonl  # noqa: F401
+from generation_fixtures import write_jsonl
 
 from finetune_generation.data import IGNORE
 from finetune_generation.preference_losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
@@ -189,8 +189,8 @@ def test_the_batch_learns_only_answer_tokens_and_their_end_token(pref_recipe, tm
         answer = pair.chosen if row < 2 else pair.rejected
         assert learned == answer + "<|im_end|>"
         text = tok.decode(batch["input_ids"][row][batch["attention_mask"][row].bool()])
-        assert text == f"<|im_start|>user\n{pair.record['prompt'] if not chat else pair.record['prompt'][0]['content']}" \
-                       f"<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
+        question = pair.record["prompt"][0]["content"] if chat else pair.record["prompt"]
+        assert text == f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
 
 
 # -- end to end ------------------------------------------------------------------

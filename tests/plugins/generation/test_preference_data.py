@@ -4,7 +4,6 @@ the loss masks of encoded pairs (answer + end token only) and the batch layout (
 from __future__ import annotations
 
 import pytest
-from generation_fixtures import tiny_gpt2, tiny_llama  # noqa: F401
 
 from finetune.errors import DataError
 from finetune_generation.data import IGNORE, Encoder, Example
