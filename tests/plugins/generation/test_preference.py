@@ -261,3 +261,17 @@ def test_sft_weight_adds_the_chosen_mean_token_nll_and_other_objectives_refuse_i
     torch.testing.assert_close(with_sft - plain, 0.5 * -(sums[:3] / counts[:3]), atol=1e-5, rtol=1e-5)
     with pytest.raises(RecipeError, match="task.sft_weight applies to objective 'dpo' only"):
         open_session(pref_recipe("orpo", task="sft_weight = 0.5"))
+
+
+def test_kto_kl_rows_pair_each_prompt_with_the_next_rows_answer():
+    from finetune_generation.preference import mismatched_batch
+    from finetune_generation.preference_data import collate_preferences
+
+    items = [{"input_ids": [1, 2, 3, 4], "labels": [IGNORE, IGNORE, 3, 4], "desirable": True, "index": 0},
+             {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "desirable": False, "index": 1},
+             {"input_ids": [8, 9], "labels": [IGNORE, 9], "desirable": True, "index": 2}]
+    kl = mismatched_batch(collate_preferences(items, pad_id=0), pad_id=0, max_length=4)
+    # prompt 0 + answer 1, prompt 1 + answer 2, prompt 2 + answer 0; cut at max_length 4
+    assert kl["input_ids"].tolist() == [[1, 2, 6, 7], [5, 9, 0, 0], [8, 3, 4, 0]]
+    assert kl["labels"].tolist() == [[IGNORE, IGNORE, 6, 7], [IGNORE, 9, IGNORE, IGNORE], [IGNORE, 3, 4, IGNORE]]
+    assert kl["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]
