@@ -21,10 +21,13 @@ def group_advantages(rewards: Any, group_size: int, scale: bool = True, eps: flo
     the same shape: each reward minus its group's mean, divided by the group's standard deviation (the
     sample std, as DeepSeekMath and TRL) + ``eps`` when ``scale``. Within a group they sum to zero; a group
     whose completions all scored the same gets zero advantages (it teaches nothing)."""
+    import torch
+
     grouped = rewards.float().view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale:
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+        std = grouped.std(dim=1, keepdim=True)
+        centred = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
     return centred.reshape(-1)
 
 
