@@ -24,6 +24,7 @@ as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -157,6 +158,12 @@ class GRPO(CausalLM):
         if not chosen:
             raise RecipeError("task.rewards is empty; name at least one reward function with its weight, e.g. "
                               "rewards = {exact-number = 1.0} (`finetune rewards` lists them).")
+        for key in ("answer_regex", "format_regex"):
+            try:
+                re.compile(getattr(self.recipe.task, key))
+            except re.error as exc:
+                raise RecipeError(f"task.{key}: {getattr(self.recipe.task, key)!r} is not a valid regular expression "
+                                  f"({exc}).") from None
         known = reward_functions()
         for name in chosen:
             if name not in known:
@@ -170,13 +177,21 @@ class GRPO(CausalLM):
             raise DataError(f"task.rewards: {needing[0]!r} compares completions with the reference answer, and "
                             f"{missing.where} has none (a prompt only). Add reference answers (the last assistant "
                             "turn, or a completion field) or choose rewards that need none.")
+        # A trial call before anything is trained (or a run folder made): a reward function that raises or
+        # returns no finite number fails now, named with its plugin (PluginError), not after the first samples.
+        rows = [{**e.extra["row"], "_options": self._reward_options()} for e in examples[:4]]
+        texts = [str(row["reference"] or "") for row in rows]
+        self._score(texts, rows)
+
+    def _reward_options(self) -> dict[str, Any]:
+        opts = self.recipe.task
+        return {"answer_regex": opts.answer_regex, "format_regex": opts.format_regex,
+                "length_target": opts.length_target, "length_unit": opts.length_unit}
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
         encoder = self._encoder(processor)
         limit = self.recipe.data.max_length
-        opts = self.recipe.task
-        options = {"answer_regex": opts.answer_regex, "format_regex": opts.format_regex,
-                   "length_target": opts.length_target, "length_unit": opts.length_unit}
+        options = self._reward_options()
         items = []
         for example in examples:
             ids = encoder.prompt_ids(example)

@@ -120,3 +120,126 @@ def test_the_kl_term_is_exactly_zero_with_a_fresh_adapter(tiny_llama):
                          0.2, 0.04)
     assert kl.item() == 0.0
     assert model.training  # the reference pass put the model back
+
+
+# -- runs through the real CLI -------------------------------------------------------------------------------
+
+GRPO_TASK = 'name = "grpo"\ngroup_size = 3\nmax_new_tokens = 6\ntemperature = 1.0\nkl_weight = 0.04\n'
+
+
+def _env(tmp_path):
+    import os
+
+    from fake_plugins import reward_plugin_site
+
+    site = tmp_path / "site"
+    if not site.exists():
+        reward_plugin_site(tmp_path)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
+def _recipe(make_gen_recipe, tmp_path, rewards: str, *, rows: int = 24, name: str = "recipe.toml", out: str = "run",
+            train: str = "epochs = 1\nbatch_size = 4\nlog_every_steps = 1\neval_every_steps = 3"):
+    data = write_jsonl(tmp_path / "data" / "grpo.jsonl", make_qa_rows(rows, seed=3))
+    return make_gen_recipe(task=GRPO_TASK + f"rewards = {rewards}\n", data=f'train = "{data}"', train=train,
+                           name=name, output=str(tmp_path / out))
+
+
+def test_a_tiny_grpo_run_with_a_third_party_reward_reports_rewards_before_and_after(make_gen_recipe, tmp_path):
+    from conftest import run_cli
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = _recipe(make_gen_recipe, tmp_path, '{ starts-with-digit = 1.0, exact-number = 0.5, length-penalty = 0.1 }')
+    listed = run_cli("rewards", env=_env(tmp_path))
+    assert listed.returncode == 0 and "starts-with-digit" in listed.stdout and "exact-number" in listed.stdout
+    result = run_cli("run", str(recipe), "-q", env=_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    for part in ("before", "best", "last"):
+        assert {"reward", "reward_starts-with-digit", "reward_exact-number", "reward_length-penalty",
+                "completion_length"} <= set(metrics[part]), metrics[part]
+    before = metrics["before"]
+    assert before["reward"] == pytest.approx(before["reward_starts-with-digit"] + 0.5 * before["reward_exact-number"]
+                                             + 0.1 * before["reward_length-penalty"])
+    assert metrics["data"]["rewards"] == {"starts-with-digit": 1.0, "exact-number": 0.5, "length-penalty": 0.1}
+    steps = sorted(p.name for p in (run / "samples").glob("step-*.jsonl"))
+    assert steps[0] == "step-00000000.jsonl" and len(steps) >= 2
+    rows = [json.loads(line) for line in (run / "samples" / steps[-1]).read_text().splitlines()]
+    assert len(rows) == 6  # every eval prompt (0.25 of 24)
+    for row in rows:
+        assert set(row["rewards"]) == {"starts-with-digit", "exact-number", "length-penalty"}
+        assert row["reward"] == pytest.approx(row["rewards"]["starts-with-digit"] + 0.5 * row["rewards"]["exact-number"]
+                                              + 0.1 * row["rewards"]["length-penalty"])
+        assert row["prompt"].startswith("add ") and "=" in row["reference"]
+    assert metrics["best"]["reward"] >= before["reward"] or metrics["best"]["step"] == 0
+    # the adapter loads with plain peft
+    base = AutoModelForCausalLM.from_pretrained(_backbone(recipe))
+    PeftModel.from_pretrained(base, str(run / "adapter"))
+
+
+def _backbone(recipe):
+    import tomllib
+
+    return tomllib.loads(recipe.read_text())["model"]["backbone"]
+
+
+@pytest.mark.parametrize(("rewards", "data", "message"), [
+    ("{ exact-numbr = 1.0 }", None, r"task.rewards: no reward function 'exact-numbr' \(did you mean 'exact-number'\?\)"),
+    ("{ always-raises = 1.0 }", None, r"reward function 'always-raises' \(plugin '[^']*rewards[^']*'\) raised "
+                                     r"RuntimeError: the scoring service is offline"),
+    ("{ returns-nan = 1.0 }", None, r"reward function 'returns-nan' \(plugin '[^']*rewards[^']*'\) returned nan"),
+    ("{ exact-number = 1.0 }", [{"prompt": "add 1 and 2", "completion": "1+2=3"}, {"prompt": " ", "completion": "x"}],
+     r"data.train: .*grpo.jsonl: line 2: field 'prompt' \(data.prompt_column\) is empty"),
+    ("{ exact-number = 1.0 }", [{"prompt": "add 1 and 2"}, {"prompt": "add 2 and 2"}],
+     r"task.rewards: 'exact-number' compares completions with the reference answer, and .*grpo.jsonl: line \d "
+     r"has none"),
+    ("{ format = 1.0 }", [], r"data.train: .*grpo.jsonl has no records"),
+])
+def test_bad_input_stops_before_the_run_folder_exists(make_gen_recipe, tmp_path, rewards, data, message):
+    import re
+
+    from conftest import run_cli
+
+    recipe = _recipe(make_gen_recipe, tmp_path, rewards)
+    if data is not None:
+        write_jsonl(tmp_path / "data" / "grpo.jsonl", data)
+    result = run_cli("run", str(recipe), env=_env(tmp_path))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.search(message, result.stderr), result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_prompt_only_rows_train_with_rewards_that_need_no_reference(make_gen_recipe, tmp_path):
+    from finetune.run.session import open_session
+
+    recipe = _recipe(make_gen_recipe, tmp_path, "{ format = 1.0 }")
+    write_jsonl(tmp_path / "data" / "grpo.jsonl",
+                [{"prompt": f"add {i} and 1"} for i in range(6)])
+    session = open_session(recipe, [])
+    rows = [e.extra["row"] for e in session.splits.train]
+    assert all(r["reference"] is None and r["prompt"].startswith("add") for r in rows)
+    chat = write_jsonl(tmp_path / "data" / "chat.jsonl", [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"add {i} and 1"}]}
+        for i in range(4)] + [{"messages": [{"role": "user", "content": "add 1 and 1"},
+                                            {"role": "assistant", "content": "1+1=2"}]}])
+    session = open_session(recipe, [f"data.train={chat}", "data.split=0.2"])
+    examples = sorted([*session.splits.train, *session.splits.eval], key=lambda e: e.where)
+    assert [e.extra["row"]["reference"] for e in examples] == [None, None, None, None, "1+1=2"]
+    assert examples[0].messages[0] == {"role": "system", "content": "be brief"}
+    assert examples[-1].messages == [{"role": "user", "content": "add 1 and 1"}]  # the answer is the reference
+
+
+def test_ctrl_c_then_resume_equals_the_uninterrupted_grpo_run(make_gen_recipe, tmp_path, callback_plugin):
+    from conftest import assert_resume_equals_uninterrupted
+
+    train = "epochs = 2\nbatch_size = 4\nlog_every_steps = 1\neval_every_steps = 2"
+    full = _recipe(make_gen_recipe, tmp_path, "{ exact-number = 1.0, format = 0.5 }", rows=16, name="full.toml",
+                   out="full", train=train)
+    cut = _recipe(make_gen_recipe, tmp_path, "{ exact-number = 1.0, format = 0.5 }", rows=16, name="cut.toml",
+                  out="cut", train=train)
+    full_run, resumed = assert_resume_equals_uninterrupted(callback_plugin, full, cut, stop_at=3)
+    for step in ("00000000", "00000002", "00000006"):  # the samples (greedy answers + rewards) agree too
+        a, b = ((r.path / "samples" / f"step-{step}.jsonl").read_text() for r in (full_run, resumed))
+        assert a == b
