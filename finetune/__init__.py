@@ -17,8 +17,8 @@ from finetune.contract.hookspecs import HOOK_VERSION as FINETUNE_HOOK_VERSION
 from finetune.contract.hookspecs import hookimpl
 from finetune.contract.labels import label_text, sorted_labels
 from finetune.contract.layers import attention_projections, resolve_layers, transformer_layers
-from finetune.contract.rewards import RewardFunction
 from finetune.contract.recipe import DataOptions, PathStr, Recipe, TaskOptions
+from finetune.contract.rewards import RewardFunction
 from finetune.contract.tables import load_table, read_jsonl, require_columns, split_frame
 from finetune.contract.task import DataSplits, Task, missing_input_column
 from finetune.engine.datasets_source import DatasetSource, DatasetSplit, open_dataset

@@ -335,8 +335,8 @@ def plugin_reference_markdown() -> str:
 
     lines += ["## Reward functions", "", rst_to_markdown(inspect.getmodule(RewardFunction).__doc__), ""]
     lines += _class_section(RewardFunction)
-    documented = {"Task", "DataSplits", "Callback", "LoopState", "RewardFunction", "TaskOptions", "DataOptions", "hookimpl",
-                  "FINETUNE_HOOK_VERSION"}
+    documented = {"Task", "DataSplits", "Callback", "LoopState", "RewardFunction", "TaskOptions", "DataOptions",
+                  "hookimpl", "FINETUNE_HOOK_VERSION"}
     lines += ["## Everything else in `finetune.__all__`", "",
               "`hookimpl` marks hook implementations (above); `FINETUNE_HOOK_VERSION` is the contract's version, "
               f"`\"{finetune.FINETUNE_HOOK_VERSION}\"`.", ""]

@@ -52,7 +52,7 @@ class Callback:
 
     def on_log(self, *, run: Any, state: LoopState, logs: dict[str, float]) -> None:
         """After a logged training step: ``logs`` holds ``loss`` (mean over the log window), ``lr`` and
-        ``samples_per_s``."""
+        ``samples_per_s``, plus the task's own numbers (``Task.training_logs``)."""
 
     def on_evaluate(self, *, run: Any, state: LoopState, metrics: dict[str, Any]) -> None:
         """After each evaluation (also the one before training, at step 0): ``metrics`` holds

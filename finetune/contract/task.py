@@ -26,14 +26,17 @@ imports inside methods: task classes are imported when the CLI starts.
         task.train_batches(train_ds, batch_size, seed, epoch)
         task.train_mode(model)
         per micro-batch: task.training_loss(model, batch)
+        at each logging step: task.training_logs()    # extra numbers for the log line
         at each evaluation (eval mode, no grad):
             per eval batch: task.evaluation_step(model, batch)
             task.compute_metrics(predictions, references)   # all batches, all processes gathered
             task.finalize_eval(metrics)
             task.after_evaluate(model, processor, run_path, step, metrics)   # main process only
             task.train_mode(model)
-    the test split (``splits.test``, if any): the selected adapter is loaded back and scored once as at
-    an evaluation (build_dataset, evaluation_step, compute_metrics, finalize_eval): metrics.json ``test``
+    the test split (``splits.test``, if any): the selected adapter is loaded back, its saved ``state`` put
+    back into ``task.state``, and scored once as at an evaluation (build_dataset, evaluation_step,
+    compute_metrics, finalize_eval): metrics.json ``test``
+    task.state = <the selected adapter's state>   # what an evaluation tuned goes with the selected weights
     task.finalize_run(run_path, metrics)           # main process, before metrics.json and the card
     task.usage_snippet(base)                       # for the model card
 
@@ -143,7 +146,10 @@ class Task:
     #: JSON-serialisable facts needed to rebuild the model for inference (label names, target scaling...).
     #: Fill it in :meth:`prepare_data`; the core saves it beside the adapter (``finetune_task.json``) and
     #: restores it before :meth:`load_model` when a run is loaded for prediction. Read it in
-    #: :meth:`load_model`, :meth:`compute_metrics` and :meth:`predict`, never the training data.
+    #: :meth:`load_model`, :meth:`compute_metrics` and :meth:`predict`, never the training data. It is saved
+    #: with every new best adapter, so what :meth:`compute_metrics` tunes on the eval split (a threshold) goes
+    #: with those weights; after training (test split, :meth:`finalize_run`, the card) the core puts the
+    #: selected adapter's saved state back here.
     state: dict[str, Any]
 
     def __init__(self, recipe: Recipe) -> None:
@@ -240,6 +246,15 @@ class Task:
         """The scalar loss tensor of one training batch (default: ``model(**batch).loss``). It must come
         from the model's forward pass (the core calls ``backward`` on it)."""
         return model(**batch).loss
+
+    def training_logs(self) -> dict[str, float]:
+        """Numbers the task measured while training since the last call (e.g. GRPO's mean reward and KL per
+        step), as ``{name: float}``: at every logging step (``train.log_every_steps``) the core adds them to the
+        log line, logs.jsonl, TensorBoard (``train/<name>``) and the callbacks' ``on_log``; with several
+        processes each one's values are averaged. Average what :meth:`training_loss` recorded since the last
+        call and start afresh. Names must not be the core's own (``loss``, ``lr``, ``samples_per_s``).
+        Default: none."""
+        return {}
 
     def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         """One eval batch (eval mode, under ``torch.no_grad()``) -> a dict with any of:

@@ -88,7 +88,8 @@ class Progress:
             return
         rate = self._rate(step)
         eta = (self.total - step) / rate if rate > 0 else float("nan")
-        print(f"step {step}/{self.total} epoch {epoch} loss {logs['loss']:.4f} lr {logs['lr']:.2e} "
+        extra = "".join(f" {k} {v:.4g}" for k, v in logs.items() if k not in ("loss", "lr", "samples_per_s"))
+        print(f"step {step}/{self.total} epoch {epoch} loss {logs['loss']:.4f} lr {logs['lr']:.2e}{extra} "
               f"{logs['samples_per_s']:.1f} samples/s ETA {_fmt_eta(eta)}", flush=True)
 
 

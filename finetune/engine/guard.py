@@ -348,6 +348,20 @@ def _check_records(value: Any, *args: Any, **kwargs: Any) -> str | None:
     return None
 
 
+CORE_LOG_KEYS = ("loss", "lr", "samples_per_s", "kind", "step", "epoch")
+
+
+def _check_training_logs(result: Any, *args: Any, **kwargs: Any) -> str | None:
+    if not isinstance(result, dict):
+        return f"must return a dict of numbers, got {_kind(result)}"
+    for key, value in result.items():
+        if not isinstance(key, str) or key in CORE_LOG_KEYS:
+            return f"returned the key {key!r}; the core logs {', '.join(CORE_LOG_KEYS)} itself: use other names"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"returned {key!r}: {_kind(value)}; values must be Python numbers (float(tensor))"
+    return None
+
+
 _RETURN_CHECKS: dict[str, Callable[..., str | None]] = {
     "prepare_data": _check_splits,
     "load_model": _check_model,
@@ -362,6 +376,7 @@ _RETURN_CHECKS: dict[str, Callable[..., str | None]] = {
     "train_batches": _check_batches,
     "example_lengths": _check_lengths,
     "baseline": _check_optional_dict,
+    "training_logs": _check_training_logs,
     "speed_notes": _check_name_list,
     "predict_input_columns": _check_name_list,
     "read_predict_input": _check_records,

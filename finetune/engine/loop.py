@@ -316,6 +316,7 @@ class TrainingLoop:
 
     def log_training(self) -> None:
         logs = self.window.logs(self.state.train_time_s, self.scheduler.get_last_lr()[0])
+        logs.update(self.task_logs())
         if self.main:
             self.run_dir.log_metrics({"kind": "train", "step": self.state.global_step, "epoch": self.state.epoch + 1,
                                       **logs})
@@ -324,6 +325,17 @@ class TrainingLoop:
         self.progress.log_line(self.state.global_step, logs, self.state.epoch + 1)
         self.notify("on_log", logs=logs)
         self.window.reset(self.state.train_time_s)
+
+    def task_logs(self) -> dict[str, float]:
+        """The task's own training numbers (``Task.training_logs``), averaged over the processes."""
+        own = self.task.training_logs()
+        if self.world == 1:
+            return dict(own)
+        from accelerate.utils import gather_object
+
+        every = gather_object([dict(own)])
+        keys = sorted({k for d in every for k in d})
+        return {k: sum(d[k] for d in every if k in d) / sum(k in d for d in every) for k in keys}
 
     # -- evaluation ----------------------------------------------------
     def evaluate(self) -> dict[str, Any]:

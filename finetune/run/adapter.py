@@ -52,11 +52,22 @@ def load_trained_weights(model: Any, path: Path) -> None:
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def best_adapter_loader(run: RunDir, method: str):
+def restore_selected_state(run: RunDir, task: Any) -> None:
+    """Set ``task.state`` to the state saved with the run's selected adapter (``adapter/finetune_task.json``):
+    what a task tunes at each evaluation (thresholds, ...) then goes with the selected weights."""
+    saved = run.adapter_dir / TASK_STATE_FILE
+    if saved.is_file():
+        task.state = json.loads(saved.read_text(encoding="utf-8")).get("state", task.state)
+
+
+def best_adapter_loader(run: RunDir, method: str, task: Any = None):
     """``load(unwrapped_model)``: put the run folder's saved (best) adapter weights back into the model that
-    trained them, e.g. to score the test split with the selected adapter after training."""
+    trained them, and the task's state saved with them back into ``task``, e.g. to score the test split with
+    the selected adapter after training."""
 
     def load(model: Any) -> None:
+        if task is not None:
+            restore_selected_state(run, task)
         if method != "lora":
             load_trained_weights(model, run.adapter_dir / TRAINED_WEIGHTS_FILE)
             return

@@ -17,7 +17,7 @@ from finetune.engine.distributed import make_accelerator
 from finetune.engine.run_folder import RunDir, write_json_atomic, write_text_atomic
 from finetune.engine.stop import Interrupted
 from finetune.errors import FinetuneError, RunError
-from finetune.run.adapter import adapter_writer, best_adapter_loader, expected_adapter_tensors
+from finetune.run.adapter import adapter_writer, best_adapter_loader, expected_adapter_tensors, restore_selected_state
 from finetune.run.card import render_model_card
 from finetune.run.curves import plot_curves
 from finetune.run.data_files import data_changes, data_fingerprints
@@ -118,7 +118,7 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
                                                           expected_adapter_tensors(model, recipe.peft.method),
                                                           base_model=session.backbone.upstream_id),
                             console=console, test_ds=test_ds,
-                            load_best=best_adapter_loader(run, recipe.peft.method))
+                            load_best=best_adapter_loader(run, recipe.peft.method, task))
         # Every process is here: leave together. Trackers are closed, and the process group is taken down
         # now rather than at interpreter exit, where gloo sometimes aborts a process that finished first.
         accelerator.wait_for_everyone()
@@ -167,6 +167,7 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
                         "the start, fingerprinted in run.json):\n  " + "\n  ".join(changed))
     plot_curves(run.read_metrics_log(), run.curves_file, result.metric, task_metrics=task.metric_names or (),
                 epochs_completed=state.epoch, best_step=state.best_step)
+    restore_selected_state(run, task)  # finalize_run and the card see the selected adapter's state
     task.finalize_run(run.path, metrics)  # may add entries to metrics
     write_json_atomic(run.metrics_file, metrics)
     card = render_model_card(recipe=recipe.to_dict(), task=task, backbone=session.backbone.to_dict(),

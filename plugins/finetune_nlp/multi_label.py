@@ -25,7 +25,6 @@ from finetune import (
     DataOptions,
     DataSplits,
     PathStr,
-    RunDir,
     label_text,
     load_table,
     open_dataset,
@@ -41,7 +40,6 @@ THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 #: Per-example batch key marking the eval split, whose predictions tune the thresholds.
 TUNE_KEY = "tune_thresholds"
 #: The file beside the adapter that holds the task's state (written by the core).
-_STATE_FILE = "finetune_task.json"
 
 
 class MultiLabelData(DataOptions):
@@ -234,16 +232,9 @@ class MultiLabelClassification(EncoderClassifier):
                 "per_label": per_label}
 
     def _selected_thresholds(self) -> list[float]:
-        """The selected adapter's thresholds: in a run (the test split), read from the adapter the run
-        folder holds (the state in memory is the last evaluation's); otherwise the loaded run's state."""
-        state = self.state
-        if getattr(self, "_eval_examples", None) is not None:
-            try:
-                saved = json.loads((RunDir(self.recipe.output.dir).adapter_dir / _STATE_FILE).read_text())
-                state = saved.get("state") or state
-            except (OSError, ValueError):
-                pass
-        thresholds = state.get("thresholds") or {}
+        """The thresholds in the state: the selected adapter's after training (the core restores its saved
+        state for the test split and the card) and in a loaded run; 0.5 for a label never tuned."""
+        thresholds = self.state.get("thresholds") or {}
         return [float(thresholds.get(label, 0.5)) for label in self.state["labels"]]
 
     def baseline(self, splits: DataSplits) -> dict[str, Any] | None:

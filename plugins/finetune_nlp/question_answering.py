@@ -47,7 +47,6 @@ from finetune import (
     DataSplits,
     PathStr,
     RecipeError,
-    RunDir,
     Task,
     TaskOptions,
     attention_projections,
@@ -59,7 +58,6 @@ from finetune import (
 )
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-_STATE_FILE = "finetune_task.json"  # the task state the core saves with the adapter (finetune.run.adapter)
 
 
 class QuestionAnsweringData(DataOptions):
@@ -645,20 +643,13 @@ class QuestionAnswering(Task):
         return bool(self.state.get("allow_no_answer")) and null - best[0] > threshold
 
     def _selected_threshold(self) -> float:
-        """The null threshold in use: task.null_threshold, or with task.tune_null_threshold the selected
-        adapter's tuned one: in a run (the test split) read from the adapter the run folder holds (the state in
-        memory is the last evaluation's); otherwise the loaded run's state."""
+        """The null threshold in use: task.null_threshold, or with task.tune_null_threshold the one in the
+        state: the selected adapter's after training (the core restores its saved state for the test split)
+        and in a loaded run."""
         task = self.recipe.task
         if not task.tune_null_threshold:
             return float(task.null_threshold)
-        state = self.state
-        if getattr(self, "_eval_examples", None) is not None:
-            try:
-                saved = json.loads((RunDir(self.recipe.output.dir).adapter_dir / _STATE_FILE).read_text())
-                state = saved.get("state") or state
-            except (OSError, ValueError):
-                pass
-        return float(state.get("null_threshold", task.null_threshold))
+        return float(self.state.get("null_threshold", task.null_threshold))
 
     def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
         best: dict[int, tuple[float, str]] = {}

@@ -17,7 +17,7 @@ from finetune.engine.console import Console
 from finetune.engine.run_folder import RunDir
 from finetune.engine.run_lock import LOCK_FILE
 from finetune.engine.stop import Interrupted
-from finetune.errors import RunError, TrainingError
+from finetune.errors import PluginError, RunError, TrainingError
 from finetune.run.training import run_recipe
 
 QUIET = Console(quiet=True)
@@ -415,3 +415,37 @@ def test_training_time_counts_batch_loading_but_not_evaluation(make_recipe, monk
     assert train_collates >= train["steps"] > 0
     assert train["train_time_s"] >= train_collates * pause
     assert train["train_time_s"] < train["wall_time_s"] - len(evals) * 5 * pause
+
+
+
+def test_a_task_s_training_logs_reach_the_log_and_callbacks_and_bad_keys_are_named(make_recipe, callback_plugin,
+                                                                                   monkeypatch):
+    """``Task.training_logs``: the task's own numbers join every logged step (metrics log, on_log)."""
+    from finetune.engine.plugins import get_registry
+
+    class Seen:
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, run, state, logs):
+            self.logs.append(dict(logs))
+
+    seen = Seen()
+    callback_plugin.callbacks = [seen]
+    cls = get_registry().get_task("text-classification")
+    calls = []
+
+    def training_logs(self):
+        calls.append(1)
+        return {"my_number": float(len(calls))}
+
+    monkeypatch.setattr(cls, "training_logs", training_logs, raising=False)
+    run = run_recipe(make_recipe(train="epochs = 1"), [], console=QUIET)
+    train = [r for r in run.read_metrics_log() if r["kind"] == "train"]
+    assert len(train) >= 2
+    assert [r["my_number"] for r in train] == [float(i + 1) for i in range(len(train))]
+    assert [r["my_number"] for r in seen.logs] == [r["my_number"] for r in train]
+
+    monkeypatch.setattr(cls, "training_logs", lambda self: {"loss": 1.0}, raising=False)
+    with pytest.raises(PluginError, match="training_logs returned the key 'loss'"):
+        run_recipe(make_recipe(train="epochs = 1"), ["output.dir=" + str(run.path) + "-2"], console=QUIET)

@@ -188,11 +188,14 @@ def test_compute_metrics_tunes_on_the_eval_split_only(tmp_path, tiny_bert):
     assert 0.2 < task.state["thresholds"]["neg"] <= 0.3 and task.state["thresholds"]["pos"] == 0.5
     assert tuned["per_label"]["neg"]["threshold"] == task.state["thresholds"]["neg"]
     # in a run, the test split is scored with the thresholds saved beside the selected adapter, not with the
-    # last evaluation's (the state in memory)
+    # last evaluation's: the core puts the selected adapter's state back before scoring it
+    from finetune.run.adapter import restore_selected_state
+
     adapter = RunDir(task.recipe.output.dir).adapter_dir
     adapter.mkdir(parents=True)
     (adapter / "finetune_task.json").write_text(json.dumps({"task": task.name, "state": {
         **task.state, "thresholds": {"neg": 0.05, "pos": 0.95}}}))
+    restore_selected_state(RunDir(task.recipe.output.dir), task)
     scored = task.compute_metrics(flagged(0.0), refs)
     assert {k: v["threshold"] for k, v in scored["per_label"].items()} == {"neg": 0.05, "pos": 0.95}
     assert scored["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 2))  # neg: 4 predicted, 2 right; pos: none

@@ -171,11 +171,16 @@ def test_the_null_threshold_is_tuned_on_eval_and_the_saved_one_is_used_elsewhere
     test_refs = [(2, ["Rome"]), (3, [])]
     m = task.compute_metrics(test_preds, test_refs)
     assert m["null_threshold"] == 1.0 and m["f1"] == 1.0 and task.state["null_threshold"] == 1.0
-    # in a run, the selected adapter's saved threshold wins over the last evaluation's
+    # in a run, the selected adapter's saved threshold wins over the last evaluation's (the core puts the
+    # selected adapter's state back before the test split)
+    from finetune.engine.run_folder import RunDir
+    from finetune.run.adapter import restore_selected_state
+
     adapter = tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "finetune_task.json").write_text(json.dumps(
         {"task": "question-answering", "state": {"allow_no_answer": True, "null_threshold": 4.0}}))
+    restore_selected_state(RunDir(tmp_path / "run"), task)
     m = task.compute_metrics(test_preds, test_refs)
     assert m["null_threshold"] == 4.0 and m["f1"] == 0.5 and m["NoAns_f1"] == 0.0  # na 2.0 <= 4: answered
     # tune_null_threshold = false: task.null_threshold throughout, nothing tuned
