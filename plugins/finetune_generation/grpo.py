@@ -393,7 +393,7 @@ def completion_logps(model: Any, inputs: dict[str, Any]) -> Any:
     if keeps_logits and inputs.get("share_prompt", True):
         out = model(input_ids=prompt, attention_mask=pmask, position_ids=positions[::group, :width], use_cache=True,
                     logits_to_keep=1)
-        cache = getattr(out, "past_key_values", None)
+        cache = out.get("cache", out.get("past_key_values"))  # not the deprecated attribute
         if cache is not None and hasattr(cache, "batch_repeat_interleave"):
             cache.batch_repeat_interleave(group)
             rest = model(input_ids=new, attention_mask=attention, position_ids=positions[:, width:],

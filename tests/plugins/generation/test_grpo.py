@@ -164,6 +164,14 @@ def test_a_tiny_grpo_run_with_a_third_party_reward_reports_rewards_before_and_af
     assert before["reward"] == pytest.approx(before["reward_starts-with-digit"] + 0.5 * before["reward_exact-number"]
                                              + 0.1 * before["reward_length-penalty"])
     assert metrics["data"]["rewards"] == {"starts-with-digit": 1.0, "exact-number": 0.5, "length-penalty": 0.1}
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["kind"] == "train"]
+    assert len(train) == 5  # 18 prompts / 4 per step, logged at every step
+    for row in train:  # Task.training_logs: the per-step numbers of the sampled groups
+        assert {"reward", "reward_std", "kl", "completion_length", "reward_starts-with-digit", "reward_exact-number",
+                "reward_length-penalty"} <= set(row), row
+        assert row["kl"] >= 0 and row["reward_std"] >= 0 and 1 <= row["completion_length"] <= 6
+    assert train[0]["kl"] == 0.0  # the first step samples from a fresh adapter: policy == reference
     steps = sorted(p.name for p in (run / "samples").glob("step-*.jsonl"))
     assert steps[0] == "step-00000000.jsonl" and len(steps) >= 2
     rows = [json.loads(line) for line in (run / "samples" / steps[-1]).read_text().splitlines()]
