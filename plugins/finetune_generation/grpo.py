@@ -45,8 +45,9 @@ class GRPOOptions(GenerationOptions):
                     "format, length-penalty; plugins add more).")
     group_size: int = Field(8, ge=2, description="Completions sampled per prompt; advantages are rewards relative "
                                                  "to their group.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the training completions (> 0); "
-                                                      "evaluation answers are greedy.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature of the training completions (> 0 to "
+                                                      "train); evaluation answers are greedy; 0 = greedy for "
+                                                      "`finetune predict`.")
     max_new_tokens: int = Field(64, gt=0, description="Most new tokens per sampled completion (and per evaluation "
                                                       "answer).")
     kl_weight: float = Field(0.04, ge=0, description="Weight of the KL term to the reference model (the backbone "
@@ -148,6 +149,9 @@ class GRPO(CausalLM):
         return example
 
     def prepare_data(self) -> Any:
+        if self.recipe.task.temperature <= 0:
+            raise RecipeError("task.temperature: GRPO learns from sampled completions, so training needs a "
+                              "temperature > 0 (1.0 is usual); 0 (greedy) is for `finetune predict` only.")
         splits = super().prepare_data()
         self._check_rewards([*splits.train, *splits.eval])
         self._info["rewards"] = dict(self.recipe.task.rewards)
