@@ -251,3 +251,14 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_grpo_run(make_gen_recipe, t
     for step in ("00000000", "00000002", "00000006"):  # the samples (greedy answers + rewards) agree too
         a, b = ((r.path / "samples" / f"step-{step}.jsonl").read_text() for r in (full_run, resumed))
         assert a == b
+
+
+def test_training_needs_sampling_but_a_finished_run_may_predict_greedily(make_gen_recipe, tmp_path):
+    from finetune import RecipeError
+    from finetune.run.session import open_session
+
+    recipe = _recipe(make_gen_recipe, tmp_path, "{ exact-number = 1.0 }")
+    with pytest.raises(RecipeError, match=r"task.temperature: GRPO learns from sampled completions"):
+        open_session(recipe, ["task.temperature=0"])
+    with pytest.raises(RecipeError, match=r"task.format_regex: '\(' is not a valid regular expression"):
+        open_session(recipe, ["task.format_regex=("])
