@@ -267,6 +267,9 @@ class GRPO(CausalLM):
         return out
 
     def _score(self, texts: list[str], rows: list[dict[str, Any]]) -> tuple[list[float], dict[str, list[float]]]:
+        if not self._rewards:  # `finetune evaluate RUN`: prepare_data did not run; names were checked in training
+            known = reward_functions()
+            self._rewards = {name: known[name] for name in self.recipe.task.rewards}
         per = {name: self._rewards[name](texts, rows) for name in self._rewards}
         weights = self.recipe.task.rewards
         total = [sum(weights[name] * per[name][i] for name in per) for i in range(len(texts))]

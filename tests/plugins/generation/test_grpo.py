@@ -182,6 +182,10 @@ def test_a_tiny_grpo_run_with_a_third_party_reward_reports_rewards_before_and_af
                                               + 0.1 * row["rewards"]["length-penalty"])
         assert row["prompt"].startswith("add ") and "=" in row["reference"]
     assert metrics["best"]["reward"] >= before["reward"] or metrics["best"]["step"] == 0
+    # `finetune evaluate` scores a finished run on any file with the run's rewards
+    evaluated = run_cli("evaluate", str(run), "--input", str(tmp_path / "data" / "grpo.jsonl"), env=_env(tmp_path))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "reward_starts-with-digit" in evaluated.stdout + evaluated.stderr
     # the adapter loads with plain peft
     base = AutoModelForCausalLM.from_pretrained(_backbone(recipe))
     PeftModel.from_pretrained(base, str(run / "adapter"))
