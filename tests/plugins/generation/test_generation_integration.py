@@ -76,3 +76,42 @@ def test_short_quickstart_learns_the_format_and_to_stop(tmp_path):
     result = CliRunner().invoke(cli, ["merge", str(out), str(tmp_path / "merged")])  # refused before any loading
     assert result.exit_code == 2 and "Q4_1 GGUF" in result.stderr and "--allow-quantized-base" in result.stderr
     assert not (tmp_path / "merged").exists()
+
+
+@needs_smollm2
+def test_short_sft_then_short_grpo_from_its_adapter(tmp_path):
+    """The two quickstarts, shortened: SFT, then GRPO continuing from its adapter (model.start_from) with the
+    exact-number reward; rewards before/after are reported, samples written, the adapter loads with peft."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    sft, grpo = tmp_path / "sft", tmp_path / "grpo"
+    start = time.perf_counter()
+    result = run_cli("run", str(QUICKSTART), "--set", "data.limit=48", "--set", "data.max_length=96",
+                     "--set", "task.sample_prompts=0", "--set", "train.eval_before_training=false",
+                     "--set", f"output.dir={sft}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    middle = time.perf_counter()
+    result = run_cli("run", str(REPO / "recipes" / "grpo-quickstart.toml"), "--set", f"model.start_from={sft}",
+                     "--set", "data.limit=12", "--set", "data.split=0.34", "--set", "task.group_size=4",
+                     "--set", "task.max_new_tokens=12", "--set", "train.eval_every_steps=0",
+                     "--set", f"output.dir={grpo}")
+    end = time.perf_counter()
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((grpo / "metrics.json").read_text())
+    before, after = metrics["before"], metrics["last"]
+    print(f"SFT {middle - start:.1f}s, GRPO {end - middle:.1f}s: eval reward {before['reward']:.3f} -> "
+          f"{after['reward']:.3f}, correct {before['reward_exact-number']:.2f} -> {after['reward_exact-number']:.2f}")
+    assert {"reward", "reward_exact-number", "reward_format", "completion_length"} <= set(before) & set(after)
+    train = [json.loads(x) for x in (grpo / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in train if r["kind"] == "train" and "reward_std" in r and "completion_length" in r]
+    samples = sorted(p.name for p in (grpo / "samples").glob("step-*.jsonl"))
+    assert samples[0] == "step-00000000.jsonl" and len(samples) == 2
+    run = json.loads((grpo / "run.json").read_text())
+    assert str(sft) in (grpo / "recipe.toml").read_text()  # where the weights started
+    a, b = (load_file(str(folder / "adapter" / "adapter_model.safetensors")) for folder in (sft, grpo))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # GRPO moved the SFT adapter
+    base = AutoModelForCausalLM.from_pretrained(run["backbone"]["path"])
+    PeftModel.from_pretrained(base, str(grpo / "adapter"))
