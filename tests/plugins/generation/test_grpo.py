@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from generation_fixtures import make_qa_rows, to_messages, write_jsonl
+from generation_fixtures import make_qa_rows, write_jsonl
 
 from finetune_generation.grpo_losses import group_advantages, grpo_loss
 
@@ -198,7 +198,8 @@ def _backbone(recipe):
 
 
 @pytest.mark.parametrize(("rewards", "data", "message"), [
-    ("{ exact-numbr = 1.0 }", None, r"task.rewards: no reward function 'exact-numbr' \(did you mean 'exact-number'\?\)"),
+    ("{ exact-numbr = 1.0 }", None,
+     r"task.rewards: no reward function 'exact-numbr' \(did you mean 'exact-number'\?\)"),
     ("{ always-raises = 1.0 }", None, r"reward function 'always-raises' \(plugin '[^']*rewards[^']*'\) raised "
                                      r"RuntimeError: the scoring service is offline"),
     ("{ returns-nan = 1.0 }", None, r"reward function 'returns-nan' \(plugin '[^']*rewards[^']*'\) returned nan"),
