@@ -13,8 +13,10 @@ finetune_hook_version = "1"
 @hookimpl
 def finetune_register_tasks(register):
     from finetune_generation.causal_lm import CausalLM
+    from finetune_generation.reward_model import RewardModel
 
     register(CausalLM)
+    register(RewardModel)
 
 
 @hookimpl
