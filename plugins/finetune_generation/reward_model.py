@@ -42,6 +42,10 @@ HEAD = "score"
 
 
 class RewardModelData(PreferenceData):
+    completion_column: str = Field("completion", description="`finetune predict` input: field holding the "
+                                   "completion to score (text, or chat messages whose last assistant message is "
+                                   "the answer); the prompt is in `prompt_column`.")
+    label_column: str = Field("label", description="Not used by reward-model (KTO data of the preference tasks).")
     margin_column: str | None = Field(
         None, description="Optional field with a number per pair: how much more the chosen answer is preferred. "
         "The loss becomes -log sigmoid(r_chosen - r_rejected - margin) (Llama 2 style); unset: no margin.")
