@@ -132,7 +132,9 @@ def test_the_score_is_read_at_the_last_real_token_of_a_padded_batch(session):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_llama):
     folder = tmp_path_factory.mktemp("rm-run")
-    recipe = rm_recipe(folder, tiny_llama, write_jsonl(folder / "pairs.jsonl", pref_rows(48)), epochs=3)
+    test = write_jsonl(folder / "test.jsonl", pref_rows(8, seed=3))
+    recipe = rm_recipe(folder, tiny_llama, write_jsonl(folder / "pairs.jsonl", pref_rows(48)), epochs=3,
+                       extra_data={"test": str(test)})
     return recipe, run_recipe(recipe, [], console=Console(quiet=True))
 
 
@@ -145,6 +147,7 @@ def test_run_reports_accuracy_and_margin_before_and_after(trained):
         assert m["margin"] == pytest.approx(m["chosen_score"] - m["rejected_score"], abs=1e-5)
     assert before["step"] == 0 and best["accuracy"] == 1.0 and best["margin"] > before["margin"] + 1
     assert best["eval_loss"] < before["eval_loss"]
+    assert metrics["test"]["accuracy"] == 1.0 and metrics["data"]["test_examples"] == 8  # data.test, once
     card = run.card_file.read_text()
     assert "pipeline_tag: text-classification" in card and "AutoModelForSequenceClassification" in card
 
@@ -159,6 +162,14 @@ def test_predict_cli_gives_pred_score(trained, tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [set(r) for r in rows] == [{"prompt", "completion", "pred_score"}] * 2
     assert rows[0]["pred_score"] > rows[1]["pred_score"]
+
+
+def test_evaluate_cli_scores_a_pairs_file(trained, tmp_path):
+    _, run = trained
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pref_rows(6, seed=11))
+    result = cli_in_process("evaluate", str(run.path), "--input", str(pairs))
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "margin" in result.output
 
 
 def test_load_reward_scorer_prefers_the_chosen_answers(trained):
@@ -204,3 +215,23 @@ def test_identical_chosen_and_rejected_exits_2_naming_the_line(tmp_path, tiny_ll
     assert result.exit_code == 2
     assert "pairs.jsonl: line 4" in result.output and "identical" in result.output
     assert not (tmp_path / "run").exists()
+
+
+
+def test_margin_column_shifts_the_loss_and_a_bad_margin_names_the_line(tmp_path, tiny_llama):
+    from finetune.errors import DataError
+
+    rows = [{**r, "margin": 2.0} for r in pref_rows(8)]
+    recipe = rm_recipe(tmp_path, tiny_llama, write_jsonl(tmp_path / "pairs.jsonl", rows),
+                       extra_data={"margin_column": "margin"})
+    s = open_session(recipe)
+    model, tok, _ = build_model(s)
+    batch = s.task.collate_fn(tok)(s.task.build_dataset(s.splits.train, tok, training=True))
+    assert batch["margin"].tolist() == [2.0] * batch["index"].shape[0]
+    chosen, rejected = sequence_scores(model, batch).chunk(2)
+    assert float(s.task.training_loss(model, batch).detach()) == pytest.approx(
+        float(bradley_terry_loss(chosen, rejected, 2.0)), abs=1e-5)
+    rows[5]["margin"] = "a lot"
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError, match=r"data.margin_column: .*pairs.jsonl: line 6: field 'margin' is 'a lot'"):
+        open_session(recipe)
