@@ -235,3 +235,33 @@ def test_margin_column_shifts_the_loss_and_a_bad_margin_names_the_line(tmp_path,
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(DataError, match=r"data.margin_column: .*pairs.jsonl: line 6: field 'margin' is 'a lot'"):
         open_session(recipe)
+
+
+def test_a_reward_model_starts_from_an_sft_runs_adapter(tmp_path, tiny_llama):
+    """model.start_from: the reward model's transformer starts from a causal-lm run's LoRA (the usual recipe:
+    the reward model begins where supervised fine-tuning ended); the score head starts fresh."""
+    import tomli_w
+    from generation_fixtures import make_qa_rows
+    from safetensors.torch import load_file
+
+    sft = tmp_path / "sft.toml"
+    sft.write_text(tomli_w.dumps({
+        "task": {"name": "causal-lm", "sample_prompts": 0},
+        "model": {"backbone": str(tiny_llama)},
+        "data": {"train": str(write_jsonl(tmp_path / "qa.jsonl", make_qa_rows(16))), "split": 0.25,
+                 "max_length": 48},
+        "peft": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-2, "mixed_precision": "no", "seed": 0,
+                  "checkpoint_every_steps": 0},
+        "output": {"dir": str(tmp_path / "sft-run")}}))
+    run_recipe(sft, [], console=Console(quiet=True))
+    recipe = rm_recipe(tmp_path, tiny_llama, write_jsonl(tmp_path / "pairs.jsonl", pref_rows(8)))
+    s = open_session(recipe, [f"model.start_from={tmp_path / 'sft-run'}"])
+    model, _, report = build_model(s)
+    assert report.started_from == str(tmp_path / "sft-run" / "adapter")
+    saved = load_file(str(tmp_path / "sft-run" / "adapter" / "adapter_model.safetensors"))
+    mine = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(saved) == len(mine) > 0 and all(torch.equal(mine[n], t) for n, t in saved.items())
+    fresh, _, _ = build_model(open_session(recipe))  # the same seed without start_from: the same new head
+    head = "base_model.model.score.modules_to_save.default.weight"
+    assert torch.equal(dict(model.named_parameters())[head], dict(fresh.named_parameters())[head])
