@@ -13,9 +13,11 @@ finetune_hook_version = "1"
 @hookimpl
 def finetune_register_tasks(register):
     from finetune_generation.causal_lm import CausalLM
+    from finetune_generation.preference import PreferenceTuning
     from finetune_generation.reward_model import RewardModel
 
     register(CausalLM)
+    register(PreferenceTuning)
     register(RewardModel)
 
 

@@ -244,13 +244,13 @@ def preference_splits(recipe: Any, unpaired: bool, info: dict[str, Any] | None =
     else:
         train = read(data.train, "data.train")
     if data.test_split:
-        train, test = hold_out(train, data.test_split, seed, "data.test_split")
+        train, test = hold_out(train, data.test_split, seed, "data.test_split", data.group_column)
     if data.limit:
         train = random.Random(seed).sample(train, min(data.limit, len(train)))
     if eval_ is None and data.eval:
         eval_ = read(data.eval, "data.eval")
     if eval_ is None:
-        train, eval_ = hold_out(train, data.split, seed, "data.split")
+        train, eval_ = hold_out(train, data.split, seed, "data.split", data.group_column)
     if data.test:
         test = read(data.test, "data.test")
     if unpaired:  # each split of KTO data must hold both kinds (the held-out part too)
@@ -265,18 +265,34 @@ def preference_splits(recipe: Any, unpaired: bool, info: dict[str, Any] | None =
     return DataSplits(train=train, eval=eval_, info=info, test=test)
 
 
-def hold_out(examples: list[Any], fraction: float, seed: int, key: str) -> tuple[list[Any], list[Any]]:
-    """``(kept, held_out)``: ``fraction`` of the examples, chosen by a shuffle seeded by ``seed``."""
+def hold_out(examples: list[Any], fraction: float, seed: int, key: str,
+             group: str | None = None) -> tuple[list[Any], list[Any]]:
+    """``(kept, held_out)``: ``fraction`` of the examples, chosen by a shuffle seeded by ``seed``. With
+    ``group`` (``data.group_column``), rows sharing that field's value (e.g. pairs of one prompt) stay on
+    the same side: ``fraction`` of the groups is held out."""
+    import json
     import random
 
-    order = list(range(len(examples)))
+    other = "data.test" if key == "data.test_split" else "data.eval"
+    if group is None:
+        labels = list(range(len(examples)))
+    else:
+        labels = []
+        for ex in examples:
+            if ex.record.get(group) is None:
+                raise DataError(f"data.group_column: {ex.where}: field {group!r} is missing"
+                                f"{did_you_mean(group, list(ex.record))}; every row needs it to keep its group on "
+                                "one side of the split.")
+            labels.append(json.dumps(ex.record[group], sort_keys=True))
+    order = list(dict.fromkeys(labels))
     random.Random(seed).shuffle(order)
-    n_held = max(1, round(len(examples) * fraction))
-    if n_held >= len(examples):
-        other = "data.test" if key == "data.test_split" else "data.eval"
-        raise DataError(f"{key}: holding out {fraction} of {len(examples)} examples leaves no training data; add "
-                        f"examples or give {other}.")
-    return [examples[i] for i in sorted(order[n_held:])], [examples[i] for i in sorted(order[:n_held])]
+    n_held = max(1, round(len(order) * fraction))
+    if n_held >= len(order):
+        raise DataError(f"{key}: holding out {fraction} of {len(order)} {'groups' if group else 'examples'} leaves "
+                        f"no training data; add examples or give {other}.")
+    held = set(order[:n_held])
+    return ([ex for ex, g in zip(examples, labels) if g not in held],
+            [ex for ex, g in zip(examples, labels) if g in held])
 
 
 # ---------------------------------------------------------------------------

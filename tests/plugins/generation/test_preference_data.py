@@ -146,3 +146,15 @@ def test_collate_kto_rows():
     batch = collate_preferences(items, pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 0], [3, 4, 5]]
     assert batch["desirable"].tolist() == [True, False] and batch["index"].tolist() == [0, 1]
+
+
+def test_group_column_keeps_the_pairs_of_one_prompt_on_one_side():
+    from finetune_generation.preference_data import hold_out
+
+    records = [{"prompt": f"p{i // 2}", "chosen": "a", "rejected": f"b{i}"} for i in range(20)]
+    examples = read_preferences(rows(*records), DATA, "data.train", unpaired=False)
+    kept, held = hold_out(examples, 0.2, 0, "data.split", group="prompt")
+    assert len(held) == 4 and len(kept) == 16  # 2 of 10 prompts, both pairs of each
+    assert not {e.prompt.prompt for e in kept} & {e.prompt.prompt for e in held}
+    with pytest.raises(DataError, match="data.group_column: f.jsonl: line 1: field 'promt' is missing"):
+        hold_out(examples, 0.2, 0, "data.split", group="promt")
