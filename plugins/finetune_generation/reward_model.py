@@ -100,18 +100,47 @@ def score_head(model: Any) -> Any:
 def sequence_scores(model: Any, batch: dict[str, Any]) -> Any:
     """``[rows]`` float scores: the head's output at the last real token of each row of ``batch``
     (``input_ids`` + ``attention_mask``). The forward goes through ``model`` itself (DDP-safe); a hook on the
-    head keeps its per-position output."""
+    head keeps its per-position output.
+
+    The tokens every row starts with (the system prompt and chat header; a pair's prompt too) are computed
+    once per batch when ``causal_lm.shared_prefix_length`` finds that exact (no dropout, SDPA attention, not
+    DDP-wrapped) and cheaper: the rows become one sequence in which each row attends to the shared prefix
+    and to itself, with its own position ids, as ``causal_lm.answer_loss`` does. Same scores up to float
+    rounding (a test checks both paths)."""
     import torch
 
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows, width = ids.shape
+    prefix = 0
+    if hasattr(model, "get_base_model") and "labels" in batch:
+        from finetune_generation.causal_lm import shared_prefix_length
+
+        prefix = shared_prefix_length(model, batch)
+    if prefix:
+        keep = mask.bool().clone()
+        keep[1:, :prefix] = False  # the prefix once, from the first row
+        positions = torch.arange(width, device=ids.device).expand(rows, width)[keep]
+        segment = torch.arange(rows, device=ids.device)[:, None].expand(rows, width).clone()
+        segment[:, :prefix] = -1
+        segment = segment[keep]
+        allowed = (positions[None, :] <= positions[:, None]) & (
+            (segment[None, :] == segment[:, None]) | (segment[None, :] == -1))
+        inputs = {"input_ids": ids[keep][None], "attention_mask": allowed[None, None],
+                  "position_ids": positions[None]}
+        last = keep.sum(1).cumsum(0) - 1  # each row's tokens are contiguous; its last one is its last real token
+    else:
+        inputs = {"input_ids": ids, "attention_mask": mask}
     captured: list[Any] = []
     handle = score_head(model).register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        model(**inputs, use_cache=False)
     finally:
         handle.remove()
-    per_position = captured[-1][..., 0]  # [rows, length]
-    rows = torch.arange(per_position.shape[0], device=per_position.device)
-    return per_position[rows, last_token_index(batch["attention_mask"]).to(per_position.device)].float()
+    per_position = captured[-1][..., 0]  # [rows, length], or [1, tokens] with the shared prefix
+    if prefix:
+        return per_position[0, last.to(per_position.device)].float()
+    index = torch.arange(rows, device=per_position.device)
+    return per_position[index, last_token_index(mask).to(per_position.device)].float()
 
 
 def pair_scores(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:

@@ -46,12 +46,13 @@ def pref_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-def rm_recipe(folder, backbone, data, *, epochs: int = 1, extra_data: dict | None = None):
+def rm_recipe(folder, backbone, data, *, epochs: int = 1, extra_data: dict | None = None,
+              extra_task: dict | None = None):
     import tomli_w
 
     recipe = folder / "recipe.toml"
     recipe.write_text(tomli_w.dumps({
-        "task": {"name": "reward-model"},
+        "task": {"name": "reward-model", **(extra_task or {})},
         "model": {"backbone": str(backbone)},
         "data": {"train": str(data), "split": 0.25, "max_length": 48, **(extra_data or {})},
         "peft": {"r": 4, "alpha": 8, "dropout": 0.0},
@@ -124,6 +125,31 @@ def test_the_score_is_read_at_the_last_real_token_of_a_padded_batch(session):
     assert torch.allclose(together, alone, atol=1e-5)
     assert torch.allclose(own, alone, atol=1e-5)
     assert tok.pad_token_id == tok.eos_token_id and not torch.isclose(skipped, alone[0], atol=1e-5)
+
+
+def test_the_shared_prefix_path_gives_the_same_scores_and_gradients(tmp_path, tiny_llama):
+    from finetune_generation.causal_lm import shared_prefix_length
+
+    recipe = rm_recipe(tmp_path, tiny_llama, write_jsonl(tmp_path / "pairs.jsonl", pref_rows(16)),
+                       extra_task={"system_prompt": "the quick answer " * 8})  # a long start every row shares
+    s = open_session(recipe)
+    model, tok, _ = build_model(s)
+    task = s.task
+    items = task.build_dataset(s.splits.train, tok, training=True)[:4]
+    batch = task.collate_fn(tok)(items)
+    model.train()
+    assert shared_prefix_length(model, batch) > 0  # the rows' common start is computed once
+    plain = {k: v for k, v in batch.items() if k != "labels"}  # no labels: the plain padded path
+    shared = sequence_scores(model, batch)
+    shared.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    alone = sequence_scores(model, plain)
+    alone.sum().backward()
+    assert torch.allclose(shared, alone, atol=1e-5)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[name], p.grad, atol=1e-5), name
 
 
 # ---------------------------------------------------------------------------
