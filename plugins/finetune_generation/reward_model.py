@@ -360,6 +360,8 @@ class RewardModel(Task):
         rendered as in training, in batches of similar length, without gradients. ``model`` in eval mode."""
         import torch
 
+        from finetune_generation.data import collate
+
         encoder = self._encoder(processor)
         max_length = self.recipe.data.max_length
         rows = []
@@ -369,24 +371,19 @@ class RewardModel(Task):
             encoded = encode_scored(encoder, prompt, str(answer), max_length)
             if encoded is None:  # the prompt alone fills max_length: score the cut text as it is
                 ids = encoder.prompt_ids(prompt)[:max_length]
+                rows.append({"input_ids": ids, "labels": [IGNORE] * len(ids)})
             else:
-                ids = encoded[0]
-            rows.append(ids)
+                rows.append({"input_ids": encoded[0], "labels": encoded[2]})
         device = next(model.parameters()).device
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
         out = [0.0] * len(rows)
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                width = max(len(rows[i]) for i in chunk)
-                ids = torch.full((len(chunk), width), processor.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, i in enumerate(chunk):
-                    ids[r, :len(rows[i])] = torch.tensor(rows[i])
-                    mask[r, :len(rows[i])] = 1
-                scores = sequence_scores(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)})
-                for i, s in zip(chunk, scores.tolist()):
-                    out[i] = float(s)
+                # labels mark the answers: the prompt tokens all rows share are computed once (sequence_scores)
+                batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], processor.pad_token_id).items()}
+                for i, value in zip(chunk, sequence_scores(model, batch).tolist()):
+                    out[i] = float(value)
         return out
 
     def usage_snippet(self, base: str) -> str:
