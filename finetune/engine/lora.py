@@ -127,6 +127,13 @@ def load_start_adapter(model: Any, recipe: Any) -> str:
                           f"recipe attaches r = {ours.r} on {mine_targets}. Set [peft] r and target_modules to the "
                           "adapter's (alpha too, to keep its scale).")
     tensors = load_file(str(weights))
+    # Modules trained in full here that the adapter lacks (a new task head, e.g. a reward model's score head
+    # starting from a causal-lm run) keep their fresh weights: PEFT's loader needs a tensor for each of them.
+    from peft import get_peft_model_state_dict
+
+    for name, tensor in get_peft_model_state_dict(model).items():
+        if "lora_" not in name and name not in tensors:
+            tensors[name] = tensor
     expected = {n: tuple(p.shape) for n, p in model.named_parameters() if "lora_" in n}
     try:
         result = set_peft_model_state_dict(model, tensors)

