@@ -31,10 +31,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from finetune import DataError, RecipeError, did_you_mean, reward_functions
+from finetune import DataError, PathStr, RecipeError, RewardFunction, did_you_mean, reward_functions
 from finetune_generation.causal_lm import SAMPLES_DIR, CausalLM, GenerationOptions, _one_line, _write_atomic
 from finetune_generation.data import IGNORE, Example, detect_shape, normalise
 from finetune_generation.rewards import DEFAULT_ANSWER_REGEX, DEFAULT_FORMAT_REGEX, NEEDS_REFERENCE
+
+REWARD_MODEL = "reward-model"  #: the reward name of task.reward_model's scores
 
 
 class GRPOOptions(GenerationOptions):
@@ -65,6 +67,10 @@ class GRPOOptions(GenerationOptions):
                                                       "penalised.")
     length_unit: Literal["characters", "words"] = Field("characters", description="length-penalty reward: what "
                                                                                   "length_target counts.")
+    reward_model: PathStr | None = Field(
+        None, description="A finished `reward-model` run folder: its scores join the rewards under the name "
+        "`reward-model` (weigh it in `rewards`, e.g. {exact-number = 1.0, reward-model = 0.5}); each completion is "
+        "scored with its prompt.")
 
 
 class PromptDataset:
@@ -169,12 +175,19 @@ class GRPO(CausalLM):
             except re.error as exc:
                 raise RecipeError(f"task.{key}: {getattr(self.recipe.task, key)!r} is not a valid regular expression "
                                   f"({exc}).") from None
-        known = reward_functions()
+        known = self._known_rewards()
         for name in chosen:
+            if name == REWARD_MODEL and name not in known:
+                raise RecipeError(f"task.rewards: {REWARD_MODEL!r} scores completions with a trained reward model; "
+                                  "set task.reward_model to a finished reward-model run folder.")
             if name not in known:
                 raise RecipeError(f"task.rewards: no reward function {name!r}{did_you_mean(name, list(known))}. "
                                   f"Known: {', '.join(sorted(known))} (`finetune rewards` lists them with their "
                                   "plugins; a plugin registers more with the finetune_register_rewards hook).")
+        if REWARD_MODEL in known and REWARD_MODEL not in chosen:
+            raise RecipeError(f"task.reward_model is set, but task.rewards gives {REWARD_MODEL!r} no weight; add it "
+                              f"(e.g. rewards = {{exact-number = 1.0, {REWARD_MODEL} = 0.5}}) or unset "
+                              "task.reward_model.")
         self._rewards = {name: known[name] for name in chosen}
         missing = next((e for e in examples if e.extra["row"]["reference"] is None), None)
         needing = [n for n in chosen if n in NEEDS_REFERENCE]
@@ -187,6 +200,24 @@ class GRPO(CausalLM):
         rows = [{**e.extra["row"], "_options": self._reward_options()} for e in examples[:4]]
         texts = [str(row["reference"] or "") for row in rows]
         self._score(texts, rows)
+
+    def _known_rewards(self) -> dict[str, RewardFunction]:
+        """The registered reward functions, plus ``reward-model`` when ``task.reward_model`` names a run."""
+        known = dict(reward_functions())
+        path = self.recipe.task.reward_model
+        if path:
+            if REWARD_MODEL in known:
+                raise RecipeError(f"task.reward_model: a plugin ({known[REWARD_MODEL].plugin}) registers a reward "
+                                  f"function named {REWARD_MODEL!r} too; unset task.reward_model or uninstall it.")
+            if not Path(path).is_dir():
+                raise RecipeError(f"task.reward_model: {path} is not a folder; give a finished reward-model run "
+                                  "folder (finetune run on a recipe with [task] name = \"reward-model\").")
+            from finetune_generation.reward_model import load_reward_scorer
+
+            known[REWARD_MODEL] = RewardFunction(name=REWARD_MODEL, function=load_reward_scorer(str(path)),
+                                                 description=f"the reward model of {path}",
+                                                 plugin="task.reward_model")
+        return known
 
     def _reward_options(self) -> dict[str, Any]:
         opts = self.recipe.task
@@ -269,7 +300,7 @@ class GRPO(CausalLM):
 
     def _score(self, texts: list[str], rows: list[dict[str, Any]]) -> tuple[list[float], dict[str, list[float]]]:
         if not self._rewards:  # `finetune evaluate RUN`: prepare_data did not run; names were checked in training
-            known = reward_functions()
+            known = self._known_rewards()
             self._rewards = {name: known[name] for name in self.recipe.task.rewards}
         per = {name: self._rewards[name](texts, rows) for name in self._rewards}
         weights = self.recipe.task.rewards

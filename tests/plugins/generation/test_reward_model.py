@@ -15,6 +15,7 @@ import torch
 from generation_fixtures import write_jsonl
 
 from finetune.engine.console import Console
+from finetune.errors import RecipeError
 from finetune.run.inference import load_run
 from finetune.run.session import build_model, open_session
 from finetune.run.training import run_recipe
@@ -291,3 +292,42 @@ def test_a_reward_model_starts_from_an_sft_runs_adapter(tmp_path, tiny_llama):
     fresh, _, _ = build_model(open_session(recipe))  # the same seed without start_from: the same new head
     head = "base_model.model.score.modules_to_save.default.weight"
     assert torch.equal(dict(model.named_parameters())[head], dict(fresh.named_parameters())[head])
+
+
+def test_a_reward_model_run_serves_as_a_grpo_reward(trained, tmp_path, make_gen_recipe):
+    """task.reward_model: the trained reward model scores GRPO's completions under the name `reward-model`."""
+    _, run = trained
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
+                                                     for r in pref_rows(12, seed=5)])
+    task = ('name = "grpo"\ngroup_size = 2\nmax_new_tokens = 4\n'
+            f'reward_model = "{run.path}"\nrewards = {{ reward-model = 1.0, exact-number = 0.5 }}\n')
+    recipe = make_gen_recipe(task=task, data=f'train = "{data}"', output=str(tmp_path / "grpo"),
+                             train="epochs = 1\nbatch_size = 4\nlog_every_steps = 1")
+    done = run_recipe(recipe, [], console=Console(quiet=True))
+    metrics = json.loads(done.metrics_file.read_text())
+    assert {"reward", "reward_reward-model", "reward_exact-number"} <= set(metrics["before"])
+    logged = [r for r in done.read_metrics_log() if r["kind"] == "train"]
+    assert all("reward_reward-model" in r for r in logged)
+    # the eval answers' reward-model scores are the scorer's on the same texts
+    from finetune_generation.reward_model import load_reward_scorer
+
+    rows = [json.loads(line) for line in (done.path / "samples" / "step-00000000.jsonl").read_text().splitlines()]
+    scores = load_reward_scorer(str(run.path))([r["completion"] for r in rows],
+                                               [{"prompt": r["prompt"]} for r in rows])
+    assert [r["rewards"]["reward-model"] for r in rows] == pytest.approx(scores, abs=1e-4)
+
+
+@pytest.mark.parametrize(("task", "message"), [
+    ('rewards = { reward-model = 1.0 }', "set task.reward_model to a finished reward-model run folder"),
+    ('reward_model = "RUN"\nrewards = { exact-number = 1.0 }', "gives 'reward-model' no weight"),
+    ('reward_model = "RUN/nowhere"\nrewards = { reward-model = 1.0 }', "is not a folder"),
+])
+def test_reward_model_settings_that_do_not_fit_are_clear_errors(trained, tmp_path, make_gen_recipe, task, message):
+    from finetune.run.session import open_session
+
+    _, run = trained
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
+                                                     for r in pref_rows(8, seed=5)])
+    recipe = make_gen_recipe(task='name = "grpo"\n' + task.replace("RUN", str(run.path)), data=f'train = "{data}"')
+    with pytest.raises(RecipeError, match=message):
+        open_session(recipe)
