@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.input.read_text().splitlines() if line.strip()]
     results = [measure(run, rows) for run in args.runs]
-    print(f"| run | correct number | exact answer | prompts | seconds |\n|---|---|---|---|---|")
+    print("| run | correct number | exact answer | prompts | seconds |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {r['run']} | {r['correct']:.2f} | {r['exact']:.2f} | {r['prompts']} | {r['seconds']} |")
     if args.json:

@@ -75,8 +75,8 @@ class GenerationData(DataOptions):
                                              "restart per example, so attention stays within an example).")
 
 
-class GenerationOptions(TaskOptions):
-    """``[task]`` options every generation task shares: how prompts are rendered and how text is generated."""
+class TemplateOptions(TaskOptions):
+    """``[task]`` options of every task that renders prompts and answers as supervised fine-tuning does."""
 
     chat_template: str = Field("auto", description="'auto': the tokenizer's chat template if it has one, else "
                                                    "plain prompt + completion; 'none': never; or a Jinja "
@@ -85,6 +85,27 @@ class GenerationOptions(TaskOptions):
                                                                  "(wins over chat_template).")
     system_prompt: str | None = Field(None, description="System message added to every conversation that has "
                                                         "none (chat template only).")
+
+
+def apply_chat_template_options(tokenizer: Any, opts: Any) -> None:
+    """``task.chat_template_file`` / ``task.chat_template`` on a tokenizer (as the ``causal-lm`` task does)."""
+    if opts.chat_template_file:
+        path = Path(opts.chat_template_file)
+        if not path.is_file():
+            raise RecipeError(f"task.chat_template_file: {path} not found.")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    elif opts.chat_template == "none":
+        tokenizer.chat_template = None
+    elif opts.chat_template != "auto":
+        if "{{" not in opts.chat_template and "{%" not in opts.chat_template:
+            raise RecipeError(f"task.chat_template: {opts.chat_template!r} is not 'auto', 'none' or a Jinja "
+                              "template (with {{ ... }} / {% ... %}); for a file use task.chat_template_file.")
+        tokenizer.chat_template = opts.chat_template
+
+
+class GenerationOptions(TemplateOptions):
+    """``[task]`` options every generation task shares: how prompts are rendered and how text is generated."""
+
     max_new_tokens: int = Field(128, gt=0, description="Generation: most new tokens per prompt.")
     temperature: float = Field(0.0, ge=0, description="Generation: 0 is greedy; > 0 samples.")
     top_p: float = Field(1.0, gt=0, le=1, description="Generation: nucleus sampling (temperature > 0).")
@@ -285,19 +306,7 @@ class CausalLM(Task):
         tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
         dtype = "auto" if torch.cuda.is_available() else torch.float32
         model = AutoModelForCausalLM.from_pretrained(backbone.path, dtype=dtype, **kwargs)
-        opts = self.recipe.task
-        if opts.chat_template_file:
-            path = Path(opts.chat_template_file)
-            if not path.is_file():
-                raise RecipeError(f"task.chat_template_file: {path} not found.")
-            tokenizer.chat_template = path.read_text(encoding="utf-8")
-        elif opts.chat_template == "none":
-            tokenizer.chat_template = None
-        elif opts.chat_template != "auto":
-            if "{{" not in opts.chat_template and "{%" not in opts.chat_template:
-                raise RecipeError(f"task.chat_template: {opts.chat_template!r} is not 'auto', 'none' or a Jinja "
-                                  "template (with {{ ... }} / {% ... %}); for a file use task.chat_template_file.")
-            tokenizer.chat_template = opts.chat_template
+        apply_chat_template_options(tokenizer, self.recipe.task)
         if tokenizer.pad_token is None:
             # Padding is masked out of the loss by position, never by token id, so reusing EOS is safe.
             tokenizer.pad_token = tokenizer.eos_token
@@ -616,4 +625,5 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["IGNORE", "CausalLM", "CausalLMOptions", "GenerationData", "GenerationOptions"]
+__all__ = ["IGNORE", "CausalLM", "CausalLMOptions", "GenerationData", "GenerationOptions", "TemplateOptions",
+           "apply_chat_template_options"]

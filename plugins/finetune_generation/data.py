@@ -309,18 +309,23 @@ def encode_all(examples: list[Example], encoder: Encoder, max_length: int) -> En
 # batching
 
 class TokenDataset:
-    """A map-style dataset of ``{"input_ids", "labels"[, "position_ids"]}`` lists."""
+    """A map-style dataset of token-id dicts (``{"input_ids", "labels"[, "position_ids"]}`` for SFT; prompts,
+    pairs... for the other generation tasks). ``lengths()`` gives each item's length in tokens: its
+    ``input_ids`` by default, or what ``length(item)`` says (e.g. the longer of a pair's two rows)."""
 
-    def __init__(self, items: list[dict[str, list[int]]]) -> None:
+    def __init__(self, items: list[dict[str, Any]], length: Any = None) -> None:
         self.items = items
+        self.length = length
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         return self.items[i]
 
     def lengths(self) -> list[int]:
+        if self.length is not None:
+            return [self.length(x) for x in self.items]
         return [len(x["input_ids"]) for x in self.items]
 
 

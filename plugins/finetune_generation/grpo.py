@@ -33,7 +33,7 @@ from pydantic import Field
 
 from finetune import DataError, PathStr, RecipeError, RewardFunction, did_you_mean, reward_functions
 from finetune_generation.causal_lm import SAMPLES_DIR, CausalLM, GenerationOptions, _one_line, _write_atomic
-from finetune_generation.data import IGNORE, Example, detect_shape, normalise
+from finetune_generation.data import IGNORE, Example, TokenDataset, detect_shape, normalise
 from finetune_generation.rewards import DEFAULT_ANSWER_REGEX, DEFAULT_FORMAT_REGEX, NEEDS_REFERENCE
 
 REWARD_MODEL = "reward-model"  #: the reward name of task.reward_model's scores
@@ -73,20 +73,8 @@ class GRPOOptions(GenerationOptions):
         "scored with its prompt.")
 
 
-class PromptDataset:
-    """Prompt token ids with the index of their row in :attr:`GRPO._rows`."""
-
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.items[i]
-
-    def lengths(self) -> list[int]:
-        return [len(x["prompt_ids"]) for x in self.items]
+def _prompt_length(item: dict[str, Any]) -> int:
+    return len(item["prompt_ids"])
 
 
 class GRPO(CausalLM):
@@ -237,7 +225,7 @@ class GRPO(CausalLM):
                                 "task.max_new_tokens bounds the completions).")
             items.append({"prompt_ids": ids, "row": len(self._rows)})
             self._rows.append({**example.extra["row"], "_options": options})
-        return PromptDataset(items)
+        return TokenDataset(items, length=_prompt_length)  # prompt ids, their row in self._rows
 
     def collate_fn(self, processor: Any):
         pad_id = processor.pad_token_id

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from finetune import DataError, RecipeError
 from finetune_generation.causal_lm import CausalLM, GenerationOptions, _plain_head, shared_prefix_length
-from finetune_generation.data import IGNORE, Example, collate
+from finetune_generation.data import IGNORE, Example, TokenDataset, collate
 from finetune_generation.preference_data import (
     PreferenceData,
     PreferenceExample,
@@ -62,21 +62,9 @@ class PreferenceOptions(GenerationOptions):
     undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight lambda_U of undesirable examples.")
 
 
-class PreferenceDataset:
-    """Encoded preference items; ``lengths()`` is the longer row of each (what a batch pads to)."""
-
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.items[i]
-
-    def lengths(self) -> list[int]:
-        return [max(len(x.get("chosen_input_ids", x.get("input_ids", []))), len(x.get("rejected_input_ids", [])))
-                for x in self.items]
+def _pair_length(item: dict[str, Any]) -> int:
+    """The longer row of a pair (what a batch pads to); a KTO item's one row."""
+    return max(len(item.get("chosen_input_ids", item.get("input_ids", []))), len(item.get("rejected_input_ids", [])))
 
 
 class PreferenceTuning(CausalLM):
@@ -166,7 +154,7 @@ class PreferenceTuning(CausalLM):
             raise DataError(f"data.max_length: after leaving out the examples cut away by data.max_length = "
                             f"{max_length}, the {name} split holds only one kind of KTO label; raise "
                             "data.max_length.")
-        return PreferenceDataset(items)
+        return TokenDataset(items, length=_pair_length)
 
     def collate_fn(self, processor: Any):
         pad_id = self._pad_id = processor.pad_token_id

@@ -28,7 +28,8 @@ from typing import Any
 
 from pydantic import Field
 
-from finetune import DataError, DataSplits, PathStr, RecipeError, Task, TaskOptions, attention_projections
+from finetune import DataError, DataSplits, RecipeError, Task, attention_projections
+from finetune_generation.causal_lm import TemplateOptions, apply_chat_template_options
 from finetune_generation.data import IGNORE, ROLES, Encoder, Example, read_records
 from finetune_generation.preference_data import (
     PreferenceData,
@@ -51,16 +52,8 @@ class RewardModelData(PreferenceData):
         "The loss becomes -log sigmoid(r_chosen - r_rejected - margin) (Llama 2 style); unset: no margin.")
 
 
-class RewardModelOptions(TaskOptions):
+class RewardModelOptions(TemplateOptions):
     """How texts are rendered before they are scored (as for supervised fine-tuning)."""
-
-    chat_template: str = Field("auto", description="'auto': the tokenizer's chat template if it has one, else "
-                                                   "plain prompt + completion + EOS; 'none': never; or a Jinja "
-                                                   "template text.")
-    chat_template_file: PathStr | None = Field(None, description="A .jinja file with the chat template "
-                                                                 "(wins over chat_template).")
-    system_prompt: str | None = Field(None, description="System message added to every conversation that has "
-                                                        "none (chat template only).")
 
 
 # ---------------------------------------------------------------------------
@@ -460,22 +453,6 @@ def encode_scored(encoder: Encoder, prompt: Example, answer: str,
         if all(t == IGNORE for t in labels):
             return None
     return ids, truncated, labels
-
-
-def apply_chat_template_options(tokenizer: Any, opts: Any) -> None:
-    """``task.chat_template_file`` / ``task.chat_template`` on a tokenizer (as the ``causal-lm`` task does)."""
-    if opts.chat_template_file:
-        path = Path(opts.chat_template_file)
-        if not path.is_file():
-            raise RecipeError(f"task.chat_template_file: {path} not found.")
-        tokenizer.chat_template = path.read_text(encoding="utf-8")
-    elif opts.chat_template == "none":
-        tokenizer.chat_template = None
-    elif opts.chat_template != "auto":
-        if "{{" not in opts.chat_template and "{%" not in opts.chat_template:
-            raise RecipeError(f"task.chat_template: {opts.chat_template!r} is not 'auto', 'none' or a Jinja "
-                              "template (with {{ ... }} / {% ... %}); for a file use task.chat_template_file.")
-        tokenizer.chat_template = opts.chat_template
 
 
 def _quietly(load: Callable[[], Any]) -> Any:
