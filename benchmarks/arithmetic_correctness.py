@@ -16,19 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
+from finetune_generation.rewards import final_number  # the exact-number reward's rule
+
 HERE = Path(__file__).resolve().parent
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def final_number(text: str) -> float | None:
-    tail = text.rsplit("=", 1)[-1]
-    found = NUMBER.findall(tail) or NUMBER.findall(text)
-    return float(found[-1]) if found else None
 
 
 def score(answer: str, reference: str) -> tuple[bool, bool]:

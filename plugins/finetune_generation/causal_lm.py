@@ -552,17 +552,30 @@ def shared_prefix_loss(model: Any, batch: dict[str, Any], prefix: int, head: Any
     rows, width = ids.shape
     target = torch.full_like(labels, IGNORE)
     target[:, :-1] = labels[:, 1:]
+    keep, positions, allowed = shared_prefix_layout(mask, prefix)
+    out = model(input_ids=ids[keep][None], attention_mask=allowed[None, None], position_ids=positions[None],
+                use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return _learned_loss(head, out.hidden_states[-1][0], target[keep])
+
+
+def shared_prefix_layout(mask: Any, prefix: int) -> tuple[Any, Any, Any]:
+    """``(keep, positions, allowed)`` for the rows of a right-padded batch joined into one sequence: ``keep``
+    [rows, width] marks the tokens kept (the first ``prefix`` tokens from the first row only, no padding),
+    ``positions`` each kept token's position id in its row, ``allowed`` [n, n] the causal mask in which a
+    token sees the shared prefix and its own row. Pass ``ids[keep][None]``, ``allowed[None, None]`` and
+    ``positions[None]`` to the model."""
+    import torch
+
+    rows, width = mask.shape
     keep = mask.bool().clone()
     keep[1:, :prefix] = False  # the prefix once, from the first row
-    positions = torch.arange(width, device=ids.device).expand(rows, width)[keep]
-    segment = torch.arange(rows, device=ids.device)[:, None].expand(rows, width).clone()
+    positions = torch.arange(width, device=mask.device).expand(rows, width)[keep]
+    segment = torch.arange(rows, device=mask.device)[:, None].expand(rows, width).clone()
     segment[:, :prefix] = -1
     segment = segment[keep]
     allowed = (positions[None, :] <= positions[:, None]) & (
         (segment[None, :] == segment[:, None]) | (segment[None, :] == -1))
-    out = model(input_ids=ids[keep][None], attention_mask=allowed[None, None], position_ids=positions[None],
-                use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    return _learned_loss(head, out.hidden_states[-1][0], target[keep])
+    return keep, positions, allowed
 
 
 def _dropout_active(model: Any) -> bool:

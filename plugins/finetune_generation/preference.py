@@ -24,7 +24,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from finetune import DataError, RecipeError
-from finetune_generation.causal_lm import CausalLM, GenerationOptions, _plain_head, shared_prefix_length
+from finetune_generation.causal_lm import (
+    CausalLM,
+    GenerationOptions,
+    _plain_head,
+    shared_prefix_layout,
+    shared_prefix_length,
+)
 from finetune_generation.data import IGNORE, Example, TokenDataset, collate
 from finetune_generation.preference_data import (
     PreferenceData,
@@ -324,14 +330,7 @@ def answer_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     row_of = torch.arange(size, device=labels.device)[:, None].expand(size, width)
     prefix = shared_prefix_length(model, batch)
     if prefix:  # the rows' shared start (system prompt, chat header, a pair's prompt) computed once
-        keep = batch["attention_mask"].bool().clone()
-        keep[1:, :prefix] = False
-        positions = torch.arange(width, device=labels.device).expand(size, width)[keep]
-        segment = row_of.clone()
-        segment[:, :prefix] = -1
-        segment = segment[keep]
-        allowed = (positions[None, :] <= positions[:, None]) & (
-            (segment[None, :] == segment[:, None]) | (segment[None, :] == -1))
+        keep, positions, allowed = shared_prefix_layout(batch["attention_mask"], prefix)
         out = model(input_ids=batch["input_ids"][keep][None], attention_mask=allowed[None, None],
                     position_ids=positions[None], use_cache=False, output_hidden_states=True, logits_to_keep=1)
         hidden, target, rows = out.hidden_states[-1][0], target[keep], row_of[keep]

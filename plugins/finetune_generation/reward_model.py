@@ -29,7 +29,12 @@ from typing import Any
 from pydantic import Field
 
 from finetune import DataError, DataSplits, RecipeError, Task, attention_projections
-from finetune_generation.causal_lm import TemplateOptions, apply_chat_template_options
+from finetune_generation.causal_lm import (
+    TemplateOptions,
+    apply_chat_template_options,
+    shared_prefix_layout,
+    shared_prefix_length,
+)
 from finetune_generation.data import IGNORE, ROLES, Encoder, Example, read_records
 from finetune_generation.preference_data import (
     PreferenceData,
@@ -103,21 +108,12 @@ def sequence_scores(model: Any, batch: dict[str, Any]) -> Any:
     import torch
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    rows, width = ids.shape
+    rows = ids.shape[0]
     prefix = 0
     if hasattr(model, "get_base_model") and "labels" in batch:
-        from finetune_generation.causal_lm import shared_prefix_length
-
         prefix = shared_prefix_length(model, batch)
     if prefix:
-        keep = mask.bool().clone()
-        keep[1:, :prefix] = False  # the prefix once, from the first row
-        positions = torch.arange(width, device=ids.device).expand(rows, width)[keep]
-        segment = torch.arange(rows, device=ids.device)[:, None].expand(rows, width).clone()
-        segment[:, :prefix] = -1
-        segment = segment[keep]
-        allowed = (positions[None, :] <= positions[:, None]) & (
-            (segment[None, :] == segment[:, None]) | (segment[None, :] == -1))
+        keep, positions, allowed = shared_prefix_layout(mask, prefix)
         inputs = {"input_ids": ids[keep][None], "attention_mask": allowed[None, None],
                   "position_ids": positions[None]}
         last = keep.sum(1).cumsum(0) - 1  # each row's tokens are contiguous; its last one is its last real token
