@@ -1,4 +1,5 @@
-"""Built-in vision task family for finetune: image classification on timm and transformers backbones.
+"""Built-in vision task family for finetune: image classification on timm and transformers backbones, and
+object detection (timm backbone + torchvision FPN and detection head).
 
 Registered through the ``finetune`` entry-point group exactly like a third-party plugin. This module
 stays light (no torch/timm/transformers imports): the CLI imports it at every start.
@@ -11,9 +12,11 @@ finetune_hook_version = "1"
 
 @hookimpl
 def finetune_register_tasks(register):
+    from finetune_vision.detection import ObjectDetection
     from finetune_vision.image_classification import ImageClassification
 
     register(ImageClassification)
+    register(ObjectDetection)
 
 
 @hookimpl
