@@ -97,7 +97,7 @@ def write_voc(folder: Path, scenes: list[dict], lists: dict[str, list[int]] | No
 
 def detection_recipe(path: Path, backbone: Path | str, train: Path | str, out: Path, *, data: str = "",
                      task: str = "", train_opts: str = "", peft: str = "") -> Path:
-    path.write_text(f'[task]\nname = "object-detection"\nfpn_channels = 16\nhead_convs = 1\n{task}\n'
+    path.write_text(f'[task]\nname = "object-detection"\nfpn_channels = 64\nhead_convs = 1\n{task}\n'
                     f'[model]\nbackbone = "{backbone}"\n'
                     f'[data]\ntrain = "{train}"\nsplit = 0.25\nimage_size = 64\n{data}\n'
                     f'[peft]\nr = 4\nalpha = 8\ndropout = 0.0\n{peft}\n'

@@ -59,8 +59,10 @@ class DetectionOptions(TaskOptions):
     head: Literal["fcos", "retinanet"] = Field(
         "fcos", description="torchvision detection head: 'fcos' (anchor-free) or 'retinanet' (9 anchors per "
                             "position); both one-stage, on FPN levels P3..P7.")
-    fpn_channels: int = Field(64, ge=8, le=512, description="Channels of the feature pyramid and the head's "
-                              "convolutions (torchvision's COCO models use 256; smaller is much faster on CPU).")
+    fpn_channels: int = Field(64, ge=64, le=512, multiple_of=32, description="Channels of the feature pyramid "
+                              "and the head's convolutions: a multiple of 32, at least 64 (FCOS's GroupNorm has 32 "
+                              "groups and needs two values per group on a 1x1 top level); torchvision's COCO models "
+                              "use 256, smaller is much faster on CPU.")
     head_convs: int = Field(2, ge=1, le=8, description="FCOS only: convolutions in each head branch (torchvision's "
                             "default 4).")
     score_threshold: float = Field(0.3, ge=0, le=1, description="`finetune predict`: boxes scoring below this are "
@@ -246,7 +248,10 @@ class ObjectDetection(Task):
         model._finetune_batchnorm_folded = 0
         from finetune_vision.batchnorm_fold import fold_batchnorm
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = model
+        while isinstance(getattr(base, "module", None), torch.nn.Module):  # DistributedDataParallel
+            base = base.module
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
         body = base.backbone.body
         probe = images[0][None]
 
@@ -344,13 +349,17 @@ class ObjectDetection(Task):
                 self._prepare(model, tensors)
                 found = model(tensors)
                 for position, result, (fx, fy) in zip(ok, found, factors):
-                    keep = result["scores"] >= threshold
-                    boxes = result["boxes"][keep].float().cpu() / torch.tensor([fx, fy, fx, fy])
+                    boxes = result["boxes"].float().cpu() / torch.tensor([fx, fy, fx, fy])
+                    shown = [[round(float(v), 1) for v in box] for box in boxes]
+                    # boxes at or above the threshold that still have an area at 0.1 px (a box clipped at the
+                    # image border can shrink to a line)
+                    keep = [i for i, (box, score) in enumerate(zip(shown, result["scores"].tolist()))
+                            if score >= threshold and box[2] > box[0] and box[3] > box[1]]
                     out[position] = {
                         **chunk[position],
-                        "pred_boxes": [[round(float(v), 1) for v in box] for box in boxes],
-                        "pred_labels": [classes[int(i)] for i in result["labels"][keep]],
-                        "pred_scores": [round(float(s), 4) for s in result["scores"][keep]],
+                        "pred_boxes": [shown[i] for i in keep],
+                        "pred_labels": [classes[int(result["labels"][i])] for i in keep],
+                        "pred_scores": [round(float(result["scores"][i]), 4) for i in keep],
                     }
             rows += out
         return rows

@@ -114,7 +114,9 @@ def detector_module_names(model: nn.Module) -> tuple[str, list[str]]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = {n for n, _ in base.named_modules()}
     prefix = "backbone.body" if "backbone.body" in names else "body"
-    return prefix, [n for n in ("backbone.fpn", "head") if n in names]
+    # the head's two branches by name, not "head": PEFT matches modules_to_save as name suffixes, and "head"
+    # would also wrap head.classification_head inside the wrapped head (a nested copy that does not reload)
+    return prefix, [n for n in ("backbone.fpn", "head.classification_head", "head.regression_head") if n in names]
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -254,4 +256,6 @@ def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
         "with torch.no_grad():\n"
         "    found = model([x])[0]\n"
         "for box, label, score in zip(found['boxes'] / scale, found['labels'], found['scores']):\n"
-        "    print(labels[label], round(float(score), 3), [round(float(v), 1) for v in box])")
+        "    box = [round(float(v), 1) for v in box]\n"
+        "    if box[2] > box[0] and box[3] > box[1]:  # not clipped to a line at the border\n"
+        "        print(labels[label], round(float(score), 3), box)")

@@ -214,8 +214,8 @@ def test_coco_map_on_hand_made_cases():
     assert wrong["per_class"]["dog"]["ap"] == 0.0
     assert wrong["per_class"]["cat"]["ap"] == pytest.approx(2 / 3)
     assert wrong["map"] == pytest.approx(1 / 3)
-    # a box shifted to IoU 0.6 with its reference counts at 0.5 and 0.55 only: AP 2/10 over the 10 thresholds
-    shifted = [10, 10, 40, 40 + 30 * (1 / 0.6 - 1)]  # IoU = 30*30 / (30*50) = 0.6
+    # a box at IoU 0.58 with its reference counts at thresholds 0.5 and 0.55 only: AP 2/10 over the ten
+    shifted = [10, 10, 40, 10 + 30 / 0.58]  # IoU = 30*30 / (30 * 30/0.58) = 0.58
     one = coco_metrics([_pred([shifted], [0])], [_ref([a], [0])], classes)
     assert one["map50"] == pytest.approx(1.0) and one["map"] == pytest.approx(0.2) and one["map75"] == 0.0
     assert one["per_class"]["dog"]["ap"] is None  # no dog reference: not counted
