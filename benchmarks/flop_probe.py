@@ -23,6 +23,7 @@ from typing import Any
 
 _SHAPES: Counter = Counter()
 _MODEL: list[Any] = []
+_UNCOUNTABLE: list[bool] = []  # a training call whose arguments cannot be replayed: FLOPs unknown
 
 
 def _spec(value: Any) -> tuple:
@@ -42,10 +43,14 @@ def install() -> None:
 
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         if self.training and torch.is_grad_enabled():
-            key = (tuple(_spec(a) for a in args), tuple(sorted((k, _spec(v)) for k, v in kwargs.items())))
-            _SHAPES[key] += 1
-            if not _MODEL:
-                _MODEL.append(self)
+            try:
+                key = (tuple(_spec(a) for a in args), tuple(sorted((k, _spec(v)) for k, v in kwargs.items())))
+            except TypeError:  # e.g. a detector's lists of images and target dicts: not replayable, not counted
+                _UNCOUNTABLE.append(True)
+            else:
+                _SHAPES[key] += 1
+                if not _MODEL:
+                    _MODEL.append(self)
         return nn.Module.__call__(self, *args, **kwargs)
 
     PeftModel.__call__ = call
@@ -73,8 +78,9 @@ def count() -> dict[str, Any]:
 
     # the process's own peak memory so far: the replay below must not count as training memory
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    if not _MODEL:
-        return {"flops": None, "steps": 0, "shapes": 0, "peak_rss_mib": peak_rss_mib}
+    if not _MODEL or _UNCOUNTABLE:
+        return {"flops": None, "steps": sum(_SHAPES.values()), "shapes": len(_SHAPES), "peak_rss_mib": peak_rss_mib,
+                "replay_s": 0.0}
     start = time.perf_counter()
     model = _MODEL[0]
     model.train()
