@@ -352,3 +352,31 @@ def test_two_processes_train_and_the_pushed_run_predicts_as_the_folder(tmp_path,
         assert from_hub.returncode == 0, from_hub.stderr[-2000:]
         hub_row, run_row = json.loads(from_hub.stdout.splitlines()[-1]), json.loads(from_run.stdout.splitlines()[-1])
         assert hub_row["pred_boxes"] == run_row["pred_boxes"] and len(run_row["pred_boxes"]) > 0
+
+
+@pytest.mark.parametrize("method", ["none", "full"])
+def test_probe_and_full_training_reload_and_predict_from_a_table(method, tmp_path, tiny_timm_cnn):  # noqa: F811
+    """peft.method "none" trains only the FPN and head (backbone untouched), "full" everything (BatchNorm
+    statistics included); both reload from trained.safetensors and predict from a CSV of relative paths."""
+    import torch
+
+    from finetune.engine.console import Console
+    from finetune.run.inference import load_run
+    from finetune.run.training import run_recipe
+
+    voc = write_voc(tmp_path / "voc", square_scenes(12))
+    recipe = detection_recipe(tmp_path / "r.toml", tiny_timm_cnn, voc, tmp_path / "run", peft=f'method = "{method}"',
+                              task="score_threshold = 0.0")
+    run_recipe(recipe, [], console=Console(quiet=True))
+    assert (tmp_path / "run" / "adapter" / "trained.safetensors").is_file()
+    task, model, _, _ = load_run(tmp_path / "run")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "adapter" / "trained.safetensors"))
+    body = [k for k in saved if k.startswith("backbone.body.")]
+    assert (not body) if method == "none" else any(k.endswith("running_mean") for k in body)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    (tmp_path / "table.csv").write_text("image,note\nvoc/JPEGImages/scene_001.png,a\nvoc/JPEGImages/missing.png,b\n")
+    rows = task.predict(model, None, task.read_predict_input(tmp_path / "table.csv"), batch_size=4)
+    assert [r["note"] for r in rows] == ["a", "b"] and rows[0]["pred_boxes"] and "pred_error" not in rows[0]
+    assert rows[1]["pred_boxes"] == [] and "FileNotFoundError" in rows[1]["pred_error"]
