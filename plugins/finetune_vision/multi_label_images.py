@@ -267,9 +267,10 @@ class MultiLabelImageClassification(ImageBackboneTask):
         return rows
 
     def draw_predictions(self, rows: list[dict[str, Any]], folder: Path) -> list[Path]:
-        """One PNG per predicted image: the image (scaled to 256-512 px wide) above a list of every label with
-        its probability and threshold, the predicted ones marked and in green. Rows whose image could not be
-        read (``pred_error``) or is not a file (encoded bytes) are left out."""
+        """One PNG per predicted image, ``<image stem>.png`` (``<stem>_2.png``... when two inputs share a name):
+        the image (scaled to 256-512 px wide) above a list of every label with its probability and threshold,
+        the predicted ones marked and in green. Rows whose image could not be read (``pred_error``) or is not
+        a file (encoded bytes) are left out."""
         from PIL import Image, ImageDraw, ImageFont
 
         from finetune_vision.images import load_rgb
@@ -279,8 +280,9 @@ class MultiLabelImageClassification(ImageBackboneTask):
         column = self.recipe.data.image_column
         folder = Path(folder)
         written: list[Path] = []
+        taken: set[Path] = set()
         font = ImageFont.load_default()
-        for n, row in enumerate(rows):
+        for row in rows:
             source = row.get(column)
             if row.get("pred_error") or row.get("pred_labels") is None or not source:
                 continue
@@ -301,7 +303,12 @@ class MultiLabelImageClassification(ImageBackboneTask):
                 text = f"{mark} {name}: {p:.2f} (threshold {t:.2f})" if p is not None else f"{mark} {name}"
                 draw.text((4, image.height + 4 + i * line), text, font=font,
                           fill=(0, 130, 0) if name in chosen else (110, 110, 110))
-            path = folder / f"{n:04d}_{Path(str(source)).stem}.png"
+            stem = Path(str(source)).stem
+            path, k = folder / f"{stem}.png", 1
+            while path in taken:  # two inputs with one name (a/x.jpg, b/x.jpg): x.png, x_2.png
+                k += 1
+                path = folder / f"{stem}_{k}.png"
+            taken.add(path)
             canvas.save(path)
             written.append(path)
         return written

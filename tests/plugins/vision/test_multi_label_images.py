@@ -161,20 +161,23 @@ def test_the_cards_usage_snippet_runs_with_plain_timm_and_peft_and_agrees_with_p
     assert printed.getvalue().strip() == repr(row["pred_labels"])
 
 
-def test_draw_predictions_writes_one_picture_per_readable_image(trained, tmp_path):
+def test_predict_draw_writes_one_picture_per_readable_image(trained, tmp_path):
     folder, _, _, run = trained
-    task, model, processor, _ = load_run(run.path)
-    records = [{"file": str(folder / "images" / f"img_04{i}.png")} for i in range(3)] + [{"file": "missing.png"}]
-    with torch.no_grad():
-        rows = task.predict(model, processor, records)
+    inputs = tmp_path / "inputs"
+    (inputs / "b").mkdir(parents=True)
+    for i in range(2):
+        shutil.copy(folder / "images" / f"img_04{i}.png", inputs / f"img_04{i}.png")
+    shutil.copy(folder / "images" / "img_042.png", inputs / "b" / "img_040.png")  # the same name in a subfolder
+    (inputs / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "pictures"
-    out.mkdir()
-    paths = task.draw_predictions(rows, out)
-    assert [p.name for p in paths] == ["0000_img_040.png", "0001_img_041.png", "0002_img_042.png"]
+    result = run_cli("predict", str(run.path), "--input", str(inputs), "--draw", str(out), "--format", "jsonl")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "drew 3 picture(s)" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["img_040.png", "img_040_2.png", "img_041.png"]
     from PIL import Image
 
-    with Image.open(paths[0]) as picture:
-        assert picture.width == 256 and picture.height > 256  # the image scaled up, the label lines below
+    with Image.open(out / "img_041.png") as picture:
+        assert picture.width == 256 and picture.height == 256 + 8 + 14 * 3  # scaled up; a line per label below
 
 
 @pytest.mark.parametrize("form", ["json-text csv", "jsonl lists", "parquet lists"])
