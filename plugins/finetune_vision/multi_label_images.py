@@ -15,7 +15,8 @@ tuned on the eval split at every evaluation (``finetune.tune_thresholds``); the 
 selected checkpoint are saved with its adapter (the task state) and used by ``predict``,
 ``finetune evaluate`` and the test split. Metrics (``finetune.multilabel_report``): micro-F1 (selects the
 checkpoint), macro-F1, mAP (mean per-label average precision, threshold-free), subset accuracy, the F1s
-and subset accuracy at a fixed 0.5 threshold (``*_at05``), and a per-label report.
+and subset accuracy at a fixed 0.5 threshold (``*_at05``), and a per-label report. Baseline: the training
+data's label frequencies as every image's probabilities (no pixels looked at), scored the same way.
 """
 
 from __future__ import annotations
@@ -64,11 +65,17 @@ class MultiLabelImageData(ImageData):
                                  "string (`cat,dog`); spaces around each label are ignored.")
 
 
+class MultiLabelImageOptions(BackboneOptions):
+    baseline: bool = Field(True, description="Also score the label-frequency baseline on the eval split: every "
+                           "image gets each label's training frequency as its probability (so the labels on more "
+                           "than half of the training images), what a model that ignores the pixels can do.")
+
+
 class MultiLabelImageClassification(ImageBackboneTask):
     name = "multi-label-image-classification"
     description = "Tag images with any number of labels (timm or transformers backbone, sigmoid outputs, tuned " \
                   "thresholds)."
-    task_options = BackboneOptions
+    task_options = MultiLabelImageOptions
     data_options = MultiLabelImageData
     default_metric = "micro_f1"
     metric_names = ("micro_f1", "macro_f1", "map", "subset_accuracy", "micro_f1_at05", "macro_f1_at05",
@@ -247,6 +254,18 @@ class MultiLabelImageClassification(ImageBackboneTask):
         its saved state for the test split and the card) and in a loaded run; 0.5 for a label never tuned."""
         thresholds = self.state.get("thresholds") or {}
         return [float(thresholds.get(label, 0.5)) for label in self.state["labels"]]
+
+    def baseline(self, splits: DataSplits) -> dict[str, Any] | None:
+        if not self.recipe.task.baseline:
+            return None
+        import numpy as np
+
+        labels = self.state["labels"]
+        frequency = multi_hot(splits.train["labels"].tolist(), labels).mean(axis=0)
+        refs = multi_hot(splits.eval["labels"].tolist(), labels)
+        report = multilabel_report(np.tile(frequency, (len(refs), 1)), refs, labels, [0.5] * len(labels))
+        return {"name": "label frequencies of the training data (no pixels)",
+                **{k: v for k, v in report.items() if k != "per_label" and not k.endswith("_at05")}}
 
     # -- inference -----------------------------------------------------
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],

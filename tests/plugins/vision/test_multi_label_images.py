@@ -89,6 +89,7 @@ def test_run_tunes_thresholds_saves_the_selected_ones_and_scores_the_test_file_w
                 "subset_accuracy_at05", "eval_loss"):
         assert key in metrics["best"] and key in metrics["test"] and key in metrics["before"], key
     assert metrics["data"]["test_examples"] == 8
+    assert metrics["baseline"]["name"].startswith("label frequencies") and "map" in metrics["baseline"]
     data = run.info()["data"]
     assert data["labels"] == ["blue", "green", "red"] and data["train_images_without_label"] > 0  # grey images
     saved = json.loads((run.adapter_dir / "finetune_task.json").read_text())
