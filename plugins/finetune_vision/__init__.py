@@ -1,5 +1,5 @@
-"""Built-in vision task family for finetune: image classification on timm and transformers backbones, and
-object detection (timm backbone + torchvision FPN and detection head).
+"""Built-in vision task family for finetune: image classification (single- and multi-label) on timm and
+transformers backbones, and object detection (timm backbone + torchvision FPN and detection head).
 
 Registered through the ``finetune`` entry-point group exactly like a third-party plugin. This module
 stays light (no torch/timm/transformers imports): the CLI imports it at every start.
@@ -17,6 +17,9 @@ def finetune_register_tasks(register):
 
     register(ImageClassification)
     register(ObjectDetection)
+    from finetune_vision.multi_label_images import MultiLabelImageClassification
+
+    register(MultiLabelImageClassification)
 
 
 @hookimpl
