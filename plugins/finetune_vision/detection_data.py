@@ -20,8 +20,8 @@ The layout is detected from the path (:func:`detect_layout`):
 
 Images with no boxes are kept (negatives). Bad input is a :class:`finetune.DataError` naming the recipe
 key, the file and the object or line: boxes outside the image, zero or negative sizes, unknown category
-ids or class names, annotations whose image file is missing, unreadable annotation files, a layout that
-is none of the above or more than one.
+ids or class names, annotations whose image file is missing (or unreadable, or of another size than the
+annotations say), unreadable annotation files, a layout that is none of the above or more than one.
 """
 
 from __future__ import annotations
@@ -143,6 +143,17 @@ def _image_size(path: Path, key: str, where: str) -> tuple[int, int]:
                         "fix or remove it.") from None
 
 
+def _checked_size(file: Path, width: Any, height: Any, key: str, where: str) -> tuple[int, int]:
+    """The image's own size (its header is read: a missing or undecodable file is an error here), after checking
+    it against the size the annotations give (a mismatch would silently misplace every box)."""
+    actual = _image_size(file, key, where)
+    if width and height and (int(float(width)), int(float(height))) != tuple(actual):
+        raise DataError(f"{key}: {where}: the annotations give the image size {int(float(width))}x"
+                        f"{int(float(height))} but {file} is {actual[0]}x{actual[1]}; boxes must be in the pixels of "
+                        "the image file (re-export the annotations, or the images at their annotated size).")
+    return actual
+
+
 # ---------------------------------------------------------------------------------------------------- COCO
 
 def read_coco(path: Path, key: str, images: Path | None) -> DetectionData:
@@ -175,9 +186,7 @@ def read_coco(path: Path, key: str, images: Path | None) -> DetectionData:
             raise DataError(f"{key}: {where}: image file {file} not found (images are read from "
                             f"{'data.images' if images else 'the folder of the json'}: {folder}); add it, remove the "
                             "image, or set data.images to the image folder.")
-        width, height = image.get("width"), image.get("height")
-        if not width or not height:
-            width, height = _image_size(file, key, where)
+        width, height = _checked_size(file, image.get("width"), image.get("height"), key, where)
         by_id[image_id] = DetectionExample(str(file.resolve()), int(width), int(height))
     for n, ann in enumerate(doc.get("annotations") or []):
         where = f"{path.name}: annotations[{n}] (id {ann.get('id', '?')}, image id {ann.get('image_id', '?')})"
@@ -325,12 +334,12 @@ def read_voc(root: Path, key: str, classes: list[str] | None, ids: list[str] | N
                             f"{str(exc)[:120]}).") from None
         image = _voc_image(root, file, tree.findtext("filename"), key)
         size = tree.find("size")
+        given = (size.findtext("width"), size.findtext("height")) if size is not None else (None, None)
         try:
-            width, height = int(float(size.findtext("width"))), int(float(size.findtext("height")))
-            if width <= 0 or height <= 0:
-                raise ValueError
-        except (AttributeError, TypeError, ValueError):
-            width, height = _image_size(image, key, str(file))
+            given = given if all(float(v) > 0 for v in given) else (None, None)
+        except (TypeError, ValueError):
+            given = (None, None)
+        width, height = _checked_size(image, *given, key, str(file))
         example = DetectionExample(str(image.resolve()), width, height)
         for n, obj in enumerate(tree.findall("object")):
             name = (obj.findtext("name") or "").strip()

@@ -110,6 +110,18 @@ def _break(kind: str, tmp_path):
         root = write_voc(tmp_path, scenes)
         (root / "JPEGImages" / "scene_002.png").unlink()
         return root, ["scene_002.xml", "is not in"]
+    if kind == "voc-size":
+        root = write_voc(tmp_path, scenes)
+        from PIL import Image
+
+        Image.new("RGB", (128, 96)).save(root / "JPEGImages" / "scene_002.png")  # re-saved larger than annotated
+        return root, ["scene_002.xml", "image size 64x48", "is 128x96"]
+    if kind == "coco-size":
+        path = write_coco(tmp_path, scenes)
+        doc = json.loads(path.read_text())
+        doc["images"][0]["width"] = 640
+        path.write_text(json.dumps(doc))
+        return path, ["image id 1 (images/scene_000.png)", "image size 640x48", "is 64x48"]
     if kind == "voc-unreadable":
         root = write_voc(tmp_path, scenes)
         (root / "Annotations" / "scene_003.xml").write_text("<annotation><object>")
@@ -126,7 +138,8 @@ def _break(kind: str, tmp_path):
 
 @pytest.mark.parametrize("kind", ["coco-outside", "coco-negative", "coco-category", "coco-no-file", "coco-unreadable",
                                   "yolo-outside", "yolo-class", "yolo-negative", "yolo-no-image", "voc-outside",
-                                  "voc-negative", "voc-no-file", "voc-unreadable", "ambiguous", "unknown"])
+                                  "voc-negative", "voc-no-file", "voc-unreadable", "voc-size", "coco-size",
+                                  "ambiguous", "unknown"])
 def test_bad_annotations_name_the_file_and_object(kind, tmp_path):
     path, words = _break(kind, tmp_path)
     with pytest.raises(DataError) as info:
