@@ -240,7 +240,9 @@ def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
         "                                         extra_blocks=LastLevelP6P7(C, C))\n\n"
         "    def forward(self, x):\n"
         "        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))\n\n\n"
-        f"body = timm.create_model({state['architecture']!r}, features_only=True, out_indices={OUT_INDICES!r})\n"
+        + ("torch.manual_seed(0)  # the run's backbone is timm's random initialisation under seed 0\n"
+           if state.get("init") == "random" else "")
+        + f"body = timm.create_model({state['architecture']!r}, features_only=True, out_indices={OUT_INDICES!r})\n"
         + ("" if state.get("init") == "random" else
            f"weights = load_file({weights!r})  # the backbone (its classifier not used)\n"
            "body.load_state_dict({k: v for k, v in weights.items() if k in body.state_dict()})\n")
