@@ -14,6 +14,9 @@ def finetune_register_tasks(register):
     from finetune_vision.image_classification import ImageClassification
 
     register(ImageClassification)
+    from finetune_vision.segmentation import SemanticSegmentation
+
+    register(SemanticSegmentation)
 
 
 @hookimpl
