@@ -227,12 +227,16 @@ def plugins() -> None:
 @click.option("--text", "--prompt", "-t", "texts", multiple=True, help="An input given directly (repeatable): a text, "
               "a prompt, a file path.")
 @click.option("--batch-size", default=32, show_default=True)
+@click.option("--draw", "draw_dir", type=click.Path(path_type=Path),
+              help="Also draw the predictions as pictures in this folder (created if missing), for tasks that "
+                   "draw: boxes on each image (object-detection), masks and overlays (semantic-segmentation).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the run's backbone to run its own modelling code "
               "(needed when the run was trained with model.trust_remote_code; a run folder never allows it itself).")
 @_set_option("Change a setting of the run's recipe for this prediction, e.g. --set data.text_column=review "
              "(the input column a text task reads) or --set task.max_new_tokens=32 (repeatable).")
 def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, output_format: str,
-            texts: tuple[str, ...], batch_size: int, trust_remote_code: bool, overrides: tuple[str, ...]) -> None:
+            texts: tuple[str, ...], batch_size: int, draw_dir: Path | None, trust_remote_code: bool,
+            overrides: tuple[str, ...]) -> None:
     """Predict with the best adapter of the run in RUN_DIR (a run folder, or a Hub repo id it was pushed to).
 
     Inputs come from --text, --input, or lines on stdin. Each output row is the input
@@ -242,16 +246,26 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, ou
     quiet_libraries()
     from finetune.run.hub import find_run
     from finetune.run.inference import load_run
-    from finetune.run.predictions import check_output, predict_records, read_records, write_predictions
+    from finetune.run.predictions import (
+        check_draw,
+        check_output,
+        draw_predictions,
+        predict_records,
+        read_records,
+        write_predictions,
+    )
 
     output_format = check_output(output_path, output_format)  # before the model loads
     run_dir = find_run(str(run_dir))
     task, model, processor, _ = load_run(run_dir, list(overrides), trust_remote_code=trust_remote_code,
                                          announce=lambda line: click.echo(line, err=True))
+    check_draw(task, draw_dir)
     records = read_records(task, input_path, list(texts))
     stream = output_path is None and sys.stdout.isatty()
     rows = predict_records(task, model, processor, records, batch_size, stream=stream)
     write_predictions(rows, output_path, output_format)
+    if draw_dir is not None:
+        draw_predictions(task, rows, draw_dir)
 
 
 @cli.command()

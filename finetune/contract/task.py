@@ -324,6 +324,16 @@ class Task:
         (which ``finetune predict --set`` can override)."""
         raise NotImplementedError
 
+    def draw_predictions(self, rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+        """Pictures of predictions, for ``finetune predict ... --draw DIR``: boxes drawn on each image, a mask
+        and its overlay. ``rows`` are exactly what :meth:`predict` returned (the input fields and the
+        ``pred_*`` fields), after they were written out; ``folder`` exists (the core creates it) and may
+        already hold files. Write there and return the paths written (each must exist); name the files after
+        their inputs so that a user finds each picture (e.g. ``<image stem>.png``), and never overwrite one
+        picture with another of the same run. Default: not implemented -- then ``--draw`` is refused before
+        anything is predicted, naming the tasks that draw."""
+        raise NotImplementedError
+
     def predict_input_columns(self) -> list[str]:
         """Fields a prediction input must have; the first one receives ``--text`` values and stdin lines.
         Default: none (then only ``--input`` works).

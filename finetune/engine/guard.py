@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from finetune.contract.task import DataSplits, Task
@@ -342,6 +343,15 @@ def _check_optional_text(value: Any, *args: Any, **kwargs: Any) -> str | None:
     return None if value is None or isinstance(value, str) else f"returned {_kind(value)}; give a str or None"
 
 
+def _check_drawn(value: Any, *args: Any, **kwargs: Any) -> str | None:
+    if not isinstance(value, list) or not all(isinstance(p, (str, Path)) for p in value):
+        return f"returned {_kind(value)}; it must return the list of paths it wrote"
+    missing = [str(p) for p in value if not Path(p).is_file()]
+    if missing:
+        return f"returned paths that are not files: {missing[:3]}; return only the files it wrote"
+    return None
+
+
 def _check_records(value: Any, *args: Any, **kwargs: Any) -> str | None:
     if not isinstance(value, list) or not all(isinstance(r, Mapping) for r in value):
         return f"returned {_kind(value)}; it must return a list of dicts (one per input record)"
@@ -380,5 +390,6 @@ _RETURN_CHECKS: dict[str, Callable[..., str | None]] = {
     "speed_notes": _check_name_list,
     "predict_input_columns": _check_name_list,
     "read_predict_input": _check_records,
+    "draw_predictions": _check_drawn,
     "usage_snippet": _check_optional_text,
 }

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.contract.task import Task
 from finetune.engine.guard import PREDICTION_PREFIXES
 from finetune.errors import DataError
 
@@ -48,6 +49,31 @@ def predict_records(task: Any, model: Any, processor: Any, records: list[dict[st
 
     with torch.no_grad():
         return task.predict(model, processor, records, batch_size=batch_size, stream=stream)
+
+
+def check_draw(task: Any, folder: Path | None) -> None:
+    """``--draw DIR`` is refused (before anything is predicted) for a task that draws no pictures, and when
+    DIR is a file."""
+    if folder is None:
+        return
+    if not task.implements("draw_predictions"):
+        from finetune.engine.plugins import get_registry
+
+        drawing = sorted(name for name, info in get_registry().tasks.items()
+                         if getattr(info.cls, "draw_predictions", None) is not Task.draw_predictions)
+        which = f"the tasks that do: {', '.join(drawing)}" if drawing else "no installed task does"
+        raise DataError(f"--draw: the task {task.name!r} draws no pictures of its predictions ({which}); "
+                        "leave out --draw.")
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--draw: {folder} is a file; give a folder (it is created if missing).")
+
+
+def draw_predictions(task: Any, rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """The task's pictures of ``rows`` in ``folder`` (created if missing); prints where they went."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [Path(p) for p in task.draw_predictions(rows, folder)]
+    print(f"drew {len(written)} picture(s) in {folder}", file=sys.stderr)
+    return written
 
 
 #: Output formats by file suffix (``finetune predict --output``); ``--format`` chooses one whatever the suffix.

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import run_cli, write_csv
 
+from finetune.contract.task import Task
 from finetune.engine.console import Console
-from finetune.errors import RunError
+from finetune.errors import DataError, RunError
 from finetune.run.inference import load_run
 from finetune.run.session import open_session
 from finetune.run.training import run_recipe
@@ -221,3 +222,46 @@ def test_integer_labels_come_back_as_integers(make_recipe, tmp_path):
         out = task.predict(model, processor, [{"text": "good day"}])
     assert isinstance(out[0]["pred_label"], int) and out[0]["pred_label"] in (0, 1)
     assert set(out[0]) == {"text", "pred_label", "pred_score", "prob_0", "prob_1"}
+
+
+def test_draw_is_refused_for_a_task_that_draws_nothing(trained_run, tmp_path):
+    _, run = trained_run
+    result = run_cli("predict", str(run.path), "--text", "good day", "--draw", str(tmp_path / "pictures"))
+    assert result.returncode != 0
+    assert "--draw: the task 'text-classification' draws no pictures" in result.stderr
+    assert "object-detection" in result.stderr or "no installed task does" in result.stderr
+    assert not (tmp_path / "pictures").exists()  # refused before anything was predicted or created
+
+
+class _Drawing(Task):
+    name = "drawing-test"
+
+    def __init__(self, paths_returned=None) -> None:
+        self.paths_returned = paths_returned
+
+    def draw_predictions(self, rows, folder):
+        written = []
+        for row in rows:
+            path = folder / f"{row['id']}.txt"
+            path.write_text(str(row["pred_label"]))
+            written.append(path)
+        return written if self.paths_returned is None else self.paths_returned
+
+
+def test_draw_predictions_writes_in_the_folder_and_checks_what_the_task_returns(tmp_path):
+    from finetune.engine.guard import GuardedTask
+    from finetune.errors import PluginError
+    from finetune.run.predictions import check_draw, draw_predictions
+
+    rows = [{"id": "a", "pred_label": 1}, {"id": "b", "pred_label": 0}]
+    task = GuardedTask(_Drawing(), "test-plugin")
+    check_draw(task, tmp_path / "new")
+    written = draw_predictions(task, rows, tmp_path / "new" / "deeper")
+    assert [p.name for p in written] == ["a.txt", "b.txt"] and written[0].read_text() == "1"
+
+    liar = GuardedTask(_Drawing(paths_returned=[tmp_path / "never-written.png"]), "test-plugin")
+    with pytest.raises(PluginError, match="test-plugin: _Drawing.draw_predictions returned paths that are not files"):
+        draw_predictions(liar, rows, tmp_path / "again")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DataError, match="is a file; give a folder"):
+        check_draw(task, tmp_path / "a-file")
