@@ -4,7 +4,8 @@ decoder from torchvision, trained in full while LoRA adapts the backbone.
 Decoders (``task.decoder``):
 
 * ``"fpn"`` (default): ``torchvision.ops.FeaturePyramidNetwork`` over the stride 4/8/16/32 features (no
-  normalisation layers), then a 3x3 convolution + ReLU + a 1x1 classifier on the finest (stride 4) level.
+  normalisation layers), its four levels upsampled to stride 4 and summed (as Panoptic FPN's semantic
+  branch, lighter), then a 3x3 convolution + ReLU + a 1x1 classifier.
 * ``"lraspp"``: torchvision's LR-ASPP head (``torchvision.models.segmentation.lraspp.LRASPPHead``, the
   MobileNetV3 segmentation head) on the stride 8 and stride 32 features.
 
@@ -37,8 +38,11 @@ class FPNDecoder(nn.Module):
                                   nn.Conv2d(width, num_classes, 1))
 
     def forward(self, features: list[Any]) -> Any:
-        levels = self.fpn({str(i): f for i, f in enumerate(features)})
-        return self.head(levels["0"])
+        levels = list(self.fpn({str(i): f for i, f in enumerate(features)}).values())
+        size = levels[0].shape[-2:]  # every level (each trained: DDP needs them all) summed at stride 4
+        fused = levels[0] + sum(nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                                for x in levels[1:])
+        return self.head(fused)
 
 
 class LRASPPDecoder(nn.Module):
@@ -160,7 +164,9 @@ def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
             "        self.head = torch.nn.Sequential(torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU(),\n"
             "                                        torch.nn.Conv2d(width, num_classes, 1))\n\n"
             "    def forward(self, features):\n"
-            "        return self.head(self.fpn({str(i): f for i, f in enumerate(features)})['0'])\n")
+            "        levels = list(self.fpn({str(i): f for i, f in enumerate(features)}).values())\n"
+            "        return self.head(levels[0] + sum(torch.nn.functional.interpolate(x, size=levels[0].shape[-2:],\n"
+            "                                                                     mode='bilinear') for x in levels[1:]))\n")
         imports = "from torchvision.ops import FeaturePyramidNetwork\n"
     else:
         decoder_code = (
