@@ -35,8 +35,8 @@ def read_mask(path: str | Path) -> Any:
     with Image.open(path) as image:
         image.load()
         mode = image.mode
-        if mode == "P" or mode == "L" or mode == "1":
-            arr = np.asarray(image, dtype=np.int64) if mode != "1" else np.asarray(image, dtype=np.int64)
+        if mode in ("P", "L", "1"):  # palette: the indices, not the colours; 1-bit: 0 and 1
+            arr = np.asarray(image).astype(np.int64)
         elif mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
             arr = np.asarray(image).astype(np.int64)
         elif mode in ("RGB", "RGBA", "LA", "PA"):

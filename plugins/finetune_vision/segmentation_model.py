@@ -165,8 +165,9 @@ def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
             "                                        torch.nn.Conv2d(width, num_classes, 1))\n\n"
             "    def forward(self, features):\n"
             "        levels = list(self.fpn({str(i): f for i, f in enumerate(features)}).values())\n"
-            "        return self.head(levels[0] + sum(torch.nn.functional.interpolate(x, size=levels[0].shape[-2:],\n"
-            "                                                                     mode='bilinear') for x in levels[1:]))\n")
+            "        size = levels[0].shape[-2:]\n"
+            "        up = [torch.nn.functional.interpolate(x, size=size, mode='bilinear') for x in levels[1:]]\n"
+            "        return self.head(levels[0] + sum(up))\n")
         imports = "from torchvision.ops import FeaturePyramidNetwork\n"
     else:
         decoder_code = (

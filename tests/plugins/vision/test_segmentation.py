@@ -235,6 +235,10 @@ def test_tiny_run_predicts_draws_and_the_card_snippet_reproduces_it(seg_recipe, 
     assert drawn.mode == "P" and (np.asarray(drawn) == mask).all()
     assert Image.open(out / "img_00_overlay.png").size == (40, 40)
     assert len(list(out.iterdir())) == 24
+    # `finetune evaluate` scores a labelled folder (images/ + masks/) with the run: the same metric keys
+    scored = run_cli("evaluate", str(run.path), "--input", str(folder))
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "mean_iou" in scored.stdout and "pixel_accuracy" in scored.stdout
     # the card's snippet: plain timm + torchvision + peft, same mask
     card = (run.path / "README.md").read_text()
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
