@@ -62,6 +62,35 @@ def test_metrics_sum_confusions_of_examples_and_a_class_only_predicted_counts_as
     assert m["mean_iou"] == pytest.approx(0.5) and m["pixel_accuracy"] == pytest.approx(0.75)
 
 
+def test_loss_ignores_pixels_and_adds_dice_when_asked():
+    from types import SimpleNamespace
+
+    from finetune_vision.segmentation import SemanticSegmentation
+
+    task = SemanticSegmentation.__new__(SemanticSegmentation)
+    task.state = {"classes": ["bg", "fg"], "ignore_index": 255}
+    task.recipe = SimpleNamespace(task=SimpleNamespace(dice_weight=0.0))
+    labels = torch.tensor([[[0, 1], [1, 255]]])
+    right = torch.tensor([[[[9.0, -9.0], [-9.0, 0.0]], [[-9.0, 9.0], [9.0, 0.0]]]])  # [1, 2, 2, 2]
+    wrong_where_ignored = right.clone()
+    wrong_where_ignored[0, :, 1, 1] = torch.tensor([-50.0, 50.0])
+    ce = task._loss(right, labels)
+    mild = right / 9  # margins of 2: each scored pixel's cross-entropy is softplus(-2)
+    assert float(task._loss(mild, labels)) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(-2.0))))
+    assert float(task._loss(wrong_where_ignored, labels)) == pytest.approx(float(ce))  # the ignored pixel: no loss
+    all_ignored = torch.full_like(labels, 255)
+    assert float(task._loss(right, all_ignored)) == 0.0  # not NaN
+    task.recipe.task.dice_weight = 1.0
+    assert float(task._loss(right, labels)) == pytest.approx(float(ce), abs=1e-4)  # perfect: Dice loss ~0
+    flipped = -right  # every scored pixel wrong; the ignored one is left out of the Dice sums too
+    # per class (2 * overlap + 1) / (predicted + reference pixels + 1): bg 1 / (2 + 1 + 1), fg 1 / (1 + 2 + 1)
+    soft_dice = 1 - (1 / 4 + 1 / 4) / 2
+    task.recipe.task.dice_weight = 0.0
+    ce_flipped = float(task._loss(flipped, labels))
+    task.recipe.task.dice_weight = 1.0
+    assert float(task._loss(flipped, labels)) - ce_flipped == pytest.approx(soft_dice, abs=1e-3)
+
+
 # -- transforms --------------------------------------------------------------------------------------------
 
 
