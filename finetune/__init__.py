@@ -17,6 +17,14 @@ from finetune.contract.hookspecs import HOOK_VERSION as FINETUNE_HOOK_VERSION
 from finetune.contract.hookspecs import hookimpl
 from finetune.contract.labels import label_text, sorted_labels
 from finetune.contract.layers import attention_projections, resolve_layers, transformer_layers
+from finetune.contract.multilabel import (
+    average_precisions,
+    multi_hot,
+    multilabel_metrics,
+    multilabel_report,
+    parse_labels,
+    tune_thresholds,
+)
 from finetune.contract.recipe import DataOptions, PathStr, Recipe, TaskOptions
 from finetune.contract.rewards import RewardFunction
 from finetune.contract.tables import load_table, read_jsonl, require_columns, split_frame
@@ -50,6 +58,7 @@ __all__ = [
     "Task",
     "TaskOptions",
     "attention_projections",
+    "average_precisions",
     "cache_root",
     "cached_folder",
     "did_you_mean",
@@ -60,8 +69,12 @@ __all__ = [
     "load_run",
     "load_table",
     "missing_input_column",
+    "multi_hot",
+    "multilabel_metrics",
+    "multilabel_report",
     "open_dataset",
     "package_dir",
+    "parse_labels",
     "read_jsonl",
     "require_columns",
     "resolve_layers",
@@ -69,5 +82,6 @@ __all__ = [
     "sorted_labels",
     "split_frame",
     "transformer_layers",
+    "tune_thresholds",
     "upstream_id_of",
 ]

@@ -36,6 +36,10 @@ def launch(argv: list[str], *, num_processes: int, num_machines: int, machine_ra
            "--machine_rank", str(machine_rank), "--dynamo_backend", "no", "--mixed_precision", "no"]
     if main_process_ip:
         cmd += ["--main_process_ip", main_process_ip]
+    if not main_process_port and num_machines == 1:
+        # Accelerate's fixed default (29500) makes a second multi-process run on the same machine fail with
+        # "address already in use"; on one machine any free port serves.
+        main_process_port = free_port()
     if main_process_port:
         cmd += ["--main_process_port", str(main_process_port)]
     env = dict(os.environ)
@@ -44,6 +48,15 @@ def launch(argv: list[str], *, num_processes: int, num_machines: int, machine_ra
         env["ACCELERATE_USE_CPU"] = "1"
     cmd += ["-m", "finetune.cli", *strip_launch_options(argv)]
     return subprocess.call(cmd, env=env)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def launcher_main(argv: list[str]) -> int:

@@ -7,14 +7,16 @@ no label. Model: a sequence-classification head with one sigmoid output per labe
 cross-entropy. Each label's decision threshold is tuned on the eval split at every evaluation (the
 value, on a 0.05..0.95 grid, that maximises that label's F1); the thresholds of the selected checkpoint
 are saved with its adapter and used by ``predict``, ``finetune evaluate`` and the test split. Metrics:
-micro-F1 (selects the checkpoint), macro-F1, subset accuracy (every label right), the same three at a
-fixed 0.5 threshold (``*_at05``: not tuned on the data they score), and a per-label report. Baseline:
+micro-F1 (selects the checkpoint), macro-F1, subset accuracy (every label right), mAP (mean per-label
+average precision, threshold-free), the same three at a fixed 0.5 threshold (``*_at05``: not tuned on
+the data they score), and a per-label report. The label parsing, threshold tuning and metrics are the
+core's (``finetune.parse_labels``, ``tune_thresholds``, ``multilabel_report``), shared with the vision
+plugin's ``multi-label-image-classification``. Baseline:
 word and bigram TF-IDF + one-vs-rest logistic regression on the same split.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +27,20 @@ from finetune import (
     DataOptions,
     DataSplits,
     PathStr,
-    label_text,
     load_table,
+    multi_hot,
+    multilabel_metrics,
+    multilabel_report,
+    parse_labels,
     require_columns,
     sorted_labels,
+    tune_thresholds,
 )
 from finetune_nlp.text_classification import TextClassificationOptions
 from finetune_nlp.text_shared import EncodedDataset, EncoderClassifier, is_integer, row_locations, table_splits
 
-#: The thresholds tried for each label.
-THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 #: Per-example batch key marking the eval split, whose predictions tune the thresholds.
 TUNE_KEY = "tune_thresholds"
-#: The file beside the adapter that holds the task's state (written by the core).
 
 
 class MultiLabelData(DataOptions):
@@ -68,7 +71,7 @@ class MultiLabelClassification(EncoderClassifier):
     task_options = MultiLabelOptions
     data_options = MultiLabelData
     default_metric = "micro_f1"
-    metric_names = ("micro_f1", "macro_f1", "subset_accuracy", "micro_f1_at05", "macro_f1_at05",
+    metric_names = ("micro_f1", "macro_f1", "subset_accuracy", "map", "micro_f1_at05", "macro_f1_at05",
                     "subset_accuracy_at05")
     pipeline_tag = "text-classification"
     library_name = "peft"
@@ -200,13 +203,7 @@ class MultiLabelClassification(EncoderClassifier):
             self.state["thresholds"] = {label: float(t) for label, t in zip(labels, thresholds)}
         else:
             thresholds = self._selected_thresholds()
-        metrics = multilabel_metrics(probs >= np.asarray(thresholds), refs, labels)
-        fixed = multilabel_metrics(probs >= 0.5, refs, labels)
-        per_label = metrics.pop("per_label")
-        for label, t in zip(labels, thresholds):
-            per_label[label]["threshold"] = float(t)
-        return {**metrics, **{f"{k}_at05": v for k, v in fixed.items() if k != "per_label"},
-                "per_label": per_label}
+        return multilabel_report(probs, refs, labels, thresholds)
 
     def _selected_thresholds(self) -> list[float]:
         """The thresholds in the state: the selected adapter's after training (the core restores its saved
@@ -276,86 +273,3 @@ class MultiLabelClassification(EncoderClassifier):
 
 def _row_numbers(rows: list[int]) -> str:
     return "row(s) " + ", ".join(str(i + 1) for i in rows)
-
-
-def parse_labels(value: Any, delimiter: str) -> list[str]:
-    """One row's labels, distinct, in the order written: a list, a JSON list as text, or a delimited
-    string. ValueError for a missing or blank value (a row with no label is written ``[]``)."""
-    import numpy as np
-
-    if isinstance(value, np.ndarray):  # a list column read from parquet
-        value = value.tolist()
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            raise ValueError("empty; write [] for a row with no label.")
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except ValueError as exc:
-                raise ValueError(f"{text[:60]!r} starts like a JSON list but is not one ({exc.msg}).") from None
-            if not isinstance(value, list):
-                raise ValueError(f"{text[:60]!r} is not a JSON list.")
-        else:
-            value = text.split(delimiter)
-    elif value is None or (isinstance(value, float) and value != value):
-        raise ValueError("empty; write [] for a row with no label.")
-    elif not isinstance(value, (list, tuple)):
-        value = [value]
-    labels: list[str] = []
-    for item in value:
-        if isinstance(item, (list, dict)) or item is None:
-            raise ValueError(f"{item!r} in {value!r} is not a label (a string or an integer).")
-        label = label_text(item).strip()
-        if label and label not in labels:
-            labels.append(label)
-    return labels
-
-
-def multi_hot(rows: list[list[str]], labels: list[str]) -> Any:
-    """A ``[rows, labels]`` 0/1 float array."""
-    import numpy as np
-
-    index = {label: i for i, label in enumerate(labels)}
-    out = np.zeros((len(rows), len(labels)), dtype=np.float32)
-    for r, row in enumerate(rows):
-        for label in row:
-            out[r, index[label]] = 1.0
-    return out
-
-
-def tune_thresholds(probs: Any, refs: Any, grid: tuple[float, ...] = THRESHOLD_GRID) -> list[float]:
-    """Per label, the threshold of ``grid`` with the highest F1 on (``probs``, ``refs``); ties go to the one
-    nearest 0.5. A label with no positive example scores 1 where nothing is predicted (no false positive)."""
-    import numpy as np
-
-    probs, refs = np.asarray(probs, dtype=float), np.asarray(refs, dtype=bool)
-    chosen = []
-    for j in range(probs.shape[1]):
-        best, best_key = 0.5, None
-        for t in grid:
-            pred = probs[:, j] >= t
-            tp = int(np.sum(pred & refs[:, j]))
-            wrong = int(np.sum(pred != refs[:, j]))  # false positives + false negatives
-            f1 = 1.0 if tp + wrong == 0 else 2 * tp / (2 * tp + wrong)
-            key = (f1, -abs(t - 0.5))
-            if best_key is None or key > best_key:
-                best, best_key = t, key
-        chosen.append(float(best))
-    return chosen
-
-
-def multilabel_metrics(pred: Any, refs: Any, labels: list[str]) -> dict[str, Any]:
-    """micro-F1, macro-F1, subset accuracy and a per-label report from ``[examples, labels]`` 0/1 arrays."""
-    import numpy as np
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
-
-    pred, refs = np.asarray(pred, dtype=int), np.asarray(refs, dtype=int)
-    p, r, f, s = precision_recall_fscore_support(refs, pred, average=None, zero_division=0)
-    return {
-        "micro_f1": float(f1_score(refs, pred, average="micro", zero_division=0)),
-        "macro_f1": float(f1_score(refs, pred, average="macro", zero_division=0)),
-        "subset_accuracy": float(accuracy_score(refs, pred)),
-        "per_label": {label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                              "support": int(s[i])} for i, label in enumerate(labels)},
-    }

@@ -1,4 +1,5 @@
-"""Built-in vision task family for finetune: image classification on timm and transformers backbones.
+"""Built-in vision task family for finetune: image classification (single- and multi-label) on timm and
+transformers backbones.
 
 Registered through the ``finetune`` entry-point group exactly like a third-party plugin. This module
 stays light (no torch/timm/transformers imports): the CLI imports it at every start.
@@ -14,6 +15,10 @@ def finetune_register_tasks(register):
     from finetune_vision.image_classification import ImageClassification
 
     register(ImageClassification)
+    from finetune_vision.multi_label_images import MultiLabelImageClassification
+
+    register(MultiLabelImageClassification)
+
     from finetune_vision.segmentation import SemanticSegmentation
 
     register(SemanticSegmentation)

@@ -15,7 +15,6 @@ adapter reproduces the trained model exactly. Full fine-tuning trains them and s
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,31 +22,21 @@ from pydantic import Field
 
 from finetune import (
     DataError,
-    DataOptions,
     DataSplits,
     PathStr,
-    RecipeError,
-    Task,
-    TaskOptions,
     label_text,
     load_table,
     require_columns,
     sorted_labels,
     split_frame,
 )
-from finetune_vision.images import (
-    EVAL_FOLDER_NAMES,
-    IMAGE_EXTENSIONS,
-    check_images,
-    list_image_files,
-    load_rgb,
-)
+from finetune_vision.image_task import BackboneOptions, ImageBackboneTask, ImageData, ImageDataset, image_sources
+from finetune_vision.images import EVAL_FOLDER_NAMES, IMAGE_EXTENSIONS
 
 SOURCES = ("sklearn-digits",)
-_HEAD_NAMES = ("classifier", "head", "fc", "score")
 
 
-class ImageClassificationData(DataOptions):
+class ImageClassificationData(ImageData):
     source_keys = ("train", "source", "dataset")
 
     train: PathStr | None = Field(
@@ -63,34 +52,14 @@ class ImageClassificationData(DataOptions):
                                                    "feature or encoded image bytes.")
     label_column: str = Field("label", description="Table/dataset column with labels: strings or integers, or with "
                                                    "`dataset` a ClassLabel (its names become the label names).")
-    on_bad_image: Literal["fail", "skip"] = Field(
-        "fail", description="Missing or undecodable images: 'fail' lists them and stops before training; "
-                            "'skip' lists them and trains without them.")
-    image_size: int | None = Field(None, gt=0, le=2048, description="Input side in pixels; default: the "
-                                                                     "backbone's pretrained input size.")
-    crop_pct: float | None = Field(None, gt=0, le=1, description="Eval centre crop as a fraction of the resized "
-                                   "image (1.0: no crop); default: the backbone's pretrained crop_pct.")
-    random_resized_crop: bool = Field(False, description="Training augmentation: random resized crop.")
-    crop_scale_min: float = Field(0.35, gt=0, le=1, description="Smallest area fraction of a random resized crop.")
-    hflip: bool = Field(False, description="Training augmentation: random horizontal flip.")
-    auto_augment: Literal["none", "trivial", "randaugment"] = Field(
-        "none", description="Training augmentation policy: TrivialAugmentWide or RandAugment.")
-    randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude.")
 
 
-class ImageClassificationOptions(TaskOptions):
-    init: Literal["pretrained", "random"] = Field(
-        "pretrained", description="'random': the same architecture from random initialisation (a from-scratch "
-                                  "baseline; use with peft.method = 'full').")
+class ImageClassificationOptions(BackboneOptions):
     top_k: int = Field(5, gt=0, description="k of the top-k accuracy metric and of the classes predict prints.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
-    fold_batchnorm: bool = Field(
-        True, description="With LoRA or a linear probe, compute each frozen BatchNorm folded into the frozen "
-                          "convolution before it (the same function, ~1.4x faster training of MobileNet-style CNNs "
-                          "on CPU; float rounding differs). The adapter and the saved model are unchanged.")
 
 
-class ImageClassification(Task):
+class ImageClassification(ImageBackboneTask):
     name = "image-classification"
     description = "Classify images with a timm or transformers backbone (LoRA, linear probe or full)."
     task_options = ImageClassificationOptions
@@ -103,7 +72,6 @@ class ImageClassification(Task):
                          "pred_label_<k>": "the k-th most likely label, k = 1 .. task.top_k",
                          "pred_score_<k>": "its probability",
                          "pred_error": "why the image could not be read (only then)"}
-    library_name = "peft"
 
     # -- data ----------------------------------------------------------
     def _train_location(self) -> tuple[str, str]:
@@ -149,18 +117,6 @@ class ImageClassification(Task):
         if data.group_column:
             out[data.group_column] = df[data.group_column].astype(str).values
         return out
-
-    def _drop_bad_images(self, df, key: str):
-        bad = check_images(_sources(df), df["image"].tolist())
-        if not bad:
-            return df, []
-        shown = "; ".join(f"{p} ({why})" for p, why in bad[:10]) + (" ..." if len(bad) > 10 else "")
-        if self.recipe.data.on_bad_image == "fail":
-            raise DataError(f"{key}: {len(bad)} of {len(df)} image(s) are missing or unreadable: {shown}. Fix or "
-                            "remove them, or set data.on_bad_image = \"skip\" to train without them.")
-        print(f"warning: {key}: skipping {len(bad)} of {len(df)} unreadable image(s): {shown}", file=sys.stderr)
-        names = {p for p, _ in bad}
-        return df[~df["image"].isin(names)].reset_index(drop=True), [p for p, _ in bad]
 
     def prepare_data(self) -> DataSplits:
         data = self.recipe.data
@@ -253,101 +209,17 @@ class ImageClassification(Task):
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
         label_ids = {label: i for i, label in enumerate(self.state["labels"])}
         transform = processor.transform(training=training, options=self.recipe.data)
-        return _ImageDataset(_sources(examples), [label_ids[v] for v in examples["label"]], transform,
-                             examples["image"].tolist())
+        return ImageDataset(image_sources(examples), [label_ids[v] for v in examples["label"]], transform,
+                            examples["image"].tolist())
 
     def collate_fn(self, processor: Any):
         return _collate
-
-    # -- model ---------------------------------------------------------
-    def load_model(self, backbone: Any) -> tuple[Any, Any]:
-        import torch
-
-        # A random-init network with frozen BatchNorm statistics produces subnormal floats that halve CPU speed.
-        torch.set_flush_denormal(True)
-        from finetune_vision.models import load_backbone_model
-
-        data = self.recipe.data
-        model, processor, facts = load_backbone_model(backbone, self.state["labels"], self.recipe.task.init,
-                                                      data.image_size, data.crop_pct)
-        self.state.update(facts)
-        # more than one convolution (a ViT has one, its patch embedding): a CNN, fed channels-last input
-        self._channels_last = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
-        return model, processor
-
-    def lora_targets(self, model: Any) -> list[str]:
-        import torch.nn as nn
-
-        heads = set(self.modules_to_save(model))
-
-        def in_head(name: str) -> bool:
-            return any(name == h or name.startswith(h + ".") for h in heads)
-
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not in_head(n)]
-        if linears:  # transformer-style (ViT, ConvNeXt, MLP-Mixer...): attention and MLP projections
-            return linears
-        convs = [n for n, m in model.named_modules()
-                 if isinstance(m, nn.Conv2d) and m.groups == 1 and not in_head(n)]
-        if convs:  # CNNs: every non-depthwise convolution (for MobileNets: the pointwise ones and the stem)
-            return convs
-        raise RecipeError("peft.target_modules: found no Linear or (non-depthwise) Conv2d layer outside the head; "
-                          "set peft.target_modules to module names of this model.")
-
-    def modules_to_save(self, model: Any) -> list[str]:
-        from finetune_vision.models import head_module_names
-
-        return head_module_names(model)
-
-    def train_mode(self, model: Any) -> None:
-        model.train()
-        if self.recipe.peft.method != "full":
-            from torch.nn.modules.batchnorm import _BatchNorm
-
-            for module in model.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
 
     # -- training and evaluation -----------------------------------------
     def _loss(self, logits: Any, labels: Any) -> Any:
         import torch.nn.functional as F
 
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.task.label_smoothing)
-
-    def speed_notes(self) -> list[str]:
-        if not self._folds_batchnorm():
-            return []
-        return ["task.fold_batchnorm: each frozen batch normalisation is merged into the convolution before it: "
-                "faster; results equal within rounding (set it to false to compute them separately)"]
-
-    def _folds_batchnorm(self) -> bool:
-        return self.recipe.task.fold_batchnorm and self.recipe.peft.method != "full"
-
-    def _fold_batchnorm(self, model: Any, pixel_values: Any) -> None:
-        """On a model's first batch: fold its frozen BatchNorms into their convolutions
-        (finetune_vision.batchnorm_fold); the count is kept on the model."""
-        model._finetune_batchnorm_folded = 0  # set first: the fold's own forward passes come back here
-        from finetune_vision.batchnorm_fold import fold_batchnorm
-
-        probe = pixel_values[:2]
-        folded, found = fold_batchnorm(model, lambda: self._logits(model, probe))
-        model._finetune_batchnorm_folded = folded
-        if found and not folded:
-            print(f"warning: task.fold_batchnorm: the folded model's output differs from the unfolded one on the "
-                  f"first batch, so its {found} BatchNorm layers are computed separately (slower, same results)",
-                  file=sys.stderr)
-
-    def _logits(self, model: Any, pixel_values: Any) -> Any:
-        if getattr(model, "_finetune_batchnorm_folded", None) is None and self._folds_batchnorm():
-            self._fold_batchnorm(model, pixel_values)
-        if getattr(self, "_channels_last", False):
-            # oneDNN's convolutions (and their backward) run ~1.2-1.3x faster on channels-last input on CPU
-            # (MobileNetV2 at 96 px, measured); only the input is converted, the weights stay as saved
-            import torch
-
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        # e.g. interpolate_pos_encoding=True for a transformers ViT at a non-native image size
-        out = model(pixel_values, **(self.state.get("forward_kwargs") or {}))
-        return getattr(out, "logits", out)
 
     def training_loss(self, model: Any, batch: dict[str, Any]) -> Any:
         return self._loss(self._logits(model, batch["pixel_values"]), batch["labels"])
@@ -383,96 +255,29 @@ class ImageClassification(Task):
             plot_confusion_matrix(matrix, self.state["labels"], run_path / "confusion_matrix.png",
                                   title=f"{self.name}: best eval (accuracy {metrics['best'].get('accuracy', 0):.3f})")
 
-    # -- inference -----------------------------------------------------
-    def predict_input_columns(self) -> list[str]:
-        return [self.recipe.data.image_column]
-
-    def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
-        path = Path(path)
-        column = self.recipe.data.image_column
-        from finetune_vision.hf_datasets import is_datasets_input
-
-        if path.is_dir() and not is_datasets_input(path):
-            files = list_image_files(path)
-            if not files:
-                raise DataError(f"--input: {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-            return [{column: str(f)} for f in files]
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            return [{column: str(path)}]
-        from finetune_vision.hf_datasets import predict_records
-
-        if is_datasets_input(path):  # a save_to_disk folder, .parquet or .arrow: Image features, bytes or paths
-            return predict_records(path, self.recipe.data)
-        records = super().read_predict_input(path)  # a table: its columns kept, image paths relative to it
-        for record in records:
-            image = Path(str(record[column]))
-            record[column] = str(image if image.is_absolute() else (path.parent / image).resolve())
-        return records
-
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
                 batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
         import torch
 
         labels = self.state["labels"]
-        column = self.recipe.data.image_column
         k = min(self.recipe.task.top_k, len(labels))
-        transform = processor.transform(training=False, options=self.recipe.data)
-        device = next(model.parameters()).device
         rows: list[dict[str, Any]] = []
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            out: list[dict[str, Any]] = [{} for _ in chunk]  # in input order, readable images or not
-            tensors, ok = [], []
-            for position, record in enumerate(chunk):
-                try:
-                    tensors.append(transform(load_rgb(record.get("source", record[column]))))
-                    ok.append(position)
-                except Exception as exc:  # noqa: BLE001 - one bad file must not lose the others
-                    out[position] = {**_shown(record), "pred_label": None, "pred_score": None,
-                                     "pred_error": f"{type(exc).__name__}: {str(exc)[:120]}"}
-            if tensors:
-                probs = torch.softmax(self._logits(model, torch.stack(tensors).to(device)).float(), dim=-1).cpu()
-                for position, p in zip(ok, probs):
-                    values, indices = p.topk(k)
-                    row = {**_shown(chunk[position]), "pred_label": labels[int(indices[0])],
-                           "pred_score": float(values[0])}
-                    for j, (v, i) in enumerate(zip(values, indices), start=1):
-                        row[f"pred_label_{j}"] = labels[int(i)]
-                        row[f"pred_score_{j}"] = float(v)
-                    out[position] = row
-            rows += out
+        for record, logits, error in self._image_logits(model, processor, records, batch_size):
+            if logits is None:
+                rows.append({**record, "pred_label": None, "pred_score": None, "pred_error": error})
+                continue
+            values, indices = torch.softmax(logits, dim=-1).topk(k)
+            row = {**record, "pred_label": labels[int(indices[0])], "pred_score": float(values[0])}
+            for j, (v, i) in enumerate(zip(values, indices), start=1):
+                row[f"pred_label_{j}"] = labels[int(i)]
+                row[f"pred_score_{j}"] = float(v)
+            rows.append(row)
         return rows
 
     def usage_snippet(self, base: str) -> str:
         from finetune_vision.models import usage_snippet
 
         return usage_snippet(self.state, base, self.recipe.peft.method)
-
-
-def _shown(record: dict[str, Any]) -> dict[str, Any]:
-    """A predict record without the encoded image bytes (not for output files)."""
-    return {k: v for k, v in record.items() if k != "source"}
-
-
-def _sources(frame: Any) -> list[Any]:
-    """Per row: the image file path, or encoded bytes (``source`` column, from a datasets source)."""
-    return (frame["source"] if "source" in frame.columns else frame["image"]).tolist()
-
-
-class _ImageDataset:
-    def __init__(self, sources: list[Any], labels: list[int], transform: Any, names: list[str]) -> None:
-        self.sources, self.labels, self.transform, self.names = sources, labels, transform, names
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        try:
-            image = load_rgb(self.sources[i])
-        except Exception as exc:  # noqa: BLE001 - checked in prepare_data; changed on disk since
-            raise DataError(f"image {self.names[i]} became unreadable during training "
-                            f"({type(exc).__name__}: {exc}); fix it and resume with --resume.") from None
-        return {"pixel_values": self.transform(image), "labels": self.labels[i]}
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:

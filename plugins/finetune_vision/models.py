@@ -315,9 +315,12 @@ def head_module_names(model: Any) -> list[str]:
     return [n for n in _HF_HEAD_NAMES if n in names][:1]
 
 
-def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
+def usage_snippet(state: dict[str, Any], base: str, method: str, thresholds: list[float] | None = None) -> str:
+    """Plain timm/transformers + peft code that loads the adapter and classifies ``image.jpg``: the most
+    likely label, or with ``thresholds`` (multi-label) every label whose sigmoid reaches its threshold."""
     labels = state.get("labels", [])
     pre = state.get("preprocess", {})
+    forward_kwargs = state.get("forward_kwargs") or {}
     load = ("model = PeftModel.from_pretrained(model, 'adapter').eval()  # the run's adapter/ folder"
             if method == "lora" else
             "model.load_state_dict(load_file('adapter/trained.safetensors'), strict=False)\nmodel.eval()")
@@ -340,7 +343,7 @@ def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
             "                       and v.shape == model.state_dict()[k].shape}, strict=False)\n"
             f"{load}\n{transform}"
             "x = transform(Image.open('image.jpg').convert('RGB'))[None]\n"
-            "print(labels[model(x).argmax(-1).item()])")
+            + _decision("model(x)", thresholds))
     return (
         "import torch\nfrom peft import PeftModel\nfrom PIL import Image\nfrom safetensors.torch import load_file\n"
         "from transformers import AutoModelForImageClassification\n\n"
@@ -349,6 +352,14 @@ def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
         "                                                        ignore_mismatched_sizes=True)\n"
         f"{load}\n{transform}"
         "x = transform(Image.open('image.jpg').convert('RGB'))[None]\n"
-        "print(labels[model(pixel_values=x"
-        + "".join(f", {k}={v!r}" for k, v in (state.get("forward_kwargs") or {}).items())
-        + ").logits.argmax(-1).item()])")
+        + _decision("model(pixel_values=x" + "".join(f", {k}={v!r}" for k, v in forward_kwargs.items()) + ").logits",
+                    thresholds))
+
+
+def _decision(logits: str, thresholds: list[float] | None) -> str:
+    if thresholds is None:
+        return f"print(labels[{logits}.argmax(-1).item()])"
+    return (f"thresholds = {[round(float(t), 2) for t in thresholds]!r}  # per label, tuned on the eval split\n"
+            "with torch.no_grad():\n"
+            f"    probs = {logits}.sigmoid()[0].tolist()\n"
+            "print([name for name, p, t in zip(labels, probs, thresholds) if p >= t])")

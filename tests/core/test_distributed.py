@@ -57,3 +57,24 @@ def test_user_errors_in_a_multi_process_run_are_clear_without_a_launcher_traceba
     assert "error: data.label_column: column 'nope' not found" in data.stderr
     assert "Traceback" not in data.stderr and "ChildFailedError" not in data.stderr
     assert "stopped with exit code 2" in data.stderr
+
+
+def test_a_single_machine_launch_takes_a_free_port_unless_told_one(monkeypatch):
+    """Accelerate's fixed default port made a second multi-process run on the same machine fail."""
+    import socket
+
+    from finetune.cli import launch as launch_module
+
+    calls = []
+    monkeypatch.setattr(launch_module.subprocess, "call", lambda cmd, env: calls.append(cmd) or 0)
+    common = dict(num_processes=2, num_machines=1, machine_rank=0, main_process_ip=None)
+    for _ in range(2):
+        launch_module.launch(["run", "r.toml"], main_process_port=None, **common)
+    ports = [int(cmd[cmd.index("--main_process_port") + 1]) for cmd in calls]
+    for port in ports:  # free now: it can be bound
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    launch_module.launch(["run", "r.toml"], main_process_port=29999, **common)
+    assert calls[-1][calls[-1].index("--main_process_port") + 1] == "29999"
+    launch_module.launch(["run", "r.toml"], main_process_port=None, **{**common, "num_machines": 2})
+    assert "--main_process_port" not in calls[-1]  # several machines: the user must name the port

@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import NEGATIVE, NEUTRAL, POSITIVE, assert_resume_equals_uninterrupted, run_cli, write_csv
 
+from finetune import multilabel_metrics, parse_labels, tune_thresholds
 from finetune.engine.run_folder import RunDir
 from finetune.errors import DataError
 from finetune.run.inference import load_run
 from finetune.run.session import open_session
-from finetune_nlp.multi_label import multilabel_metrics, parse_labels, tune_thresholds
 
 
 def tagged_rows(n: int, seed: int = 0) -> list[dict]:
@@ -221,7 +221,7 @@ def test_run_saves_the_selected_checkpoints_thresholds_and_scores_the_test_file_
     _, run, _, result = trained
     metrics = json.loads(run.metrics_file.read_text())
     assert metrics["best"]["step"] != metrics["last"]["step"], "precondition: the selected adapter is not the last"
-    for key in ("micro_f1", "macro_f1", "subset_accuracy", "micro_f1_at05", "eval_loss"):
+    for key in ("micro_f1", "macro_f1", "subset_accuracy", "map", "micro_f1_at05", "eval_loss"):
         assert key in metrics["best"] and key in metrics["test"] and key in metrics["before"]
     assert set(metrics["baseline"]) >= {"name", "micro_f1", "macro_f1", "subset_accuracy"}
     saved = json.loads((run.adapter_dir / "finetune_task.json").read_text())
