@@ -27,10 +27,12 @@ $(EXAMPLE_STAMP): $(STAMP) $(EXAMPLE_PLUGIN)/pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/finetune run recipes/text-quickstart.toml
 
-## Set up and run the whole test suite (unit + integration with real weights).
+## Set up and run the whole test suite (unit + integration with real weights), two tests at a time
+## (pytest-xdist; `-p no:xdist` runs them one by one). Each worker runs torch single-threaded, so the two
+## never fight over the cores (many tests spend their time starting CLI subprocesses, which parallelises).
 test: $(STAMP) $(EXAMPLE_STAMP)
 	$(BIN)/ruff check finetune plugins tests examples benchmarks
-	$(BIN)/python -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15
 
 test-fast: $(STAMP) $(EXAMPLE_STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"

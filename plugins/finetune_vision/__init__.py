@@ -21,6 +21,10 @@ def finetune_register_tasks(register):
 
     register(MultiLabelImageClassification)
 
+    from finetune_vision.segmentation import SemanticSegmentation
+
+    register(SemanticSegmentation)
+
 
 @hookimpl
 def finetune_resolve_backbone(name, trust_remote_code):
