@@ -28,6 +28,33 @@ from typing import Any
 CHECK_RTOL = 1e-3
 
 
+class FrozenBatchNormTask:
+    """What every vision task with a BatchNorm backbone does the same way (a mixin before ``Task``): in
+    training, a BatchNorm whose parameters are frozen (the backbone's under LoRA or a linear probe) stays in
+    eval mode, so its running statistics -- which an adapter does not save -- never change and a reloaded
+    adapter reproduces the trained model; trainable ones (full fine-tuning, a decoder's) train as usual.
+    With ``task.fold_batchnorm`` (the task's option) the frozen ones are folded into their convolutions."""
+
+    def train_mode(self, model: Any) -> None:
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        model.train()
+        if self.recipe.peft.method == "full":
+            return
+        for module in model.modules():
+            if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+    def speed_notes(self) -> list[str]:
+        if not self._folds_batchnorm():
+            return []
+        return ["task.fold_batchnorm: each frozen batch normalisation is merged into the convolution before it: "
+                "faster; results equal within rounding (set it to false to compute them separately)"]
+
+    def _folds_batchnorm(self) -> bool:
+        return self.recipe.task.fold_batchnorm and self.recipe.peft.method != "full"
+
+
 def _fold_parts(conv: Any, bn: Any) -> tuple[Any, tuple | None] | None:
     """(base convolution, LoRA parts or None) when ``bn`` can be folded into ``conv``: a frozen
     BatchNorm2d (or timm's BatchNormAct2d) after a frozen Conv2d, plain or wrapped by PEFT with one plain

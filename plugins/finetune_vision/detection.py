@@ -22,7 +22,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from finetune import DataError, DataOptions, DataSplits, PathStr, RecipeError, Task, TaskOptions
-from finetune_vision.images import IMAGE_EXTENSIONS, list_image_files, load_rgb
+from finetune_vision.batchnorm_fold import FrozenBatchNormTask
+from finetune_vision.images import image_inputs, load_rgb, paths_relative_to
 
 
 class DetectionData(DataOptions):
@@ -72,7 +73,7 @@ class DetectionOptions(TaskOptions):
                           "into the convolution before it (faster; float rounding differs). The adapter is unchanged.")
 
 
-class ObjectDetection(Task):
+class ObjectDetection(FrozenBatchNormTask, Task):
     name = "object-detection"
     description = "Detect objects (boxes + classes) with a timm backbone, FPN and FCOS/RetinaNet head."
     task_options = DetectionOptions
@@ -221,24 +222,6 @@ class ObjectDetection(Task):
 
         return detector_module_names(model)
 
-    def train_mode(self, model: Any) -> None:
-        model.train()
-        if self.recipe.peft.method != "full":
-            from torch.nn.modules.batchnorm import _BatchNorm
-
-            for module in model.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-
-    def speed_notes(self) -> list[str]:
-        if not self._folds_batchnorm():
-            return []
-        return ["task.fold_batchnorm: each frozen batch normalisation of the backbone is merged into the convolution "
-                "before it: faster; results equal within rounding (set it to false to compute them separately)"]
-
-    def _folds_batchnorm(self) -> bool:
-        return self.recipe.task.fold_batchnorm and self.recipe.peft.method != "full"
-
     def _prepare(self, model: Any, images: list[Any]) -> None:
         """On a model's first batch: fold the backbone's frozen BatchNorms (task.fold_batchnorm)."""
         if getattr(model, "_finetune_batchnorm_folded", None) is not None or not self._folds_batchnorm():
@@ -306,19 +289,10 @@ class ObjectDetection(Task):
         return [self.recipe.data.image_column]
 
     def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
-        path = Path(path)
-        column = self.recipe.data.image_column
-        if path.is_dir():
-            files = list_image_files(path)
-            if not files:
-                raise DataError(f"--input: {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-            return [{column: str(f)} for f in files]
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            return [{column: str(path)}]
-        records = super().read_predict_input(path)  # a table; image paths relative to it
-        for record in records:
-            image = Path(str(record[column]))
-            record[column] = str(image if image.is_absolute() else (path.parent / image).resolve())
+        path, column = Path(path), self.recipe.data.image_column
+        records = image_inputs(path, column)  # an image or a folder of images
+        if records is None:  # a table: its columns kept, image paths relative to it
+            records = paths_relative_to(super().read_predict_input(path), column, path)
         return records
 
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],

@@ -17,7 +17,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from finetune import DataError, DataOptions, RecipeError, Task, TaskOptions
-from finetune_vision.images import IMAGE_EXTENSIONS, check_images, list_image_files, load_rgb
+from finetune_vision.batchnorm_fold import FrozenBatchNormTask
+from finetune_vision.images import (
+    check_images,
+    image_inputs,
+    load_rgb,
+    paths_relative_to,
+)
 
 
 class ImageData(DataOptions):
@@ -52,7 +58,7 @@ class BackboneOptions(TaskOptions):
                           "on CPU; float rounding differs). The adapter and the saved model are unchanged.")
 
 
-class ImageBackboneTask(Task):
+class ImageBackboneTask(FrozenBatchNormTask, Task):
     """A Task on a timm or transformers image backbone with a head of ``len(self.state["labels"])`` outputs.
 
     Subclasses set ``data_options`` to a subclass of :class:`ImageData` and ``task_options`` to one of
@@ -119,24 +125,6 @@ class ImageBackboneTask(Task):
 
         return head_module_names(model)
 
-    def train_mode(self, model: Any) -> None:
-        model.train()
-        if self.recipe.peft.method != "full":
-            from torch.nn.modules.batchnorm import _BatchNorm
-
-            for module in model.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-
-    def speed_notes(self) -> list[str]:
-        if not self._folds_batchnorm():
-            return []
-        return ["task.fold_batchnorm: each frozen batch normalisation is merged into the convolution before it: "
-                "faster; results equal within rounding (set it to false to compute them separately)"]
-
-    def _folds_batchnorm(self) -> bool:
-        return self.recipe.task.fold_batchnorm and self.recipe.peft.method != "full"
-
     def _fold_batchnorm(self, model: Any, pixel_values: Any) -> None:
         """On a model's first batch: fold its frozen BatchNorms into their convolutions
         (finetune_vision.batchnorm_fold); the count is kept on the model."""
@@ -169,25 +157,14 @@ class ImageBackboneTask(Task):
         return [self.recipe.data.image_column]
 
     def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
-        path = Path(path)
-        column = self.recipe.data.image_column
-        from finetune_vision.hf_datasets import is_datasets_input
+        from finetune_vision.hf_datasets import is_datasets_input, predict_records
 
-        if path.is_dir() and not is_datasets_input(path):
-            files = list_image_files(path)
-            if not files:
-                raise DataError(f"--input: {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-            return [{column: str(f)} for f in files]
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            return [{column: str(path)}]
-        from finetune_vision.hf_datasets import predict_records
-
+        path, column = Path(path), self.recipe.data.image_column
         if is_datasets_input(path):  # a save_to_disk folder, .parquet or .arrow: Image features, bytes or paths
             return predict_records(path, self.recipe.data)
-        records = super().read_predict_input(path)  # a table: its columns kept, image paths relative to it
-        for record in records:
-            image = Path(str(record[column]))
-            record[column] = str(image if image.is_absolute() else (path.parent / image).resolve())
+        records = image_inputs(path, column)  # an image or a folder of images
+        if records is None:  # a table: its columns kept, image paths relative to it
+            records = paths_relative_to(super().read_predict_input(path), column, path)
         return records
 
     def _image_logits(self, model: Any, processor: Any, records: list[dict[str, Any]],

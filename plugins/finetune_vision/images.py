@@ -27,6 +27,27 @@ def list_image_files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def image_inputs(path: Path, column: str) -> list[dict[str, Any]] | None:
+    """Prediction records ``{column: path}`` for one image file or a folder of images (its image files, in
+    name order); None when ``path`` is neither (a table the task reads itself)."""
+    if path.is_dir():
+        files = list_image_files(path)
+        if not files:
+            raise DataError(f"--input: {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        return [{column: str(f)} for f in files]
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return [{column: str(path)}]
+    return None
+
+
+def paths_relative_to(records: list[dict[str, Any]], column: str, table: Path) -> list[dict[str, Any]]:
+    """The image paths in ``records[column]`` resolved against the folder of the table they came from."""
+    for record in records:
+        image = Path(str(record[column]))
+        record[column] = str(image if image.is_absolute() else (table.parent / image).resolve())
+    return records
+
+
 def scan_class_folders(folder: Path, key: str) -> list[tuple[str, str]]:
     """``(path, label)`` pairs of a class-per-subfolder tree (``folder/<label>/**/image``)."""
     if not folder.exists():

@@ -21,7 +21,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from finetune import DataError, DataOptions, DataSplits, PathStr, RecipeError, Task, TaskOptions, split_frame
-from finetune_vision.images import IMAGE_EXTENSIONS, list_image_files, load_rgb
+from finetune_vision.batchnorm_fold import FrozenBatchNormTask
+from finetune_vision.images import image_inputs, load_rgb, paths_relative_to
 
 
 class SegmentationData(DataOptions):
@@ -74,7 +75,7 @@ class SegmentationOptions(TaskOptions):
                           "unchanged.")
 
 
-class SemanticSegmentation(Task):
+class SemanticSegmentation(FrozenBatchNormTask, Task):
     name = "semantic-segmentation"
     description = "Label every pixel of an image (timm backbone + FPN / LR-ASPP decoder; mask PNGs)."
     task_options = SegmentationOptions
@@ -234,23 +235,6 @@ class SemanticSegmentation(Task):
     def modules_to_save(self, model: Any) -> list[str]:
         return ["decoder"]
 
-    def train_mode(self, model: Any) -> None:
-        model.train()
-        from torch.nn.modules.batchnorm import _BatchNorm
-
-        for module in model.modules():  # frozen BatchNorm (the backbone's under LoRA): statistics kept
-            if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters()):
-                module.eval()
-
-    def speed_notes(self) -> list[str]:
-        if not self._folds_batchnorm():
-            return []
-        return ["task.fold_batchnorm: each frozen batch normalisation is merged into the convolution before it: "
-                "faster; results equal within rounding (set it to false to compute them separately)"]
-
-    def _folds_batchnorm(self) -> bool:
-        return self.recipe.task.fold_batchnorm and self.recipe.peft.method != "full"
-
     def _logits(self, model: Any, pixel_values: Any) -> Any:
         import torch
 
@@ -313,19 +297,10 @@ class SemanticSegmentation(Task):
         return [self.recipe.data.image_column]
 
     def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
-        path = Path(path)
-        column = self.recipe.data.image_column
-        if path.is_dir():
-            files = list_image_files(path)
-            if not files:
-                raise DataError(f"--input: {path} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-            return [{column: str(f)} for f in files]
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            return [{column: str(path)}]
-        records = super().read_predict_input(path)
-        for record in records:
-            image = Path(str(record[column]))
-            record[column] = str(image if image.is_absolute() else (path.parent / image).resolve())
+        path, column = Path(path), self.recipe.data.image_column
+        records = image_inputs(path, column)  # an image or a folder of images
+        if records is None:  # a table: its columns kept, image paths relative to it
+            records = paths_relative_to(super().read_predict_input(path), column, path)
         return records
 
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
