@@ -76,6 +76,7 @@ def cli(debug: bool) -> None:
     finetune validate recipe.toml    check a recipe and show one batch
     finetune predict RUN_DIR         predict with a trained run
     finetune evaluate RUN_DIR --input FILE   score a trained run on labelled data
+    finetune runs [DIR]              the run folders under DIR (default runs/)
     finetune tasks / plugins         what is installed
     """
 
@@ -319,6 +320,42 @@ def push(run_dir: Path, repo_id: str, private: bool, revision: str | None, creat
         click.echo(f"{repo_id} already holds this run (commit {result['commit'][:8]}); nothing to push.")
         return
     click.echo(f"pushed {len(result['files'])} files to {repo_id}: {result['pr_url'] or result['url']}")
+
+
+@cli.command()
+@click.argument("directory", required=False, type=click.Path(path_type=Path), default=Path("runs"))
+@click.option("--sort", type=click.Choice(["when", "metric", "name", "task", "duration"]), default="when",
+              show_default=True, help="when: newest first; metric: best first (per selection metric); name, task: "
+              "alphabetical; duration: longest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON array (every field, for scripts).")
+def runs(directory: Path, sort: str, as_json: bool) -> None:
+    """List the run folders under DIRECTORY (default: runs/): task, backbone, status, best metric, when, how long.
+
+    \b
+    status: finished; running (a process trains in it now); resumable (unfinished,
+    with a complete checkpoint: `finetune run RECIPE` continues it); incomplete
+    (unfinished, no checkpoint: it starts again). For an unfinished run the best
+    metric is the best so far."""
+    from finetune.run.listing import list_runs, plain_table, rich_table
+
+    rows = list_runs(directory, sort=sort)
+    if as_json:
+        import json
+
+        click.echo(json.dumps([r.to_json() for r in rows], indent=2))
+        if not rows:
+            click.echo(f"no run folders under {directory}", err=True)
+        return
+    if not rows:
+        click.echo(f"no run folders under {directory} (a run folder holds recipe.toml and run.json; "
+                   "`finetune run RECIPE` writes one to the recipe's output.dir).")
+        return
+    if sys.stdout.isatty():
+        from rich.console import Console as RichConsole
+
+        RichConsole().print(rich_table(rows, f"{len(rows)} run(s) under {directory}"))
+    else:
+        click.echo(plain_table(rows))
 
 
 @cli.command()
