@@ -147,7 +147,11 @@ class TrainingLoop:
         if self.cfg.eval_before_training and self.state.global_step == 0 and not self.state.before_eval:
             self.evaluate_before_training()
         self.task.train_mode(self.model)
-        self.progress = self.console.progress(total=self.plan.steps_total, completed=self.state.global_step)
+        self.progress = self.console.progress(total=self.plan.steps_total, completed=self.state.global_step,
+                                              samples_seen=self.state.samples_seen,
+                                              train_time_s=self.state.train_time_s)
+        if self.state.best_metric is not None:  # resumed
+            self.progress.set_best(self.metric, self.state.best_metric, self.state.best_step)
         with StopRequest() as self.stop, self.progress:
             self.window = LogWindow(self.state.train_time_s)
             while self.state.epoch < self.cfg.epochs and not self.state.should_stop and not self.interrupted:
@@ -273,10 +277,13 @@ class TrainingLoop:
             # checkpoint points, so a bad loss never reaches a checkpoint.
             first, losses = self.window.read(state.global_step)
             self.check_finite(losses, first)
-            self.progress.update(state.global_step, loss=float(losses[-1]), epoch=state.epoch + 1)
+            state.train_time_s += time.perf_counter() - self.mark
+            # samples/s only here: between sync points an accelerator's queue makes the host's clock run ahead
+            self.progress.update(state.global_step, loss=float(losses[-1]), epoch=state.epoch + 1,
+                                 samples_seen=state.samples_seen, train_time_s=state.train_time_s)
         else:
+            state.train_time_s += time.perf_counter() - self.mark
             self.progress.update(state.global_step, epoch=state.epoch + 1)
-        state.train_time_s += time.perf_counter() - self.mark
         if log_now:
             self.log_training()
         if epoch_done:
@@ -366,6 +373,7 @@ class TrainingLoop:
             state.best_eval = dict(state.last_eval)
             state.evals_without_improvement = 0
             self.save_best_adapter()
+            self.progress.set_best(self.metric, value, state.global_step)
         else:
             state.evals_without_improvement += 1
             if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
