@@ -223,3 +223,19 @@ def test_cli_plain_table_json_and_messages(runs_root, tmp_path, tiny_bert):
     default = run_cli("runs", "--json", env=ENV, cwd=tmp_path)
     assert default.returncode == 0, default.stderr
     assert [r["name"] for r in json.loads(default.stdout)] == ["group/resumable"]
+
+
+def test_a_killed_copy_of_a_real_run_reads_its_real_checkpoint(runs_root, tmp_path):
+    """The checkpoint a real run wrote (not a hand-made one): what a run killed after its last step leaves."""
+    killed = tmp_path / "killed"
+    shutil.copytree(runs_root / "finished", killed)
+    (killed / "metrics.json").unlink()
+    info = json.loads((killed / "run.json").read_text())
+    (killed / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    state = json.loads((sorted((killed / "checkpoints").iterdir())[-1] / "loop_state.json").read_text())
+    metrics = json.loads((runs_root / "finished" / "metrics.json").read_text())
+    row = list_runs(tmp_path)[0]
+    assert (row.status, row.recorded_status, row.resumable) == ("resumable", "running", True)
+    assert row.best == pytest.approx(metrics["best"]["accuracy"]) and row.best_step == metrics["best"]["step"]
+    assert row.metric == "accuracy"  # the one metric of the best evaluation with that value
+    assert row.duration_s == pytest.approx(state["train_time_s"])
