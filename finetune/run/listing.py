@@ -57,9 +57,11 @@ class RunRow:
 
     @property
     def started_local(self) -> str:
+        """Local time, ``YYYY-MM-DD HH:MM``; ``MM-DD HH:MM`` in the current year (the table's short form)."""
         if self.started is None:
             return "-"
-        return dt.datetime.fromtimestamp(self.started).strftime("%Y-%m-%d %H:%M")
+        when = dt.datetime.fromtimestamp(self.started)
+        return when.strftime("%m-%d %H:%M" if when.year == dt.datetime.now().year else "%Y-%m-%d %H:%M")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -287,9 +289,12 @@ def rich_table(rows: list[RunRow], title: str) -> Any:
               "unreadable": "red"}
     cells = [table_cells(r) for r in rows]
     with_notes = any(c[-1] for c in cells)
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold underline")
     for header in HEADERS if with_notes else HEADERS[:-1]:
-        table.add_column(header, overflow="fold", justify="right" if header == "took" else "left")
+        # status, start and duration never wrap; the others fold on a narrow terminal (80 columns fit)
+        folds = header not in ("status", "started", "took")
+        table.add_column(header, overflow="fold", no_wrap=not folds, min_width=8 if folds else None,
+                         justify="right" if header == "took" else "left")
     for row, line in zip(rows, cells, strict=True):
         texts = [Text(v, style=styles.get(row.status, "") if i == 3 else "") for i, v in enumerate(line)]
         table.add_row(*(texts if with_notes else texts[:-1]))

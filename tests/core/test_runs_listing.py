@@ -21,6 +21,7 @@ from finetune.run.listing import find_run_folders, list_runs, rich_table, sort_r
 from finetune.run.training import run_recipe
 
 NOW = time.time()
+OLD = dt.datetime(2020, 3, 4, 5, 6).timestamp()  # local time
 ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -83,7 +84,7 @@ def runs_root(tmp_path_factory, tiny_bert):
     _hand_made(root, "only-recipe", text, {})
     (root / "only-recipe" / "run.json").unlink()
     # deep: 4 levels below is found, 5 is not
-    _hand_made(root, "a/b/c/deep", text, {"status": "interrupted", "created_at": NOW - 30})
+    _hand_made(root, "a/b/c/deep", text, {"status": "interrupted", "created_at": OLD})
     _hand_made(root, "a/b/c/d/too-deep", text, {"status": "interrupted", "created_at": NOW - 40})
     return root
 
@@ -98,6 +99,7 @@ def test_finds_run_folders_and_skips_the_rest(runs_root):
                      "group/resumable", "incomplete"]
     # a run folder itself lists just that run
     assert [r.name for r in list_runs(runs_root / "finished")] == ["."]
+    assert by_name(list_runs(runs_root))["a/b/c/deep"].started_local == "2020-03-04 05:06"  # another year: in full
 
 
 def test_finished_run_columns_come_from_its_files(runs_root, tiny_bert):
@@ -112,7 +114,7 @@ def test_finished_run_columns_come_from_its_files(runs_root, tiny_bert):
     assert row.best == pytest.approx(metrics["best"]["accuracy"])
     assert row.best_step == metrics["best"]["step"]
     assert row.started == pytest.approx(info["created_at"])
-    assert row.started_local == dt.datetime.fromtimestamp(info["created_at"]).strftime("%Y-%m-%d %H:%M")
+    assert row.started_local == dt.datetime.fromtimestamp(info["created_at"]).strftime("%m-%d %H:%M")  # this year
     assert row.duration_s == pytest.approx(metrics["train"]["wall_time_s"])
     assert row.problems == []
 
@@ -191,6 +193,11 @@ def test_rich_table_shows_every_column(runs_root):
         assert header in text
     assert "group/resumable" in text and "eval_loss 0.25" in text and "12s" in text
     assert "run.json unreadable" in text
+    narrow = RichConsole(file=io.StringIO(), width=80, record=True)  # a terminal of 80 columns: folded, not cut
+    narrow.print(rich_table(list_runs(runs_root), "runs"))
+    lines = narrow.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any(line.split()[3:4] == ["resumable"] for line in lines)  # the status column is whole
 
 
 def test_cli_plain_table_json_and_messages(runs_root, tmp_path, tiny_bert):
