@@ -69,3 +69,30 @@ def test_a_real_run_shows_samples_per_s_and_the_best_so_far(make_recipe):
 
     best = json.loads(run.metrics_file.read_text())["best"]
     assert f"best accuracy {best['accuracy']:.4f} (step {best['step']})" in stats[-1]
+
+
+def test_a_resumed_run_shows_the_best_so_far_from_its_first_frame(make_recipe, callback_plugin):
+    class Crash:
+        def on_log(self, run, state, logs):
+            if state.global_step == 8:
+                raise RuntimeError("simulated crash")
+
+    callback_plugin.callbacks = [Crash()]
+    recipe = make_recipe(train="eval_every_steps = 2")
+    with pytest.raises(Exception, match="simulated crash"):
+        run_recipe(recipe, [], console=Console(quiet=True))
+    callback_plugin.callbacks = []
+    import json
+
+    from finetune.engine.run_folder import RunDir
+
+    state = json.loads((RunDir(recipe.parent / "run").latest_checkpoint() / "loop_state.json").read_text())
+    assert state["best_metric"] is not None and state["global_step"] == 6
+    screen = io.StringIO()
+    console = Console()
+    console.is_tty = True
+    console.rich_console = RichConsole(file=screen, width=80, force_terminal=True)
+    run_recipe(recipe, [], resume=True, console=console)
+    text = ANSI.sub("", screen.getvalue())
+    before_first_eval = text.split("eval @ step")[0]
+    assert f"best accuracy {state['best_metric']:.4f} (step {state['best_step']})" in before_first_eval
