@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -69,13 +70,14 @@ flop_probe.install()
 import numpy as np, pandas as pd, torch
 from transformers import Trainer, TrainingArguments, set_seed
 out, epochs, limit, bf16 = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[6] == "bf16"
-set_seed(0)
+SEED = int(__import__("os").environ.get("BENCH_SEED", "0"))  # vs_trainer.py --seed
+set_seed(SEED)
 
 def args(batch, lr, **kw):
     return TrainingArguments(output_dir=out, per_device_train_batch_size=batch, per_device_eval_batch_size=2 * batch,
                              learning_rate=lr, num_train_epochs=epochs, warmup_steps=0.06, weight_decay=0.0,
                              max_grad_norm=1.0, lr_scheduler_type="linear", eval_strategy="no", save_strategy="no",
-                             logging_steps=50, report_to=[], seed=0, use_cpu=not torch.cuda.is_available(),
+                             logging_steps=50, report_to=[], seed=SEED, use_cpu=not torch.cuda.is_available(),
                              dataloader_num_workers=0, bf16=bf16, **kw)
 
 class Files(torch.utils.data.Dataset):
@@ -329,7 +331,7 @@ from finetune_vision.zoo import resolve
 
 out, epochs, limit, data = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
 bf16 = sys.argv[6] == "bf16"
-torch.manual_seed(0)
+torch.manual_seed(int(__import__("os").environ.get("BENCH_SEED", "0")))  # vs_trainer.py --seed
 
 
 class Net(torch.nn.Module):
@@ -423,7 +425,8 @@ def run_finetune(w: dict, folder: Path, epochs: int | None, limit: int, precisio
     out = folder / "finetune-run"
     flops = folder / "finetune-flops.json"
     sets = [*w["overrides"], f"output.dir=\"{out}\"", "train.checkpoint_every_steps=0",
-            "train.eval_before_training=false", f"train.mixed_precision=\"{'bf16' if precision == 'bf16' else 'no'}\""]
+            "train.eval_before_training=false", f"train.seed={os.environ.get('BENCH_SEED', '0')}",
+            f"train.mixed_precision=\"{'bf16' if precision == 'bf16' else 'no'}\""]
     if epochs:
         sets.append(f"train.epochs={epochs}")
     if limit:
@@ -460,11 +463,14 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs on both sides")
+    parser.add_argument("--seed", type=int, default=0, help="training seed on both sides (train.seed; the scripts' "
+                        "seed): several seeds tell a metric difference from seed noise")
     parser.add_argument("--quick", action="store_true", help="a small slice of each training set, 1 epoch")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="the same on both sides (default fp32; the generation quickstart's own 'auto' "
                              "picks bf16 on AMX CPUs and GPUs)")
     args = parser.parse_args()
+    os.environ["BENCH_SEED"] = str(args.seed)  # read by the plain scripts
     if args.quick:
         args.epochs = args.epochs or 1
     started = time.strftime("%Y-%m-%d %H:%M")
