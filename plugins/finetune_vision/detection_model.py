@@ -91,15 +91,9 @@ def build_detector(arch: str, num_classes: int, *, head: str, fpn_channels: int,
 def load_body_weights(body: nn.Module, folder: Path) -> None:
     """The backbone's pretrained tensors (a timm Hub-layout folder) into the ``features_only`` body; every
     body tensor must be there (the classifier's are not used)."""
-    st, pt = folder / "model.safetensors", folder / "pytorch_model.bin"
-    if st.exists():
-        from safetensors.torch import load_file
+    from finetune_vision.models import read_timm_state
 
-        state = load_file(str(st))
-    elif pt.exists():
-        state = torch.load(pt, map_location="cpu", weights_only=True)
-    else:
-        raise BackboneError(f"model.backbone: {folder} holds no model.safetensors (or pytorch_model.bin).")
+    state = read_timm_state(folder)
     own = body.state_dict()
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]

@@ -151,16 +151,20 @@ def _load_timm(arch: str, folder: Path | None, config: dict[str, Any], backbone:
     return model, VisionProcessor(preprocess), facts
 
 
-def _load_timm_weights(model: Any, folder: Path) -> None:
+def read_timm_state(folder: Path) -> dict[str, Any]:
+    """The tensors of a timm Hub-layout checkpoint folder (safetensors, else a weights-only torch.load)."""
     st, pt = folder / "model.safetensors", folder / "pytorch_model.bin"
     if st.exists():
         from safetensors.torch import load_file
 
-        state = load_file(str(st))
-    elif pt.exists():
-        state = torch.load(pt, map_location="cpu", weights_only=True)
-    else:
-        raise BackboneError(f"model.backbone: {folder} holds no model.safetensors (or pytorch_model.bin).")
+        return load_file(str(st))
+    if pt.exists():
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise BackboneError(f"model.backbone: {folder} holds no model.safetensors (or pytorch_model.bin).")
+
+
+def _load_timm_weights(model: Any, folder: Path) -> None:
+    state = read_timm_state(folder)
     heads = head_module_names(model)
 
     def in_head(key: str) -> bool:

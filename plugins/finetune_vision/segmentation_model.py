@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from finetune import BackboneError
@@ -130,15 +129,9 @@ def load_segmentation_model(backbone: Any, num_classes: int, init: str, decoder:
 def load_backbone_weights(features: nn.Module, folder: Path) -> None:
     """The pretrained tensors of a timm checkpoint into a features_only model: every tensor of the feature
     extractor must load (the classifier and the last 1x1 convolution are not part of it)."""
-    st, pt = folder / "model.safetensors", folder / "pytorch_model.bin"
-    if st.exists():
-        from safetensors.torch import load_file
+    from finetune_vision.models import read_timm_state
 
-        state = load_file(str(st))
-    elif pt.exists():
-        state = torch.load(pt, map_location="cpu", weights_only=True)
-    else:
-        raise BackboneError(f"model.backbone: {folder} holds no model.safetensors (or pytorch_model.bin).")
+    state = read_timm_state(folder)
     own = features.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and tuple(v.shape) != tuple(own[k].shape)]
