@@ -32,7 +32,7 @@ quickstart: $(STAMP)
 ## never fight over the cores (many tests spend their time starting CLI subprocesses, which parallelises).
 test: $(STAMP) $(EXAMPLE_STAMP)
 	$(BIN)/ruff check finetune plugins tests examples benchmarks
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 2 --durations=15
 
 test-fast: $(STAMP) $(EXAMPLE_STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"

@@ -166,6 +166,15 @@ class TrainSection(Section):
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding, faster) where the task "
         "reports lengths; the batch order stays random. Changes which examples share a batch.")
+    threads: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Threads torch computes with on the CPU. 'auto': every usable core (CPU affinity, "
+        "cgroup quota) on an idle machine, the cores other processes leave free on a busy one; "
+        "OMP_NUM_THREADS in the environment is used when this is 'auto'. The choice is in run.json (threads).")
+    wait_policy: Literal["auto", "default", "active", "passive"] = Field(
+        "auto", description="How idle OpenMP threads wait: 'passive' sleeps at once (best on a busy machine), "
+        "'active' spins, 'default' is OpenMP's own (spin a while, then sleep; best on an idle machine). "
+        "'auto': 'default' when the machine is idle at the start, 'passive' when other processes keep its "
+        "cores busy; OMP_WAIT_POLICY in the environment is used when this is 'auto'.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the 'tensorboard' extra).")
 
 

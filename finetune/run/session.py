@@ -14,7 +14,7 @@ from typing import Any
 from finetune.contract.backbone import ResolvedBackbone
 from finetune.contract.recipe import Recipe
 from finetune.contract.task import DataSplits
-from finetune.engine import fast_dropout
+from finetune.engine import fast_dropout, threads
 from finetune.engine.backbones import resolve_backbone
 from finetune.engine.guard import GuardedTask
 from finetune.engine.lora import LoraReport, attach_lora, load_start_adapter
@@ -32,6 +32,7 @@ class Session:
     task: GuardedTask
     backbone: ResolvedBackbone
     splits: DataSplits
+    threads: threads.ThreadChoice
 
 
 def open_session(recipe_path: str | Path, overrides: list[str] | None = None,
@@ -42,6 +43,8 @@ def open_session(recipe_path: str | Path, overrides: list[str] | None = None,
     recipe.toml says exactly which weights it trained; ``announce`` hears about a download first."""
     registry = get_registry()
     recipe = load_recipe(recipe_path, overrides, registry.get_task)
+    # Before the backbone: resolving it imports torch, and OpenMP reads its settings once, then.
+    chosen = threads.apply(threads.choose(recipe.train.threads, recipe.train.wait_policy))
     task = registry.create_task(recipe)
     backbone = resolve_backbone(recipe.model.backbone, recipe.model.trust_remote_code, registry=registry,
                                 revision=recipe.model.revision, allow_pickled=recipe.model.allow_pickled_weights,
@@ -50,7 +53,7 @@ def open_session(recipe_path: str | Path, overrides: list[str] | None = None,
         recipe.model.revision = backbone.revision
     splits = task.prepare_data()
     check_test_split(recipe, task, splits)
-    return Session(recipe=recipe, registry=registry, task=task, backbone=backbone, splits=splits)
+    return Session(recipe=recipe, registry=registry, task=task, backbone=backbone, splits=splits, threads=chosen)
 
 
 def check_test_split(recipe: Recipe, task: GuardedTask, splits: DataSplits) -> None:

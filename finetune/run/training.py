@@ -95,11 +95,13 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
                         finetune_version=_version(), python=platform.python_version(), data=session.splits.info,
                         trust_remote_code=recipe.model.trust_remote_code,
                         processes=accelerator.num_processes, distributed=recipe.distributed.strategy,
-                        speed_settings=speed)
+                        speed_settings=speed, threads=session.threads.to_dict())
         if not resuming or "data_files" not in run.info():
             run.update_info(data_files=fingerprints)
     console.print(f"run folder: {run.path}" + (f" ({accelerator.num_processes} processes)"
                                                if accelerator.num_processes > 1 else ""))
+    if session.threads.wait_policy_from == "auto" and session.threads.wait_policy == "passive":
+        console.print(f"busy machine: {session.threads.describe()}")
     try:
         console.print(f"backbone {session.backbone.name} ({session.backbone.source}); loaded in {load_s:.1f} s")
         where = f" in layers {report.layers}" if report.layers is not None else ""
