@@ -278,9 +278,10 @@ class Task:
         :meth:`evaluation_step` for their form; the two are in the same order, which need not be the
         dataset's). Scalar values (Python ``int``/``float``) are logged, shown and may select the best
         checkpoint; nested values (e.g. a per-class report) go to metrics.json (``best_details``) only. The
-        run report (report.html) shows two of them when present: ``per_class`` (``{label: {name: number}}``) as
-        a table, and ``confusion_matrix`` (a list of rows of counts: row = reference, column = prediction, the
-        labels in ``per_class``'s order) as a matrix.
+        run report (report.html) shows two kinds when present: a per-class table from ``per_class`` (or
+        ``per_label``, ``per_type``: ``{label: {name: number}}``; ``per_class_iou``: ``{label: number}``), and
+        ``confusion_matrix`` (a list of rows of counts: row = reference, column = prediction, the labels in
+        ``per_class``'s order) as a matrix.
         With several processes it runs on each, with the same gathered data (they all need the selection
         metric): write files in :meth:`after_evaluate`, which runs on the main process only. Default: none."""
         return {}

@@ -193,7 +193,7 @@ def _is_number(value: Any) -> bool:
 
 def _td(value: Any, cls: str = "") -> str:
     numeric = _is_number(value) or value is None
-    classes = " ".join(c for c in ("num" if numeric else "", cls) if c)
+    classes = " ".join(dict.fromkeys(c for c in ("num" if numeric else "", cls) if c))
     attr = f' class="{classes}"' if classes else ""
     return f"<td{attr}>{escape(fmt(value))}</td>"
 
@@ -256,7 +256,7 @@ def line_chart(series: list[tuple[str, list[tuple[float, float]], bool]], *, cha
                star: tuple[float, float, str] | None = None) -> str:
     """An inline SVG line chart. ``series``: (label, points (step, value), dots?); ``marks``: dotted vertical
     lines (epoch ends); ``star``: (step, value, label) marking the best checkpoint."""
-    width, height, left, right, top, bottom = 720, 280, 64, 16, 14, 64
+    width, height, left, right, top, bottom = 720, 290, 64, 16, 24, 64
     plot_w, plot_h = width - left - right, height - top - bottom
     xs = [x for _, pts, _ in series for x, _ in pts]
     ys = [y for _, pts, _ in series for _, y in pts]
@@ -290,8 +290,9 @@ def line_chart(series: list[tuple[str, list[tuple[float, float]], bool]], *, cha
             parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle" class="tick">{tick:g}</text>')
     for x_mark, label in marks:
         x = sx(x_mark)
+        anchor = "end" if x > left + plot_w - 25 else "middle"  # the last epoch's label stays inside
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#9aa3b2" '
-                     f'stroke-dasharray="2 3"/><text x="{x - 3:.1f}" y="{top + 11}" text-anchor="end" '
+                     f'stroke-dasharray="2 3"/><text x="{x:.1f}" y="{top - 6}" text-anchor="{anchor}" '
                      f'class="mark">{escape(label)}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h + 32}" text-anchor="middle" class="axis">'
                  "optimizer step</text>"
@@ -379,7 +380,7 @@ def _kpis(facts: RunFacts) -> str:
     if _is_number(train.get("wall_time_s")):
         cards.append((duration(train["wall_time_s"]), "wall time"))
     if _is_number(train.get("samples_per_s")):
-        cards.append((fmt(train["samples_per_s"]), "samples/s training"))
+        cards.append((f"{train['samples_per_s']:,.1f}", "samples/s training"))
     if not cards:
         return ""
     return '<div class="kpis">' + "".join(f'<div class="kpi"><b>{escape(v)}</b><span>{escape(k)}</span></div>'
@@ -599,8 +600,9 @@ def _samples_section(facts: RunFacts) -> str:
         rows.append(f'<tr class="{cls}" data-correct="{state}">{"".join(cells)}</tr>')
     wrong = sum(1 for s in samples if s.get("correct") is False)
     judged = sum(1 for s in samples if isinstance(s.get("correct"), bool))
-    summary = f"{len(samples)} examples from {source}" + (f"; {wrong} of {judged} wrong (highlighted)."
-                                                          if judged else ".")
+    summary = f"{len(samples)} examples from {source}" + (
+        f"; {wrong} of {judged} wrong, highlighted (a task may pick mistakes first: this is not the error rate, "
+        "the metrics above are)." if judged else ".")
     return _note(summary) + _table(head, rows, "samples-table", numeric_from=len(head) - 1 if has["score"] else 99)
 
 
@@ -618,7 +620,7 @@ def _data_section(facts: RunFacts) -> str:
         for split, count in rows_per_split.items():
             stats = lengths.get(split) or {}
             rows.append(f"<tr><td>{escape(split)}</td>{_td(count)}"
-                        + ("".join(_td(_whole(stats.get(k))) for k in ("min", "mean", "median", "max"))
+                        + ("".join(_td(_whole(stats.get(k)), "num") for k in ("min", "mean", "median", "max"))
                            if lengths else "")
                         + "</tr>")
         out.append(_table(head, rows, "data-table"))
@@ -657,7 +659,10 @@ def _data_section(facts: RunFacts) -> str:
 
 
 def _whole(value: Any) -> Any:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
+    """A length: whole numbers without decimals, a mean with one."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else f"{value:,.1f}"
+    return value
 
 
 def _mib(value: Any) -> str | None:
@@ -677,7 +682,8 @@ def _speed_section(facts: RunFacts) -> str:
         ("training time", duration(train.get("train_time_s")) if "train_time_s" in train else None),
         ("wall time (whole command)", duration(train.get("wall_time_s")) if "wall_time_s" in train else None),
         ("model loading", duration(train.get("model_load_s")) if "model_load_s" in train else None),
-        ("samples/s (training)", train.get("samples_per_s")),
+        ("samples/s (training)", f"{train['samples_per_s']:,.1f}" if _is_number(train.get("samples_per_s"))
+         else None),
         ("optimizer steps", f"{fmt(train.get('steps'))} of {fmt(train.get('steps_planned'))} planned"
          if "steps" in train else None),
         ("epochs completed", train.get("epochs_completed")),

@@ -146,10 +146,22 @@ def peak_rss_mib() -> float | None:
 def provenance(folder: Path) -> dict[str, Any]:
     """The command that finished the run (a Hub token in it masked), where, when, and the git commit of
     ``folder`` (the recipe's), where that is in a git work tree."""
-    command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None
+    command = " ".join([_program(sys.argv[0]), *(shlex.quote(a) for a in sys.argv[1:])]) if sys.argv else None
     return {"command": _TOKEN.sub("hf_***", command) if command else None, "cwd": os.getcwd(),
             "host": socket.gethostname(), "finished_at": time.time(), "git": git_state(folder),
             "finetune_git": git_state(Path(__file__).resolve().parent)}
+
+
+def _program(argv0: str) -> str:
+    """How the program was started: ``finetune``, or ``python -m finetune.cli`` for a package's __main__.py."""
+    path = Path(argv0)
+    if path.name != "__main__.py":
+        return path.name
+    parts, folder = [], path.resolve().parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return f"python -m {'.'.join(parts)}" if parts else path.name
 
 
 def git_state(folder: Path) -> dict[str, Any] | None:
