@@ -323,7 +323,11 @@ class ImageClassification(ImageBackboneTask):
 
 
 def _image_name(image: Any) -> str:
-    return Path(str(image)).name if isinstance(image, (str, Path)) else str(image)
+    """An image's folder and file name (class folders often hold files of the same names)."""
+    if not isinstance(image, (str, Path)):
+        return str(image)
+    path = Path(str(image))
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
 def _thumbnail(image: Any, size: int = 96) -> str:

@@ -157,6 +157,20 @@ def test_report_of_an_unfinished_or_old_run_says_what_is_missing(runs, tmp_path)
     assert "per-class-table" not in page.ids and "reports no per-class metrics" in text
 
 
+def test_a_resumed_run_writes_its_report_at_its_end(runs, tmp_path):
+    copy = tmp_path / "resumed"
+    shutil.copytree(runs[0], copy)
+    recipe = copy / "recipe.toml"
+    recipe.write_text(recipe.read_text().replace(str(runs[0]), str(copy)))
+    info = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    for name in ("metrics.json", "report_data.json", "report.html"):
+        (copy / name).unlink()
+    run_recipe(recipe, [], resume=True, console=Console(enabled=False))
+    assert set(RUN_IDS) <= _Page((copy / "report.html").read_text()).ids
+    assert json.loads((copy / "report_data.json").read_text())["samples"]
+
+
 class _Tiny(Task):
     name = "tiny-report"
 
