@@ -368,6 +368,29 @@ def pull(repo_id: str, revision: str | None) -> None:
     click.echo(str(do_pull(repo_id, revision)))
 
 
+@cli.command()
+@click.argument("run_dirs", metavar="RUN [RUN...]", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output_path", type=click.Path(path_type=Path),
+              help="Where to write the page (default: RUN/report.html for one run, ./runs-comparison.html for "
+              "several).")
+def report(run_dirs: tuple[Path, ...], output_path: Path | None) -> None:
+    """Rebuild a run's report.html, or compare several runs side by side.
+
+    \b
+    One RUN: its report.html (recipe, data, metrics before/after/baseline/test,
+    curves, per-class table, sample predictions, speed, memory, provenance),
+    from the files in the run folder; no model is loaded. Several: one page with
+    their metrics side by side and the recipe keys that differ. Every page is a
+    single file that needs no network."""
+    from finetune.run.report import write_comparison, write_report
+
+    if len(run_dirs) == 1:
+        path = write_report(run_dirs[0], output_path)
+    else:
+        path = write_comparison(list(run_dirs), output_path or Path("runs-comparison.html"))
+    click.echo(f"wrote {path}")
+
+
 @cli.command(name="new-plugin")
 @click.argument("name")
 @click.option("--template", type=click.Choice(["classification", "regression", "tagging", "generation"]),

@@ -38,6 +38,8 @@ imports inside methods: task classes are imported when the CLI starts.
     compute_metrics, finalize_eval): metrics.json ``test``
     task.state = <the selected adapter's state>   # what an evaluation tuned goes with the selected weights
     task.finalize_run(run_path, metrics)           # main process, before metrics.json and the card
+    task.data_summary(splits)                      # main process: for report.html (report_data.json)
+    task.report_samples(model, processor, splits.eval, run_path, limit)   # the selected adapter, no grad
     task.usage_snippet(base)                       # for the model card
 
 A resumed run (``finetune run recipe.toml`` on an unfinished run folder, or ``--resume``) makes the
@@ -275,7 +277,11 @@ class Task:
         """Metrics from every eval example's ``predictions`` and ``references`` (see
         :meth:`evaluation_step` for their form; the two are in the same order, which need not be the
         dataset's). Scalar values (Python ``int``/``float``) are logged, shown and may select the best
-        checkpoint; nested values (e.g. a per-class report) go to metrics.json (``best_details``) only.
+        checkpoint; nested values (e.g. a per-class report) go to metrics.json (``best_details``) only. The
+        run report (report.html) shows two kinds when present: a per-class table from ``per_class`` (or
+        ``per_label``, ``per_type``: ``{label: {name: number}}``; ``per_class_iou``: ``{label: number}``), and
+        ``confusion_matrix`` (a list of rows of counts: row = reference, column = prediction, the labels in
+        ``per_class``'s order) as a matrix.
         With several processes it runs on each, with the same gathered data (they all need the selection
         metric): write files in :meth:`after_evaluate`, which runs on the main process only. Default: none."""
         return {}
@@ -301,6 +307,43 @@ class Task:
         majority class): ``{"name": "...", <metric>: value, ...}`` stored as ``baseline.*`` in
         metrics.json and shown beside the fine-tuned numbers. Default: None."""
         return None
+
+    # -- the run report (report.html) -----------------------------------
+    def data_summary(self, splits: DataSplits) -> dict[str, Any]:
+        """What the run report's data section shows beyond what the core knows (rows per split, and example
+        lengths from :meth:`example_lengths`), computed from ``splits`` (as :meth:`prepare_data` returned
+        them; ``splits.test`` may be None) once, on the main process, at the end of training. Return a dict
+        with any of:
+
+        * ``"label_counts"``: ``{split: {label: count}}`` for ``"train"``, ``"eval"`` and ``"test"`` (classes
+          per split: the report shows them side by side);
+        * ``"facts"``: ``{name: value}``, short facts shown as a list (``"mean words per text": 14.2``).
+
+        Values must be JSON-serialisable (saved in the run folder's ``report_data.json``, from which
+        ``finetune report`` rebuilds the page without loading a model). Keep it cheap. Default: ``{}``."""
+        return {}
+
+    def report_samples(self, model: Any, processor: Any, examples: Any, run_path: Path,
+                       limit: int) -> list[dict[str, Any]]:
+        """A few eval examples and what the trained model makes of them, for the run report (at most
+        ``limit``; take the first ones of ``examples``, the eval split as :meth:`prepare_data` returned it).
+        Called once on the main process after :meth:`finalize_run`, with the selected adapter's weights and
+        :attr:`state`, the model in eval mode, under ``torch.no_grad()``. Samples already in the run folder
+        (written by :meth:`after_evaluate`) may be read from ``run_path`` instead of predicting again. One dict
+        per example:
+
+        * ``"input"``: what the model saw, as text (a sentence, an image's file name, a prompt);
+        * ``"prediction"``: what it answered, as text;
+        * ``"reference"`` (optional): the right answer, as text;
+        * ``"correct"`` (optional): True / False; False rows are highlighted as errors;
+        * ``"score"`` (optional): a number (the prediction's probability, say);
+        * ``"before"`` (optional): the untouched model's answer (generation tasks);
+        * ``"image"`` (optional): a small picture of the input as a ``data:image/png;base64,...`` (or jpeg) URI,
+          at most 200,000 characters (a 96-pixel thumbnail is about 10,000).
+
+        Default: ``[]`` (the report's samples section then says that the task gives none). In multi-process
+        runs with FSDP or DeepSpeed it is not called (the weights are sharded)."""
+        return []
 
     def speed_notes(self) -> list[str]:
         """Task speed options in effect that change results (shown by ``finetune validate`` and recorded

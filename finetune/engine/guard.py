@@ -358,6 +358,33 @@ def _check_records(value: Any, *args: Any, **kwargs: Any) -> str | None:
     return None
 
 
+def _check_data_summary(value: Any, *args: Any, **kwargs: Any) -> str | None:
+    if not isinstance(value, Mapping):
+        return f"returned {_kind(value)}; give a dict (label_counts, facts) or {{}}"
+    unknown = [k for k in value if k not in ("label_counts", "facts")]
+    if unknown:
+        return f"returned the key {unknown[0]!r}; the keys it may return are 'label_counts' and 'facts'"
+    counts = value.get("label_counts", {})
+    if not isinstance(counts, Mapping) or not all(isinstance(c, Mapping) for c in counts.values()):
+        return "returned 'label_counts' that is not {split: {label: count}}"
+    if not isinstance(value.get("facts", {}), Mapping):
+        return f"returned 'facts' as {_kind(value['facts'])}; give a dict {{name: value}}"
+    return None
+
+
+def _check_report_samples(value: Any, model: Any = None, processor: Any = None, examples: Any = None,
+                          run_path: Any = None, limit: Any = None, **kwargs: Any) -> str | None:
+    if not isinstance(value, list) or not all(isinstance(r, Mapping) for r in value):
+        return f"returned {_kind(value)}; it must return a list of dicts (input, prediction, ...)"
+    for number, row in enumerate(value, start=1):
+        missing = [k for k in ("input", "prediction") if k not in row]
+        if missing:
+            return f"returned sample {number} without {missing[0]!r}; each sample has 'input' and 'prediction'"
+        if "correct" in row and row["correct"] is not None and not isinstance(row["correct"], bool):
+            return f"returned sample {number} with 'correct' = {_short(row['correct'])}; give True, False or None"
+    return None
+
+
 CORE_LOG_KEYS = ("loss", "lr", "samples_per_s", "kind", "step", "epoch")
 
 
@@ -392,4 +419,6 @@ _RETURN_CHECKS: dict[str, Callable[..., str | None]] = {
     "read_predict_input": _check_records,
     "draw_predictions": _check_drawn,
     "usage_snippet": _check_optional_text,
+    "data_summary": _check_data_summary,
+    "report_samples": _check_report_samples,
 }

@@ -146,8 +146,9 @@ class RunDir:
 
     ``run.path`` is the folder. Its layout: ``recipe.toml`` (the resolved recipe), ``run.json`` (status and
     provenance, :meth:`info`), ``adapter/`` (the best adapter), ``checkpoints/``, ``metrics.jsonl`` (one line
-    per logged step and evaluation), and when the run finished ``metrics.json``, ``curves.png`` and
-    ``README.md`` (the model card). A plugin may write its own artifacts under ``run.path``."""
+    per logged step and evaluation), and when the run finished ``metrics.json``, ``curves.png``,
+    ``README.md`` (the model card), ``report_data.json`` and ``report.html`` (the run report). A plugin may
+    write its own artifacts under ``run.path``."""
 
     #: Members a plugin may use (the rest is the core's bookkeeping): listed in the contract reference.
     PUBLIC = ("recipe_file", "run_file", "adapter_dir", "checkpoints_dir", "metrics_log", "metrics_file",
@@ -334,7 +335,7 @@ class RunDir:
     def _drop_final_files(self) -> None:
         """A kill between writing the final files and marking the run finished (a few milliseconds)
         leaves them behind; a resumed run rewrites them, so never show them mid-training."""
-        for stale in (self.metrics_file, self.card_file):
+        for stale in (self.metrics_file, self.card_file, self.path / "report.html", self.path / "report_data.json"):
             stale.unlink(missing_ok=True)
 
     def _create(self, recipe_dict: dict[str, Any], recipe_toml: str) -> None:

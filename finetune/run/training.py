@@ -171,6 +171,8 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
                 epochs_completed=state.epoch, best_step=state.best_step)
     restore_selected_state(run, task)  # finalize_run and the card see the selected adapter's state
     task.finalize_run(run.path, metrics)  # may add entries to metrics
+    _write_report_data(session, run, model, processor, accelerator, plugins, console,
+                       {"train": train_ds, "eval": eval_ds, "test": test_ds})
     write_json_atomic(run.metrics_file, metrics)
     card = render_model_card(recipe=recipe.to_dict(), task=task, backbone=session.backbone.to_dict(),
                              metrics=metrics, lora={"target_modules": report.target_modules,
@@ -180,6 +182,7 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
                              plugins=plugins, settings=recipe_view(recipe)[0], speed=speed)
     write_text_atomic(run.card_file, card)
     run.update_info(status="finished", finished_at=time.time())
+    _write_report(run, console)
     _print_summary(console, run, metrics)
     if recipe.hub.push:
         from finetune.run.hub import HubError, push_run
@@ -191,6 +194,46 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
                            f"--repo-id {recipe.hub.repo_id}") from None
         console.summary(f"pushed to {result['repo_id']} (commit {result['commit'][:8]})")
     return run
+
+
+def _write_report_data(session: Session, run: RunDir, model: Any, processor: Any, accelerator: Any,
+                       plugins: list[dict[str, str]], console: Console, datasets: dict[str, Any]) -> None:
+    """report_data.json: data summary, sample predictions of the selected adapter, memory, provenance. A
+    failure here is a warning: the run itself finished."""
+    from finetune.run.adapter import best_adapter_loader
+    from finetune.run.report_data import collect_report_data, write_report_data
+
+    recipe, task = session.recipe, session.task
+    sharded = str(accelerator.distributed_type).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED")
+    try:
+        predict_with, why = None, None
+        if sharded:
+            why = "the weights are sharded across processes (FSDP / DeepSpeed), so no sample was predicted"
+        else:
+            unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            best_adapter_loader(run, recipe.peft.method, task)(unwrapped)  # the selected adapter, not the last
+            predict_with = (unwrapped, processor)
+        data = collect_report_data(task=task, splits=session.splits, datasets=datasets, run_path=run.path,
+                                   predict_with=predict_with, why_no_samples=why,
+                                   source_folder=recipe.source.parent if recipe.source else None)
+        entry = session.registry.tasks.get(recipe.task.name)
+        if entry is not None:
+            version = next((p["version"] for p in plugins if p["name"] == entry.plugin), None)
+            data["task_plugin"] = {"plugin": entry.plugin, "distribution": entry.distribution, "version": version}
+        write_report_data(run.path, data)
+    except Exception as exc:  # noqa: BLE001 - the report must not fail a run that finished training
+        console.summary(f"warning: the run report's data could not be collected ({type(exc).__name__}: {exc}); "
+                        "report.html shows what the other files hold.")
+
+
+def _write_report(run: RunDir, console: Console) -> None:
+    from finetune.run.report import write_report
+
+    try:
+        write_report(run.path)
+    except Exception as exc:  # noqa: BLE001 - the report must not fail a run that finished training
+        console.summary(f"warning: report.html could not be written ({type(exc).__name__}: {exc}); "
+                        f"`finetune report {run.path}` tries again.")
 
 
 def _record_status(run: RunDir, **fields: Any) -> None:
@@ -244,7 +287,7 @@ def _print_summary(console: Console, run: RunDir, metrics: dict[str, Any]) -> No
     if metrics["baseline"]:
         base = ", ".join(f"{k}={v:.4f}" for k, v in metrics["baseline"].items() if isinstance(v, float))
         console.summary(f"baseline ({metrics['baseline'].get('name')}): {base}")
-    console.summary(f"run folder: {run.path} (adapter/, metrics.json, curves.png, README.md)")
+    console.summary(f"run folder: {run.path} (adapter/, metrics.json, curves.png, README.md, report.html)")
 
 
 def _shown(values: dict[str, Any]) -> str:

@@ -142,6 +142,7 @@ class CausalLM(Task):
         super().__init__(recipe)
         self._info: dict[str, Any] = {}
         self._model: Any = None
+        self._report_rows: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])  # set by finalize_run
         self._eval_examples: list[Example] = []
         self.encoder: Encoder | None = None
 
@@ -369,6 +370,7 @@ class CausalLM(Task):
         before = _read_jsonl(folder / "step-00000000.jsonl")
         best_step = metrics.get("best", {}).get("step")
         after = _read_jsonl(folder / f"step-{best_step:08d}.jsonl") if isinstance(best_step, int) else []
+        self._report_rows = (before, after)  # for report_samples, called after this
         if after:
             metrics["samples"] = {"best_step": best_step, "exact_after": sum(r["exact"] for r in after) / len(after)}
             if before:
@@ -387,6 +389,16 @@ class CausalLM(Task):
                     print(f"  before:    {_one_line(before[i]['generation'])}")
                 print(f"  after:     {_one_line(row['generation'])}")
                 print(f"  reference: {_one_line(row['reference'])}")
+
+    def report_samples(self, model: Any, processor: Any, examples: Any, run_path: Path,
+                       limit: int) -> list[dict[str, Any]]:
+        """The sample answers already generated at the best checkpoint (samples/step-N.jsonl), beside the
+        untouched model's (step 0); nothing is generated again."""
+        before, after = self._report_rows
+        return [{"input": row["prompt"], "reference": row["reference"], "prediction": row["generation"],
+                 "correct": bool(row["exact"]),
+                 **({"before": before[i]["generation"]} if i < len(before) else {})}
+                for i, row in enumerate(after[:limit])]
 
     # -- inference -----------------------------------------------------
     def predict_input_columns(self) -> list[str]:

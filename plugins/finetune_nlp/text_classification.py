@@ -26,7 +26,15 @@ from finetune import (
     sorted_labels,
     split_frame,
 )
-from finetune_nlp.text_shared import EncodedDataset, EncoderClassifier, check_not_empty, is_integer, row_locations
+from finetune_nlp.text_shared import (
+    EncodedDataset,
+    EncoderClassifier,
+    check_not_empty,
+    is_integer,
+    label_counts,
+    mistakes_first,
+    row_locations,
+)
 
 
 class TextClassificationData(DataOptions):
@@ -164,7 +172,7 @@ class TextClassification(EncoderClassifier):
         return {"loss": out.loss, "predictions": out.logits.argmax(-1), "references": batch["labels"]}
 
     def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
-        from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+        from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
         labels = self.state["labels"]
         ids = list(range(len(labels)))
@@ -174,7 +182,30 @@ class TextClassification(EncoderClassifier):
             "macro_f1": float(f1_score(references, predictions, labels=ids, average="macro", zero_division=0)),
             "per_class": {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                                       "support": int(s[i])} for i in ids},
+            "confusion_matrix": confusion_matrix(references, predictions, labels=ids).tolist(),
         }
+
+    # -- the run report ------------------------------------------------
+    def data_summary(self, splits: DataSplits) -> dict[str, Any]:
+        return {"label_counts": label_counts(splits, self.recipe.data.label_column, self.state["labels"])}
+
+    def report_samples(self, model: Any, processor: Any, examples: Any, run_path: Path,
+                       limit: int) -> list[dict[str, Any]]:
+        """The first eval rows predicted, mistakes first: of the first ``5 * limit`` rows, up to half the
+        samples are wrong ones (in data order), the rest right ones."""
+        data = self.recipe.data
+        pool = examples.head(5 * limit)
+        columns = [c for c in (data.text_column, data.text_pair_column) if c]
+        records = pool[columns].to_dict(orient="records")
+        predicted = self.predict(model, processor, records, batch_size=32)
+        rows = []
+        for record, pred, reference in zip(records, predicted, pool[data.label_column]):
+            text = str(record[data.text_column])
+            if data.text_pair_column:
+                text += f"  ||  {record[data.text_pair_column]}"
+            rows.append({"input": text, "reference": str(reference), "prediction": str(pred["pred_label"]),
+                         "correct": str(pred["pred_label"]) == str(reference), "score": float(pred["pred_score"])})
+        return mistakes_first(rows, limit)
 
     def baseline(self, splits: DataSplits) -> dict[str, Any] | None:
         if not self.recipe.task.baseline:

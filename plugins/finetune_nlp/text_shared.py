@@ -291,3 +291,20 @@ def pad_fields(items: list[dict[str, Any]], pads: dict[str, Any], same: tuple[st
              for name, value in pads.items() if name in items[0]}
     batch.update({name: torch.tensor([i[name] for i in items]) for name in same if name in items[0]})
     return batch
+
+
+def label_counts(splits: Any, column: str, labels: list[str]) -> dict[str, dict[str, int]]:
+    """``{split: {label: rows}}`` of a classification task's tables, labels in training order (the run report)."""
+    counts = {}
+    for name, df in (("train", splits.train), ("eval", splits.eval), ("test", splits.test)):
+        if df is not None:
+            found = df[column].value_counts().to_dict()
+            counts[name] = {label: int(found.get(label, 0)) for label in labels}
+    return counts
+
+
+def mistakes_first(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most ``limit`` report samples, up to half of them wrong ones, in their original order."""
+    wrong = [i for i, r in enumerate(rows) if r.get("correct") is False][: limit // 2]
+    right = [i for i, r in enumerate(rows) if i not in set(wrong)][: limit - len(wrong)]
+    return [rows[i] for i in sorted(wrong + right)]

@@ -255,6 +255,48 @@ class ImageClassification(ImageBackboneTask):
             plot_confusion_matrix(matrix, self.state["labels"], run_path / "confusion_matrix.png",
                                   title=f"{self.name}: best eval (accuracy {metrics['best'].get('accuracy', 0):.3f})")
 
+    # -- the run report --------------------------------------------------
+    def data_summary(self, splits: DataSplits) -> dict[str, Any]:
+        labels, counts = self.state["labels"], {}
+        for name, frame in (("train", splits.train), ("eval", splits.eval), ("test", splits.test)):
+            if frame is not None:
+                found = frame["label"].value_counts().to_dict()
+                counts[name] = {label: int(found.get(label, 0)) for label in labels}
+        return {"label_counts": counts}
+
+    def report_samples(self, model: Any, processor: Any, examples: Any, run_path: Path,
+                       limit: int) -> list[dict[str, Any]]:
+        """The first eval images predicted, mistakes first (up to half of ``limit`` from the first
+        ``5 * limit``), each with a small thumbnail."""
+        import torch
+
+        from finetune_vision.images import load_rgb
+
+        labels = self.state["labels"]
+        pool = examples.head(5 * limit)
+        column = self.recipe.data.image_column
+        records = [{column: name, "source": source} for name, source in zip(pool["image"], image_sources(pool))]
+        rows = []
+        for record, reference, (_, logits, error) in zip(records, pool["label"],
+                                                        self._image_logits(model, processor, records, 32)):
+            if logits is None:
+                rows.append({"input": _image_name(record[column]), "reference": str(reference),
+                             "prediction": f"(unreadable: {error})", "correct": False})
+                continue
+            probs = torch.softmax(logits, dim=-1)
+            best = int(probs.argmax())
+            rows.append({"input": _image_name(record[column]), "reference": str(reference), "prediction": labels[best],
+                         "correct": labels[best] == str(reference), "score": float(probs[best]),
+                         "source": record["source"]})
+        wrong = [i for i, r in enumerate(rows) if not r["correct"]][: limit // 2]
+        right = [i for i, r in enumerate(rows) if r["correct"]][: limit - len(wrong)]
+        chosen = [rows[i] for i in sorted(wrong + right)]
+        for row in chosen:
+            source = row.pop("source", None)
+            if source is not None:
+                row["image"] = _thumbnail(load_rgb(source))
+        return chosen
+
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
                 batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
         import torch
@@ -278,6 +320,26 @@ class ImageClassification(ImageBackboneTask):
         from finetune_vision.models import usage_snippet
 
         return usage_snippet(self.state, base, self.recipe.peft.method)
+
+
+def _image_name(image: Any) -> str:
+    """An image's folder and file name (class folders often hold files of the same names)."""
+    if not isinstance(image, (str, Path)):
+        return str(image)
+    path = Path(str(image))
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def _thumbnail(image: Any, size: int = 96) -> str:
+    """A small PNG of a PIL image as a ``data:`` URI (the report page embeds it)."""
+    import base64
+    import io
+
+    small = image.copy()
+    small.thumbnail((size, size))
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -413,6 +413,13 @@ def test_run_reports_before_after_loss_perplexity_and_samples(trained):
     assert "before:" in (run.path / "samples" / "before_after.md").read_text()
     card = run.card_file.read_text()
     assert "pipeline_tag: text-generation" in card and "perplexity" in card
+    # the run report shows the best checkpoint's sample answers beside the untouched model's
+    report = json.loads((run.path / "report_data.json").read_text())["samples"]
+    best_rows = [json.loads(x) for x in (run.path / "samples" / f"step-{best['step']:08d}.jsonl").read_text()
+                 .splitlines()]
+    assert [s["prediction"] for s in report] == [r["generation"] for r in best_rows]
+    assert all("before" in s and isinstance(s["correct"], bool) for s in report)
+    assert 'id="samples-table"' in (run.path / "report.html").read_text()
 
 
 def test_reloaded_adapter_reproduces_eval_loss_and_predicts(trained):

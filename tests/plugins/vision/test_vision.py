@@ -65,6 +65,19 @@ def test_timm_lora_run_writes_metrics_confusion_matrix_and_card(timm_run):
     assert json.loads((run.adapter_dir / "finetune_preprocess.json").read_text())["input_size"] == 32
 
 
+def test_timm_run_report_has_classes_per_split_confusion_matrix_and_thumbnails(timm_run):
+    _, run = timm_run
+    data = json.loads((run.path / "report_data.json").read_text())
+    counts = data["data"]["label_counts"]
+    assert set(counts) == {"train", "eval", "test"} and sum(counts["test"].values()) == 12
+    samples = data["samples"]
+    assert samples and all(s["image"].startswith("data:image/png;base64,") for s in samples)
+    assert all(s["correct"] == (s["prediction"] == s["reference"]) and s["input"].endswith(".png") for s in samples)
+    page = (run.path / "report.html").read_text()
+    assert 'id="confusion-matrix"' in page and page.count('<img class="thumb" src="data:image/png;base64,') == len(
+        samples)
+
+
 def test_timm_adapter_reloads_exactly_with_finetune_and_plain_peft(timm_run, tiny_timm_cnn):
     import timm
     from peft import PeftModel
