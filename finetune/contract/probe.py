@@ -113,7 +113,8 @@ class ColumnStats:
                         f"joined by {sep!r}")
             return f"{self.distinct} distinct values (e.g. {', '.join(repr(s) for s in self.samples[:3])})"
         if kind == "text":
-            return f"{self.distinct:,} distinct values, mean {self.mean_words:.0f} words"
+            words = f"{self.mean_words:.1f}" if self.mean_words < 10 else f"{self.mean_words:.0f}"
+            return f"{self.distinct:,} distinct values, mean {words} words"
         if kind == "path":
             exts = ", ".join(f"{e} ({n})" for e, n in sorted(self.extensions.items(), key=lambda x: -x[1])[:3])
             return f"file paths: {exts}"
@@ -340,6 +341,17 @@ class DataProbe:
                 best = (score, col.name, reason)
         return (best[1], best[2]) if best else None
 
+    def existing_share(self, column: str, n: int = 5) -> float:
+        """Of the first ``n`` values of a path column, the share naming an existing file (relative paths
+        resolve against the table's folder). Only file names are checked; nothing is opened."""
+        table = self.table
+        if table is None or column not in table.columns:
+            return 0.0
+        values = [r.get(column) for r in table.records[:n] if isinstance(r.get(column), str)]
+        if not values:
+            return 0.0
+        return sum((self.path.parent / v.strip()).is_file() for v in values) / len(values)
+
     def describe(self) -> list[str]:
         """What was found, in lines for ``finetune init``'s output."""
         out: list[str] = []
@@ -420,7 +432,8 @@ def column_stats(name: str, series: Any) -> ColumnStats:
                 holding = [s for s in strings if sep in s]
                 stats.separator_share[sep] = len(holding) / count
                 if holding:
-                    stats.parts[sep] = len({p.strip() for s in strings for p in s.split(sep) if p.strip()})
+                    stats.parts[sep] = len({p.strip() for s in strings for p in s.split(sep)
+                                            if p.strip() and p.strip() != "[]"})
         elif items:
             # JSON lists written as text ('["a", "b"]'): several labels per row without a separator.
             stats.separator_share["json"] = sum(len(v) > 1 for v in all_lists) / count

@@ -36,7 +36,8 @@ def _audio_column(probe: DataProbe) -> ColumnStats | None:
     if table is None:
         return None
     for col in table.columns.values():
-        if col.kind == "path" and sum(n for e, n in col.extensions.items() if e in _AUDIO) >= 0.9 * col.count:
+        if col.kind == "path" and sum(n for e, n in col.extensions.items() if e in _AUDIO) >= 0.9 * col.count \
+                and probe.existing_share(col.name) > 0:
             return col
     return None
 

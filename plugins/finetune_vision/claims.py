@@ -107,6 +107,8 @@ def _detection(probe: DataProbe) -> Claim | None:
         settings["data"]["split"] = 0.2
         comments["data.split"] = "images held out to select the best checkpoint"
     folder = probe.path if probe.is_dir else probe.path.parent
+    if probe.is_file and probe.suffix == ".txt":
+        folder = probe.path.parent.parent.parent  # a VOC list: ImageSets/Main/x.txt -> the VOC root
     size = _first_image_size(folder)
     if size:
         settings["data"]["image_size"] = int(min(640, max(size)))
@@ -191,8 +193,9 @@ def _table_claim(probe: DataProbe) -> Claim | None:
         return None
     images = [c for c in table.columns.values()
               if c.kind == "path" and sum(n for e, n in c.extensions.items() if e in IMAGE_EXTENSIONS) >= 0.9 * c.count]
+    images = [c for c in images if probe.existing_share(c.name) > 0]
     if not images:
-        return None
+        return None  # file names of images that are not there (e.g. an id column that ends in .jpg)
     image = images[0]
     labels = [c for c in table.columns.values() if c is not image and c.kind in ("category", "list")
               and not _ID_NAME.search(c.name)]
