@@ -13,8 +13,9 @@ import datetime
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from finetune.contract.probe import Claim, DataProbe
 from finetune.errors import DataError, RecipeError
@@ -159,7 +160,7 @@ def build_recipe(claim: Claim, data: Path, recipe: Path) -> tuple[str, dict[str,
         for key, value in values.items():
             if isinstance(value, Path):
                 values[key] = _relative(value, recipe_dir)
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = [f"Written by `finetune init {data}` ({when}).",
               f"Task {claim.task} (plugin {claim.plugin}, score {claim.score:.2f}), because:"]
     header += [f"  - {reason}" for reason in claim.reasons]

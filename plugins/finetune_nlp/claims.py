@@ -59,7 +59,8 @@ def _is_text(col: ColumnStats) -> bool:
 
 
 def _is_label(col: ColumnStats) -> bool:
-    return (col.kind == "category" or (col.kind == "list" and col.list_items <= 100)) and not _ID_NAME.search(col.name) \
+    labels = col.kind == "category" or (col.kind == "list" and col.list_items <= 100)
+    return labels and not _ID_NAME.search(col.name) \
         and not (_GROUPISH.search(col.name) and col.name.lower() not in _LABEL_NAMES)
 
 
