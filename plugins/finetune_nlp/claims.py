@@ -17,6 +17,8 @@ _LABEL_NAMES = ("label", "labels", "class", "classes", "category", "categories",
                 "target", "y", "intent", "topic", "emotion", "emotions", "stance")
 _TEXT_NAMES = ("text", "sentence", "sentence1", "premise", "question", "review", "comment", "body", "content",
                "document", "message", "utterance", "query", "title")
+#: Field names of generation data (chat, prompt/completion, Alpaca, preference pairs, KTO).
+_GENERATION_NAMES = {"prompt", "completion", "chosen", "rejected", "response", "instruction", "output", "messages"}
 _TAG = re.compile(r"^(O|[BIESLU]-\S+)$")
 
 
@@ -136,6 +138,10 @@ def _table_claims(probe: DataProbe) -> list[Claim]:
             others = [c.name for c in (single if col is label else numbers) if c is not col]
             reasons.append(f"which column is the {what} is unclear (also possible: {', '.join(others)})")
             score = 0.45
+        generation = sorted(_GENERATION_NAMES & {c.name.lower() for c in (text, pair, col) if c is not None})
+        if generation:
+            score -= 0.15
+            reasons.append(f"but columns named {', '.join(generation)} are what generation data uses")
         if both:
             score = min(score, 0.7)
             reasons.append("the table has both a categorical and a numeric column that could be the target")

@@ -15,6 +15,9 @@ _AUDIO = frozenset(AUDIO_SUFFIXES) | {".mp3", ".m4a", ".opus"}
 _LABEL_NAMES = ("label", "labels", "class", "category", "command", "word", "intent", "emotion", "speaker_label")
 _TEXT_NAMES = ("text", "transcript", "transcription", "sentence", "normalized_text", "utterance")
 _ID_NAME = re.compile(r"(^|[_\s-])(id|ids|uuid|index|idx)$", re.IGNORECASE)
+#: Who or where a clip comes from: a group for the split, not a label (unless no other column can be).
+_SOURCE_NAME = re.compile(r"(^|_)(speaker|user|client|session|voice|person|subject|recording|source)s?(_|$)",
+                          re.IGNORECASE)
 
 
 def _settings(train: Any, epochs: int) -> dict[str, dict[str, Any]]:
@@ -48,7 +51,8 @@ def _manifest_claims(probe: DataProbe, manifest: DataProbe, where: str) -> list[
         return []
     table = manifest.table
     cols = [c for c in table.columns.values() if c is not audio and not _ID_NAME.search(c.name)]
-    labels = [c for c in cols if c.kind == "category" and c.name.lower() not in _TEXT_NAMES]
+    labels = [c for c in cols if c.kind == "category" and c.name.lower() not in _TEXT_NAMES
+              and (not _SOURCE_NAME.search(c.name) or c.name.lower() in _LABEL_NAMES)]
     named = [c for c in labels if c.name.lower() in _LABEL_NAMES]
     label = named[0] if named else labels[0] if len(labels) == 1 else None
     texts = [c for c in cols if c.name.lower() in _TEXT_NAMES or c.kind == "text"]
