@@ -45,16 +45,16 @@ def _words(value: str) -> int:
 class ColumnStats:
     """One column of a probed table (computed on the rows read)."""
 
-    name: str
+    name: str                  #: the column's name
     dtype: str                 #: pandas dtype as text ("object", "int64", "float64", ...)
     count: int                 #: non-empty values
     distinct: int              #: distinct values (lists and dicts compared as JSON)
     numeric: bool              #: every value is a number (or a numeric string)
     integer: bool              #: numeric and every value a whole number
-    minimum: float | None = None
-    maximum: float | None = None
+    minimum: float | None = None  #: numeric columns: the smallest value
+    maximum: float | None = None  #: numeric columns: the largest value
     mean_words: float = 0.0    #: strings: mean number of whitespace-separated words
-    mean_chars: float = 0.0
+    mean_chars: float = 0.0    #: strings: mean length in characters
     list_share: float = 0.0    #: share of values that are lists (JSON lines, parquet) or JSON lists in text
     dict_share: float = 0.0    #: share of values that are objects
     chat_share: float = 0.0    #: share of values that are chat message lists ([{role, content}, ...])
@@ -131,7 +131,7 @@ class TableInfo:
 
     rows: int                  #: rows read
     truncated: bool            #: the file has more rows than were read
-    columns: dict[str, ColumnStats]
+    columns: dict[str, ColumnStats]  #: name -> summary, in file order
     records: list[dict[str, Any]]  #: the first rows as dicts (at most 50), values as read
 
     def of_kind(self, *kinds: str) -> list[ColumnStats]:
@@ -143,7 +143,7 @@ class FolderInfo:
     """One folder of a probed tree: its files' extensions counted, its sub-folders' names."""
 
     files: dict[str, int]      #: extension (lower case, with the dot; "" for none) -> count
-    subfolders: list[str]
+    subfolders: list[str]      #: names of the folders directly inside (sorted)
     names: list[str]           #: the first 200 file names (sorted)
 
     def count(self, extensions: set[str] | frozenset[str]) -> int:
@@ -458,10 +458,10 @@ class Claim:
     ``reasons`` are sentences explaining the choice; ``notes`` are shown after it (alternatives, caveats).
     """
 
-    task: str
-    score: float
-    reasons: list[str] = field(default_factory=list)
-    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    comments: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    task: str                  #: the task name (as registered; ``finetune tasks`` lists them)
+    score: float               #: confidence, 0..1 (see above)
+    reasons: list[str] = field(default_factory=list)  #: why, in sentences ("column `review` looks like text: ...")
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  #: recipe values by section
+    comments: dict[str, str] = field(default_factory=dict)  #: "section.key" -> a comment written beside it
+    notes: list[str] = field(default_factory=list)  #: caveats and alternatives, shown after the reasons
     plugin: str = ""           #: filled in by the core: the plugin that made the claim
