@@ -45,9 +45,9 @@ def choose(claims: list[Claim], task: str | None, path: Path, known_tasks: list[
         raise DataError(f"{path}: the plugin of task {task!r} does not recognise this data (tasks that do: "
                         f"{claimed}). Write the recipe by hand (docs/recipes.md lists each task's [data] keys).")
     if not claims:
-        raise DataError(f"{path}: no installed plugin recognises this data (see what was found above). Give "
-                        "--task NAME to say what it is for, or write the recipe by hand (docs/recipes.md); "
-                        "`finetune tasks` lists the tasks.")
+        raise DataError(f"{path}: no installed plugin recognises this data (see what was found above). Write the "
+                        "recipe by hand: `finetune tasks` lists the tasks, docs/recipes.md each task's [data] keys "
+                        "(a plugin adds its own data forms through the finetune_claim_data hook).")
     best = claims[0]
     rivals = [c for c in claims[1:] if c.task != best.task and c.score >= best.score - MARGIN]
     if best.score < MIN_SCORE or rivals:
