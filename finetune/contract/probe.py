@@ -269,6 +269,9 @@ class DataProbe:
         if frame.empty:
             self.table_error = "no rows"
             return None
+        for c in frame.columns:  # parquet list cells come back as numpy arrays: make them lists
+            if frame[c].dtype == object:
+                frame[c] = frame[c].map(_plain)
         columns = {str(c): column_stats(str(c), frame[c]) for c in frame.columns}
         records = frame.head(50).to_dict(orient="records")
         return TableInfo(rows=len(frame), truncated=truncated, columns=columns, records=records)
@@ -381,6 +384,15 @@ class DataProbe:
         if len(tree) > 12:
             out.append(f"    ... {len(tree) - 12} more folders")
         return out
+
+
+def _plain(value: Any) -> Any:
+    """A numpy array cell (parquet lists) as a list, recursively; other values as they are."""
+    if hasattr(value, "tolist") and getattr(value, "ndim", 0) >= 1:
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def column_stats(name: str, series: Any) -> ColumnStats:

@@ -53,6 +53,12 @@ def test_probe_columns_kinds(tmp_path):
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                                {"role": "assistant", "content": "hello"}]}] * 3)
     assert DataProbe(chat).table.columns["messages"].kind == "chat"
+    import pandas as pd
+
+    pd.DataFrame({"text": [f"words {i} here" for i in range(6)], "labels": [["a", "b"], ["c"]] * 3}).to_parquet(
+        tmp_path / "t.parquet")
+    labels = DataProbe(tmp_path / "t.parquet").table.columns["labels"]  # numpy array cells read as lists
+    assert labels.kind == "list" and labels.list_items == 3
 
 
 def test_probe_tree_of_a_folder(tmp_path):
