@@ -20,6 +20,8 @@ _TEXT_NAMES = ("text", "sentence", "sentence1", "premise", "question", "review",
 #: Field names of generation data (chat, prompt/completion, Alpaca, preference pairs, KTO).
 _GENERATION_NAMES = {"prompt", "completion", "chosen", "rejected", "response", "instruction", "output", "messages"}
 _TAG = re.compile(r"^(O|[BIESLU]-\S+)$")
+#: The file suffixes token-classification reads as CoNLL columns (as token_classification.CONLL_SUFFIXES).
+CONLL_SUFFIXES = (".conll", ".txt", ".iob", ".iob2", ".bio", ".conllu")
 
 
 def _max_length(words: float) -> int:
@@ -164,7 +166,7 @@ def _table_claims(probe: DataProbe) -> list[Claim]:
 
 
 def _conll_claim(probe: DataProbe) -> Claim | None:
-    if probe.suffix not in (".conll", ".iob", ".bio", ".txt", ".tsv", ".conllu", ".iob2"):
+    if probe.suffix not in CONLL_SUFFIXES:  # what token-classification reads as CoNLL columns
         return None
     lines = probe.head_lines
     rows = [line.split() for line in lines if line.strip() and not line.startswith("-DOCSTART-")]

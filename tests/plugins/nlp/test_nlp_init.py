@@ -64,6 +64,9 @@ def test_two_texts_and_no_label_are_refused(tmp_path):
 
 
 def test_conll_and_token_jsonl_are_token_classification(tmp_path):
+    from finetune_nlp import claims, token_classification
+
+    assert claims.CONLL_SUFFIXES == token_classification.CONLL_SUFFIXES  # init claims what the task reads
     conll = tmp_path / "ner.conll"
     conll.write_text("John\tB-PER\nlives\tO\nin\tO\nParis\tB-LOC\n\nMary\tB-PER\nsmiled\tO\n")
     recipe, said = init_and_read(conll, tmp_path / "a.toml")
