@@ -372,6 +372,9 @@ class DataProbe:
                 out.append(f"  a JSON object with keys: {', '.join(list(self.json)[:10])}")
             elif self.table_error:
                 out.append(f"  not readable as a table: {self.table_error}")
+            elif self.head_lines:
+                shown = self.head_lines[0][:60]
+                out.append(f"  text: {len(self.head_lines)} lines read; the first: {shown!r}")
             return out
         tree = self.tree
         total = sum(sum(f.files.values()) for f in tree.values())

@@ -96,6 +96,9 @@ def toml_value(value: Any) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"not a finite number: {value}")
+        if value != 0 and abs(value) < 0.01:  # 0.0005 -> 5e-4, as recipes write learning rates
+            mantissa, exponent = f"{value:.6e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
         text = repr(value)
         return text if any(ch in text for ch in ".e") else text + ".0"
     if isinstance(value, str):

@@ -110,9 +110,16 @@ def claim_data(probe: DataProbe) -> list[Claim]:
         return []
     settings = _settings(probe.path, epochs=3)
     settings["data"]["split"] = 0.2
+    notes = ["speech-recognition needs transcripts: a manifest with path and text columns"]
+    names = [n for sub in classes for n in probe.tree[sub].names]
+    repeated = len(names) - len(set(names))
+    if repeated:
+        notes.append(f"{repeated} file names recur across the class folders (one speaker or source per name?): "
+                     "the split is random by class, so the same source can be on both sides; for a held-out-source "
+                     "score write a manifest (path, label, speaker) and set data.group_column")
     reasons = [f"{len(classes)} sub-folders of audio clips ({sum(classes.values()):,} clips): one class per folder, "
                "e.g. " + ", ".join(f"{k} ({v})" for k, v in list(classes.items())[:4])]
     return [Claim(task="audio-classification", score=0.85, reasons=reasons, settings=settings,
                   comments=_comments(**{"data.train": "one sub-folder per class",
                                         "data.split": "held out (by class) to select the best checkpoint"}),
-                  notes=["speech-recognition needs transcripts: a manifest with path and text columns"])]
+                  notes=notes)]

@@ -172,6 +172,7 @@ def test_sibling_splits_and_toml_values(tmp_path):
     assert sibling_splits(tmp_path / "x_train.csv") == {"eval": tmp_path / "x_dev.csv", "test": tmp_path / "x_test.csv"}
     assert sibling_splits(tmp_path / "x_dev.csv") == {}
     assert toml_value({"exact-number": 1.0, "a b": [1, "q\""]}) == '{ exact-number = 1.0, "a b" = [1, "q\\""] }'
+    assert toml_value(0.0005) == "5e-4" and toml_value(2.5e-5) == "2.5e-5" and toml_value(0.2) == "0.2"
     assert tomllib.loads(f"v = {toml_value(0.0005)}")["v"] == 0.0005
 
 
