@@ -259,8 +259,11 @@ class DataProbe:
                     return None
                 frame = pd.DataFrame(records)
             else:
-                frame = pd.read_parquet(self.path)
-                frame = frame.head(n + 1)
+                import pyarrow.parquet as pq
+
+                batches = pq.ParquetFile(self.path).iter_batches(batch_size=n + 1)
+                first = next(batches, None)  # only the first rows are read, not the whole file
+                frame = first.to_pandas() if first is not None else pd.DataFrame()
         except Exception as exc:  # noqa: BLE001 - any unreadable table is "not a table", with the reason kept
             self.table_error = f"{type(exc).__name__}: {exc}"
             return None
