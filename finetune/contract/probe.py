@@ -68,8 +68,8 @@ class ColumnStats:
 
     @property
     def kind(self) -> str:
-        """A guess at what the column holds: "chat", "list", "dict", "path", "number", "category", "text"
-        or "empty"."""
+        """A guess at what the column holds: "chat", "list", "dict", "path", "number", "category", "text",
+        "index" (whole numbers 0..n-1 or 1..n, each once: row numbers) or "empty"."""
         if self.count == 0:
             return "empty"
         if self.chat_share >= 0.9:
@@ -81,6 +81,9 @@ class ColumnStats:
         if self.path_share >= 0.9:
             return "path"
         if self.numeric:
+            if self.integer and self.count > 20 and self.distinct == self.count \
+                    and self.maximum - self.minimum + 1 == self.count:
+                return "index"  # 0..n-1 or 1..n: row numbers, not a target
             return "category" if self.integer and self.distinct <= 20 else "number"
         labels = min([self.distinct] + [n for sep, n in self.parts.items() if self.separator_share.get(sep, 0) > 0])
         if self.mean_words <= 4 and labels <= 100 and self.distinct <= max(2, 0.5 * self.count):
@@ -333,7 +336,7 @@ class DataProbe:
         for col in table.columns.values():
             if col.name in exclude or col.count < 4 or col.distinct < 2 or col.repeated_share == 0:
                 continue
-            if col.kind in ("list", "dict", "chat", "number", "empty"):
+            if col.kind in ("list", "dict", "chat", "number", "index", "empty"):
                 continue
             named = bool(GROUP_NAME.search(col.name))
             many_groups = col.distinct >= max(3, col.count // 20) and col.repeated_share >= 0.3

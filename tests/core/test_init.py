@@ -49,6 +49,8 @@ def test_probe_columns_kinds(tmp_path):
     assert table.columns["tags"].multi_label_separator == ","
     assert table.columns["tags"].parts[","] == 3  # a, b, c
     assert table.columns["value"].kind == "number"
+    assert DataProbe(write_csv(tmp_path / "i.csv", [{"row": i, "x": "a"} for i in range(30)])).table \
+        .columns["row"].kind == "index"  # row numbers are no regression target
     assert table.columns["file"].kind == "path" and table.columns["file"].extensions == {".jpg": 30}
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                                {"role": "assistant", "content": "hello"}]}] * 3)
