@@ -37,7 +37,7 @@ needs_example = pytest.mark.skipif(not _example_installed(),
 def test_example_plugin_is_discovered_from_its_own_distribution():
     result = run_cli("plugins")
     assert "rating-regression (finetune-rating-regression 0.1.0) [ok]" in result.stdout
-    assert "hooks:  finetune_register_tasks\n" in result.stdout.split("rating-regression (")[1]
+    assert "hooks:  finetune_claim_data, finetune_register_tasks\n" in result.stdout.split("rating-regression (")[1]
     assert "rating-regression" in run_cli("tasks").stdout
     assert "rating-regression" not in run_cli("--help").stdout  # installing a plugin adds no command unless asked
 

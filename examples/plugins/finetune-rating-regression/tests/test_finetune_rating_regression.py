@@ -17,20 +17,15 @@ def test_trains_end_to_end(tmp_path):
     assert result.predictions and "pred_value" in result.predictions[0]
 
 
-def test_claims_a_table_with_a_rating_for_finetune_init(tmp_path):
-    import csv
+def test_claims_its_data_for_finetune_init(tmp_path):
+    from finetune_rating_regression.task import claim_data
 
-    from finetune_rating_regression import finetune_claim_data
+    rows = "text,target\n" + "".join(f"a day with {i} good things,{i * 0.5}\n" for i in range(20))
+    (tmp_path / "data.csv").write_text(rows)
+    path = tmp_path / "data.csv"
+    from finetune import DataProbe  # (after the plugin's import: isort orders the two apart in each repository)
 
-    from finetune import Claim, DataProbe
-
-    path = tmp_path / "reviews.csv"
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["review", "stars"])
-        writer.writerows([f"a {'lovely' if i % 2 else 'dull'} book, chapter {i}", 1 + i % 5] for i in range(20))
-    claim = finetune_claim_data(probe=DataProbe(path))
-    assert isinstance(claim, Claim) and claim.task == "rating-regression"
-    assert claim.settings["data"]["target_column"] == "stars" and claim.settings["data"]["text_column"] == "review"
-    (tmp_path / "other.csv").write_text("review,label\nnice,a\nbad,b\n")
-    assert finetune_claim_data(probe=DataProbe(tmp_path / "other.csv")) is None
+    claim = claim_data(DataProbe(path))
+    assert claim is not None and claim.task == "rating-regression" and claim.settings["data"]["train"] == path
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    assert claim_data(DataProbe(tmp_path / "other.csv")) is None
