@@ -25,6 +25,7 @@ from finetune.contract.multilabel import (
     parse_labels,
     tune_thresholds,
 )
+from finetune.contract.probe import Claim, ColumnStats, DataProbe, FolderInfo, TableInfo
 from finetune.contract.recipe import DataOptions, PathStr, Recipe, TaskOptions
 from finetune.contract.rewards import RewardFunction
 from finetune.contract.tables import load_table, read_jsonl, require_columns, split_frame
@@ -41,12 +42,16 @@ __all__ = [
     "FINETUNE_HOOK_VERSION",
     "BackboneError",
     "Callback",
+    "Claim",
+    "ColumnStats",
     "DataError",
     "DataOptions",
+    "DataProbe",
     "DataSplits",
     "DatasetSource",
     "DatasetSplit",
     "FinetuneError",
+    "FolderInfo",
     "LoopState",
     "PathStr",
     "PluginError",
@@ -55,6 +60,7 @@ __all__ = [
     "ResolvedBackbone",
     "RewardFunction",
     "RunDir",
+    "TableInfo",
     "Task",
     "TaskOptions",
     "attention_projections",

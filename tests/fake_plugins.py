@@ -159,6 +159,23 @@ class Tagger(Task):
 @hookimpl
 def finetune_register_tasks(register):
     register(Tagger)
+
+
+@hookimpl
+def finetune_claim_data(probe):
+    """`finetune init` on a made-up format: a ``.wtag`` file of JSON lines {"tokens": [...], "tags": [...]}."""
+    import json
+
+    from finetune import Claim
+
+    if probe.suffix != ".wtag" or not probe.head_lines:
+        return None
+    first = json.loads(probe.head_lines[0])
+    if not {"tokens", "tags"} <= set(first):
+        return None
+    return Claim(task="word-tagging", score=0.95, reasons=["a .wtag file: JSON lines of words and their tags"],
+                 settings={"data": {"train": probe.path, "max_length": 32}, "train": {"epochs": 1, "batch_size": 8}},
+                 comments={"data.train": "word-tagging JSON lines"})
 '''
 
 

@@ -73,6 +73,7 @@ def cli(debug: bool) -> None:
 
     \b
     finetune run recipe.toml         train (resumes an unfinished run)
+    finetune init DATA               write a recipe for a data file or folder
     finetune validate recipe.toml    check a recipe and show one batch
     finetune predict RUN_DIR         predict with a trained run
     finetune evaluate RUN_DIR --input FILE   score a trained run on labelled data
@@ -164,6 +165,37 @@ def validate(recipe: Path, overrides: tuple[str, ...], show_all: bool) -> None:
     from finetune.run.dry_run import dry_run
 
     dry_run(recipe, list(overrides), Console(), everything=show_all)
+
+
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--task", "task_name", help="The task to write a recipe for, when the data fits several.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Recipe file to write (default: <DATA name>.toml here); data paths are written relative to it.")
+@click.option("--force", is_flag=True, help="Replace the recipe file if it exists.")
+@click.option("--backbone", help="Use this backbone instead of the plugin's offline default.")
+@click.option("--no-validate", is_flag=True, help="Write the recipe without running `finetune validate` on it.")
+def init(data: Path, task_name: str | None, output: Path | None, force: bool, backbone: str | None,
+         no_validate: bool) -> None:
+    """Look at DATA (a file or folder) and write a commented recipe for it, then validate it.
+
+    Prints what was found and why the task and columns were chosen; refuses ambiguous data, listing the
+    candidate tasks (pick one with --task)."""
+    from finetune.run.init import init_recipe
+
+    recipe = init_recipe(data, output, task=task_name, force=force, backbone=backbone, echo=click.echo)
+    if not no_validate:
+        quiet_libraries()
+        from finetune.engine.console import Console
+        from finetune.run.dry_run import dry_run
+
+        click.echo(f"validating {recipe} (as `finetune validate {recipe}`):")
+        try:
+            dry_run(recipe, [], Console())
+        except FinetuneError as exc:
+            raise FinetuneError(f"{exc}\nThe recipe was written to {recipe}: fix it (or the data) and run "
+                                f"`finetune validate {recipe}`.") from exc
+    click.echo(f"next: finetune run {recipe}")
 
 
 @cli.command()

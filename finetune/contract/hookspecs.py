@@ -130,3 +130,20 @@ def finetune_register_rewards(register):
         the same name is an error naming both. See :class:`finetune.RewardFunction`.
     :returns: nothing.
     """
+
+
+@hookspec
+def finetune_claim_data(probe):
+    """Say whether a data path fits one of this plugin's tasks, for ``finetune init DATA``.
+
+    Called once per ``finetune init``, with the same probe for every plugin. Look only at what the probe
+    offers (it reads each file once and caches it: ``probe.table``, ``probe.json``, ``probe.head_lines``,
+    ``probe.tree``, ``probe.child(name)``); do not read the data yourself, and import nothing heavy.
+
+    :param probe: a :class:`finetune.DataProbe` of the path the user gave (a file or a folder).
+    :returns: ``None`` (not mine), a :class:`finetune.Claim`, or a list of them (several tasks, or an
+        alternative with a lower score). A claim names the task, a score in 0..1, the reasons in words and
+        the recipe settings it proposes (backbone, data paths and columns, a few training values), each
+        with a short comment. ``finetune init`` takes the best claim of all plugins, refuses with the
+        candidates listed when two tasks score alike, and ``--task`` picks one of the claimed tasks.
+    """

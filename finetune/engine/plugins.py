@@ -20,6 +20,7 @@ import pluggy
 
 from finetune.contract import hookspecs
 from finetune.contract.hookspecs import HOOK_VERSION
+from finetune.contract.probe import Claim, DataProbe
 from finetune.contract.rewards import RewardFunction
 from finetune.contract.task import Task
 from finetune.engine.conformance import method_problems
@@ -202,6 +203,33 @@ class PluginRegistry:
                 raise PluginError(f"{owner} raised in finetune_register_callbacks: {type(exc).__name__}: {exc}") \
                     from exc
         return found
+
+    def claims(self, probe: DataProbe) -> list[Claim]:
+        """Every plugin's ``finetune_claim_data`` answers for ``probe``, best first. A plugin that raises or
+        returns something other than claims is an error naming it; a claim for a task nobody registered is
+        dropped (with a warning on stderr)."""
+        found: list[Claim] = []
+        for impl in self.pm.hook.finetune_claim_data.get_hookimpls():
+            owner = f"plugin {impl.plugin_name!r}"
+            try:
+                answer = impl.function(probe=probe)
+            except Exception as exc:  # noqa: BLE001
+                raise PluginError(f"{owner} raised in finetune_claim_data: {type(exc).__name__}: {exc}") from exc
+            if answer is None:
+                continue
+            for claim in answer if isinstance(answer, (list, tuple)) else [answer]:
+                if not isinstance(claim, Claim) or not isinstance(claim.score, (int, float)) \
+                        or not isinstance(claim.settings, dict):
+                    raise PluginError(f"{owner}, finetune_claim_data: returned {claim!r}; return None, a "
+                                      "finetune.Claim or a list of them (docs/plugin-reference.md)")
+                if claim.task not in self.tasks:
+                    print(f"warning: {owner} claimed the data for task {claim.task!r}, which no plugin "
+                          "registers; ignored", file=sys.stderr)
+                    continue
+                claim.plugin = impl.plugin_name
+                claim.score = max(0.0, min(1.0, float(claim.score)))
+                found.append(claim)
+        return sorted(found, key=lambda c: -c.score)
 
     def rewards(self) -> dict[str, RewardFunction]:
         """Every reward function registered through ``finetune_register_rewards``, by name (collected once).

@@ -51,3 +51,10 @@ def finetune_register_commands(cli):
     from finetune_generation.commands import merge
 
     cli.add_command(merge)
+
+
+@hookimpl
+def finetune_claim_data(probe):
+    from finetune_generation.claims import claim_data
+
+    return claim_data(probe)

@@ -18,3 +18,10 @@ def finetune_register_tasks(register):
     register(MultiLabelClassification)
     register(TextRegression)
     register(QuestionAnswering)
+
+
+@hookimpl
+def finetune_claim_data(probe):
+    from finetune_nlp.claims import claim_data
+
+    return claim_data(probe)

@@ -31,3 +31,10 @@ def finetune_offline_backbones():
     from finetune_speech.whisper_zoo import UPSTREAM_ID
 
     return [UPSTREAM_ID]
+
+
+@hookimpl
+def finetune_claim_data(probe):
+    from finetune_speech.claims import claim_data
+
+    return claim_data(probe)

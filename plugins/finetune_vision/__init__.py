@@ -39,3 +39,10 @@ def finetune_offline_backbones():
     from finetune_vision.zoo import known_names
 
     return known_names()
+
+
+@hookimpl
+def finetune_claim_data(probe):
+    from finetune_vision.claims import claim_data
+
+    return claim_data(probe)

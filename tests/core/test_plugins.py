@@ -96,7 +96,7 @@ def test_cli_plugins_shows_builtin_nlp():
     block = plugin_block(result.stdout, "nlp")
     assert block.startswith("nlp (finetune ") and block.splitlines()[0].endswith("[ok]")
     assert "module: finetune_nlp" in block
-    assert "hooks:  finetune_register_tasks" in block
+    assert "hooks:  finetune_claim_data, finetune_register_tasks" in block
     assert "tasks:  text-classification" in block
     zoo = plugin_block(result.stdout, "finetune.zoo")
     assert "[ok]" in zoo and "finetune_resolve_backbone" in zoo

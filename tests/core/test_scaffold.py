@@ -37,7 +37,7 @@ needs_example = pytest.mark.skipif(not _example_installed(),
 def test_example_plugin_is_discovered_from_its_own_distribution():
     result = run_cli("plugins")
     assert "rating-regression (finetune-rating-regression 0.1.0) [ok]" in result.stdout
-    assert "hooks:  finetune_register_tasks\n" in result.stdout.split("rating-regression (")[1]
+    assert "hooks:  finetune_claim_data, finetune_register_tasks\n" in result.stdout.split("rating-regression (")[1]
     assert "rating-regression" in run_cli("tasks").stdout
     assert "rating-regression" not in run_cli("--help").stdout  # installing a plugin adds no command unless asked
 
@@ -110,7 +110,7 @@ def test_each_template_installs_lists_its_task_and_its_own_tests_pass(tmp_path, 
     test = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests")],
                           capture_output=True, text=True, cwd=str(root), env={**os.environ, **env}, timeout=600)
     assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-2000:]
-    assert "2 passed" in test.stdout
+    assert "3 passed" in test.stdout  # conformance, a smoke run, the claim for finetune init
 
 
 def test_the_scaffold_keeps_the_name_as_typed_and_picks_the_template_it_suggests(tmp_path):

@@ -179,3 +179,22 @@ def test_pair_quickstart_trains_shrunk_and_predicts_pairs(tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 2 and all(row["pred_label"] in NLI for row in rows)
     assert all(abs(sum(row[f"prob_{label}"] for label in NLI) - 1.0) < 1e-4 for row in rows)
+
+
+@pytest.mark.integration
+@needs_minilm
+def test_init_on_the_text_quickstart_data_then_validate(tmp_path):
+    """`finetune init` on the text quickstart's data writes what the quickstart's recipe says (task, columns,
+    grouped split, backbone), and `finetune validate` accepts the written recipe."""
+    import tomllib
+
+    recipe = tmp_path / "vader.toml"
+    made = run_cli("init", str(REPO / "recipes" / "data" / "vader_sentiment.csv"), "-o", str(recipe), "--no-validate")
+    assert made.returncode == 0, made.stderr
+    written = tomllib.loads(recipe.read_text())
+    assert written["task"]["name"] == "text-classification"
+    assert (written["data"]["text_column"], written["data"]["label_column"], written["data"]["group_column"]) == \
+        ("text", "label", "group")
+    checked = run_cli("validate", str(recipe))
+    assert checked.returncode == 0, checked.stderr
+    assert "recipe is valid" in checked.stdout + checked.stderr

@@ -15,3 +15,10 @@ def finetune_register_tasks(register):
     from finetune_rating_regression.task import RatingRegressionTask
 
     register(RatingRegressionTask)
+
+
+@hookimpl
+def finetune_claim_data(probe):
+    from finetune_rating_regression.task import claim_data
+
+    return claim_data(probe)

@@ -174,3 +174,23 @@ def _shown(value: Any) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "(empty)"
     return repr(str(value))
+
+
+def claim_data(probe: Any) -> Any:
+    """`finetune init DATA`: claim data with the columns this task reads by default (the hook
+    ``finetune_claim_data`` calls it). ``probe`` has read the file once (``probe.table.columns``: each
+    column summarised); edit this to recognise your own data. Score 0.6: a built-in task claiming the same
+    data with more confidence wins, and this one is offered with ``--task`` (docs/plugins.md)."""
+    from finetune import Claim
+
+    table = probe.table
+    if table is None:
+        return None
+    text, target = table.columns.get("text"), table.columns.get("target")
+    if text is None or target is None or text.kind != "text" or not target.numeric:
+        return None
+    reasons = [f"column `text` looks like text ({text.describe()}) and `target` holds numbers ({target.describe()})"]
+    return Claim(task=RatingRegressionTask.name, score=0.6, reasons=reasons,
+                 settings={"model": {"backbone": "sentence-transformers/all-MiniLM-L6-v2"},
+                           "data": {"train": probe.path, "split": 0.2}},
+                 comments={"model.backbone": "offline on a finetune install"})
