@@ -142,8 +142,8 @@ class TrainingLoop:
     def run(self, resume_from: Path | None) -> TrainResult:
         self.set_up_optimizer()
         self.prepare(resume_from)
-        self.trackers.start(self.state.global_step if resume_from is not None else None, self.metric)
         try:
+            self.trackers.start(self.state.global_step if resume_from is not None else None, self.metric)
             result = self.train_and_test()
         except BaseException as exc:
             self.trackers.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

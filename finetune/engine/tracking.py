@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -118,13 +119,22 @@ class Trackers:
         if "wandb" in self.names:
             before = saved.get("wandb") or {}
             run_id = before.get("id") or secrets.token_hex(4)
+            mode = os.environ.get("WANDB_MODE") or track.wandb_mode  # W&B's own variable wins (e.g. disabled)
             kwargs["wandb"] = {"name": run_name, "id": run_id, "resume": "allow", "dir": str(self.run_path),
-                               "mode": track.wandb_mode, "tags": [f"{k}:{v}" for k, v in tags.items()
-                                                                  if k != "finetune.run_dir"]}
-            state["wandb"] = {"id": run_id, "project": track.project, "mode": track.wandb_mode,
+                               "mode": mode, "tags": [f"{k}:{v}" for k, v in tags.items()
+                                                      if k != "finetune.run_dir"]}
+            state["wandb"] = {"id": run_id, "project": track.project, "mode": mode,
                               "dir": str(self.run_path / "wandb")}
         self.run_path.mkdir(parents=True, exist_ok=True)
-        self.accelerator.init_trackers(track.project, init_kwargs=kwargs)
+        try:
+            self.accelerator.init_trackers(track.project, init_kwargs=kwargs)
+        except Exception as exc:  # e.g. W&B online without a login, an MLflow server that is down
+            why = str(exc).rstrip(".")
+            raise RecipeError(f"track.backends: starting the trackers ({', '.join(self.names)}) failed: "
+                              f"{type(exc).__name__}: {why}. Fix the tracker's set-up (for W&B: `wandb login`, or "
+                              "[track] wandb_mode = \"offline\"; for MLflow: the server in "
+                              "track.mlflow_tracking_uri), or remove it from [track] backends; then resume the "
+                              "run with --resume.") from exc
         params = tracker_params(self.recipe)
         for name in self.names:
             tracker = self.accelerator.get_tracker(name)
@@ -189,7 +199,8 @@ class Trackers:
 
                     mlflow.end_run(status=status)
                 elif tracker.name == "wandb":
-                    tracker.run.finish(exit_code=0 if status == "FINISHED" else 1)
+                    if getattr(tracker, "run", None) is not None:  # None: it failed to start
+                        tracker.run.finish(exit_code=0 if status == "FINISHED" else 1)
                 else:
                     tracker.finish()
             except Exception as exc:  # closing a tracker must not hide the run's own outcome
