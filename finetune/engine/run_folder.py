@@ -46,11 +46,12 @@ SAFE_RESUME_CHANGES = frozenset({
     "track.backends", "track.project", "track.run_name", "track.mlflow_tracking_uri", "track.wandb_mode",
 })
 CHECKPOINT_PREFIX = "ckpt-"
+COMPLETE_MARKER = "loop_state.json"  # written last inside a checkpoint's temp folder
 
 
 def _safe_change(key: str) -> bool:
+    """A recipe key that may change when an unfinished run resumes (``[track] tags`` are a table: any tag)."""
     return key in SAFE_RESUME_CHANGES or key.startswith("track.tags.")
-COMPLETE_MARKER = "loop_state.json"  # written last inside a checkpoint's temp folder
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -57,8 +57,8 @@ def tracked(tmp_path_factory, tiny_bert):
     recipe = tmp / "recipe.toml"
     recipe.write_text(tomli_w.dumps({
         "task": {"name": "text-classification"}, "model": {"backbone": str(tiny_bert)},
-        "data": {"train": str(write_csv(tmp / "train.csv", make_sentiment_rows(64))), "split": 0.25,
-                 "max_length": 16},
+        "data": {"train": str(write_csv(tmp / "train.csv", make_sentiment_rows(80))), "split": 0.25,
+                 "test_split": 0.2, "max_length": 16},
         "peft": {"r": 4, "alpha": 8},
         "train": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "mixed_precision": "no", "seed": 0,
                   "log_every_steps": 2, "eval_every_steps": 3, "checkpoint_every_steps": 100},
@@ -135,6 +135,7 @@ def test_mlflow_store_holds_params_and_every_metric_in_one_run(tracked):
     best = tracked["metrics"]["best"]
     assert history("best/accuracy") == {max(tracked["train"]): pytest.approx(best["accuracy"])}
     assert list(history("best/step").values()) == [best["step"]]
+    assert history("test/accuracy") == {max(tracked["train"]): pytest.approx(tracked["metrics"]["test"]["accuracy"])}
 
 
 def test_tensorboard_event_files_hold_the_same_curves(tracked):
