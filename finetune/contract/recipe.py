@@ -16,7 +16,9 @@ import types
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from finetune.errors import did_you_mean
 
 
 class _PathMarker:
@@ -175,7 +177,6 @@ class TrainSection(Section):
         "'active' spins, 'default' is OpenMP's own (spin a while, then sleep; best on an idle machine). "
         "'auto': 'default' when the machine is idle at the start, 'passive' when other processes keep its "
         "cores busy; OMP_WAIT_POLICY in the environment is used when this is 'auto'.")
-    tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the 'tensorboard' extra).")
 
 
 class FsdpOptions(Section):
@@ -235,6 +236,46 @@ class HubSection(Section):
     private: bool = Field(False)
 
 
+#: The experiment trackers ``[track] backends`` may name (Accelerate's trackers of the same names).
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+class TrackSection(Section):
+    """``[track]``: log the run to experiment trackers (docs/tracking.md)."""
+
+    backends: list[str] = Field(
+        default_factory=list, description="Trackers to log to, several allowed: \"tensorboard\" (event files in "
+        "<run>/tensorboard/), \"mlflow\", \"wandb\". Each gets the resolved recipe as parameters (dotted keys) and "
+        "every logged metric (train/*, eval/* from step 0, test/*, best/*). Empty: no tracker. Needs "
+        "pip install 'finetune[track]'.")
+    project: str = Field("finetune", min_length=1, description="MLflow experiment and W&B project name (TensorBoard: "
+                         "the folder under <run>/tensorboard/).")
+    run_name: str | None = Field(None, description="The tracker run's name; unset: the run folder's name.")
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="Extra tags, e.g. {team = \"nlp\"}: MLflow run tags, W&B tags as "
+        "\"key:value\". The task, backbone and run folder are tagged anyway.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Where MLflow writes: a tracking server (http://host:5000) or a database "
+        "(sqlite:////absolute/path/mlflow.db). Unset: the SQLite file mlflow.db in the folder that holds the run "
+        "folder (runs/mlflow.db for runs/<name>), no server needed.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="W&B mode: 'offline' writes <run>/wandb/ only (upload later with `wandb sync`); "
+        "'online' uploads as it trains (needs `wandb login` or WANDB_API_KEY).")
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _known_backends(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            for name in value:
+                if isinstance(name, str) and name not in TRACKERS:
+                    raise ValueError(f"unknown tracker {name!r}{did_you_mean(name, TRACKERS)}; "
+                                     f"choose from {', '.join(TRACKERS)}")
+            value = list(dict.fromkeys(value))  # named twice: logged once
+        return value
+
+
 CORE_SECTIONS: dict[str, type[Section]] = {
     "task": TaskOptions,
     "model": ModelSection,
@@ -244,17 +285,18 @@ CORE_SECTIONS: dict[str, type[Section]] = {
     "distributed": DistributedSection,
     "output": OutputSection,
     "hub": HubSection,
+    "track": TrackSection,
 }
 
 #: Sections that may be left out of a recipe entirely.
-OPTIONAL_SECTIONS = {"peft", "train", "distributed", "output", "hub"}
+OPTIONAL_SECTIONS = {"peft", "train", "distributed", "output", "hub", "track"}
 
 
 class Recipe(BaseModel):
     """A validated recipe (``task.recipe``): one typed section per table, ``recipe.train.seed``,
     ``recipe.data.train``... The ``task`` and ``data`` sections are the task's own option classes.
-    Sections: ``task``, ``model``, ``data``, ``peft``, ``train``, ``distributed``, ``output``, ``hub``
-    (every key in docs/recipes.md)."""
+    Sections: ``task``, ``model``, ``data``, ``peft``, ``train``, ``distributed``, ``output``, ``hub``,
+    ``track`` (every key in docs/recipes.md)."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
@@ -266,6 +308,12 @@ class Recipe(BaseModel):
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     output: OutputSection = Field(default_factory=OutputSection)
     hub: HubSection = Field(default_factory=HubSection)
+    track: TrackSection = Field(default_factory=TrackSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        return upgrade_legacy_keys(data)
 
     # where the recipe came from, and which keys it set (not part of the TOML)
     _source: Path | None = None
@@ -298,6 +346,24 @@ class Recipe(BaseModel):
         import tomli_w
 
         return tomli_w.dumps(self.to_dict())
+
+
+def upgrade_legacy_keys(raw: Any) -> Any:
+    """A recipe (or a run folder's recipe.toml) written before ``[track]`` existed: ``train.tensorboard = true``
+    reads as ``[track] backends = ["tensorboard"]``, ``false`` as nothing. Returns a copy; ``raw`` is unchanged."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("train"), dict) or "tensorboard" not in raw["train"]:
+        return raw
+    if not isinstance(raw["train"]["tensorboard"], bool):
+        return raw  # not the old option's value: validation reports the key
+    raw = {**raw, "train": dict(raw["train"])}
+    if raw["train"].pop("tensorboard"):
+        track = dict(raw.get("track") or {}) if isinstance(raw.get("track") or {}, dict) else raw["track"]
+        if isinstance(track, dict):
+            backends = track.get("backends", [])
+            backends = [backends] if isinstance(backends, str) else list(backends)
+            track["backends"] = backends + ([] if "tensorboard" in backends else ["tensorboard"])
+            raw["track"] = track
+    return raw
 
 
 def drop_none(value: Any) -> Any:

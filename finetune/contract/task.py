@@ -252,7 +252,7 @@ class Task:
     def training_logs(self) -> dict[str, float]:
         """Numbers the task measured while training since the last call (e.g. GRPO's mean reward and KL per
         step), as ``{name: float}``: at every logging step (``train.log_every_steps``) the core adds them to the
-        log line, logs.jsonl, TensorBoard (``train/<name>``) and the callbacks' ``on_log``; with several
+        log line, logs.jsonl, the ``[track]`` trackers (``train/<name>``) and the callbacks' ``on_log``; with several
         processes each one's values are averaged. Average what :meth:`training_loss` recorded since the last
         call and start afresh. Names must not be the core's own (``loss``, ``lr``, ``samples_per_s``).
         Default: none."""

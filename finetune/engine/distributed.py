@@ -125,7 +125,7 @@ def make_accelerator(recipe: Recipe, run_path: Path) -> Any:
 
     check_distributed(recipe)
     cfg = recipe.train
-    log_with = "tensorboard" if cfg.tensorboard else None  # availability checked before the run folder exists
+    log_with = list(recipe.track.backends) or None  # availability checked before the run folder exists
     kwargs: dict[str, Any] = {}
     if recipe.distributed.strategy == "fsdp":
         from accelerate import FullyShardedDataParallelPlugin
@@ -137,4 +137,5 @@ def make_accelerator(recipe: Recipe, run_path: Path) -> Any:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe))
     return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
                        cpu=not torch.cuda.is_available(), log_with=log_with,
-                       project_dir=str(run_path / "tensorboard") if log_with else None, **kwargs)
+                       project_dir=str(run_path / "tensorboard") if "tensorboard" in (log_with or ()) else None,
+                       **kwargs)

@@ -1,6 +1,6 @@
 """The training loop: one Accelerate loop whose steps read top to bottom (:meth:`TrainingLoop.run`).
 
-    set up (optimizer and schedule, batch plan, accelerator.prepare, resume)
+    set up (optimizer and schedule, batch plan, accelerator.prepare, resume, the [track] trackers)
     evaluate the untouched model (step 0, "before")
     for each epoch: the task's batches -> groups of micro-batches ->
         one optimizer step (forward/backward per micro-batch, clip, step) ->
@@ -32,6 +32,7 @@ from finetune.engine.checkpoint import check_complete, load_checkpoint, save_rng
 from finetune.engine.distributed import make_accelerator
 from finetune.engine.evaluation import evaluate, evaluation_loader
 from finetune.engine.stop import StopRequest
+from finetune.engine.tracking import Trackers
 from finetune.errors import FinetuneError, TrainingError
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ class TrainingLoop:
         self.test_ds, self.load_best = test_ds, load_best
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.main = accelerator.is_main_process
-        self.log_with = "tensorboard" if self.cfg.tensorboard else None
+        self.trackers = Trackers(accelerator, recipe, run.path, say=console.print)
         self.metric = self.cfg.metric or task.default_metric
         self.mode = metric_mode(self.metric, self.cfg.metric_mode, tuple(getattr(task, "lower_is_better", ()) or ()))
         self.plan = BatchPlan.for_run(len(train_ds), self.cfg.batch_size, self.world,
@@ -139,10 +140,21 @@ class TrainingLoop:
 
     # -- the loop ------------------------------------------------------
     def run(self, resume_from: Path | None) -> TrainResult:
-        if self.log_with:
-            self.accelerator.init_trackers("finetune")
         self.set_up_optimizer()
         self.prepare(resume_from)
+        try:
+            self.trackers.start(self.state.global_step if resume_from is not None else None, self.metric)
+            result = self.train_and_test()
+        except BaseException as exc:
+            self.trackers.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        if not result.interrupted:
+            self.trackers.log("best", self.state.best_eval, self.state.global_step)
+        self.trackers.finish("KILLED" if result.interrupted else "FINISHED")
+        return result
+
+    def train_and_test(self) -> TrainResult:
+        """Step 0, the epochs, a last evaluation if needed, the test split."""
         self.notify("on_train_start")
         if self.cfg.eval_before_training and self.state.global_step == 0 and not self.state.before_eval:
             self.evaluate_before_training()
@@ -327,8 +339,7 @@ class TrainingLoop:
         if self.main:
             self.run_dir.log_metrics({"kind": "train", "step": self.state.global_step, "epoch": self.state.epoch + 1,
                                       **logs})
-        if self.log_with:
-            self.accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=self.state.global_step)
+        self.trackers.log("train", logs, self.state.global_step)
         self.progress.log_line(self.state.global_step, logs, self.state.epoch + 1)
         self.notify("on_log", logs=logs)
         self.window.reset(self.state.train_time_s)
@@ -391,6 +402,7 @@ class TrainingLoop:
         step = self.state.best_eval.get("step", self.state.global_step)
         if self.main:
             self.run_dir.log_metrics({"kind": "test", "step": step, **_scalars(metrics)})
+        self.trackers.log("test", _scalars(metrics), self.state.global_step)
         shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in _scalars(metrics).items())
         self.console.print(f"test (adapter of step {step}, scored once): {shown}")
         return {"step": step, **metrics}
@@ -414,8 +426,7 @@ class TrainingLoop:
         step = self.state.global_step
         if self.main:
             self.run_dir.log_metrics({"kind": "eval", "step": step, "epoch": epoch, **scalars})
-        if self.log_with:
-            self.accelerator.log({f"eval/{k}": v for k, v in scalars.items()}, step=step)
+        self.trackers.log("eval", scalars, step)
         if self.main:
             self.task.after_evaluate(self.accelerator.unwrap_model(self.model), self.processor, self.run_dir.path,
                                      step, metrics)

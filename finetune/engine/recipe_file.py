@@ -15,7 +15,15 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from finetune.contract.recipe import CORE_SECTIONS, OPTIONAL_SECTIONS, Recipe, Section, is_path_field, recipe_model_for
+from finetune.contract.recipe import (
+    CORE_SECTIONS,
+    OPTIONAL_SECTIONS,
+    Recipe,
+    Section,
+    is_path_field,
+    recipe_model_for,
+    upgrade_legacy_keys,
+)
 from finetune.engine.recipe_messages import format_validation_error
 from finetune.errors import RecipeError, did_you_mean
 
@@ -146,7 +154,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None,
             note += "; --set " + " --set ".join(overrides)
         raise RecipeError(f"{exc}{note})") from None
     recipe.source = path
-    recipe.user_keys = frozenset(dotted_keys(raw))
+    recipe.user_keys = frozenset(dotted_keys(upgrade_legacy_keys(raw)))
     return recipe
 
 

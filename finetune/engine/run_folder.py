@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from finetune.contract.recipe import CORE_SECTIONS
+from finetune.contract.recipe import CORE_SECTIONS, upgrade_legacy_keys
 from finetune.engine.run_lock import LOCK_FILE, RunLock, holder_now, in_use_error
 from finetune.errors import RunError
 
@@ -41,10 +41,17 @@ RUN_FILE = "run.json"
 #: strategy would not continue the same optimisation (the number of processes may change: it is not a key).
 SAFE_RESUME_CHANGES = frozenset({
     "train.epochs", "train.early_stopping_patience", "train.log_every_steps", "train.checkpoint_every_steps",
-    "train.keep_checkpoints", "train.num_workers", "train.tensorboard", "hub.push", "hub.repo_id", "hub.private",
+    "train.keep_checkpoints", "train.num_workers", "hub.push", "hub.repo_id", "hub.private",
+    # trackers observe the run; the resumed run continues the same tracker runs where it can (engine/tracking.py)
+    "track.backends", "track.project", "track.run_name", "track.mlflow_tracking_uri", "track.wandb_mode",
 })
 CHECKPOINT_PREFIX = "ckpt-"
 COMPLETE_MARKER = "loop_state.json"  # written last inside a checkpoint's temp folder
+
+
+def _safe_change(key: str) -> bool:
+    """A recipe key that may change when an unfinished run resumes (``[track] tags`` are a table: any tag)."""
+    return key in SAFE_RESUME_CHANGES or key.startswith("track.tags.")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -87,7 +94,7 @@ def _added_since(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     as their defaults (so the run still resumes), but only when the new recipe keeps those defaults. A
     pinned ``model.revision`` where the old recipe had none is the same backbone (the old run read the
     cache's current snapshot), so it does not count as a change either."""
-    old = copy.deepcopy(old)
+    old = copy.deepcopy(upgrade_legacy_keys(old))
     for name, section in CORE_SECTIONS.items():
         wanted = new.get(name)
         if not isinstance(wanted, dict):
@@ -278,7 +285,7 @@ class RunDir:
                            "or choose another output.dir (e.g. --set output.dir=<new folder>; relative to the "
                            "recipe's folder) to keep it.")
         diffs = recipe_differences(self.resolved_recipe(), recipe_dict)
-        if diffs and not all(line.split(":", 1)[0] in SAFE_RESUME_CHANGES for line in diffs):
+        if diffs and not all(_safe_change(line.split(":", 1)[0]) for line in diffs):
             raise RunError(
                 f"output.dir: {self.path} holds an unfinished run with a different recipe, so it cannot be "
                 "resumed:\n  " + "\n  ".join(diffs) +

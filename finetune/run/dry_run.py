@@ -8,6 +8,7 @@ from typing import Any
 from finetune.engine.console import Console
 from finetune.engine.distributed import check_distributed
 from finetune.engine.loop import metric_mode
+from finetune.engine.tracking import check_trackers
 from finetune.run.recipe_view import recipe_view
 from finetune.run.session import build_model, open_session, speed_settings
 
@@ -30,6 +31,7 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console,
     (:mod:`finetune.run.recipe_view`); ``everything`` shows every key, defaults included."""
     session = open_session(recipe_path, overrides, announce=console.print)
     check_distributed(session.recipe)
+    check_trackers(session.recipe.track)
     model, processor, report = build_model(session)
     task = session.task
     train_ds = task.build_dataset(session.splits.train, processor, training=True)

@@ -38,6 +38,13 @@ def unused_keys(recipe: Recipe) -> dict[str, str]:
             unused[f"distributed.{name}"] = f"distributed.strategy is {strategy!r}"
     if not recipe.hub.push:
         unused["hub.repo_id"] = unused["hub.private"] = "hub.push is false (nothing is pushed to the Hub)"
+    backends = recipe.track.backends
+    if not backends:
+        for key in ("project", "run_name", "tags"):
+            unused[f"track.{key}"] = "track.backends is empty (no tracker)"
+    for key, backend in (("mlflow_tracking_uri", "mlflow"), ("wandb_mode", "wandb")):
+        if backend not in backends:
+            unused[f"track.{key}"] = f"track.backends does not name {backend!r}"
     if recipe.peft.method != "lora":
         for key in ("r", "alpha", "dropout", "target_modules", "layers"):
             unused[f"peft.{key}"] = f"peft.method is {recipe.peft.method!r} (no LoRA)"

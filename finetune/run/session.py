@@ -100,12 +100,9 @@ def speed_settings(task: GuardedTask, recipe: Recipe, train_ds: Any, report: Lor
 def check_train_settings(session: Session) -> None:
     """Settings that are only checkable against the task or the environment, checked before training."""
     cfg, task = session.recipe.train, session.task
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise RecipeError("train.tensorboard = true needs TensorBoard, which is not installed: "
-                              "pip install 'finetune[tensorboard]' (or set it to false).") from None
+    from finetune.engine.tracking import check_trackers
+
+    check_trackers(session.recipe.track)
     from finetune.run.card import check_project_url
 
     check_project_url()

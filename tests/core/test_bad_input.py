@@ -470,16 +470,6 @@ def test_misspelled_metric_fails_before_training(make_recipe, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_tensorboard_requested_but_missing_fails_before_training(make_recipe, tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is not None:
-        pytest.skip("tensorboard is installed here; the missing-package message cannot be shown")
-    result = run_cli("run", str(make_recipe()), "--set", "train.tensorboard=true")
-    assert result.returncode == 2 and "pip install 'finetune[tensorboard]'" in result.stderr
-    assert not (tmp_path / "run").exists()
-
-
 # ---------------------------------------------------------------------------
 # each NLP task's own broken data, through the CLI
 

@@ -273,7 +273,7 @@ def test_recipe_file_not_found_and_folder(tmp_path):
 def test_unknown_section_did_you_mean(tmp_path):
     message = recipe_error(write_recipe(tmp_path, {"trian": "epochs = 1"}))
     assert message.startswith("[trian]: unknown section (did you mean 'train'?)")
-    assert "Valid sections: task, model, data, peft, train, distributed, output, hub." in message
+    assert "Valid sections: task, model, data, peft, train, distributed, output, hub, track." in message
     assert str((tmp_path / "recipe.toml").resolve()) in message  # names the file
 
 
@@ -298,7 +298,7 @@ def test_unknown_key_without_close_match_still_lists_keys(tmp_path):
     ("data", 'train = "t.csv"\nsplit = 1.5', "data.split", "1.5 (float)", "less than 1"),
     ("train", 'mixed_precision = "fp8"', "train.mixed_precision", "'fp8' (str)", "'bf16'"),
     ("train", "learning_rate = 0", "train.learning_rate", "0 (int)", "greater than 0"),
-    ("train", "tensorboard = \"yes please\"", "train.tensorboard", "'yes please' (str)", "boolean"),
+    ("track", "wandb_mode = \"cloud\"", "track.wandb_mode", "'cloud' (str)", "'offline'"),
     ("peft", "target_modules = 5", "peft.target_modules", "5 (int)", "string"),
     ("model", "backbone = 3", "model.backbone", "3 (int)", "string"),
 ])
