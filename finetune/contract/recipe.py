@@ -16,7 +16,7 @@ import types
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 
 class _PathMarker:
@@ -265,6 +265,31 @@ class SweepSection(Section):
         "(`\"train.learning_rate\" = {low = 1e-5, high = 1e-3, log = true}`) or a list of choices "
         "(`\"peft.r\" = [4, 8, 16]`). Empty: the task's default space (learning rate, LoRA rank, epochs, "
         "warm-up). `--param` options override entries.")
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _check_params(cls, value: Any) -> Any:
+        """Each entry checked on its own, so that an error names the key and says what a range looks like."""
+        if not isinstance(value, dict):
+            return value
+        from pydantic import ValidationError
+
+        out: dict[str, Any] = {}
+        for key, spec in value.items():
+            if isinstance(spec, dict):
+                try:
+                    out[key] = SweepRange.model_validate(spec)
+                except ValidationError as exc:
+                    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}"
+                                         for e in exc.errors()[:3])
+                    raise ValueError(f'"{key}": {problems}. A range is {{low = ..., high = ..., log = true}}') \
+                        from None
+            elif isinstance(spec, list) and spec and all(isinstance(v, (bool, int, float, str)) for v in spec):
+                out[key] = spec
+            else:
+                raise ValueError(f'"{key}" = {spec!r}: expected a range {{low = ..., high = ...}} or a non-empty '
+                                 "list of choices (numbers, strings or booleans)")
+        return out
 
 
 CORE_SECTIONS: dict[str, type[Section]] = {

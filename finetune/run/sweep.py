@@ -237,7 +237,9 @@ class PruneCallback:
         value = metrics.get(self.metric)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return
-        step = sum(1 for r in run.read_metrics_log() if r.get("kind") == "eval" and r.get("step", 0) > 0) - 1
+        # the evaluation's index (distinct steps: an evaluation repeated after a kill counts once)
+        steps = {r.get("step") for r in run.read_metrics_log() if r.get("kind") == "eval"}
+        step = sum(1 for s in steps if isinstance(s, int) and 0 < s <= state.global_step) - 1
         self.trial.report(float(value), max(step, 0))
         if state.epoch >= self.epochs:  # the final evaluation
             return
@@ -263,13 +265,28 @@ class SweepSettings:
     verbose: bool = False
 
 
-def sweep(settings: SweepSettings, console: Console | None = None) -> dict[str, Any]:
-    """Run (or continue) the sweep; returns what sweep.json holds."""
-    import optuna
+@dataclass
+class SweepPlan:
+    """What a sweep will do, decided (and every trial's values validated) before anything is written."""
 
+    recipe_path: Path
+    recipe: Recipe
+    base_raw: dict[str, Any]  #: the recipe file's keys after --set, without [sweep]
+    cfg: SweepSection
+    n_trials: int
+    params: list[Param]
+    space_origin: str  #: "recipe", "task 'name'" or "core default"
+    metric: str
+    direction: str  #: "maximize" or "minimize"
+    sweep_dir: Path
+    registry: Any
+
+
+def plan_sweep(settings: SweepSettings) -> SweepPlan:
+    """Read and validate the recipe and the search space (each range's ends, each choice) and decide the
+    metric, direction and folder. Raises RecipeError / RunError; writes nothing."""
     from finetune.engine.plugins import get_registry
 
-    console = console or Console()
     registry = get_registry()
     recipe_path = Path(settings.recipe_path).expanduser().resolve()
     raw = apply_overrides(read_toml(recipe_path), settings.overrides)
@@ -285,16 +302,16 @@ def sweep(settings: SweepSettings, console: Console | None = None) -> dict[str, 
     for option in settings.params or []:
         key, spec = parse_param_option(option)
         space[key] = (f"--param {key}", check_param_spec(f"--param {option!r}", key, spec))
-    space_origin = "recipe" if cfg.params or settings.params else None
+    origin = "recipe"
     if not space:
         task = registry.create_task(recipe)
         default = task.sweep_space()
         if default is not None and not isinstance(default, dict):
             raise task.fail("sweep_space", f"returned {type(default).__name__}; expected a dict (key -> range or "
                                            "choices) or None")
-        space_origin = f"task {recipe.task.name!r}" if default else "core default"
+        origin = f"task {recipe.task.name!r}" if default else "core default"
         for key, spec in (default or core_default_space(recipe)).items():
-            where = f"{space_origin} search space {key!r}"
+            where = f"the {origin} search space, {key!r}"
             space[key] = (where, check_param_spec(where, key, spec))
     params = resolve_space(space, base_raw, registry.get_task, recipe_path.parent)
 
@@ -314,40 +331,49 @@ def sweep(settings: SweepSettings, console: Console | None = None) -> dict[str, 
             not (sweep_dir / STUDY_FILE).exists():
         raise RunError(f"--dir: {sweep_dir} exists and is not a sweep folder (no {STUDY_FILE}); choose another "
                        "folder (nothing was changed).")
+    return SweepPlan(recipe_path, recipe, base_raw, cfg, n_trials, params, origin, metric, direction, sweep_dir,
+                     registry)
+
+
+def sweep(settings: SweepSettings, console: Console | None = None) -> dict[str, Any]:
+    """Run (or continue) the sweep; returns what sweep.json holds."""
+    import optuna
+
+    console = console or Console()
+    plan = plan_sweep(settings)
+    cfg, sweep_dir, params, n_trials = plan.cfg, plan.sweep_dir, plan.params, plan.n_trials
     lock = RunLock(sweep_dir)
     lock.acquire()
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        identity = {"recipe": str(recipe_path), "recipe_keys": _flat(base_raw), "space": [p.to_json() for p in params],
-                    "metric": metric, "direction": direction}
-        seed = cfg.seed if cfg.seed is not None else recipe.train.seed
+        identity = {"recipe": str(plan.recipe_path), "recipe_keys": _flat(plan.base_raw),
+                    "space": [p.to_json() for p in params], "metric": plan.metric, "direction": plan.direction}
+        seed = cfg.seed if cfg.seed is not None else plan.recipe.train.seed
         sampler = (optuna.samplers.RandomSampler(seed=seed) if cfg.sampler == "random" else
                    optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, n_trials // 2))))
         pruner = (optuna.pruners.NopPruner() if cfg.pruner == "none" else
                   optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.warmup_evals))
-        storage = f"sqlite:///{sweep_dir / STUDY_FILE}"
-        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=direction, sampler=sampler,
-                                    pruner=pruner, load_if_exists=True)
+        study = optuna.create_study(storage=f"sqlite:///{sweep_dir / STUDY_FILE}", study_name=STUDY_NAME,
+                                    direction=plan.direction, sampler=sampler, pruner=pruner, load_if_exists=True)
         _check_same_sweep(study, identity, sweep_dir)
         console.print(f"sweep folder: {sweep_dir} ({STUDY_FILE}: the study; trial-NNNN/: one run folder per trial)")
-        console.print(f"{direction} {metric} over {n_trials} trials; search space ({space_origin}):")
+        console.print(f"{plan.direction} {plan.metric} over {n_trials} trials; search space ({plan.space_origin}):")
         for p in params:
             console.print(f"  {p.key}: {p.describe()}")
-        runner = _Runner(study, params, base_raw, registry, recipe_path, sweep_dir, metric,
-                         Console(quiet=False) if settings.verbose else Console(enabled=False), console)
+        runner = _Runner(study, plan, Console(quiet=False) if settings.verbose else Console(enabled=False), console)
         started = time.monotonic()
         stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
         for frozen in stale:  # cut short by a kill (the lock says no other sweep runs here): resume them
             console.print(f"trial {frozen.number}: was running when the sweep stopped; resuming it")
             runner.run_trial(optuna.trial.Trial(study, frozen._trial_id), n_trials)
+        timeout = settings.timeout or cfg.timeout
         while _ended(study) < n_trials:
-            timeout = settings.timeout or cfg.timeout
             if timeout and time.monotonic() - started > timeout:
                 console.summary(f"timeout ({timeout:g} s): no new trial started; {_ended(study)} of {n_trials} "
                                 "ended. Run `finetune sweep` again to continue.")
                 break
             runner.run_trial(study.ask(), n_trials)
-        summary = write_summary(study, sweep_dir, metric, direction, base_raw, registry, recipe_path, params)
+        summary = write_summary(study, plan)
     finally:
         lock.release()
     print_summary(console, summary)
@@ -424,10 +450,9 @@ def trial_recipe(base_raw: dict[str, Any], values: dict[str, Any], registry: Any
 
 
 class _Runner:
-    def __init__(self, study: Any, params: list[Param], base_raw: dict[str, Any], registry: Any, recipe_path: Path,
-                 sweep_dir: Path, metric: str, trial_console: Console, console: Console) -> None:
-        self.study, self.params, self.base_raw, self.registry = study, params, base_raw, registry
-        self.recipe_path, self.sweep_dir, self.metric = recipe_path, sweep_dir, metric
+    def __init__(self, study: Any, plan: SweepPlan, trial_console: Console, console: Console) -> None:
+        self.study, self.plan, self.params, self.metric = study, plan, plan.params, plan.metric
+        self.sweep_dir = plan.sweep_dir
         self.trial_console, self.console = trial_console, console
         self.failures_in_a_row = 0
 
@@ -441,9 +466,9 @@ class _Runner:
         name = _trial_name(trial.number)
         run_dir = self.sweep_dir / name
         recipe_file = self.sweep_dir / "recipes" / f"{name}.toml"
-        recipe = trial_recipe(self.base_raw, values, self.registry, self.recipe_path, run_dir)
+        recipe = trial_recipe(self.plan.base_raw, values, self.plan.registry, self.plan.recipe_path, run_dir)
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
-        text = f"# {name} of the sweep in {self.sweep_dir} (from {self.recipe_path})\n" + tomli_w.dumps(recipe)
+        text = f"# {name} of the sweep in {self.sweep_dir} (from {self.plan.recipe_path})\n" + tomli_w.dumps(recipe)
         if not recipe_file.exists() or recipe_file.read_text() != text:
             write_text_atomic(recipe_file, text)
         trial.set_user_attr("run_dir", str(run_dir))
@@ -498,8 +523,7 @@ class _Runner:
 
     def after_trial(self) -> None:
         """The summary files are current after every trial (a killed sweep leaves them readable)."""
-        write_summary(self.study, self.sweep_dir, self.metric, self.study.direction.name.lower(), self.base_raw,
-                      self.registry, self.recipe_path, self.params)
+        write_summary(self.study, self.plan)
 
 
 def _read_json(path: Path) -> Any:
@@ -532,11 +556,13 @@ def trial_rows(study: Any, metric: str) -> list[dict[str, Any]]:
     return rows
 
 
-def write_summary(study: Any, sweep_dir: Path, metric: str, direction: str, base_raw: dict[str, Any],
-                  registry: Any, recipe_path: Path, params: list[Param]) -> dict[str, Any]:
+def write_summary(study: Any, plan: SweepPlan) -> dict[str, Any]:
     """sweep.json, trials.csv and best.toml (once a trial completed)."""
     import tomli_w
     from optuna.trial import TrialState
+
+    sweep_dir, metric, direction, params = plan.sweep_dir, plan.metric, plan.direction, plan.params
+    recipe_path = plan.recipe_path
 
     rows = trial_rows(study, metric)
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
@@ -545,7 +571,7 @@ def write_summary(study: Any, sweep_dir: Path, metric: str, direction: str, base
         b = study.best_trial
         best = {"number": b.number, metric: b.value, "params": dict(b.params), "run_dir": b.user_attrs.get("run_dir"),
                 "recipe": str(sweep_dir / "best.toml")}
-        recipe = trial_recipe(base_raw, dict(b.params), registry, recipe_path, sweep_dir / "best")
+        recipe = trial_recipe(plan.base_raw, dict(b.params), plan.registry, recipe_path, sweep_dir / "best")
         header = (f"# The best trial of the sweep in {sweep_dir}: trial {b.number}, {metric} = {_fmt(b.value)}\n"
                   f"# (eval split; its run folder: {b.user_attrs.get('run_dir')}). From {recipe_path} with\n"
                   + "".join(f"#   {k} = {_fmt(v)}\n" for k, v in b.params.items())
