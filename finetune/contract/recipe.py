@@ -256,7 +256,7 @@ class SweepSection(Section):
     pruner: Literal["median", "none"] = Field(
         "median", description="'median': stop a trial whose selection metric at an evaluation is worse than the "
         "median of earlier trials at the same evaluation (its run folder says `pruned`); 'none': never prune.")
-    startup_trials: int = Field(2, ge=0, description="Trials that end before any trial may be pruned.")
+    startup_trials: int = Field(2, ge=0, description="Trials that complete before any trial may be pruned.")
     warmup_evals: int = Field(0, ge=0, description="Evaluations of each trial that are never pruned.")
     timeout: float | None = Field(None, gt=0, description="Start no new trial after this many seconds of this "
                                   "`finetune sweep` call (`--timeout`).")
