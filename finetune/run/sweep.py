@@ -29,6 +29,7 @@ import json
 import math
 import time
 import tomllib
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,9 @@ class PruneCallback:
         # the evaluation's index (distinct steps: an evaluation repeated after a kill counts once)
         steps = {r.get("step") for r in run.read_metrics_log() if r.get("kind") == "eval"}
         step = sum(1 for s in steps if isinstance(s, int) and 0 < s <= state.global_step) - 1
-        self.trial.report(float(value), max(step, 0))
+        with warnings.catch_warnings():  # a resumed trial repeats an evaluation already reported: ignored
+            warnings.simplefilter("ignore")
+            self.trial.report(float(value), max(step, 0))
         if state.epoch >= self.epochs:  # the final evaluation
             return
         if self.trial.should_prune():

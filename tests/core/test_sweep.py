@@ -107,6 +107,18 @@ def test_spaces_from_recipe_option_task_and_core(make_recipe, monkeypatch):
         _plan(plain)
 
 
+def test_validate_shows_the_sweep_section_as_written(make_recipe):
+    from finetune.engine.plugins import get_registry
+    from finetune.engine.recipe_file import load_recipe
+    from finetune.run.recipe_view import recipe_view
+
+    recipe = load_recipe(make_recipe(SPACE), [], get_registry().get_task)
+    table, _, _ = recipe_view(recipe)  # the keys set, not the defaults; the dotted key stays one key
+    assert table["sweep"] == {"sampler": "random", "seed": 2, "startup_trials": 1, "trials": 4,
+                              "params": {"train.learning_rate": [1e-2, 1e-7]}}
+    assert "sweep" not in load_recipe(make_recipe(name="plain.toml"), [], get_registry().get_task).to_dict()
+
+
 # ---------------------------------------------------------------------------
 # a sweep on the tiny model
 
