@@ -78,6 +78,7 @@ def cli(debug: bool) -> None:
     finetune predict RUN_DIR         predict with a trained run
     finetune evaluate RUN_DIR --input FILE   score a trained run on labelled data
     finetune runs [DIR]              the run folders under DIR (default runs/)
+    finetune sweep recipe.toml       hyperparameter search (Optuna)
     finetune tasks / plugins         what is installed
     """
 
@@ -388,6 +389,35 @@ def runs(directory: Path, sort: str, as_json: bool) -> None:
         RichConsole().print(rich_table(rows, f"{len(rows)} run(s) under {directory}"))
     else:
         click.echo(plain_table(rows))
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--trials", "-n", type=int, help="Trials that must end (complete, pruned or failed), counting those "
+              "of an earlier call on the same folder; default: [sweep] trials (20).")
+@click.option("--param", "params", multiple=True, metavar="KEY=LOW..HIGH[,log]|KEY=A|B|C",
+              help="Search this recipe key over a range (',log': log scale; ',step=S') or choices; repeatable; wins "
+              "over [sweep.params]. E.g. --param train.learning_rate=1e-5..1e-3,log --param peft.r=4|8|16.")
+@click.option("--dir", "sweep_dir", type=click.Path(path_type=Path),
+              help="Sweep folder (study.db, trial-NNNN/ run folders, sweep.json, trials.csv, best.toml); default: "
+              "[sweep] dir, else output.dir + '-sweep'.")
+@click.option("--timeout", type=float, help="Start no new trial after this many seconds.")
+@_set_option("Override a recipe key for every trial, e.g. --set train.epochs=2 (repeatable).")
+@click.option("-v", "--verbose", is_flag=True, help="Show each trial's progress and summary.")
+def sweep(recipe: Path, trials: int | None, params: tuple[str, ...], sweep_dir: Path | None, timeout: float | None,
+          overrides: tuple[str, ...], verbose: bool) -> None:
+    """Search hyperparameters of RECIPE with Optuna (TPE, median pruning); each trial is a run folder.
+
+    Running it again on the same recipe and folder continues the sweep (a trial cut short by a kill
+    resumes from its checkpoint) until --trials trials have ended. Writes best.toml, which `finetune
+    run` takes as it is (docs/sweep.md)."""
+    quiet_libraries()
+    from finetune.engine.console import Console
+    from finetune.run.sweep import SweepSettings
+    from finetune.run.sweep import sweep as run_sweep
+
+    run_sweep(SweepSettings(recipe, list(overrides), trials=trials, params=list(params), sweep_dir=sweep_dir,
+                            timeout=timeout, verbose=verbose), Console())
 
 
 @cli.command()

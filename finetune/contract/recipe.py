@@ -1,7 +1,7 @@
 """The recipe schema: the typed sections of a recipe, and the ``Recipe`` a task receives.
 
 The core owns the sections ``[task] [model] [data] [peft] [train] [distributed] [output]
-[hub]``. A task plugin extends ``[task]`` and ``[data]`` with its own typed options by
+[hub] [sweep]``. A task plugin extends ``[task]`` and ``[data]`` with its own typed options by
 subclassing :class:`TaskOptions` / :class:`DataOptions`; the recipe is validated in one pass
 against the combined schema (:func:`recipe_model_for`), so a plugin's options get the same
 errors (key path, bad value, did-you-mean) as the core's.
@@ -276,6 +276,72 @@ class TrackSection(Section):
         return value
 
 
+class SweepRange(Section):
+    """One range of a ``[sweep.params]`` entry: ``{low = 1e-5, high = 1e-3, log = true}``."""
+
+    low: int | float = Field(description="Smallest value tried (an int for an int key such as peft.r).")
+    high: int | float = Field(description="Largest value tried.")
+    log: bool = Field(False, description="Sample on a log scale (learning rates); low must be > 0.")
+    step: int | float | None = Field(None, gt=0, description="Only values low + k * step (unset: any value; "
+                                     "1 for an int key).")
+
+
+#: A ``[sweep.params]`` value: a range, or a list of choices.
+SweepParam = SweepRange | list[bool | int | float | str]
+
+
+class SweepSection(Section):
+    """``[sweep]``: hyperparameter search with ``finetune sweep RECIPE`` (Optuna). ``finetune run`` ignores it."""
+
+    trials: int = Field(20, gt=0, description="Trials that must end (complete, pruned or failed) before the "
+                        "sweep stops; `finetune sweep --trials N` overrides it.")
+    dir: PathStr = Field("", description="Sweep folder: the study (study.db), one run folder per trial "
+                         "(trial-0000/...), sweep.json, trials.csv and best.toml. Default: output.dir + '-sweep'.")
+    direction: Literal["auto", "maximize", "minimize"] = Field(
+        "auto", description="'auto': as train.metric_mode / the selection metric says (minimize losses and error "
+        "rates, maximize the rest).")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler: 'tpe' (Tree-structured Parzen "
+                                              "Estimator) or 'random'.")
+    seed: int | None = Field(None, description="Sampler seed (default: train.seed), so a sweep is repeatable.")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="'median': stop a trial whose selection metric at an evaluation is worse than the "
+        "median of earlier trials at the same evaluation (its run folder says `pruned`); 'none': never prune.")
+    startup_trials: int = Field(2, ge=0, description="Trials that complete before any trial may be pruned.")
+    warmup_evals: int = Field(0, ge=0, description="Evaluations of each trial that are never pruned.")
+    timeout: float | None = Field(None, gt=0, description="Start no new trial after this many seconds of this "
+                                  "`finetune sweep` call (`--timeout`).")
+    params: dict[str, SweepParam] = Field(
+        default_factory=dict, description="The search space: dotted recipe keys mapped to a range "
+        "(`\"train.learning_rate\" = {low = 1e-5, high = 1e-3, log = true}`) or a list of choices "
+        "(`\"peft.r\" = [4, 8, 16]`). Empty: the task's default space (learning rate, LoRA rank, epochs, "
+        "warm-up). `--param` options override entries.")
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _check_params(cls, value: Any) -> Any:
+        """Each entry checked on its own, so that an error names the key and says what a range looks like."""
+        if not isinstance(value, dict):
+            return value
+        from pydantic import ValidationError
+
+        out: dict[str, Any] = {}
+        for key, spec in value.items():
+            if isinstance(spec, dict):
+                try:
+                    out[key] = SweepRange.model_validate(spec)
+                except ValidationError as exc:
+                    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}"
+                                         for e in exc.errors()[:3])
+                    raise ValueError(f'"{key}": {problems}. A range is {{low = ..., high = ..., log = true}}') \
+                        from None
+            elif isinstance(spec, list) and spec and all(isinstance(v, (bool, int, float, str)) for v in spec):
+                out[key] = spec
+            else:
+                raise ValueError(f'"{key}" = {spec!r}: expected a range {{low = ..., high = ...}} or a non-empty '
+                                 "list of choices (numbers, strings or booleans)")
+        return out
+
+
 CORE_SECTIONS: dict[str, type[Section]] = {
     "task": TaskOptions,
     "model": ModelSection,
@@ -286,17 +352,19 @@ CORE_SECTIONS: dict[str, type[Section]] = {
     "output": OutputSection,
     "hub": HubSection,
     "track": TrackSection,
+    "sweep": SweepSection,
 }
 
 #: Sections that may be left out of a recipe entirely.
-OPTIONAL_SECTIONS = {"peft", "train", "distributed", "output", "hub", "track"}
+OPTIONAL_SECTIONS = {"peft", "train", "distributed", "output", "hub", "track", "sweep"}
 
 
 class Recipe(BaseModel):
     """A validated recipe (``task.recipe``): one typed section per table, ``recipe.train.seed``,
     ``recipe.data.train``... The ``task`` and ``data`` sections are the task's own option classes.
     Sections: ``task``, ``model``, ``data``, ``peft``, ``train``, ``distributed``, ``output``, ``hub``,
-    ``track`` (every key in docs/recipes.md)."""
+    ``track``, ``sweep`` (``None`` unless the recipe has one; only ``finetune sweep`` reads it) (every key in
+    docs/recipes.md)."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
@@ -309,6 +377,7 @@ class Recipe(BaseModel):
     output: OutputSection = Field(default_factory=OutputSection)
     hub: HubSection = Field(default_factory=HubSection)
     track: TrackSection = Field(default_factory=TrackSection)
+    sweep: SweepSection | None = None  #: only in a recipe that has a [sweep] section (``finetune sweep``)
 
     @model_validator(mode="before")
     @classmethod

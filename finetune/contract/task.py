@@ -59,6 +59,13 @@ step-0 evaluation is not repeated. ``finetune predict RUN`` (and ``load_run``)::
     task.build_dataset(examples, processor, training=False), collate_fn, evaluation_step,
     compute_metrics, finalize_eval                 # as at an evaluation
 
+``finetune sweep RECIPE`` makes the task once, as ``finetune run`` does, before any trial::
+
+    task = TaskClass(recipe)
+    task.sweep_space()                             # only when the recipe and --param name no search space
+
+then runs each trial as ``finetune run`` (above) on a recipe with the trial's values.
+
 ``finetune push`` calls no task method: it uploads the run folder (adapter, processor, recipe, metrics,
 card) as written at the end of training.
 
@@ -344,6 +351,16 @@ class Task:
         Default: ``[]`` (the report's samples section then says that the task gives none). In multi-process
         runs with FSDP or DeepSpeed it is not called (the weights are sharded)."""
         return []
+
+    def sweep_space(self) -> dict[str, Any] | None:
+        """The search space ``finetune sweep`` uses when the recipe's ``[sweep.params]`` and ``--param`` name
+        none: dotted recipe keys mapped to a range ``{"low": ..., "high": ..., "log": bool}`` (ints for an int
+        key) or a list of choices, in ``[sweep.params]``'s form, usually around ``self.recipe``'s values.
+        Every key is validated like a recipe key before the first trial. Default: None, then the core's space:
+        ``train.learning_rate`` from a quarter to 4x the recipe's (log scale), ``peft.r`` in 4, 8, 16 (with
+        ``peft.method = "lora"``), ``train.epochs`` from one less to one more than the recipe's, and
+        ``train.warmup_ratio`` from 0 to 0.2."""
+        return None
 
     def speed_notes(self) -> list[str]:
         """Task speed options in effect that change results (shown by ``finetune validate`` and recorded

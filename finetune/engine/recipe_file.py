@@ -267,7 +267,8 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
                 setattr(section, field_name, [resolve(v) if v else v for v in value])
 
     for section_name in CORE_SECTIONS:
-        resolve_section(getattr(recipe, section_name), f"{section_name}.")
+        if getattr(recipe, section_name) is not None:  # [sweep] is None unless the recipe has one
+            resolve_section(getattr(recipe, section_name), f"{section_name}.")
     # A backbone written as a path ("./x", "../x", "~/x") is always a path relative to the recipe, so a
     # missing folder is reported with its full path; a bare name ("models/x") is a path when that folder
     # exists beside the recipe, else a Hub id or a name a plugin resolves.

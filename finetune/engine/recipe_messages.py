@@ -3,7 +3,7 @@ and a did-you-mean hint for a misspelled key; one line per key, at most :data:`M
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -59,8 +59,16 @@ def _model_at(model_cls: type[BaseModel], loc: list[str]) -> type[BaseModel] | N
         info = current.model_fields.get(part)
         if info is None:
             return None
-        current = info.annotation
+        current = _optional_model(info.annotation)
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _optional_model(annotation: Any) -> Any:
+    """``Section | None`` (an optional section such as ``[sweep]``) -> ``Section``; anything else as it is."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return annotation
 
 
 def _real_key_path(model_cls: type[BaseModel], loc: list[str]) -> list[str]:
@@ -72,5 +80,5 @@ def _real_key_path(model_cls: type[BaseModel], loc: list[str]) -> list[str]:
             break  # below a leaf value: the rest are pydantic's branch labels
         out.append(part)
         info = current.model_fields.get(part)
-        current = info.annotation if info is not None else None
+        current = _optional_model(info.annotation) if info is not None else None
     return out

@@ -4,7 +4,7 @@ Layout::
 
     runs/<name>/
       recipe.toml      the fully resolved recipe
-      run.json         status (running / interrupted / failed / finished), provenance, plugins
+      run.json         status (running / interrupted / failed / finished; pruned), provenance, plugins
       adapter/         best adapter (save_pretrained + task head + processor), loadable by peft
       checkpoints/     ckpt-<step>/ for resume; each written to a temp folder then renamed
       metrics.jsonl    one line per logged step / evaluation
@@ -230,7 +230,8 @@ class RunDir:
 
     @property
     def status(self) -> str | None:
-        """``"running"``, ``"interrupted"``, ``"failed"`` or ``"finished"`` (None before the run started)."""
+        """``"running"``, ``"interrupted"``, ``"failed"`` or ``"finished"`` (None before the run started);
+        ``"pruned"`` for a ``finetune sweep`` trial its pruner stopped (``run.json``'s ``pruned`` says where)."""
         return self.info().get("status")
 
     def is_finished(self) -> bool:

@@ -143,8 +143,8 @@ def read_run(path: Path, root: Path) -> RunRow:
 
     if holder_now(path) is not None:
         row.status = "running"
-    elif row.recorded_status == "finished":
-        row.status = "finished"
+    elif row.recorded_status in ("finished", "pruned"):  # pruned: a `finetune sweep` trial stopped early
+        row.status = row.recorded_status
     elif not info and problem:
         row.status = "unreadable"
     else:
@@ -153,7 +153,7 @@ def read_run(path: Path, root: Path) -> RunRow:
         if row.recorded_status == "failed" and info.get("error"):
             row.problems.append(f"failed: {info['error']}"[:200])
 
-    if row.status == "finished":
+    if row.status in ("finished", "pruned"):
         _from_metrics_file(run, row)
     else:
         _from_checkpoint(run, row, wanted_metric)

@@ -10,7 +10,7 @@ pushed...). A key the user set that does not apply is shown, with a note saying 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 
@@ -78,11 +78,15 @@ def recipe_view(recipe: Recipe, everything: bool = False) -> tuple[dict[str, Any
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in table.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" not in _LEAF_TABLES:
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+#: Tables whose keys are data, not recipe keys (``"train.learning_rate" = {...}`` of ``[sweep.params]``).
+_LEAF_TABLES = ("sweep.params",)
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +105,9 @@ def _defaults(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, info in model.model_fields.items():
         annotation = info.annotation
+        optional = [a for a in get_args(annotation) if a is not type(None)]
+        if len(optional) == 1 and isinstance(optional[0], type) and issubclass(optional[0], Section):
+            annotation = optional[0]  # an optional section ([sweep])
         if isinstance(annotation, type) and issubclass(annotation, Section):
             out.update(_defaults(annotation, f"{prefix}{name}."))
         elif not info.is_required():

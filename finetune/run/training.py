@@ -14,6 +14,7 @@ from typing import Any
 from finetune.engine import loop
 from finetune.engine.console import Console
 from finetune.engine.distributed import make_accelerator
+from finetune.engine.guard import GuardedCallback
 from finetune.engine.run_folder import RunDir, write_json_atomic, write_text_atomic
 from finetune.engine.stop import Interrupted
 from finetune.errors import FinetuneError, RunError
@@ -26,7 +27,9 @@ from finetune.run.session import Session, build_model, check_train_settings, ope
 
 
 def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = False, overwrite: bool = False,
-               console: Console | None = None) -> RunDir:
+               console: Console | None = None, callbacks: list[Any] | None = None) -> RunDir:
+    """Train as the recipe says. ``callbacks``: loop callbacks of the caller (e.g. ``finetune sweep``'s pruning),
+    called after the plugins' ones."""
     console = console or Console()
     started, began = time.perf_counter(), time.time()
     session = open_session(recipe_path, overrides, announce=console.print)
@@ -39,15 +42,16 @@ def run_recipe(recipe_path: str | Path, overrides: list[str], *, resume: bool = 
     run.decide(recipe.to_dict(), overwrite, resume, ignore_locks_since=began)
     if not overwrite:
         check_data_unchanged(run, fingerprints)
+    extra = [GuardedCallback(cb, "the core (run_recipe callbacks)") for cb in callbacks or []]
     try:
         return _train(session, run, fingerprints, resume=resume, overwrite=overwrite, console=console,
-                      started=started)
+                      started=started, callbacks=extra)
     finally:
         run.unlock()  # held by the main process while it changes and trains in the folder
 
 
 def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resume: bool, overwrite: bool,
-           console: Console, started: float) -> RunDir:
+           console: Console, started: float, callbacks: list[GuardedCallback]) -> RunDir:
     recipe, task = session.recipe, session.task
     # Build everything that can fail on user input before the run folder is touched.
     t0 = time.perf_counter()
@@ -115,7 +119,7 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
         result = loop.train(accelerator=accelerator, task=task, recipe=recipe, run=run, model=model,
                             processor=processor, train_ds=train_ds, eval_ds=eval_ds, collate=collate,
                             resume_from=resume_from,
-                            callbacks=session.registry.callbacks(),
+                            callbacks=session.registry.callbacks() + callbacks,
                             save_adapter=adapter_writer(run, task, processor, recipe.peft.method,
                                                           expected_adapter_tensors(model, recipe.peft.method),
                                                           base_model=session.backbone.upstream_id),

@@ -273,7 +273,7 @@ def test_recipe_file_not_found_and_folder(tmp_path):
 def test_unknown_section_did_you_mean(tmp_path):
     message = recipe_error(write_recipe(tmp_path, {"trian": "epochs = 1"}))
     assert message.startswith("[trian]: unknown section (did you mean 'train'?)")
-    assert "Valid sections: task, model, data, peft, train, distributed, output, hub, track." in message
+    assert "Valid sections: task, model, data, peft, train, distributed, output, hub, track, sweep." in message
     assert str((tmp_path / "recipe.toml").resolve()) in message  # names the file
 
 
