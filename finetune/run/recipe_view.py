@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from finetune.contract.recipe import Recipe, Section
+from finetune.contract.recipe import METHOD_KEYS, PROMPT_METHODS, Recipe, Section
 
 #: Keys shown even at their default value: what a reader needs to know what the run does.
 ESSENTIAL = ("task.name", "model.backbone", "peft.method", "peft.r", "train.epochs", "train.batch_size",
@@ -38,9 +38,10 @@ def unused_keys(recipe: Recipe) -> dict[str, str]:
             unused[f"distributed.{name}"] = f"distributed.strategy is {strategy!r}"
     if not recipe.hub.push:
         unused["hub.repo_id"] = unused["hub.private"] = "hub.push is false (nothing is pushed to the Hub)"
-    if recipe.peft.method != "lora":
-        for key in ("r", "alpha", "dropout", "target_modules", "layers"):
-            unused[f"peft.{key}"] = f"peft.method is {recipe.peft.method!r} (no LoRA)"
+    method = recipe.peft.method
+    used = set(METHOD_KEYS[method]) | ({"modules_to_save"} if method not in PROMPT_METHODS else set())
+    for key in sorted({"modules_to_save", *(k for keys in METHOD_KEYS.values() for k in keys)} - used):
+        unused[f"peft.{key}"] = f"peft.method is {method!r} (it does not use {key})"
     return unused
 
 
