@@ -145,6 +145,15 @@ def test_adapter_loads_with_plain_peft_on_the_original_base_with_the_trained_log
     assert config[expected[1]] == expected[2] or sorted(config[expected[1]]) == expected[2]
     if method in ("pissa", "olora"):  # converted to a plain LoRA of rank 2r: no init that changes the base
         assert config["init_lora_weights"] is True and config["lora_alpha"] == 16
+    card = (run.path / "README.md").read_text()
+    tag = {"rslora-loraplus": "lora", "pissa": "lora", "olora": "lora"}.get(method, method)
+    assert f"- {tag}\n" in card and "PeftModel.from_pretrained(base, 'adapter')" in card
+    if method == "rslora-loraplus":
+        assert "use_rslora = True, loraplus_lr_ratio = 16.0" in card
+    if method in ("pissa", "olora"):
+        assert f"init = {method} (saved converted to a plain LoRA of rank 2r" in card
+    if task == "gen":
+        assert "trained virtual tokens" in card and "finetune merge" not in card
     plain = PeftModel.from_pretrained(_fresh_base(task, backbone), str(run.adapter_dir)).eval()
     with torch.no_grad():
         got = plain(**inputs).logits
