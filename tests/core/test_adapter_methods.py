@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import make_sentiment_rows, write_csv
 from generation_fixtures import make_qa_rows, to_messages, write_jsonl
+from vision_fixtures import colour_folder, tiny_timm_cnn, vision_recipe  # noqa: F401 - fixtures
 
 from finetune.contract.recipe import PeftSection
 from finetune.engine.console import Console
@@ -75,11 +76,15 @@ def _inputs(task: str, backbone: Path) -> dict[str, torch.Tensor]:
 
 
 def _logits(model, inputs) -> torch.Tensor:
-    was = model.training
+    """The model's logits in eval mode; every module's mode restored after (a vision task keeps frozen
+    BatchNorms in eval mode while training)."""
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     with torch.no_grad():
-        out = model(**inputs).logits.detach().clone()
-    model.train(was)
+        out = model(**inputs)
+        out = getattr(out, "logits", out).detach().clone()
+    for module, mode in modes.items():
+        module.training = mode
     return out
 
 
@@ -307,3 +312,30 @@ def test_dora_and_ia3_take_convolutions():
         conv = model.get_base_model().conv
         assert type(conv).__module__.startswith(f"peft.tuners.{'lora' if method == 'dora' else 'ia3'}")
         assert conv(torch.zeros(1, 3, 5, 5)).shape == (1, 8, 3, 3)
+
+
+# -- convolutions: a vision task's LoRA targets (frozen BatchNorm folded into them) ---------------------
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_dora_and_ia3_on_a_cnn_reload_with_the_trained_logits(vision_recipe, method):  # noqa: F811
+    import finetune.run.training as training
+    from finetune.run.inference import load_run
+
+    images = torch.rand(2, 3, 32, 32)
+    saved: list[torch.Tensor] = []
+    real = training.adapter_writer
+
+    def capturing(*args, **kwargs):
+        save = real(*args, **kwargs)
+
+        def wrapped(model, state_dict=None):
+            save(model, state_dict)
+            saved.append(_logits(model, {"x": images}))
+        return wrapped
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "adapter_writer", capturing)
+        run = run_recipe(vision_recipe(train="epochs = 1"), [f'peft.method="{method}"'], console=QUIET)
+    _, model, _, _ = load_run(run.path)
+    with torch.no_grad():
+        assert torch.allclose(model(images), saved[-1], atol=1e-4)
