@@ -259,10 +259,15 @@ def test_refused_before_the_run_folder_exists(make_recipe, tmp_path, overrides, 
     assert not (tmp_path / "run").exists()
 
 
-def test_validate_refuses_with_one_clear_line(make_recipe, tmp_path):
+def test_validate_shows_the_method_or_refuses_with_one_clear_line(make_recipe, tmp_path):
     result = cli_in_process("validate", str(make_recipe()), "--set", 'peft.method="prefix-tuning"')
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "causal-lm" in result.output and not (tmp_path / "run").exists()
+    result = cli_in_process("validate", str(make_recipe()), "--set", 'peft.method="ia3"')
+    assert result.exit_code == 0, result.output
+    assert "peft.method:      ia3" in result.output and "IA3 targets:      ['key', 'value', 'output.dense']" in \
+        result.output
+    assert "peft.r is not used: peft.method is 'ia3' (it does not use r)" in result.output
 
 
 class _Task:
