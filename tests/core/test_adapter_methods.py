@@ -24,6 +24,7 @@ from finetune.errors import RecipeError
 from finetune.run.training import run_recipe
 
 QUIET = Console(enabled=False)
+TRAINED_STATE: dict[str, dict[str, torch.Tensor]] = {}  #: method -> the adapter state dict as last saved
 TEXTS = ["good day", "awful food", "the movie was so evil"]
 
 #: method key -> (task, [peft] overrides)
@@ -113,8 +114,11 @@ def trained(tmp_path_factory, tiny_bert, tiny_llama):
                 save = real(*args, **kwargs)
 
                 def wrapped(model, state_dict=None):
+                    from peft import get_peft_model_state_dict
+
                     save(model, state_dict)
                     saved.append(_logits(model, inputs))
+                    TRAINED_STATE[method] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
                 return wrapped
 
             with pytest.MonkeyPatch.context() as mp:
@@ -167,6 +171,22 @@ def test_adapter_loads_with_plain_peft_on_the_original_base_with_the_trained_log
     if task == "gen":
         trained_logits = trained_logits[:, -untouched.shape[1]:]  # prompt tuning: the virtual tokens' positions
     assert not torch.allclose(untouched, trained_logits, atol=1e-3), "training changed nothing"
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_a_converted_adapter_gives_back_the_trained_matrices(trained, method):
+    """The selected adapter is put back into the model that trained it (to score the test split): the
+    converted file's trained halves are exactly the residual-base model's A and B."""
+    from safetensors.torch import load_file
+
+    from finetune.run.adapter import unconvert_lora
+
+    run, *_ = trained(method)
+    back = unconvert_lora(load_file(str(run.adapter_dir / "adapter_model.safetensors")))
+    state = TRAINED_STATE[method]
+    assert set(back) == set(state) and any("classifier" in k for k in back)  # the head is kept
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor), name
 
 
 def test_loraplus_gives_the_b_matrices_a_higher_learning_rate(trained):
