@@ -55,7 +55,8 @@ def _recipe(folder: Path, task: str, backbone: Path, data: Path) -> Path:
                   "data": {"train": str(data), "split": 0.25, "max_length": 16},
                   "peft": {"r": 4, "alpha": 8}}
     else:
-        recipe = {"task": {"name": "causal-lm", "sample_prompts": 0, "max_new_tokens": 4},
+        recipe = {"task": {"name": "causal-lm", "sample_prompts": 1, "sample_max_new_tokens": 4,
+                           "max_new_tokens": 4},
                   "data": {"train": str(data), "split": 0.25, "max_length": 64},
                   "peft": {"dropout": 0.0}}
     recipe["model"] = {"backbone": str(backbone)}
