@@ -26,7 +26,7 @@ from finetune.contract.multilabel import (
     tune_thresholds,
 )
 from finetune.contract.probe import Claim, ColumnStats, DataProbe, FolderInfo, TableInfo
-from finetune.contract.recipe import DataOptions, PathStr, Recipe, TaskOptions
+from finetune.contract.recipe import DataOptions, PathStr, Recipe, TaskOptions, is_adapter_method
 from finetune.contract.rewards import RewardFunction
 from finetune.contract.tables import load_table, read_jsonl, require_columns, split_frame
 from finetune.contract.task import DataSplits, Task, missing_input_column
@@ -70,6 +70,7 @@ __all__ = [
     "did_you_mean",
     "epoch_batches",
     "hookimpl",
+    "is_adapter_method",
     "label_text",
     "length_grouped_batches",
     "load_run",

@@ -123,14 +123,65 @@ class DataOptions(Section):
     limit: int | None = Field(None, gt=0, description="Use at most this many training rows (quick tries).")
 
 
+#: ``peft.method`` values that train a PEFT adapter (saved as adapter_config.json + adapter_model.safetensors,
+#: loaded with ``PeftModel.from_pretrained``); "none" and "full" save the trained weights instead.
+ADAPTER_METHODS = ("lora", "dora", "ia3", "prompt-tuning", "prefix-tuning")
+#: methods that add virtual tokens before the input instead of changing weights (nothing to merge).
+PROMPT_METHODS = ("prompt-tuning", "prefix-tuning")
+#: the ``[peft]`` keys each method uses (``modules_to_save``: every method but prompt/prefix tuning).
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "lora": ("r", "alpha", "dropout", "target_modules", "layers", "use_rslora", "init", "loraplus_lr_ratio"),
+    "dora": ("r", "alpha", "dropout", "target_modules", "layers", "use_rslora", "init", "loraplus_lr_ratio"),
+    "ia3": ("target_modules", "feedforward_modules"),
+    "prompt-tuning": ("num_virtual_tokens",),
+    "prefix-tuning": ("num_virtual_tokens",),
+    "none": (),
+    "full": (),
+}
+
+
+def is_adapter_method(method: str) -> bool:
+    """Whether ``peft.method`` trains a PEFT adapter (it loads with ``PeftModel.from_pretrained``)."""
+    return method in ADAPTER_METHODS
+
+
 class PeftSection(Section):
-    method: Literal["lora", "none", "full"] = Field(
-        "lora", description="'lora'; 'none': train only the head (linear probe); 'full': train every parameter.")
-    r: int = Field(8, gt=0, description="LoRA rank.")
-    alpha: int = Field(16, gt=0, description="LoRA scaling alpha.")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path.")
+    method: Literal["lora", "dora", "ia3", "prompt-tuning", "prefix-tuning", "none", "full"] = Field(
+        "lora", description="What trains. 'lora': low-rank updates of the target layers; 'dora': LoRA with a "
+        "separate trained magnitude per output (weight-decomposed, DoRA; slower steps); 'ia3': learned scaling "
+        "vectors on the target layers' outputs (on the inputs of `feedforward_modules`), far fewer parameters; "
+        "'prompt-tuning' / 'prefix-tuning': `num_virtual_tokens` trained embeddings before the input (prompt) or "
+        "trained keys and values in every attention layer (prefix), causal-lm only, usually with a higher "
+        "learning rate (e.g. 1e-2 / 5e-3); 'none': train only the head (linear probe); 'full': train every "
+        "parameter. Every adapter method's adapter/ loads with plain peft (PeftModel.from_pretrained).")
+    r: int = Field(8, gt=0, description="LoRA rank (lora, dora).")
+    alpha: int = Field(16, gt=0, description="LoRA scaling alpha (lora, dora): updates are scaled by alpha / r "
+                       "(alpha / sqrt(r) with use_rslora).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA path (lora, dora).")
+    use_rslora: bool = Field(
+        False, description="Rank-stabilised LoRA (lora, dora): scale updates by alpha / sqrt(r) instead of "
+        "alpha / r, so higher ranks keep learning as fast.")
+    init: Literal["default", "gaussian", "orthogonal", "pissa", "olora"] = Field(
+        "default", description="How LoRA's matrices start (lora, dora): 'default': A random, B zero (the model "
+        "starts unchanged); 'gaussian': A from a Gaussian scaled by the rank; 'orthogonal': orthogonal A and B; "
+        "'pissa': A and B from the top singular vectors of each weight, which is replaced by the residual; "
+        "'olora': the same with a QR decomposition. pissa/olora (method 'lora', Linear layers only) change the "
+        "base weights during training; the saved adapter is converted to a plain LoRA of rank 2r that applies "
+        "to the original base.")
+    loraplus_lr_ratio: float | None = Field(
+        None, ge=1, description="LoRA+ (lora, dora): the B matrices learn this many times faster than "
+        "train.learning_rate (the paper suggests 16; biases and other 1-d parameters too). Unset: one "
+        "learning rate.")
     target_modules: str | list[str] = Field(
-        "auto", description="'auto' (the task's defaults), a list of module names, or a regex string.")
+        "auto", description="Layers that get the adapter (lora, dora, ia3): 'auto' (the task's defaults; for ia3 "
+        "peft's per-architecture attention and feed-forward layers where it knows the model), a list of module "
+        "names, or a regex string.")
+    feedforward_modules: str | list[str] = Field(
+        "auto", description="ia3: which of target_modules are feed-forward layers, whose inputs (not outputs) are "
+        "scaled: 'auto' (peft's per-architecture list; none where it has none), a list of module names, or a "
+        "regex string.")
+    num_virtual_tokens: int = Field(20, gt=0, description="prompt-tuning / prefix-tuning: how many virtual "
+                                    "tokens are trained.")
     modules_to_save: str | list[str] = Field(
         "auto", description="Fully trained and saved modules (the task head); 'auto' lets the task decide.")
     layers: list[int] | None = Field(

@@ -143,6 +143,11 @@ class Task:
     pipeline_tag: ClassVar[str | None] = None
     #: The library that loads what is pushed: ``"peft"`` (an adapter), ``"transformers"`` or ``"timm"``.
     library_name: ClassVar[str] = "peft"
+    #: Whether ``peft.method = "prompt-tuning" / "prefix-tuning"`` may train this task: virtual tokens go
+    #: before every input (prompt) or into every attention layer (prefix), so the task's loss and outputs must
+    #: come from the PEFT model's own forward (which accounts for them) and must not assume one output
+    #: position per input token. Off: such a recipe is refused at validate time.
+    prompt_learning: ClassVar[bool] = False
     #: Fill value for evaluation outputs of different widths (see :meth:`evaluation_step`): tensors are
     #: padded with it to the widest batch before :meth:`compute_metrics` sees them.
     eval_pad_value: ClassVar[int | float] = -100

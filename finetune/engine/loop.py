@@ -183,16 +183,27 @@ class TrainingLoop:
 
     # -- set-up --------------------------------------------------------
     def set_up_optimizer(self) -> None:
-        """AdamW (no weight decay on biases and norms) and the learning-rate schedule over the whole run."""
+        """AdamW (no weight decay on biases and norms) and the learning-rate schedule over the whole run.
+        With ``peft.loraplus_lr_ratio`` (LoRA+), PEFT's LoRA+ optimizer: the same AdamW with the B matrices
+        (and 1-d parameters) at ``ratio`` times the learning rate; the schedule scales every group alike."""
         import torch
         from transformers import get_scheduler
 
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg.learning_rate)
+        ratio = self.recipe.peft.loraplus_lr_ratio
+        if ratio is not None:
+            from peft.optimizers import create_loraplus_optimizer
+
+            self.optimizer = create_loraplus_optimizer(self.model, torch.optim.AdamW, lr=self.cfg.learning_rate,
+                                                       loraplus_lr_ratio=ratio,
+                                                       loraplus_weight_decay=self.cfg.weight_decay)
+        else:
+            decay, no_decay = [], []
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+            self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
+                                                {"params": no_decay, "weight_decay": 0.0}],
+                                               lr=self.cfg.learning_rate)
         total = self.plan.steps_total
         self.scheduler = get_scheduler(self.cfg.lr_scheduler, self.optimizer,
                                        num_warmup_steps=int(self.cfg.warmup_ratio * total), num_training_steps=total)

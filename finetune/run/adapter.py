@@ -1,8 +1,9 @@
 """The adapter folder: writing it (atomically, verified complete), and loading its weights back.
 
-``adapter/`` holds PEFT's ``save_pretrained`` output for LoRA (``adapter_model.safetensors``), or
-``trained.safetensors`` for ``peft.method = "none"/"full"``, plus the processor and the task's state
-(``finetune_task.json``).
+``adapter/`` holds PEFT's ``save_pretrained`` output for an adapter method (LoRA, DoRA, IA3, prompt or prefix
+tuning: ``adapter_model.safetensors``), or ``trained.safetensors`` for ``peft.method = "none"/"full"``, plus
+the processor and the task's state (``finetune_task.json``). A LoRA initialised with pissa/olora is saved
+converted to a plain LoRA of rank 2r that applies to the original base (PEFT's documented conversion).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from finetune.contract.recipe import is_adapter_method
 from finetune.contract.task import Task
 from finetune.engine.checkpoint import check_complete
 from finetune.engine.run_folder import RunDir, replace_dir_atomic
@@ -60,21 +62,34 @@ def restore_selected_state(run: RunDir, task: Any) -> None:
         task.state = json.loads(saved.read_text(encoding="utf-8")).get("state", task.state)
 
 
-def best_adapter_loader(run: RunDir, method: str, task: Any = None):
+def unconvert_lora(tensors: dict[str, Any]) -> dict[str, Any]:
+    """A pissa/olora adapter saved converted (``A' = [A; A0]``, ``B' = [B, -B0]``, PEFT's
+    ``subtract_mutated_init``) back to the trained ``A`` and ``B`` that fit the model being trained."""
+    out = dict(tensors)
+    for name, tensor in tensors.items():
+        if "lora_A" in name:
+            out[name] = tensor[: tensor.shape[0] // 2]
+        elif "lora_B" in name:
+            out[name] = tensor[:, : tensor.shape[1] // 2]
+    return out
+
+
+def best_adapter_loader(run: RunDir, method: str, task: Any = None, converted: bool = False):
     """``load(unwrapped_model)``: put the run folder's saved (best) adapter weights back into the model that
     trained them, and the task's state saved with them back into ``task``, e.g. to score the test split with
-    the selected adapter after training."""
+    the selected adapter after training. ``converted``: the adapter was saved converted from pissa/olora."""
 
     def load(model: Any) -> None:
         if task is not None:
             restore_selected_state(run, task)
-        if method != "lora":
+        if not is_adapter_method(method):
             load_trained_weights(model, run.adapter_dir / TRAINED_WEIGHTS_FILE)
             return
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        result = set_peft_model_state_dict(model, load_file(str(run.adapter_dir / ADAPTER_FILE)))
+        tensors = load_file(str(run.adapter_dir / ADAPTER_FILE))
+        result = set_peft_model_state_dict(model, unconvert_lora(tensors) if converted else tensors)
         unexpected = getattr(result, "unexpected_keys", None) or []
         if unexpected:
             raise RunError(f"{run.adapter_dir / ADAPTER_FILE}: weights do not fit the model (unexpected "
@@ -83,13 +98,20 @@ def best_adapter_loader(run: RunDir, method: str, task: Any = None):
     return load
 
 
-def expected_adapter_tensors(model: Any, method: str) -> dict[str, tuple[int, ...]]:
+def expected_adapter_tensors(model: Any, method: str, converted: bool = False) -> dict[str, tuple[int, ...]]:
     """``name -> shape`` of every tensor the saved adapter must hold, taken from the whole (not yet
-    sharded) model: PEFT's adapter state dict for LoRA, else what :func:`save_trained_weights` writes."""
-    if method == "lora":
+    sharded) model: PEFT's adapter state dict for an adapter method (``converted``: a pissa/olora LoRA saved
+    as a plain LoRA of twice the rank), else what :func:`save_trained_weights` writes."""
+    if is_adapter_method(method):
         from peft import get_peft_model_state_dict
 
-        return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+        shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+        if converted:
+            for name, shape in shapes.items():
+                axis = 0 if "lora_A" in name else 1 if "lora_B" in name else None
+                if axis is not None:
+                    shapes[name] = (*shape[:axis], 2 * shape[axis], *shape[axis + 1:])
+        return shapes
     if method == "full":
         return {n: tuple(t.shape) for n, t in model.state_dict().items()}
     return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
@@ -100,7 +122,7 @@ def verify_adapter(folder: Path, method: str, expected: dict[str, tuple[int, ...
     (every tensor present, non-empty, right shape); a RunError names what is missing."""
     from safetensors import safe_open
 
-    name = ADAPTER_FILE if method == "lora" else TRAINED_WEIGHTS_FILE
+    name = ADAPTER_FILE if is_adapter_method(method) else TRAINED_WEIGHTS_FILE
     try:  # shapes from the file's header: nothing but the header is read
         with safe_open(str(folder / name), framework="pt") as fh:
             tensors = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118
@@ -135,13 +157,36 @@ def name_base_model(card: Path, upstream_id: str | None) -> None:
     card.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + text[end + 1:], encoding="utf-8")
 
 
+def save_converted(model: Any, folder: Path, initial_adapter: str, state_dict: dict[str, Any] | None) -> None:
+    """Save a pissa/olora LoRA the way PEFT documents it (``path_initial_model_for_weight_conversion``): as a
+    plain LoRA of rank 2r for the ORIGINAL base weights. PEFT's conversion keeps only the LoRA tensors, so the
+    modules trained in full (the task head) are added back from the model's adapter state dict."""
+    import warnings
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    with warnings.catch_warnings():  # PEFT warns that PiSSA/OLoRA change the base: what this conversion undoes
+        warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
+        model.save_pretrained(str(folder), state_dict=state_dict,
+                              path_initial_model_for_weight_conversion=initial_adapter)
+    saved = load_file(str(folder / ADAPTER_FILE))
+    adapter = get_peft_model_state_dict(model, state_dict=state_dict)
+    others = {k: v.detach().cpu().contiguous() for k, v in adapter.items()
+              if "lora_A" not in k and "lora_B" not in k and k not in saved}
+    if others:
+        save_file({**saved, **others}, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+
+
 def adapter_writer(run: RunDir, task: Task, processor: Any, method: str,
-                   expected: dict[str, tuple[int, ...]] | None = None, base_model: str | None = None):
+                   expected: dict[str, tuple[int, ...]] | None = None, base_model: str | None = None,
+                   initial_adapter: str | None = None):
     """``save(unwrapped_model, state_dict=None)``: write the adapter to a temp folder, verify it holds
     every trained tensor (``expected``), then swap it in; on any failure the previous adapter stays.
     ``state_dict`` is the full state dict gathered from a sharded model (FSDP/DeepSpeed). ``base_model``:
     the backbone's Hub id, which PEFT's README.md names instead of the local folder it loaded
-    (:func:`name_base_model`)."""
+    (:func:`name_base_model`). ``initial_adapter``: a pissa/olora LoRA as initialised (the engine's
+    ``LoraReport.initial_adapter``): the adapter is saved converted to a plain LoRA for the original base."""
     import shutil
 
     def save(unwrapped_model: Any, state_dict: dict[str, Any] | None = None) -> None:
@@ -160,9 +205,12 @@ def adapter_writer(run: RunDir, task: Task, processor: Any, method: str,
                                    "not written; the previous one is intact. This happens when weights are taken "
                                    "from one shard of a sharded (FSDP/DeepSpeed) model; please report it with the "
                                    "recipe's [distributed] section.")
-            if method == "lora":
+            if is_adapter_method(method):
                 try:
-                    unwrapped_model.save_pretrained(str(tmp), state_dict=state_dict)
+                    if initial_adapter:
+                        save_converted(unwrapped_model, tmp, initial_adapter, state_dict)
+                    else:
+                        unwrapped_model.save_pretrained(str(tmp), state_dict=state_dict)
                     name_base_model(tmp / "README.md", base_model)
                     if base_model:  # what a pushed adapter's AutoPeftModel... loads, not a path on this machine
                         config = json.loads((tmp / "adapter_config.json").read_text())

@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 #: the card's first sentence, by peft.method
-_WHAT = {"lora": "A LoRA adaptation", "none": "A head-only fine-tune (frozen backbone)", "full": "A full fine-tune"}
+_WHAT = {"lora": "A LoRA adaptation", "dora": "A DoRA (weight-decomposed LoRA) adaptation",
+         "ia3": "An IA3 adaptation (learned scaling vectors)", "prompt-tuning": "A prompt-tuning adaptation",
+         "prefix-tuning": "A prefix-tuning adaptation", "none": "A head-only fine-tune (frozen backbone)",
+         "full": "A full fine-tune"}
+#: the Hub tag of each method
+_TAG = {"lora": "lora", "dora": "dora", "ia3": "ia3", "prompt-tuning": "prompt-tuning",
+        "prefix-tuning": "prefix-tuning"}
 
 
 def _fmt(value: Any) -> str:
@@ -45,7 +51,7 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
     if hub_dataset:  # a Hub data set (its commit pinned): the card links it
         meta["datasets"] = [hub_dataset]
     method = recipe.get("peft", {}).get("method", "lora")
-    meta["tags"] = ["finetune", task.name, "lora" if method == "lora" else f"{method}-finetuning"]
+    meta["tags"] = ["finetune", task.name, _TAG.get(method, f"{method}-finetuning")]
     test = metrics.get("test", {})
     reported, split_name = (test, "test") if test else (best, "eval")
     results = [{"type": k, "name": f"{k} ({split_name} split)", "value": float(v)} for k, v in reported.items()
@@ -70,9 +76,7 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
              *results_section(metrics), "", "![curves](curves.png)", "",
               "## Training", "",
               f"- backbone: `{backbone.get('name')}` ({backbone.get('source')})",
-              (f"- LoRA targets: `{lora.get('target_modules')}`; trained in full: `{lora.get('modules_to_save')}`"
-               if method == "lora" else "- trained: every parameter" if method == "full" else
-               f"- trained: `{lora.get('modules_to_save')}`; the backbone frozen"),
+              _trained_line(method, recipe.get("peft", {}), lora),
               f"- trainable parameters: {lora.get('trainable_params'):,} of {lora.get('total_params'):,} "
               f"({100 * lora.get('trainable_params', 0) / max(1, lora.get('total_params', 1)):.2f}%)",
               f"- train examples: {metrics.get('data', {}).get('train_examples')}, eval examples: "
@@ -91,6 +95,22 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
               "## Limitations", "",
               "Trained on a small dataset; check the metrics above on data like yours before relying on it.", ""]
     return "\n".join(front + lines)
+
+
+def _trained_line(method: str, peft: dict[str, Any], lora: dict[str, Any]) -> str:
+    """The card's line saying what trained, by peft.method."""
+    if method in ("lora", "dora", "ia3"):
+        extras = [f"{k} = {peft[k]}" for k in ("use_rslora", "init", "loraplus_lr_ratio")
+                  if method != "ia3" and peft.get(k) not in (None, False, "default")]
+        converted = (" (saved converted to a plain LoRA of rank 2r for the original base weights)"
+                     if peft.get("init") in ("pissa", "olora") else "")
+        return (f"- {method} targets: `{lora.get('target_modules')}`{'; ' + ', '.join(extras) if extras else ''}"
+                f"{converted}; trained in full: `{lora.get('modules_to_save')}`")
+    if method in ("prompt-tuning", "prefix-tuning"):
+        return f"- {method}: {peft.get('num_virtual_tokens')} trained virtual tokens; the model's weights unchanged"
+    if method == "full":
+        return "- trained: every parameter"
+    return f"- trained: `{lora.get('modules_to_save')}`; the backbone frozen"
 
 
 def public_recipe(recipe: dict[str, Any], upstream: str | None) -> dict[str, Any]:

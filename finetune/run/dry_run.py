@@ -57,8 +57,13 @@ def dry_run(recipe_path: str | Path, overrides: list[str], console: Console,
     console.print(f"task:             {info['task']}")
     console.print(f"backbone:         {session.backbone.name} -> {session.backbone.path}")
     console.print(f"                  ({session.backbone.source})")
-    console.print(f"LoRA targets:     {report.target_modules}"
-                  + (f" in layers {report.layers}" if report.layers is not None else ""))
+    method = session.recipe.peft.method
+    if method != "lora":
+        console.print(f"peft.method:      {method}")
+    label = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3"}.get(method)
+    if label:
+        console.print(f"{label + ' targets:':<18}{report.target_modules}"
+                      + (f" in layers {report.layers}" if report.layers is not None else ""))
     console.print(f"trained in full:  {report.modules_to_save}")
     console.print(f"trainable params: {report.trainable_params:,} of {report.total_params:,} "
                   f"({100 * report.trainable_fraction:.2f}%)")

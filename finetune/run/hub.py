@@ -2,7 +2,7 @@
 
 What a repo holds (its root is a loadable adapter folder):
 
-    adapter_config.json + adapter_model.safetensors   (LoRA; or trained.safetensors for method none/full)
+    adapter_config.json + adapter_model.safetensors   (an adapter method; trained.safetensors for none/full)
     tokenizer / processor files                       (what inference needs)
     finetune_task.json                                (task state, e.g. label names)
     recipe.toml                                       (the resolved recipe, local paths reduced to file names)

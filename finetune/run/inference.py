@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from finetune.contract.recipe import is_adapter_method
 from finetune.contract.task import Task
 from finetune.engine.backbones import resolve_backbone
 from finetune.engine.plugins import get_registry
@@ -60,7 +61,7 @@ def load_run(run_path: str | Path, overrides: list[str] | None = None, *, trust_
                                 revision=recipe.model.revision, allow_pickled=recipe.model.allow_pickled_weights,
                                 announce=announce)
     model, processor = task.load_model(backbone)
-    if recipe.peft.method == "lora":
+    if is_adapter_method(recipe.peft.method):
         model = PeftModel.from_pretrained(model, str(run.adapter_dir))
     else:
         load_trained_weights(model, run.adapter_dir / TRAINED_WEIGHTS_FILE)

@@ -14,7 +14,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
-from finetune.contract.recipe import Recipe, Section
+from finetune.contract.recipe import METHOD_KEYS, PROMPT_METHODS, Recipe, Section
 
 #: Keys shown even at their default value: what a reader needs to know what the run does.
 ESSENTIAL = ("task.name", "model.backbone", "peft.method", "peft.r", "train.epochs", "train.batch_size",
@@ -45,9 +45,10 @@ def unused_keys(recipe: Recipe) -> dict[str, str]:
     for key, backend in (("mlflow_tracking_uri", "mlflow"), ("wandb_mode", "wandb")):
         if backend not in backends:
             unused[f"track.{key}"] = f"track.backends does not name {backend!r}"
-    if recipe.peft.method != "lora":
-        for key in ("r", "alpha", "dropout", "target_modules", "layers"):
-            unused[f"peft.{key}"] = f"peft.method is {recipe.peft.method!r} (no LoRA)"
+    method = recipe.peft.method
+    used = set(METHOD_KEYS[method]) | ({"modules_to_save"} if method not in PROMPT_METHODS else set())
+    for key in sorted({"modules_to_save", *(k for keys in METHOD_KEYS.values() for k in keys)} - used):
+        unused[f"peft.{key}"] = f"peft.method is {method!r} (it does not use {key})"
     return unused
 
 

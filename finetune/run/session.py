@@ -17,7 +17,7 @@ from finetune.contract.task import DataSplits
 from finetune.engine import fast_dropout, threads
 from finetune.engine.backbones import resolve_backbone
 from finetune.engine.guard import GuardedTask
-from finetune.engine.lora import LoraReport, attach_lora, load_start_adapter
+from finetune.engine.lora import LoraReport, attach_lora, check_peft, load_start_adapter
 from finetune.engine.plugins import PluginRegistry, get_registry
 from finetune.engine.recipe_file import load_recipe
 from finetune.errors import RecipeError, did_you_mean
@@ -74,6 +74,7 @@ def build_model(session: Session) -> tuple[Any, Any, LoraReport]:
 
     set_seed(session.recipe.train.seed)
     task = session.task
+    check_peft(session.recipe, task)
     model, processor = task.load_model(session.backbone)
     model, report = attach_lora(model, session.recipe.peft, task)
     if session.recipe.model.start_from:

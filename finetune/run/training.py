@@ -108,23 +108,23 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
         console.print(f"busy machine: {session.threads.describe()}")
     try:
         console.print(f"backbone {session.backbone.name} ({session.backbone.source}); loaded in {load_s:.1f} s")
-        where = f" in layers {report.layers}" if report.layers is not None else ""
-        console.print(f"LoRA on {report.target_modules}{where}; trained in full: {report.modules_to_save}; "
-                      f"trainable {report.trainable_params:,} of {report.total_params:,} "
-                      f"({100 * report.trainable_fraction:.2f}%)")
+        console.print(report.describe(recipe.peft.method))
         baseline = task.baseline(session.splits)
         if baseline:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in baseline.items() if isinstance(v, float))
             console.print(f"baseline ({baseline.get('name', 'simple')}): {shown}")
+        converted = report.initial_adapter is not None  # pissa/olora: saved as a plain LoRA
         result = loop.train(accelerator=accelerator, task=task, recipe=recipe, run=run, model=model,
                             processor=processor, train_ds=train_ds, eval_ds=eval_ds, collate=collate,
                             resume_from=resume_from,
                             callbacks=session.registry.callbacks() + callbacks,
                             save_adapter=adapter_writer(run, task, processor, recipe.peft.method,
-                                                          expected_adapter_tensors(model, recipe.peft.method),
-                                                          base_model=session.backbone.upstream_id),
+                                                          expected_adapter_tensors(model, recipe.peft.method,
+                                                                                   converted),
+                                                          base_model=session.backbone.upstream_id,
+                                                          initial_adapter=report.initial_adapter),
                             console=console, test_ds=test_ds,
-                            load_best=best_adapter_loader(run, recipe.peft.method, task))
+                            load_best=best_adapter_loader(run, recipe.peft.method, task, converted))
         # Every process is here: leave together. Trackers are closed, and the process group is taken down
         # now rather than at interpreter exit, where gloo sometimes aborts a process that finished first.
         accelerator.wait_for_everyone()

@@ -133,6 +133,7 @@ class CausalLM(Task):
     metric_names = ("perplexity",)
     pipeline_tag = "text-generation"
     library_name = "peft"
+    prompt_learning = True  # answer_loss takes the PEFT model's own forward for prompt/prefix tuning
     prediction_fields = {"pred_text": "the generated answer",
                          "pred_finish_reason": "why generation stopped: 'stop' (a stop token) or 'length' "
                                                "(task.max_new_tokens)",
@@ -475,7 +476,9 @@ class CausalLM(Task):
             "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')\n"
             "out = model.generate(input_ids=ids, max_new_tokens=64)\n"
             "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n"
-            "# or a merged standalone model: finetune merge RUN_DIR OUT_DIR")
+            + ("# prompt/prefix tuning: the virtual tokens need peft (there is no merged model)"
+               if self.recipe.peft.method in ("prompt-tuning", "prefix-tuning") else
+               "# or a merged standalone model: finetune merge RUN_DIR OUT_DIR"))
 
 
 # Causal LMs whose logits are exactly ``lm_head(last hidden state)`` (no soft-capping or scaling after
@@ -613,6 +616,9 @@ def _plain_head(model: Any) -> Any:
     import inspect
 
     if not hasattr(model, "get_base_model"):  # wrapped for DDP/FSDP (sharded parameters): the standard path
+        return None
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False):  # virtual tokens shift the positions: PEFT's forward
         return None
     base = model.get_base_model()
     if getattr(getattr(base, "config", None), "model_type", None) not in _PLAIN_HEAD_TYPES:

@@ -1,4 +1,5 @@
-"""``finetune merge RUN_DIR OUT``: fold a run's LoRA adapter into its base -> a plain transformers model."""
+"""``finetune merge RUN_DIR OUT``: fold a run's adapter (LoRA, DoRA, rsLoRA, IA3) into its base -> a plain
+transformers model. Prompt and prefix tuning are refused: their virtual tokens change no weight."""
 
 from __future__ import annotations
 
@@ -34,18 +35,28 @@ def merge(run_dir: Path, out: Path, allow_quantized_base: bool, overwrite: bool,
                           "came from), or train on an unquantised copy of the base.")
 
     backbone = RunDir(run_dir).info().get("backbone", {})
+    peft = RunDir(run_dir).resolved_recipe().get("peft", {}) if (run_dir / "recipe.toml").is_file() else {}
+    method = peft.get("method", "lora")
+    if method in ("prompt-tuning", "prefix-tuning"):
+        raise RecipeError(f"merge: {run_dir} was trained with peft.method = \"{method}\": its adapter is "
+                          f"{peft.get('num_virtual_tokens', 'some')} trained virtual tokens given to the model with "
+                          "every input, not a change of the model's weights, so there are no weights to merge it "
+                          "into. Use the run as it is (PeftModel.from_pretrained(base, RUN_DIR/adapter), or "
+                          "finetune predict), or train with peft.method = \"lora\", \"dora\" or \"ia3\" for a "
+                          "mergeable adapter.")
     problem = _dequantized_base(backbone)
     if problem and not allow_quantized_base:
         refuse(problem)  # before loading anything: the run folder says where the base came from
     task, model, processor, run = load_run(run_dir, trust_remote_code=trust_remote_code)
     if not hasattr(model, "merge_and_unload"):
-        raise RecipeError(f"merge: {run.path} was not trained with LoRA (peft.method = "
+        raise RecipeError(f"merge: {run.path} was not trained with an adapter (peft.method = "
                           f"{task.recipe.peft.method!r}); there is no adapter to merge.")
     problem = _quantized_base(model) or problem
     if problem and not allow_quantized_base:
         refuse(problem)
     if problem:
         click.echo(f"warning: {problem} Merging anyway (--allow-quantized-base).", err=True)
+    _take_trained_copies(model)
     merged = model.merge_and_unload()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -55,13 +66,26 @@ def merge(run_dir: Path, out: Path, allow_quantized_base: bool, overwrite: bool,
         processor.save_pretrained(tmp)
     (tmp / "README.md").write_text(
         f"# Merged model\n\nBase `{backbone.get('upstream_id') or backbone.get('name')}` "
-        f"({backbone.get('source', 'unknown source')}) with the LoRA adapter of the finetune run "
+        f"({backbone.get('source', 'unknown source')}) with the {method} adapter of the finetune run "
         f"`{run.path.name}` merged in (merge_and_unload).\n"
         + (f"\nNote: {problem}\n" if problem else ""))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     click.echo(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+
+
+def _take_trained_copies(model) -> None:
+    """Put each module trained in full (PEFT's ``ModulesToSaveWrapper``: the task head, BERT's pooler) back as
+    its trained copy, as ``merge_and_unload`` would: PEFT's IA3 unloading fails on a wrapped module that has
+    no ``weight`` of its own (e.g. BertPooler), so it is done here, the same way for every method."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
 
 
 def _quantized_base(model) -> str | None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune import BackboneError
+from finetune import BackboneError, is_adapter_method
 
 OUT_INDICES = (2, 3, 4)
 #: initial FCOS box half-size, in strides of its pyramid level (see build_detector)
@@ -204,7 +204,7 @@ def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
     head = state["head"]
     weights = str(Path(base) / "model.safetensors")
     load = ("model = PeftModel.from_pretrained(model, 'adapter').eval()  # the run's adapter/ folder"
-            if method == "lora" else
+            if is_adapter_method(method) else
             "model.load_state_dict(load_file('adapter/trained.safetensors'), strict=False)\nmodel.eval()")
     if head == "fcos":
         build = ("from torchvision.models.detection.fcos import FCOS, FCOSHead\n"

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from finetune import BackboneError
+from finetune import BackboneError, is_adapter_method
 from finetune_vision.zoo import IMAGENET_MEAN, IMAGENET_STD, TIMM_ARCH_PREFIX
 
 _HF_HEAD_NAMES = ("classifier", "head", "fc", "score")
@@ -326,7 +326,7 @@ def usage_snippet(state: dict[str, Any], base: str, method: str, thresholds: lis
     pre = state.get("preprocess", {})
     forward_kwargs = state.get("forward_kwargs") or {}
     load = ("model = PeftModel.from_pretrained(model, 'adapter').eval()  # the run's adapter/ folder"
-            if method == "lora" else
+            if is_adapter_method(method) else
             "model.load_state_dict(load_file('adapter/trained.safetensors'), strict=False)\nmodel.eval()")
     transform = (
         "from torchvision import transforms as T\n"

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from finetune import BackboneError
+from finetune import BackboneError, is_adapter_method
 from finetune_vision.zoo import TIMM_ARCH_PREFIX
 
 FPN_LEVELS = (1, 2, 3, 4)  # timm feature indices: strides 4, 8, 16, 32
@@ -172,7 +172,7 @@ def usage_snippet(state: dict[str, Any], base: str, method: str) -> str:
             "        return self.head({'low': features[0], 'high': features[-1]})\n")
         imports = "from torchvision.models.segmentation.lraspp import LRASPPHead\n"
     load = ("model = PeftModel.from_pretrained(model, 'adapter').eval()  # the run's adapter/ folder"
-            if method == "lora" else
+            if is_adapter_method(method) else
             "model.load_state_dict(load_file('adapter/trained.safetensors'), strict=False)\nmodel.eval()")
     weights = (f"weights = load_file({str(Path(base) / 'model.safetensors')!r})  # the pretrained backbone\n"
                "own = model.backbone.state_dict()\n"

@@ -63,7 +63,7 @@ def test_keys_set_that_do_not_apply_are_shown_with_why(make_recipe, sentiment_cs
     assert "data.split is not used: data.eval gives the evaluation data." in notes
     assert "hub.repo_id is not used: hub.push is false (nothing is pushed to the Hub)." in notes
     assert "distributed.fsdp.cpu_offload is not used: distributed.strategy is 'ddp'." in notes
-    assert "peft.r is not used: peft.method is 'none' (no LoRA)." in notes  # set by make_recipe
+    assert "peft.r is not used: peft.method is 'none' (it does not use r)." in notes  # set by make_recipe
     assert hidden > 20
     everything, no_notes, _ = recipe_view(recipe, everything=True)
     assert everything == recipe.to_dict() and no_notes == []
