@@ -41,19 +41,18 @@ EXPORT_FILE = "export.json"
 CHECK_ROWS = 8
 
 
-def export_formats_of(task: Any) -> tuple[str, ...]:
-    return tuple(getattr(task, "export_formats", ()) or ())
-
-
-def check_format(task: Any, fmt: str) -> None:
-    """A task that cannot take ``fmt`` is refused, naming what it can take and which tasks take ``fmt``."""
-    formats = export_formats_of(task)
+def check_format(task_name: str, fmt: str) -> None:
+    """A task that cannot take ``fmt`` is refused (before any model is loaded), naming the formats it can take
+    and the installed tasks that take ``fmt``."""
+    tasks = get_registry().tasks
+    info = tasks.get(task_name)
+    formats = tuple(getattr(info.cls, "export_formats", ()) or ()) if info is not None else ()
     if fmt in formats:
         return
-    able = sorted(name for name, info in get_registry().tasks.items() if fmt in (info.cls.export_formats or ()))
+    able = sorted(name for name, other in tasks.items() if fmt in (getattr(other.cls, "export_formats", ()) or ()))
     can = f"it exports to {', '.join(formats)}" if formats else "it exports to no format"
-    raise RecipeError(f"export: the task {task.name!r} cannot be exported as {fmt} ({can}); "
-                      f"{'tasks that export ' + fmt + ': ' + ', '.join(able) if able else 'no installed task does'}.")
+    which = f"tasks that export {fmt}: {', '.join(able)}" if able else "no installed task does"
+    raise RecipeError(f"export: the task {task_name!r} cannot be exported as {fmt} ({can}); {which}.")
 
 
 def export_run(run_path: str | Path, fmt: str, out: Path | None = None, *, quantize: str | None = None,
@@ -78,9 +77,11 @@ def export_run(run_path: str | Path, fmt: str, out: Path | None = None, *, quant
         raise RecipeError(f"export: --quantize applies to --format gguf only (not {fmt}).")
     if fmt != "onnx" and tolerance != ONNX_TOLERANCE:
         raise RecipeError("export: --tolerance bounds the ONNX check; it does not apply to --format " + fmt + ".")
+    if run.recipe_file.exists():
+        check_format(str(run.resolved_recipe().get("task", {}).get("name")), fmt)
     started = time.perf_counter()
     task, model, processor, run = load_run(run.path, trust_remote_code=trust_remote_code)
-    check_format(task, fmt)
+    check_format(task.name, fmt)
     batch = example_batch(task, processor, input_path, rows, say)
     merged = merged_model(model)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
