@@ -48,7 +48,7 @@ def test_gguf_round_trip(causal_run, tmp_path):
     with torch.no_grad():
         want = model(**enc).logits
     sizes = {}
-    for qtype, bound in (("f32", 1e-5), ("f16", 5e-2), ("q8_0", None)):
+    for qtype, bound in (("f32", 1e-5), ("f16", 5e-3), ("q8_0", None)):
         out = tmp_path / qtype
         report = export_run(causal_run, "gguf", out, quantize=qtype, say=lambda line: None)
         path = out / f"run.{qtype}.gguf"
@@ -72,7 +72,7 @@ def test_gguf_round_trip(causal_run, tmp_path):
         with torch.no_grad():
             diff = float((back.eval()(**enc).logits - want).abs().max())
         if bound is not None:
-            assert diff <= bound and report["checks"]["max_abs_logit_diff"] <= bound
+            assert diff <= bound and report["checks"]["max_abs_logit_diff"] <= bound <= report["checks"]["tolerance"] * 2
         else:
             assert diff < 0.1  # 8-bit weights: close, not equal
     assert sizes["q8_0"] < sizes["f16"] < sizes["f32"]
