@@ -19,7 +19,7 @@ from vision_fixtures import save_timm_folder, write_colour_images
 
 from finetune.cli.main import cli
 from finetune.engine.console import Console
-from finetune.errors import ExportError, RecipeError
+from finetune.errors import DataError, ExportError, RecipeError
 from finetune.run.export import export_run
 from finetune.run.inference import load_run
 from finetune.run.training import run_recipe
@@ -163,3 +163,11 @@ def test_export_cli_writes_the_default_folder(text_run):
     assert result.exit_code == 0, result.output
     assert "largest |logit difference| onnxruntime vs PyTorch" in result.output
     assert (text_run / "export" / "onnx" / "model.onnx").exists()
+
+
+def test_onnx_check_runs_on_an_input_file_when_given(text_run, tmp_path):
+    labelled = write_csv(tmp_path / "few.csv", make_sentiment_rows(3, seed=5))
+    report = export_run(text_run, "onnx", tmp_path / "onnx", input_path=labelled, say=lambda line: None)
+    assert report["check_rows"] == 3 and report["checks"]["rows"] == 3
+    with pytest.raises(DataError, match="--input: .*missing.csv does not exist"):
+        export_run(text_run, "onnx", tmp_path / "other", input_path=tmp_path / "missing.csv")
