@@ -29,11 +29,11 @@ from finetune.contract.probe import Claim, ColumnStats, DataProbe, FolderInfo, T
 from finetune.contract.recipe import DataOptions, PathStr, Recipe, TaskOptions, is_adapter_method
 from finetune.contract.rewards import RewardFunction
 from finetune.contract.tables import load_table, read_jsonl, require_columns, split_frame
-from finetune.contract.task import DataSplits, Task, missing_input_column
+from finetune.contract.task import DataSplits, ExportGraph, Task, missing_input_column
 from finetune.engine.datasets_source import DatasetSource, DatasetSplit, open_dataset
 from finetune.engine.plugins import reward_functions
 from finetune.engine.run_folder import RunDir
-from finetune.errors import BackboneError, DataError, FinetuneError, PluginError, RecipeError, did_you_mean
+from finetune.errors import BackboneError, DataError, ExportError, FinetuneError, PluginError, RecipeError, did_you_mean
 from finetune.run.inference import load_run
 
 __version__ = "0.1.0"
@@ -50,6 +50,8 @@ __all__ = [
     "DataSplits",
     "DatasetSource",
     "DatasetSplit",
+    "ExportError",
+    "ExportGraph",
     "FinetuneError",
     "FolderInfo",
     "LoopState",

@@ -30,6 +30,10 @@ class RunError(FinetuneError):
     """The run folder is in a state that does not allow what was asked."""
 
 
+class ExportError(FinetuneError):
+    """An exported model failed its check (outputs differ from PyTorch, a file does not read back)."""
+
+
 class TrainingError(FinetuneError):
     """Training cannot go on (non-finite loss, ...)."""
 

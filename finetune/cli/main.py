@@ -337,6 +337,35 @@ def evaluate(run_dir: Path, input_path: Path, output_path: Path | None, batch_si
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "gguf", "safetensors"]), required=True,
+              help="onnx (classification tasks: checked with onnxruntime), gguf (causal-lm: llama.cpp), "
+                   "safetensors (the merged model as a transformers/timm folder).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="Folder to write (default: RUN_DIR/export/FORMAT).")
+@click.option("--quantize", type=click.Choice(["f32", "f16", "q8_0"], case_sensitive=False),
+              help="GGUF weight type (default f16; f32 and f16 are checked by reading back and comparing logits).")
+@click.option("--tolerance", type=float, default=1e-3, show_default=True,
+              help="ONNX: the largest allowed |logit difference| between onnxruntime and PyTorch.")
+@click.option("--input", "input_path", type=click.Path(path_type=Path),
+              help="A labelled file to check the export on (default: the run's eval data).")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the run's backbone to run its own modelling code.")
+def export(run_dir: Path, fmt: str, out: Path | None, quantize: str | None, tolerance: float,
+           input_path: Path | None, overwrite: bool, trust_remote_code: bool) -> None:
+    """Export the best adapter of RUN_DIR, merged into its base, as ONNX, GGUF or a safetensors folder.
+
+    The folder gets a README.md (how to run it) and export.json (what was checked; docs/export.md)."""
+    quiet_libraries()
+    from finetune.run.export import export_run
+
+    report = export_run(run_dir, fmt, out, quantize=quantize.lower() if quantize else None, tolerance=tolerance,
+                        input_path=input_path, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                        say=lambda line: click.echo(line, err=True))
+    click.echo(f"{fmt} export written to {report['folder']} ({', '.join(report['files'])})")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--repo-id", required=True, help="'user/name' on the Hub (HF_ENDPOINT selects another server).")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--revision", "--branch", "revision", help="Branch to push to (created if missing).")

@@ -66,6 +66,15 @@ step-0 evaluation is not repeated. ``finetune predict RUN`` (and ``load_run``)::
 
 then runs each trial as ``finetune run`` (above) on a recipe with the trial's values.
 
+``finetune export RUN --format FORMAT`` loads the run as ``predict`` does (refused unless FORMAT is in
+:attr:`Task.export_formats`), then::
+
+    examples = splits.eval of task.prepare_data() (task.state kept as saved), or task.read_examples(--input)
+    batch = collate_fn(processor)([build_dataset(examples, processor, training=False)[i] for the first rows])
+    onnx:  task.export_graph(model, processor, batch)     # the trained model (adapter attached): reference
+           task.export_graph(merged, processor, batch)    # the merged model: exported, checked with onnxruntime
+    other: task.export_file(FORMAT, merged, processor, folder, options)   # writes and checks its files
+
 ``finetune push`` calls no task method: it uploads the run folder (adapter, processor, recipe, metrics,
 card) as written at the end of training.
 
@@ -93,6 +102,25 @@ from finetune.errors import DataError, did_you_mean
 
 if TYPE_CHECKING:
     from finetune.contract.backbone import ResolvedBackbone
+
+
+@dataclass
+class ExportGraph:
+    """What :meth:`Task.export_graph` returns: the model as a graph ``finetune export --format onnx`` can trace.
+
+    ``module`` is a ``torch.nn.Module`` that takes the tensors of ``inputs`` by position, in that order, and
+    returns one tensor whose first dimension is the batch (the logits). ``inputs`` maps each input's name
+    (the ONNX input name) to an example tensor taken from a real batch. ``dynamic_axes`` names the axes that
+    may change size per input, e.g. ``{"input_ids": {0: "batch", 1: "sequence"}}`` (the batch axis of
+    every input is dynamic even when not listed). ``usage`` is Python code for the exported folder's card:
+    it builds the inputs from raw data with the preprocessing files saved beside ``model.onnx`` and runs
+    ``onnxruntime`` (the ``session`` variable is ``ort.InferenceSession('model.onnx')``)."""
+
+    module: Any
+    inputs: dict[str, Any]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    usage: str = ""
+    output_name: str = "logits"
 
 
 @dataclass
@@ -156,6 +184,11 @@ class Task:
     #: ``<...>`` stands for a varying part, e.g. ``{"prob_<label>": "probability of that label"}``. When
     #: given, the core checks that every field a prediction adds is listed. Empty: not declared.
     prediction_fields: ClassVar[dict[str, str]] = {}
+    #: What ``finetune export RUN --format ...`` can make of this task's runs: ``"onnx"`` (implement
+    #: :meth:`export_graph`; the core exports and checks it), ``"safetensors"`` (the merged model as a
+    #: standalone folder: :meth:`export_file`'s default saves a model that has ``save_pretrained``), or a
+    #: format :meth:`export_file` writes itself (e.g. ``"gguf"``). Empty: the task exports nothing.
+    export_formats: ClassVar[tuple[str, ...]] = ()
 
     #: JSON-serialisable facts needed to rebuild the model for inference (label names, target scaling...).
     #: Fill it in :meth:`prepare_data`; the core saves it beside the adapter (``finetune_task.json``) and
@@ -417,6 +450,38 @@ class Task:
         if missing:
             raise missing_input_column(path, missing[0], [str(c) for c in df.columns], self.recipe.data)
         return df.to_dict(orient="records")
+
+    # -- export --------------------------------------------------------
+    def export_graph(self, model: Any, processor: Any, batch: dict[str, Any]) -> ExportGraph:
+        """For ``finetune export --format onnx``: the model as an :class:`ExportGraph` (a module taking
+        positional tensors, returning the logits), with example inputs picked from ``batch`` (what
+        :meth:`collate_fn` made of a few eval examples). Called twice: with the trained model (adapter
+        attached: the reference logits) and with the merged model (traced by ``torch.onnx.export``, then
+        run by onnxruntime on the same inputs and compared). Build the module from ``model`` only (no
+        task-side speed code that a plain runtime would not have) and keep it in eval mode."""
+        raise NotImplementedError
+
+    def export_file(self, fmt: str, model: Any, processor: Any, folder: Path,
+                    options: dict[str, Any]) -> dict[str, Any]:
+        """For ``finetune export --format FMT`` with a format other than onnx: write the merged ``model``
+        (adapter folded in, eval mode) into ``folder`` (it exists, empty) and check what was written; return
+        a JSON-serialisable report for ``export.json``: ``"files"`` (names written), ``"checks"`` (what was
+        verified, with numbers such as the largest logit difference) and ``"usage"`` (how to run it, for the
+        card). ``options`` holds ``"quantize"`` (the ``--quantize`` value or None) and ``"batch"`` (what
+        :meth:`collate_fn` made of a few eval examples, to compare outputs on; None when the run's data
+        cannot be read). Raise :class:`finetune.ExportError` naming the problem when a check fails, and
+        :class:`finetune.RecipeError` for an option the format does not take. Default: ``"safetensors"`` for a
+        model with ``save_pretrained`` (transformers): model and processor saved, to load with
+        ``from_pretrained``."""
+        if fmt != "safetensors" or not hasattr(model, "save_pretrained"):
+            raise NotImplementedError
+        model.save_pretrained(folder, safe_serialization=True)
+        if processor is not None and hasattr(processor, "save_pretrained"):
+            processor.save_pretrained(folder)
+        arch = (getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__])[0]
+        return {"files": sorted(p.name for p in Path(folder).iterdir()), "checks": {},
+                "usage": (f"import transformers\n\nmodel = transformers.{arch}.from_pretrained('.').eval()  "
+                          "# this folder\n")}
 
     def usage_snippet(self, base: str) -> str | None:
         """Python code for the model card's "Usage" section that loads what is pushed with plain

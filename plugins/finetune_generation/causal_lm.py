@@ -465,6 +465,29 @@ class CausalLM(Task):
         return [{**r, "pred_text": g.text, "pred_finish_reason": g.finish_reason, "pred_new_tokens": g.new_tokens}
                 for r, g in zip(records, outs)]
 
+    # -- export --------------------------------------------------------
+    export_formats = ("gguf", "safetensors")
+
+    def export_file(self, fmt: str, model: Any, processor: Any, folder: Path,
+                    options: dict[str, Any]) -> dict[str, Any]:
+        """``gguf``: the merged model for llama.cpp, read back and checked (finetune_generation.gguf_export);
+        ``safetensors``: the default (save_pretrained: model + tokenizer)."""
+        if fmt != "gguf":
+            report = super().export_file(fmt, model, processor, folder, options)
+            report["usage"] = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                               "model = AutoModelForCausalLM.from_pretrained('.')  # this folder\n"
+                               "tokenizer = AutoTokenizer.from_pretrained('.')\n"
+                               "messages = [{'role': 'user', 'content': 'What is 12 + 7?'}]\n"
+                               "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, "
+                               "return_tensors='pt', return_dict=True)\n"
+                               "out = model.generate(**ids, max_new_tokens=32)[0, ids['input_ids'].shape[1]:]\n"
+                               "print(tokenizer.decode(out, skip_special_tokens=True))\n")
+            return report
+        from finetune_generation.gguf_export import export_gguf
+
+        name = Path(str(self.recipe.output.dir)).name or "model"
+        return export_gguf(model, processor, folder, options.get("quantize"), options.get("batch"), name)
+
     def usage_snippet(self, base: str) -> str:
         return (
             "from peft import PeftModel\n"

@@ -48,16 +48,8 @@ def convert_gguf(gguf_path: Path, out: Path, source: str) -> None:
     except ImportError:
         raise BackboneError("model.backbone: reading the GGUF weights needs the `gguf` package: "
                             "pip install gguf") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(f"converting {gguf_path.name} to a transformers folder (once, ~20 s)...", file=sys.stderr, flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # save_pretrained refuses a GGUF-loaded model while it still looks quantised; the weights are
-    # already dequantised floats.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    model, tokenizer = read_gguf(gguf_path)
     model.config.finetune_upstream_id = UPSTREAM_ID
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -66,6 +58,22 @@ def convert_gguf(gguf_path: Path, out: Path, source: str) -> None:
         "quantized_from": "Q4_1 GGUF (4-bit)", "dtype": "float32 (dequantised)",
         "note": "Q4_1 is lossy versus the original bf16 weights; a merged model inherits that loss.",
     }, indent=2))
+
+
+def read_gguf(gguf_path: Path) -> tuple[object, object]:
+    """``(model, tokenizer)`` read from a GGUF file by transformers (weights dequantised to float32); also
+    what ``finetune export --format gguf`` reads its file back with (finetune_generation.gguf_export)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # save_pretrained refuses a GGUF-loaded model while it still looks quantised; the weights are
+    # already dequantised floats.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
 
 
 def quantization_note(folder: str | Path) -> str | None:

@@ -254,6 +254,13 @@ class MultiLabelClassification(EncoderClassifier):
                              **{f"prob_{name}": float(p[i]) for i, name in enumerate(labels)}})
         return rows
 
+    def export_decision(self) -> str:
+        labels = self.state.get("labels", [])
+        thresholds = [round(t, 2) for t in self._selected_thresholds()] if labels else []
+        return (f"labels = {labels!r}\nthresholds = {thresholds!r}  # tuned on the eval split\n"
+                "probs = 1 / (1 + np.exp(-logits[0]))\n"
+                "print([name for name, p, t in zip(labels, probs, thresholds) if p >= t])\n")
+
     def usage_snippet(self, base: str) -> str:
         labels = self.state.get("labels", [])
         thresholds = [round(t, 2) for t in self._selected_thresholds()] if labels else []

@@ -127,6 +127,10 @@ class TextRegression(EncoderClassifier):
         return {"loss": out.loss, "predictions": out.logits.squeeze(-1).float(),
                 "references": batch["labels"].float()}
 
+    def export_decision(self) -> str:
+        return (f"print(float(logits[0, 0]) * {self.state.get('scale', 1.0)!r} + {self.state.get('center', 0.0)!r})"
+                "  # the model predicts the standardised target\n")
+
     def _unscale(self, values: Any) -> Any:
         return values * self.state["scale"] + self.state["center"]
 

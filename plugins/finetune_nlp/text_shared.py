@@ -199,6 +199,34 @@ class EncoderClassifier(Task):
     def peft_task_type(self) -> str:
         return "SEQ_CLS"
 
+    # -- export --------------------------------------------------------
+    export_formats = ("onnx", "safetensors")
+
+    def export_graph(self, model: Any, processor: Any, batch: dict[str, Any]) -> Any:
+        """The tokenizer's tensors (input_ids, attention_mask, token_type_ids where the model takes them) ->
+        logits; batch and sequence axes dynamic. Mean pooling (task.pooling) is in the graph: its hooks are
+        part of the model's forward."""
+        from finetune import ExportGraph
+        from finetune_nlp.export_graph import NamedInputsLogits
+
+        names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in batch]
+        data = self.recipe.data
+        pair = ", ['its pair']" if data.text_pair_column else ""
+        usage = ("import numpy as np\nimport onnxruntime as ort\nfrom transformers import AutoTokenizer\n\n"
+                 "tokenizer = AutoTokenizer.from_pretrained('.')  # this folder\n"
+                 "session = ort.InferenceSession('model.onnx')\n"
+                 f"enc = tokenizer(['some text']{pair}, truncation=True, max_length={data.max_length}, padding=True,"
+                 " return_tensors='np')\n"
+                 "inputs = {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()}\n"
+                 "logits = session.run(None, inputs)[0]\n" + self.export_decision())
+        return ExportGraph(module=NamedInputsLogits(model, names), inputs={n: batch[n] for n in names},
+                           dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names}, usage=usage)
+
+    def export_decision(self) -> str:
+        """The card's last lines: from ``logits`` (numpy, [batch, outputs]) to the answer."""
+        return f"labels = {self.state.get('labels', [])!r}\nprint(labels[int(logits[0].argmax())])\n"
+
+
 
 class EncodedDataset:
     """Tokenizer output + one label (or label vector) per example, with optional extra per-example keys."""

@@ -184,6 +184,44 @@ class AudioClassification(SpeechTask):
                 rows.append({**record, "pred_label": labels[best], "pred_score": round(float(p[best]), 4)})
         return rows
 
+    # -- export --------------------------------------------------------
+    export_formats = ("onnx", "safetensors")
+
+    def export_graph(self, model: Any, processor: Any, batch: dict[str, Any]) -> Any:
+        """The feature extractor's tensors -> logits: Whisper's log-mel ``input_features`` [batch, mels, frames]
+        (clip length: the frame axis is dynamic; task.whisper_input = "30s": always 3000 frames) or a wav2vec2-
+        style ``input_values`` [batch, samples], each with its ``attention_mask``."""
+        from finetune import ExportGraph
+        from finetune_speech.export_graph import NamedInputsLogits
+
+        names = [n for n in ("input_features", "input_values", "attention_mask") if n in batch]
+        whisper = "input_features" in batch
+        clip = not whisper or self.recipe.task.whisper_input == "clip"
+        length = "frames" if whisper else "samples"
+        axes = {n: ({0: "batch", (2 if n == "input_features" else 1): length} if clip else {0: "batch"})
+                for n in names}
+        labels = self.state.get("labels", [])
+        extract = ("x = fe(audio, sampling_rate=16000, padding='longest', return_attention_mask=True, "
+                   "return_tensors='np')\n# Whisper's encoder halves the frames: keep their count even\n"
+                   "if x['input_features'].shape[-1] % 2:\n"
+                   "    x['input_features'] = np.pad(x['input_features'], ((0, 0), (0, 0), (0, 1)), "
+                   "constant_values=x['input_features'].min())\n"
+                   "    x['attention_mask'] = np.pad(x['attention_mask'], ((0, 0), (0, 1)))\n"
+                   if whisper and clip else
+                   "x = fe(audio, sampling_rate=16000, return_attention_mask=True, return_tensors='np'"
+                   + (", padding='max_length'" if whisper else "") + ")\n")
+        usage = ("import numpy as np\nimport onnxruntime as ort\nimport soundfile as sf\n"
+                 "from transformers import AutoFeatureExtractor\n\n"
+                 "fe = AutoFeatureExtractor.from_pretrained('.')  # this folder\n"
+                 "session = ort.InferenceSession('model.onnx')\n"
+                 "audio, rate = sf.read('clip.wav', dtype='float32')  # 16 kHz mono\n" + extract
+                 + "inputs = {i.name: x[i.name].astype(np.int64 if i.name == 'attention_mask' else np.float32)\n"
+                 "          for i in session.get_inputs()}\n"
+                 f"labels = {labels!r}\n"
+                 "print(labels[int(session.run(None, inputs)[0][0].argmax())])\n")
+        return ExportGraph(module=NamedInputsLogits(model, names), inputs={n: batch[n] for n in names},
+                           dynamic_axes=axes, usage=usage)
+
     def usage_snippet(self, base: str) -> str:
         labels = self.state.get("labels", [])
         if self.state.get("backbone_type") == "whisper":

@@ -152,6 +152,33 @@ class ImageBackboneTask(FrozenBatchNormTask, Task):
         out = model(pixel_values, **(self.state.get("forward_kwargs") or {}))
         return getattr(out, "logits", out)
 
+    # -- export --------------------------------------------------------
+    export_formats = ("onnx", "safetensors")
+
+    def export_graph(self, model: Any, processor: Any, batch: dict[str, Any]) -> Any:
+        """pixel_values [batch, 3, size, size] (normalised, as the eval transform makes them) -> logits; the batch
+        axis dynamic. The forward is the plain model's (no BatchNorm fold, no channels-last)."""
+        from finetune import ExportGraph
+        from finetune_vision.export import PixelLogits, onnx_usage
+
+        return ExportGraph(module=PixelLogits(model, self.state.get("forward_kwargs") or {}),
+                           inputs={"pixel_values": batch["pixel_values"]},
+                           usage=onnx_usage(self.state, self.export_thresholds()))
+
+    def export_thresholds(self) -> list[float] | None:
+        """Per-label thresholds for the card's decision (multi-label), or None (the most likely label)."""
+        return None
+
+    def export_file(self, fmt: str, model: Any, processor: Any, folder: Path,
+                    options: dict[str, Any]) -> dict[str, Any]:
+        """``safetensors``: a timm model in timm's Hub layout (config.json + model.safetensors, loads with
+        ``timm.create_model('local-dir:FOLDER', pretrained=True)``), a transformers one with save_pretrained."""
+        if fmt == "safetensors" and self.state.get("backend") == "timm":
+            from finetune_vision.export import save_timm
+
+            return save_timm(model, processor, folder, self.state)
+        return super().export_file(fmt, model, processor, folder, options)
+
     # -- inference -----------------------------------------------------
     def predict_input_columns(self) -> list[str]:
         return [self.recipe.data.image_column]

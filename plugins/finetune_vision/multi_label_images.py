@@ -332,6 +332,9 @@ class MultiLabelImageClassification(ImageBackboneTask):
             written.append(path)
         return written
 
+    def export_thresholds(self) -> list[float] | None:
+        return self.selected_thresholds()
+
     def usage_snippet(self, base: str) -> str:
         from finetune_vision.models import usage_snippet
 
