@@ -427,10 +427,10 @@ class Service:
             raise FinetuneError(f"{self.task.name}: generate_text returned {type(result).__name__}, not a dict")
         cutter.flush()
         finish = "stop" if cutter.stopped else result.get("finish_reason", "stop")
+        prompt_tokens, completion_tokens = int(result.get("prompt_tokens", 0)), int(result.get("completion_tokens", 0))
         return {"text": cutter.text, "finish_reason": finish,
-                "usage": {"prompt_tokens": int(result.get("prompt_tokens", 0)),
-                          "completion_tokens": int(result.get("completion_tokens", 0)),
-                          "total_tokens": int(result.get("prompt_tokens", 0)) + int(result.get("completion_tokens", 0))}}
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
 
     def completion_body(self, request: dict[str, Any], result: dict[str, Any], ident: str, created: int) -> dict:
         if request["chat"]:
