@@ -89,10 +89,25 @@ class Batcher:
         self.stats = Stats()
         self.lock = threading.Lock()
         self.carry: _Job | None = None
+        self.arriving = 0  #: prediction requests received and not yet answered
         self.thread = threading.Thread(target=self._work, name="finetune-serve-worker", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    def enter(self) -> None:
+        """A prediction request arrived (its body is being read): the worker may wait for it to join a batch."""
+        with self.lock:
+            self.arriving += 1
+
+    def leave(self) -> None:
+        """That request was answered (or refused)."""
+        with self.lock:
+            self.arriving -= 1
+
+    def in_flight(self) -> int:
+        with self.lock:
+            return self.arriving
 
     def stop(self) -> None:
         self.jobs.put(None)
@@ -136,10 +151,12 @@ class Batcher:
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break
+                    if self.carry is None and self.jobs.empty() and self.in_flight() <= len(batch):
+                        break  # no other request is on its way: waiting would only add latency
                     try:
-                        job = self._next(remaining)
+                        job = self._next(min(remaining, 0.001))  # short polls: in_flight is looked at again
                     except queue.Empty:
-                        break
+                        continue
                     if job is None:
                         stopping = True
                         break
@@ -555,6 +572,16 @@ class Handler(BaseHTTPRequestHandler):
         if not self._route("POST"):
             return
         path = self.path.split("?", 1)[0].rstrip("/")
+        batcher = self.service.batcher
+        if path == "/predict":
+            batcher.enter()
+        try:
+            self._post(path)
+        finally:
+            if path == "/predict":
+                batcher.leave()
+
+    def _post(self, path: str) -> None:
         try:
             try:
                 body = self._body()

@@ -19,7 +19,7 @@ from conftest import REPO, make_sentiment_rows, write_csv
 
 from finetune.engine.console import Console
 from finetune.run.predictions import predict_records
-from finetune.run.serve import StopStrings, make_server, open_service, shutdown
+from finetune.run.serve import Batcher, StopStrings, make_server, open_service, shutdown
 from finetune.run.training import run_recipe
 
 MAX_BYTES = 20_000
@@ -140,6 +140,19 @@ def test_concurrent_requests_are_batched_and_answered_correctly(served):
     assert after["records"] - before["records"] == 16
     assert after["batches"] - before["batches"] < 16  # several requests shared a forward pass
     assert after["largest_batch"] > 1
+
+
+def test_a_lone_request_does_not_wait_for_company(served):
+    service, _ = served
+    lazy = Batcher(service.task, service.batcher.model, service.batcher.processor, max_batch=32, max_wait_ms=5000)
+    lazy.start()
+    try:
+        start = time.perf_counter()
+        rows = lazy.predict([{"text": "good day"}])
+        assert time.perf_counter() - start < 2.5  # not the 5 s a batch may wait while others arrive
+        assert rows[0]["pred_label"] in ("pos", "neg")
+    finally:
+        lazy.stop()
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "words"), [
