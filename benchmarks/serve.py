@@ -128,7 +128,12 @@ def main() -> None:
             client.predict(TEXT)
         lat = sorted(client.predict(TEXT) * 1000 for _ in range(args.requests))
         p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-        rates = {n: throughput(port, n, args.seconds) for n in (1, 8, 32)}
+        rates, sizes = {}, {}
+        for n in (1, 8, 32):
+            before = client.get("/health")
+            rates[n] = throughput(port, n, args.seconds)
+            after = client.get("/health")
+            sizes[n] = (after["records"] - before["records"]) / max(1, after["batches"] - before["batches"])
         stats = client.get("/health")
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -143,7 +148,7 @@ def main() -> None:
     for n, (rate, done) in rates.items():
         goal = ">= 5x sequential" if n == 32 else ""
         print(f"| throughput, {n} client(s) ({done} requests in {args.seconds:g} s) | {rate:.0f} requests/s "
-              f"({rate / base:.1f}x sequential) | {goal} |")
+              f"({rate / base:.1f}x sequential; {sizes[n]:.1f} texts per forward pass) | {goal} |")
     print(f"\nserver counters: {stats['requests']} requests, {stats['records']} records in {stats['batches']} "
           f"batches (largest {stats['largest_batch']})")
 

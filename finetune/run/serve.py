@@ -90,6 +90,7 @@ class Batcher:
         self.lock = threading.Lock()
         self.carry: _Job | None = None
         self.arriving = 0  #: prediction requests received and not yet answered
+        self.concurrent = False  #: the last batch held several requests
         self.thread = threading.Thread(target=self._work, name="finetune-serve-worker", daemon=True)
 
     def start(self) -> None:
@@ -151,7 +152,8 @@ class Batcher:
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break
-                    if self.carry is None and self.jobs.empty() and self.in_flight() <= len(batch):
+                    if self.carry is None and self.jobs.empty() and self.in_flight() <= len(batch) \
+                            and not self.concurrent:
                         break  # no other request is on its way: waiting would only add latency
                     try:
                         job = self._next(min(remaining, 0.001))  # short polls: in_flight is looked at again
@@ -165,6 +167,9 @@ class Batcher:
                         break
                     batch.append(job)
                     count += len(job.payload)
+                # requests that came together once tend to keep coming together (clients in a loop): then
+                # the next batch waits its max_wait_ms for them even before their bodies arrive
+                self.concurrent = len(batch) > 1
                 self._run_predict(batch)
                 if stopping:
                     return
@@ -480,6 +485,9 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "finetune-serve"
     timeout = 120  # seconds a connection may stay silent (an idle keep-alive, a stalled upload or reader)
+    # Headers and body go out in two writes; with Nagle's algorithm the body would wait for the client's
+    # delayed ACK of the headers (40 ms on Linux), longer than a prediction takes.
+    disable_nagle_algorithm = True
     service: Service  # set on the subclass made by make_server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
@@ -555,9 +563,6 @@ class Handler(BaseHTTPRequestHandler):
         service = self.service
         answer = {"/health": service.health, "/metadata": service.metadata, "/v1/models": service.models}[path]
         self._send(200, answer())
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._error(405, f"{self.path}: HEAD is not allowed; use GET or POST.")
 
     def do_PUT(self) -> None:  # noqa: N802
         self._route("PUT")
@@ -675,8 +680,15 @@ def check_address(host: str, port: int) -> None:
 
 def open_service(run_path: str | Path, overrides: list[str] | None = None, *, trust_remote_code: bool = False,
                  announce: Callable[[str], None] | None = None, **limits: Any) -> Service:
-    """Loads the run (as ``finetune predict`` does) and wraps it for serving."""
+    """Loads the run (as ``finetune predict`` does) and wraps it for serving. Before torch is imported, its
+    threads and OpenMP wait policy are chosen from the machine's state as for training (``OMP_NUM_THREADS``
+    / ``OMP_WAIT_POLICY`` override); ``announce`` hears the choice."""
+    from finetune.engine import threads
     from finetune.run.inference import load_run
+
+    choice = threads.apply(threads.choose())
+    if announce is not None:
+        announce(f"torch threads: {choice.describe()}")
 
     task, model, processor, run = load_run(run_path, overrides, trust_remote_code=trust_remote_code,
                                            announce=announce)
