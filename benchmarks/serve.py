@@ -9,7 +9,9 @@ Starts `finetune serve RUN --port 0` on 127.0.0.1, then:
   of them after a warm-up: p50 / p99 / mean in ms, measured at the client (HTTP included);
 - throughput: 1, 8 and 32 concurrent clients (threads, one keep-alive connection each), each sending
   single-text requests for --seconds: requests/s, against the 1-client (sequential) rate;
-- the server's own counters afterwards (batches, largest batch).
+- the server's own counters afterwards (batches, largest batch), and texts per forward pass per phase;
+- for comparison, one `finetune predict RUN --text ...` in a new process (what an answer costs without a
+  server).
 
 Goals (issue 26): p50 under 30 ms for one text; at 32 clients at least 5x the sequential throughput.
 Every request's answer is checked (status 200, one prediction). The server is stopped at the end.
@@ -118,9 +120,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="sequential requests for the latency figures")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each throughput measurement")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `finetune serve` option (repeat)")
+    parser.add_argument("--no-predict", action="store_true",
+                        help="skip the one `finetune predict --text` call timed for comparison")
     args = parser.parse_args()
     ensure_run(args.run)
     load = os.getloadavg()[0]
+    predict_s = None
+    if not args.no_predict:
+        start = time.perf_counter()
+        subprocess.run([finetune_exe(), "predict", str(args.run), "--text", TEXT], check=True, cwd=REPO,
+                       capture_output=True)
+        predict_s = time.perf_counter() - start
     proc, port = start_server(args.run, args.serve_arg)
     try:
         client = Client(port)
@@ -144,6 +154,8 @@ def main() -> None:
     print("| measure | value | goal |\n|---|---|---|")
     print(f"| latency, one short text, 1 client (n={len(lat)}) | p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
           f"mean {statistics.fmean(lat):.1f} ms | p50 < 30 ms |")
+    if predict_s is not None:
+        print(f"| for comparison: one `finetune predict --text` (a new process) | {predict_s:.1f} s | |")
     base = rates[1][0]
     for n, (rate, done) in rates.items():
         goal = ">= 5x sequential" if n == 32 else ""

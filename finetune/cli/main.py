@@ -277,8 +277,8 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, ou
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 4096),
               help="Most records predicted in one forward pass (gathered across concurrent requests).")
 @click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0, 1000),
-              help="How long a batch may wait for requests already arriving to join it (a lone request never "
-                   "waits).")
+              help="How long a batch may wait for requests already arriving to join it (a request arriving "
+                   "alone does not wait).")
 @click.option("--max-request-bytes", default=1_000_000, show_default=True, type=click.IntRange(1),
               help="Larger request bodies are refused with 413.")
 @click.option("--max-records", default=256, show_default=True, type=click.IntRange(1),
