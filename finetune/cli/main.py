@@ -304,6 +304,65 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, ou
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback makes the model reachable from other machines.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: a free port.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Most records predicted in one forward pass (gathered across concurrent requests).")
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0, 1000),
+              help="How long a batch may wait for requests already arriving to join it (a request arriving "
+                   "alone does not wait).")
+@click.option("--max-request-bytes", default=1_000_000, show_default=True, type=click.IntRange(1),
+              help="Larger request bodies are refused with 413.")
+@click.option("--max-records", default=256, show_default=True, type=click.IntRange(1),
+              help="Most records (texts) in one /predict request; more are refused with 413.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the run's backbone to run its own modelling code "
+              "(needed when the run was trained with model.trust_remote_code).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request on stderr.")
+@_set_option("Change a prediction-time setting of the run's recipe, e.g. --set task.max_new_tokens=64 "
+             "(repeatable).")
+def serve(run_dir: Path, host: str, port: int, max_batch: int, max_wait_ms: float, max_request_bytes: int,
+          max_records: int, trust_remote_code: bool, verbose: bool, overrides: tuple[str, ...]) -> None:
+    """Serve the run in RUN_DIR (a run folder, or a Hub repo id) over HTTP + JSON until Ctrl-C.
+
+    \b
+    GET  /health, /metadata       status, counters; task, labels, inputs, fields, metrics
+    POST /predict                 {"text": ...} | {"texts": [...]} | {"records": [{...}]}
+    POST /v1/chat/completions     OpenAI-compatible (causal-lm runs; "stream": true)
+    POST /v1/completions          OpenAI-compatible (causal-lm runs)
+
+    Concurrent requests are batched (--max-batch, --max-wait-ms). See docs/serve.md."""
+    quiet_libraries()
+    from finetune.run.hub import find_run
+    from finetune.run.serve import check_address, make_server, open_service, serve_forever
+
+    def cannot_listen(exc: OSError) -> click.ClickException:
+        return click.ClickException(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                                    "choose another --port (0 picks a free one).")
+
+    try:
+        check_address(host, port)  # before the model loads
+    except OSError as exc:
+        raise cannot_listen(exc) from None
+    run_dir = find_run(str(run_dir))
+    service = open_service(run_dir, list(overrides), trust_remote_code=trust_remote_code,
+                           announce=lambda line: click.echo(line, err=True), max_batch=max_batch,
+                           max_wait_ms=max_wait_ms, max_request_bytes=max_request_bytes, max_records=max_records)
+    try:
+        server = make_server(service, host, port, verbose=verbose)
+    except OSError as exc:
+        raise cannot_listen(exc) from None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}: anyone who can reach this machine can use the model; there is "
+                   "no authentication (use 127.0.0.1 behind a proxy for that).", err=True)
+    bound_host, bound_port = server.server_address[:2]
+    shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+    click.echo(f"serving {run_dir} ({service.task.name}) on http://{shown}:{bound_port} (Ctrl-C stops)", err=True)
+    serve_forever(server, service, announce=lambda line: click.echo(line, err=True))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
               help="A labelled file (or folder) in the form the run's data.train takes, e.g. a held-out test set.")
 @click.option("--output", "output_path", type=click.Path(path_type=Path),

@@ -53,6 +53,10 @@ step-0 evaluation is not repeated. ``finetune predict RUN`` (and ``load_run``)::
     records = task.read_predict_input(path)        # --input FILE; --text/stdin use predict_input_columns()
     task.predict(model, processor, records, batch_size, stream)   # under torch.no_grad()
 
+``finetune serve RUN`` loads the run the same way, then answers requests in one worker thread:
+``task.predict`` on the records of several requests at once (``POST /predict``), and, when the task
+implements it, ``task.generate_text`` for one OpenAI-style completion at a time.
+
 ``finetune evaluate RUN --input FILE`` loads the run as ``predict`` does, then scores FILE::
 
     examples = task.read_examples(path, "--input")
@@ -91,6 +95,7 @@ runs.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -420,6 +425,21 @@ class Task:
         ``batch_size`` and ``stream`` are passed by name; ``stream`` is True when results go to a terminal (a
         generation task may print tokens as they come). Prediction settings come from ``self.recipe``
         (which ``finetune predict --set`` can override)."""
+        raise NotImplementedError
+
+    def generate_text(self, model: Any, processor: Any, prompt: str | list[dict[str, str]], *,
+                      max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                      on_text: Callable[[str], bool]) -> dict[str, Any]:
+        """One text generation for ``finetune serve``'s OpenAI-compatible endpoints (``/v1/completions``
+        passes a prompt string, ``/v1/chat/completions`` a list of ``{"role", "content"}`` messages), called
+        in the server's one worker thread under ``torch.inference_mode()``, the model in eval mode. Render
+        the prompt as :meth:`predict` renders a record's (the run's chat template), generate (KV-cached) and
+        call ``on_text(piece)`` with each new piece of decoded text as it is produced, in order (the pieces
+        joined are the whole answer, without the end token); stop generating as soon as ``on_text`` returns
+        True (the server found a stop string, or the client left). ``None`` options mean the recipe's
+        (``temperature = 0``: greedy). Return ``{"finish_reason": "stop" | "length", "prompt_tokens": int,
+        "completion_tokens": int}``. Default: not implemented -- then those endpoints answer 404 for the run
+        and only ``POST /predict`` serves it."""
         raise NotImplementedError
 
     def draw_predictions(self, rows: list[dict[str, Any]], folder: Path) -> list[Path]:

@@ -15,7 +15,8 @@ from typing import Any
 from finetune.contract.task import Task
 
 #: Arguments the core passes by name (the others by position, so their names are free).
-KEYWORD_ARGUMENTS = {"build_dataset": ("training",), "predict": ("batch_size", "stream")}
+KEYWORD_ARGUMENTS = {"build_dataset": ("training",), "predict": ("batch_size", "stream"),
+                     "generate_text": ("max_tokens", "temperature", "top_p", "on_text")}
 
 
 def signature_mismatch(method: Any, contract: Any) -> str | None:

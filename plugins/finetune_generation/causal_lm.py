@@ -488,6 +488,25 @@ class CausalLM(Task):
         name = Path(str(self.recipe.output.dir)).name or "model"
         return export_gguf(model, processor, folder, options.get("quantize"), options.get("batch"), name)
 
+    def generate_text(self, model: Any, processor: Any, prompt: str | list[dict[str, str]], *,
+                      max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                      on_text: Any) -> dict[str, Any]:
+        """``finetune serve``'s OpenAI-compatible endpoints: a prompt rendered as :meth:`predict` renders one
+        (a string as the run's prompt column, messages through the chat template), streamed piece by piece."""
+        from finetune_generation.generate import generate_streaming, generation_kwargs
+
+        update = {k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None}
+        opts = self.recipe.task.model_copy(update=update) if update else self.recipe.task
+        encoder = self._encoder(processor)
+        if isinstance(prompt, list):
+            example = Example(where="request", messages=prompt)
+        else:
+            example = self._record_example({self.predict_input_columns()[0]: prompt})
+        ids = encoder.prompt_ids(example)
+        kwargs = generation_kwargs(opts, encoder.stop_ids, processor.pad_token_id, max_new_tokens=max_tokens)
+        out = generate_streaming(model, processor, ids, kwargs, on_text, seed=opts.seed)
+        return {"finish_reason": out.finish_reason, "prompt_tokens": len(ids), "completion_tokens": out.new_tokens}
+
     def usage_snippet(self, base: str) -> str:
         return (
             "from peft import PeftModel\n"

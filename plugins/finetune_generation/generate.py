@@ -81,3 +81,66 @@ def _Streamer(tokenizer: Any, stream: TextIO) -> Any:  # noqa: N802 - a factory;
 def default_stream() -> TextIO:
     """Streamed text goes to stderr: stdout stays the machine-readable JSON lines."""
     return sys.stderr
+
+
+def generate_streaming(model: Any, tokenizer: Any, prompt: list[int], kwargs: dict[str, Any],
+                       on_text: Any, seed: int | None = None) -> Generated:
+    """Generate one continuation of ``prompt`` (token ids), KV-cached, calling ``on_text(piece)`` with each
+    new piece of decoded text (held back while it ends inside a multi-byte character); generation stops
+    at an end token, at ``max_new_tokens``, or as soon as ``on_text`` returns True (then the finish reason
+    is "stop"). The pieces joined equal the returned text."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    stop_ids = set(kwargs["eos_token_id"])
+    state = {"tokens": [], "sent": "", "ended": False, "halted": False}
+
+    def push(final: bool = False) -> None:
+        text = tokenizer.decode(state["tokens"], skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return
+        piece = text[len(state["sent"]):] if text.startswith(state["sent"]) else ""
+        if piece:
+            state["sent"] = text
+            if on_text(piece):
+                state["halted"] = True
+
+    class Pieces(BaseStreamer):
+        prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if not self.prompt_seen:  # the first call carries the prompt
+                self.prompt_seen = True
+                return
+            if state["ended"] or state["halted"]:
+                return
+            for token in value.reshape(-1).tolist():
+                if token in stop_ids:
+                    state["ended"] = True
+                    return
+                state["tokens"].append(token)
+            push()
+
+        def end(self) -> None:
+            if not state["halted"]:
+                push(final=True)
+
+    class Halt(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+            return torch.full((input_ids.shape[0],), state["halted"], dtype=torch.bool, device=input_ids.device)
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    if seed is not None:
+        torch.manual_seed(seed)
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    try:
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=Pieces(),
+                       stopping_criteria=StoppingCriteriaList([Halt()]), **kwargs)
+    finally:
+        model.train(was_training)
+    new = len(state["tokens"])
+    reason = "stop" if state["ended"] or state["halted"] else "length"
+    return Generated(text=state["sent"], finish_reason=reason, new_tokens=new + (1 if state["ended"] else 0))
