@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from finetune.contract.recipe import PROMPT_METHODS
 from finetune.contract.task import ExportGraph, Task
 from finetune.engine.plugins import get_registry
 from finetune.engine.run_folder import RunDir, missing_run_folder
@@ -78,7 +79,9 @@ def export_run(run_path: str | Path, fmt: str, out: Path | None = None, *, quant
     if fmt != "onnx" and tolerance != ONNX_TOLERANCE:
         raise RecipeError("export: --tolerance bounds the ONNX check; it does not apply to --format " + fmt + ".")
     if run.recipe_file.exists():
-        check_format(str(run.resolved_recipe().get("task", {}).get("name")), fmt)
+        recipe = run.resolved_recipe()
+        check_format(str(recipe.get("task", {}).get("name")), fmt)
+        check_mergeable(str(recipe.get("peft", {}).get("method", "lora")))
     started = time.perf_counter()
     task, model, processor, run = load_run(run.path, trust_remote_code=trust_remote_code)
     check_format(task.name, fmt)
@@ -111,6 +114,17 @@ def export_run(run_path: str | Path, fmt: str, out: Path | None = None, *, quant
         shutil.rmtree(tmp, ignore_errors=True)
     report["folder"] = str(out)
     return report
+
+
+def check_mergeable(method: str) -> None:
+    """Every format is the merged model: prompt and prefix tuning leave nothing to merge (refused before
+    anything loads)."""
+    if method in PROMPT_METHODS:
+        raise RecipeError(f"export: the run was trained with peft.method = \"{method}\": its adapter is trained "
+                          "virtual tokens given to the model with every input, not a change of its weights, so "
+                          "there is no merged model to export. Use the run as it is (finetune predict / serve, or "
+                          "PeftModel.from_pretrained), or train with peft.method = \"lora\", \"dora\" or "
+                          "\"ia3\".")
 
 
 def merged_model(model: Any) -> Any:

@@ -248,6 +248,15 @@ def test_merge_refuses_prompt_and_prefix_tuning(trained, method, tmp_path):
     assert not (tmp_path / "merged").exists()
 
 
+@pytest.mark.parametrize("fmt", ["gguf", "safetensors"])
+def test_export_refuses_prompt_tuning_before_loading(trained, fmt, tmp_path):
+    run, *_ = trained("prompt-tuning")
+    result = cli_in_process("export", str(run.path), "--format", fmt, "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert 'peft.method = "prompt-tuning"' in result.output and "no merged model" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompt_tuning_run_predicts(trained, tmp_path):
     run, *_ = trained("prompt-tuning")
     inp = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "add 1 and 2"}])
