@@ -79,6 +79,9 @@ def cli(debug: bool) -> None:
     finetune evaluate RUN_DIR --input FILE   score a trained run on labelled data
     finetune runs [DIR]              the run folders under DIR (default runs/)
     finetune sweep recipe.toml       hyperparameter search (Optuna)
+    finetune report RUN [RUN...]     rebuild a run's report.html, or compare runs
+    finetune serve RUN_DIR           answer HTTP + JSON requests with a trained run
+    finetune export RUN_DIR --format onnx|gguf|safetensors   a merged, checked model
     finetune tasks / plugins         what is installed
     """
 
