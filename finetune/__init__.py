@@ -32,6 +32,7 @@ from finetune.contract.tables import load_table, read_jsonl, require_columns, sp
 from finetune.contract.task import DataSplits, ExportGraph, Task, missing_input_column
 from finetune.engine.datasets_source import DatasetSource, DatasetSplit, open_dataset
 from finetune.engine.plugins import reward_functions
+from finetune.engine.quantize import quantization_kwargs
 from finetune.engine.run_folder import RunDir
 from finetune.errors import BackboneError, DataError, ExportError, FinetuneError, PluginError, RecipeError, did_you_mean
 from finetune.run.inference import load_run
@@ -84,6 +85,7 @@ __all__ = [
     "open_dataset",
     "package_dir",
     "parse_labels",
+    "quantization_kwargs",
     "read_jsonl",
     "require_columns",
     "resolve_layers",

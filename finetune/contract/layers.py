@@ -41,13 +41,18 @@ ATTENTION_PROJECTIONS: tuple[tuple[str, ...], ...] = (
     ("query_key_value",), ("c_attn",), ("Wqkv",))
 
 
+#: Module class names that count as linear layers: torch's, GPT-2's Conv1D, bitsandbytes' quantized ones
+#: (model.quantize).
+LINEAR_TYPES = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
+
+
 def attention_projections(model: Any, families: tuple[tuple[str, ...], ...] = ATTENTION_PROJECTIONS) -> list[str]:
     """The attention query/value projection names of ``model`` for ``Task.lora_targets`` (LoRA's usual
     default placement): the first of ``families`` whose names all name linear layers of the model (e.g.
     ``["query", "value"]`` for BERT, ``["q_proj", "v_proj"]`` for Llama). A model with none of them is a
     :class:`RecipeError` on ``peft.target_modules`` that lists the model's linear layers to choose from."""
     leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-              if type(module).__name__ in ("Linear", "Conv1D")}
+              if type(module).__name__ in LINEAR_TYPES}
     for names in families:
         if all(n in leaves for n in names):
             return list(names)

@@ -59,6 +59,18 @@ class ModelSection(Section):
     allow_pickled_weights: bool = Field(
         False, description="Allow a Hub backbone whose only weights are pickled (pytorch_model.bin); they load "
         "with torch.load(weights_only=True). Off: such a repo is refused.")
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the frozen base quantized through bitsandbytes and train an adapter on it "
+        "(QLoRA): '4bit' (quant_type, double quantization, computing in the run's precision) or '8bit' "
+        "(LLM.int8, CUDA only); 'none': full precision. Needs bitsandbytes (the 'qlora' extra) and a CUDA GPU, or "
+        "for '4bit' bitsandbytes' CPU backend; causal-lm, its preference / GRPO / reward-model tasks. Merge and "
+        "export load the full-precision base.")
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type (model.quantize = '4bit'): 'nf4' (NormalFloat, QLoRA's choice for "
+        "normally distributed weights) or 'fp4'.")
+    double_quant: bool = Field(
+        True, description="Quantize the 4-bit quantization constants too (model.quantize = '4bit'; about 0.4 "
+        "bits per weight less).")
     start_from: PathStr | None = Field(
         None, description="Continue from a finished run: its run folder (or its adapter/ folder). Its LoRA adapter "
         "is this run's starting point (e.g. preference tuning or GRPO after supervised fine-tuning); the backbone "

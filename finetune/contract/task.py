@@ -181,6 +181,10 @@ class Task:
     #: come from the PEFT model's own forward (which accounts for them) and must not assume one output
     #: position per input token. Off: such a recipe is refused at validate time.
     prompt_learning: ClassVar[bool] = False
+    #: Whether ``model.quantize = "4bit" / "8bit"`` (QLoRA) may train this task: :meth:`load_model` passes
+    #: ``finetune.quantization_kwargs(self.recipe)`` to its transformers ``from_pretrained`` (bitsandbytes
+    #: quantizes the nn.Linear layers). Off: such a recipe is refused at validate time.
+    quantizable: ClassVar[bool] = False
     #: Fill value for evaluation outputs of different widths (see :meth:`evaluation_step`): tensors are
     #: padded with it to the widest batch before :meth:`compute_metrics` sees them.
     eval_pad_value: ClassVar[int | float] = -100

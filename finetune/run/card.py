@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from finetune.engine.quantize import describe_line
+
 #: the card's first sentence, by peft.method
 _WHAT = {"lora": "A LoRA adaptation", "dora": "A DoRA (weight-decomposed LoRA) adaptation",
          "ia3": "An IA3 adaptation (learned scaling vectors)", "prompt-tuning": "A prompt-tuning adaptation",
@@ -27,10 +29,11 @@ def _fmt(value: Any) -> str:
 
 def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, Any], metrics: dict[str, Any],
                       lora: dict[str, Any], plugins: list[dict[str, str]], settings: dict[str, Any] | None = None,
-                      speed: list[str] | None = None) -> str:
+                      speed: list[str] | None = None, quantization: dict[str, Any] | None = None) -> str:
     """Markdown with Hub-style YAML front matter, from the run's facts. ``settings``: the recipe keys the
     Training section shows (the ones set and the ones that matter, :mod:`finetune.run.recipe_view`; default:
-    the whole recipe); ``speed``: the run's speed settings, one sentence each."""
+    the whole recipe); ``speed``: the run's speed settings, one sentence each; ``quantization``: how the frozen
+    base was quantized (run.json's record), if it was."""
     import tomli_w
     import yaml
 
@@ -77,6 +80,7 @@ def render_model_card(*, recipe: dict[str, Any], task: Any, backbone: dict[str, 
               "## Training", "",
               f"- backbone: `{backbone.get('name')}` ({backbone.get('source')})",
               _trained_line(method, recipe.get("peft", {}), lora),
+              *([describe_line(quantization)] if quantization else []),
               f"- trainable parameters: {lora.get('trainable_params'):,} of {lora.get('total_params'):,} "
               f"({100 * lora.get('trainable_params', 0) / max(1, lora.get('total_params', 1)):.2f}%)",
               f"- train examples: {metrics.get('data', {}).get('train_examples')}, eval examples: "

@@ -83,7 +83,9 @@ def export_run(run_path: str | Path, fmt: str, out: Path | None = None, *, quant
         check_format(str(recipe.get("task", {}).get("name")), fmt)
         check_mergeable(str(recipe.get("peft", {}).get("method", "lora")))
     started = time.perf_counter()
-    task, model, processor, run = load_run(run.path, trust_remote_code=trust_remote_code)
+    # A run trained on a quantized base (model.quantize) merges into the full-precision base, never into
+    # the 4-bit weights.
+    task, model, processor, run = load_run(run.path, trust_remote_code=trust_remote_code, full_precision=True)
     check_format(task.name, fmt)
     batch = example_batch(task, processor, input_path, rows, say)
     merged = merged_model(model)
@@ -101,7 +103,8 @@ def export_run(run_path: str | Path, fmt: str, out: Path | None = None, *, quant
         report = {"format": fmt, "task": task.name, "run": str(run.path),
                   "backbone": backbone.get("upstream_id") or backbone.get("name"),
                   "backbone_source": backbone.get("source"), "peft_method": task.recipe.peft.method,
-                  "merged": merged is not model, "check_rows": None if batch is None else batch_size(batch),
+                  "merged": merged is not model, "trained_on_quantized_base": info.get("quantization"),
+                  "check_rows": None if batch is None else batch_size(batch),
                   **report, "seconds": round(time.perf_counter() - started, 1)}
         report["files"] = sorted(p.name for p in tmp.iterdir()) + [EXPORT_FILE, "README.md"]
         (tmp / EXPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -11,6 +11,7 @@ from finetune.contract.recipe import is_adapter_method
 from finetune.contract.task import Task
 from finetune.engine.backbones import resolve_backbone
 from finetune.engine.plugins import get_registry
+from finetune.engine.quantize import check_quantization
 from finetune.engine.recipe_file import apply_overrides, validate_recipe
 from finetune.engine.run_folder import RunDir, missing_run_folder
 from finetune.errors import RecipeError, RunError
@@ -18,7 +19,8 @@ from finetune.run.adapter import TASK_STATE_FILE, TRAINED_WEIGHTS_FILE, load_tra
 
 
 def load_run(run_path: str | Path, overrides: list[str] | None = None, *, trust_remote_code: bool = False,
-             announce: Callable[[str], None] | None = None) -> tuple[Task, Any, Any, RunDir]:
+             announce: Callable[[str], None] | None = None,
+             full_precision: bool = False) -> tuple[Task, Any, Any, RunDir]:
     """``(task, model, processor, run)`` from a run folder's best adapter, ready for ``task.predict``.
 
     The task is built from the run's resolved recipe, its ``state`` restored from
@@ -31,7 +33,11 @@ def load_run(run_path: str | Path, overrides: list[str] | None = None, *, trust_
     on remote code by itself: when the run's backbone needs its own modelling code, the caller's
     ``trust_remote_code=True`` (the user's ``--trust-remote-code``) or the user's own override
     ``model.trust_remote_code=true`` is required. The backbone is the run's pinned revision (downloaded
-    when online and not cached); ``announce`` hears about a download first."""
+    when online and not cached); ``announce`` hears about a download first.
+
+    A run trained on a quantized base (``model.quantize``) loads it quantized again, as it trained (bitsandbytes
+    is checked first); ``full_precision=True`` loads the full-precision base instead, the one to merge the
+    adapter into (merging into 4-bit weights would round the update away)."""
     from peft import PeftModel
 
     run = RunDir(run_path)
@@ -54,7 +60,10 @@ def load_run(run_path: str | Path, overrides: list[str] | None = None, *, trust_
             f"{run.path}: this run was trained with model.trust_remote_code = true: its backbone "
             f"{recipe.model.backbone!r} runs its own modelling code on this machine when it loads. A run folder "
             "does not turn that on by itself; if you trust that code, pass --trust-remote-code.")
+    if full_precision:
+        recipe.model.quantize, recipe.model.quant_type, recipe.model.double_quant = "none", "nf4", True
     task = registry.create_task(recipe)
+    check_quantization(recipe, task)
     saved = json.loads((run.adapter_dir / TASK_STATE_FILE).read_text())
     task.state = saved.get("state", {})
     backbone = resolve_backbone(recipe.model.backbone, recipe.model.trust_remote_code, registry=registry,

@@ -19,6 +19,7 @@ from finetune.engine.backbones import resolve_backbone
 from finetune.engine.guard import GuardedTask
 from finetune.engine.lora import LoraReport, attach_lora, check_peft, load_start_adapter
 from finetune.engine.plugins import PluginRegistry, get_registry
+from finetune.engine.quantize import check_quantization, prepare_for_training
 from finetune.engine.recipe_file import load_recipe
 from finetune.errors import RecipeError, did_you_mean
 
@@ -75,7 +76,9 @@ def build_model(session: Session) -> tuple[Any, Any, LoraReport]:
     set_seed(session.recipe.train.seed)
     task = session.task
     check_peft(session.recipe, task)
+    check_quantization(session.recipe, task)
     model, processor = task.load_model(session.backbone)
+    model = prepare_for_training(model)  # a quantized base (model.quantize): PEFT's k-bit preparation
     model, report = attach_lora(model, session.recipe.peft, task)
     if session.recipe.model.start_from:
         report.started_from = load_start_adapter(model, session.recipe)

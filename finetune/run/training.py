@@ -15,6 +15,7 @@ from finetune.engine import loop
 from finetune.engine.console import Console
 from finetune.engine.distributed import make_accelerator
 from finetune.engine.guard import GuardedCallback
+from finetune.engine.quantize import describe as describe_quantization
 from finetune.engine.run_folder import RunDir, write_json_atomic, write_text_atomic
 from finetune.engine.stop import Interrupted
 from finetune.errors import FinetuneError, RunError
@@ -99,7 +100,8 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
                         finetune_version=_version(), python=platform.python_version(), data=session.splits.info,
                         trust_remote_code=recipe.model.trust_remote_code,
                         processes=accelerator.num_processes, distributed=recipe.distributed.strategy,
-                        speed_settings=speed, threads=session.threads.to_dict())
+                        speed_settings=speed, threads=session.threads.to_dict(),
+                        quantization=describe_quantization(recipe))
         if not resuming or "data_files" not in run.info():
             run.update_info(data_files=fingerprints)
     console.print(f"run folder: {run.path}" + (f" ({accelerator.num_processes} processes)"
@@ -183,7 +185,8 @@ def _train(session: Session, run: RunDir, fingerprints: dict[str, Any], *, resum
                                                     "modules_to_save": report.modules_to_save,
                                                     "trainable_params": report.trainable_params,
                                                     "total_params": report.total_params},
-                             plugins=plugins, settings=recipe_view(recipe)[0], speed=speed)
+                             plugins=plugins, settings=recipe_view(recipe)[0], speed=speed,
+                             quantization=describe_quantization(recipe))
     write_text_atomic(run.card_file, card)
     run.update_info(status="finished", finished_at=time.time())
     _write_report(run, console)

@@ -28,6 +28,7 @@ from finetune import (
     Task,
     TaskOptions,
     attention_projections,
+    quantization_kwargs,
     missing_input_column,
     open_dataset,
     transformer_layers,
@@ -134,6 +135,7 @@ class CausalLM(Task):
     pipeline_tag = "text-generation"
     library_name = "peft"
     prompt_learning = True  # answer_loss takes the PEFT model's own forward for prompt/prefix tuning
+    quantizable = True  # load_model passes quantization_kwargs (model.quantize) to from_pretrained
     prediction_fields = {"pred_text": "the generated answer",
                          "pred_finish_reason": "why generation stopped: 'stop' (a stop token) or 'length' "
                                                "(task.max_new_tokens)",
@@ -307,7 +309,9 @@ class CausalLM(Task):
         kwargs = {"local_files_only": True, "trust_remote_code": backbone.trust_remote_code}
         tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
         dtype = "auto" if torch.cuda.is_available() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(backbone.path, dtype=dtype, **kwargs)
+        # model.quantize: the frozen base in 4-/8-bit through bitsandbytes (QLoRA); {} when "none"
+        load = {"dtype": dtype, **quantization_kwargs(self.recipe)}
+        model = AutoModelForCausalLM.from_pretrained(backbone.path, **load, **kwargs)
         apply_chat_template_options(tokenizer, self.recipe.task)
         if tokenizer.pad_token is None:
             # Padding is masked out of the loss by position, never by token id, so reusing EOS is safe.

@@ -47,7 +47,10 @@ def merge(run_dir: Path, out: Path, allow_quantized_base: bool, overwrite: bool,
     problem = _dequantized_base(backbone)
     if problem and not allow_quantized_base:
         refuse(problem)  # before loading anything: the run folder says where the base came from
-    task, model, processor, run = load_run(run_dir, trust_remote_code=trust_remote_code)
+    # A run trained on a quantized base (model.quantize, QLoRA) merges into the full-precision base: merging
+    # into the 4-bit / 8-bit weights would round the update away.
+    task, model, processor, run = load_run(run_dir, trust_remote_code=trust_remote_code, full_precision=True)
+    trained_quantized = RunDir(run_dir).info().get("quantization")
     if not hasattr(model, "merge_and_unload"):
         raise RecipeError(f"merge: {run.path} was not trained with an adapter (peft.method = "
                           f"{task.recipe.peft.method!r}); there is no adapter to merge.")
@@ -68,6 +71,9 @@ def merge(run_dir: Path, out: Path, allow_quantized_base: bool, overwrite: bool,
         f"# Merged model\n\nBase `{backbone.get('upstream_id') or backbone.get('name')}` "
         f"({backbone.get('source', 'unknown source')}) with the {method} adapter of the finetune run "
         f"`{run.path.name}` merged in (merge_and_unload).\n"
+        + (f"\nThe adapter was trained on the base quantized ({trained_quantized.get('quantize')}, "
+           f"{trained_quantized.get('quant_type', 'LLM.int8')}, bitsandbytes; QLoRA) and is merged here into the "
+           "full-precision base weights, not the quantized ones.\n" if trained_quantized else "")
         + (f"\nNote: {problem}\n" if problem else ""))
     if out.exists():
         shutil.rmtree(out)

@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import Field
 
-from finetune import DataError, DataSplits, RecipeError, Task, attention_projections
+from finetune import DataError, DataSplits, RecipeError, Task, attention_projections, quantization_kwargs
 from finetune_generation.causal_lm import (
     TemplateOptions,
     apply_chat_template_options,
@@ -152,6 +152,7 @@ class RewardModel(Task):
     metric_names = ("accuracy", "margin", "chosen_score", "rejected_score")
     pipeline_tag = "text-classification"
     library_name = "peft"
+    quantizable = True  # load_model passes quantization_kwargs (model.quantize) to from_pretrained
     prediction_fields = {"pred_score": "the reward model's score of the prompt + completion (higher is better)"}
 
     def __init__(self, recipe: Any) -> None:
@@ -268,8 +269,9 @@ class RewardModel(Task):
             # scores are read at positions from the attention mask, never by token id: reusing EOS is safe
             tokenizer.pad_token = tokenizer.eos_token
         dtype = "auto" if torch.cuda.is_available() else torch.float32
+        load = {"dtype": dtype, **quantization_kwargs(self.recipe)}  # model.quantize (QLoRA); {} when "none"
         model = _quietly(lambda: AutoModelForSequenceClassification.from_pretrained(
-            backbone.path, num_labels=1, dtype=dtype, **kwargs))
+            backbone.path, num_labels=1, **load, **kwargs))
         model.config.pad_token_id = tokenizer.pad_token_id  # batches of more than one row need it set
         self.encoder = None
         self._encoder(tokenizer)  # fail early without an EOS token
