@@ -28,9 +28,9 @@ from finetune import (
     Task,
     TaskOptions,
     attention_projections,
-    quantization_kwargs,
     missing_input_column,
     open_dataset,
+    quantization_kwargs,
     transformer_layers,
 )
 from finetune_generation.data import (
