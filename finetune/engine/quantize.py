@@ -124,6 +124,12 @@ def quantization_kwargs(recipe: Any) -> dict[str, Any]:
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
     device: Any = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        import logging
+
+        # Its CPU backend warns at import that an optional Hub kernel ("kernels" package, downloaded) is missing;
+        # the built-in CPU kernels run instead (what the measurements in docs/adapters.md used).
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # The layers bitsandbytes leaves alone (embeddings, norms, the head) stay in fp32 for stable training.
     return {"quantization_config": config, "device_map": {"": device}, "dtype": torch.float32}
 
@@ -151,7 +157,8 @@ def keep_training_layout(model: Any) -> int:
     On a CPU with AVX512-BF16, bitsandbytes (0.50.2) repacks a ``Linear4bit``'s weights into a CPU inference
     layout at its first forward in eval mode and never packs them back: after the evaluation before training,
     every training step then computed the same loss (the adapter stopped learning; measured on a tiny Llama).
-    Training evaluates between steps, so the repacking stays off (evaluation uses the training layout)."""
+    Training evaluates between steps, so the repacking stays off (evaluation uses the training layout); a run
+    loaded for prediction too (the repacking also fails on layers narrower than its 64-weight blocks)."""
     count = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):

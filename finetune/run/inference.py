@@ -11,7 +11,7 @@ from finetune.contract.recipe import is_adapter_method
 from finetune.contract.task import Task
 from finetune.engine.backbones import resolve_backbone
 from finetune.engine.plugins import get_registry
-from finetune.engine.quantize import check_quantization
+from finetune.engine.quantize import check_quantization, keep_training_layout
 from finetune.engine.recipe_file import apply_overrides, validate_recipe
 from finetune.engine.run_folder import RunDir, missing_run_folder
 from finetune.errors import RecipeError, RunError
@@ -70,6 +70,7 @@ def load_run(run_path: str | Path, overrides: list[str] | None = None, *, trust_
                                 revision=recipe.model.revision, allow_pickled=recipe.model.allow_pickled_weights,
                                 announce=announce)
     model, processor = task.load_model(backbone)
+    keep_training_layout(model)  # a 4-bit base: bitsandbytes' CPU repacking fails on small layers
     if is_adapter_method(recipe.peft.method):
         model = PeftModel.from_pretrained(model, str(run.adapter_dir))
     else:
