@@ -168,6 +168,11 @@ def quiet_libraries() -> None:
     disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    import logging
+
+    # bitsandbytes (model.quantize; peft imports it whenever installed) warns at import that an optional kernel
+    # downloaded from the Hub is missing; its built-in CPU kernels run instead.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if "transformers" in sys.modules and os.environ["TRANSFORMERS_VERBOSITY"] == "error":
         from transformers.utils import logging
 

@@ -124,12 +124,6 @@ def quantization_kwargs(recipe: Any) -> dict[str, Any]:
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
     device: Any = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        import logging
-
-        # Its CPU backend warns at import that an optional Hub kernel ("kernels" package, downloaded) is missing;
-        # the built-in CPU kernels run instead (what the measurements in docs/adapters.md used).
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # The layers bitsandbytes leaves alone (embeddings, norms, the head) stay in fp32 for stable training.
     return {"quantization_config": config, "device_map": {"": device}, "dtype": torch.float32}
 
