@@ -67,8 +67,9 @@ def test_refusals_name_the_key_what_is_needed_and_how_to_run_without(tmp_path, t
     assert "option of model.quantize = \"4bit\"" in refusal(["model.quantize=8bit", "model.double_quant=false"],
                                                             cuda=True, bnb=(0, 50))
     # what passes: 4-bit on this CPU with a new enough bitsandbytes, 8-bit and fp4 on a GPU, "none" anywhere
-    for overrides, machine in ((["model.quantize=4bit"], cpu), (["model.quantize=8bit"], {"cuda": True, "bnb": (0, 43)}),
-                               (["model.quantize=4bit", "model.quant_type=fp4"], cpu), ([], {"cuda": False, "bnb": None})):
+    gpu, bare = {"cuda": True, "bnb": (0, 43)}, {"cuda": False, "bnb": None}
+    for overrides, machine in ((["model.quantize=4bit"], cpu), (["model.quantize=8bit"], gpu),
+                               (["model.quantize=4bit", "model.quant_type=fp4"], cpu), ([], bare)):
         recipe, task = _recipe(tmp_path, tiny_llama, overrides)
         check_quantization(recipe, task, **machine)
 
