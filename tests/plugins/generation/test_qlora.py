@@ -1,6 +1,8 @@
-"""``model.quantize`` (QLoRA): the recipe keys and their refusals (before a run folder exists), a few steps on a
-4-bit NF4 base on this CPU through bitsandbytes' CPU backend, and merge / export into the full-precision base
-(never into the 4-bit weights)."""
+"""``model.quantize`` (QLoRA): the recipe keys and their refusals (before a run folder exists); merge / export of a
+run recorded as trained on a quantized base load the full-precision base (no bitsandbytes needed); and, where
+bitsandbytes is installed, the real path on this CPU (its CPU backend, which recipes may not use: not worth it,
+docs/adapters.md; turned on here with ``CPU_4BIT_USEFUL``): a few steps on a 4-bit NF4 base, merged into the
+full-precision base, never into the 4-bit weights."""
 
 from __future__ import annotations
 
@@ -12,13 +14,23 @@ import pytest
 import torch
 from generation_fixtures import make_qa_rows, write_jsonl
 
+from finetune.engine import quantize
 from finetune.engine.quantize import CPU_4BIT_SINCE, _bnb_version, check_quantization, keep_training_layout
 from finetune.errors import RecipeError
 
 BNB = _bnb_version()
 CPU_PATH = BNB is not None and (torch.cuda.is_available() or BNB >= CPU_4BIT_SINCE)
-needs_bnb = pytest.mark.skipif(not CPU_PATH, reason="bitsandbytes >= 0.48 (its CPU backend) or a CUDA GPU is needed "
-                               "for a quantized base: pip install 'finetune[qlora]'")
+SKIP = ("bitsandbytes >= 0.48 is not installed (the qlora extra, not in dev: a recipe may not use its CPU backend), "
+        "so a quantized base cannot load here; pip install 'finetune[qlora]' to run these")
+needs_bnb = pytest.mark.skipif(not CPU_PATH, reason=SKIP)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_4bit_allowed():
+    """The real path on this CPU: bitsandbytes' CPU backend, which recipes may not use (not worth it here)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize, "CPU_4BIT_USEFUL", True)
+        yield
 
 
 def _recipe_file(folder: Path, backbone: Path, **model: object) -> Path:
@@ -55,11 +67,18 @@ def test_refusals_name_the_key_what_is_needed_and_how_to_run_without(tmp_path, t
         return str(info.value)
 
     cpu = {"cuda": False, "bnb": (0, 50)}
-    text = refusal(["model.quantize=4bit"], cuda=False, bnb=None)
+    text = refusal(["model.quantize=4bit"], cuda=True, bnb=None)
     assert "bitsandbytes, which is not installed" in text and "finetune[qlora]" in text
     assert 'model.quantize = "none"' in text
     assert "needs a CUDA GPU" in refusal(["model.quantize=8bit"], **cpu)
     assert "bitsandbytes >= 0.48" in refusal(["model.quantize=4bit"], cuda=False, bnb=(0, 45))
+    quantize.CPU_4BIT_USEFUL = False  # as recipes see it (the module fixture puts it back)
+    try:
+        text = refusal(["model.quantize=4bit"], **cpu)
+        assert "needs a CUDA GPU" in text and "saved no memory" in text and 'model.quantize = "none"' in text
+        assert "needs a CUDA GPU" in refusal(["model.quantize=4bit"], cuda=False, bnb=None)
+    finally:
+        quantize.CPU_4BIT_USEFUL = True
     assert 'peft.method = "full"' in refusal(["model.quantize=4bit", "peft.method=full"], **cpu)
     assert 'peft.init = "pissa"' in refusal(["model.quantize=4bit", "peft.init=pissa"], **cpu)
     assert "fsdp" in refusal(["model.quantize=4bit", "distributed.strategy=fsdp"], **cpu)
@@ -194,3 +213,57 @@ def test_bitsandbytes_cpu_eval_repacking_is_turned_off(tiny_llama):
                                                  device_map={"": "cpu"}, dtype=torch.float32)
     keep_training_layout(model)
     assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
+
+
+# -- the choice of the full-precision base, without bitsandbytes ----------------------------------------------------
+@pytest.fixture(scope="module")
+def recorded_quantized_run(tmp_path_factory, tiny_llama) -> Path:
+    """A finished full-precision run whose recipe and run.json then say it trained on a 4-bit base (what a
+    QLoRA run on a GPU leaves): merge and export must not need bitsandbytes or a GPU for it."""
+    import tomllib
+
+    import tomli_w
+
+    from finetune.engine.console import Console
+    from finetune.run.training import run_recipe
+
+    folder = tmp_path_factory.mktemp("recorded")
+    run = run_recipe(_recipe_file(folder, tiny_llama), ["train.epochs=1"], console=Console(enabled=False)).path
+    recipe = tomllib.loads((run / "recipe.toml").read_text())
+    recipe["model"]["quantize"] = "4bit"
+    (run / "recipe.toml").write_text(tomli_w.dumps(recipe))
+    info = json.loads((run / "run.json").read_text())
+    info["quantization"] = {"quantize": "4bit", "quant_type": "nf4", "double_quant": True}
+    (run / "run.json").write_text(json.dumps(info))
+    return run
+
+
+def test_merge_and_export_of_a_quantized_run_load_the_full_precision_base(recorded_quantized_run, tiny_llama,
+                                                                          tmp_path):
+    from click.testing import CliRunner
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune.cli import cli
+    from finetune.run.export import export_run
+    from finetune.run.inference import load_run
+
+    run = recorded_quantized_run
+    if not CPU_PATH:  # as it trained: the 4-bit base, which needs bitsandbytes (a clear error, not a traceback)
+        with pytest.raises(RecipeError, match="bitsandbytes"):
+            load_run(run)
+    _, full, _, _ = load_run(run, full_precision=True)
+    assert not any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in full.modules())
+    result = CliRunner().invoke(cli, ["merge", str(run), str(tmp_path / "merged")], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert "merged here into the full-precision base" in (tmp_path / "merged" / "README.md").read_text()
+    report = export_run(run, "safetensors", tmp_path / "export", say=lambda _: None)
+    assert report["trained_on_quantized_base"]["quant_type"] == "nf4"
+    want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32),
+                                     str(run / "adapter")).eval()
+    ids = _ids(tiny_llama)
+    with torch.no_grad():
+        expected = want(input_ids=ids).logits
+        for folder in (tmp_path / "merged", tmp_path / "export"):
+            merged = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+            assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5), folder
