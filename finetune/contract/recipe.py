@@ -62,9 +62,9 @@ class ModelSection(Section):
     quantize: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Load the frozen base quantized through bitsandbytes and train an adapter on it "
         "(QLoRA): '4bit' (quant_type, double quantization, computing in the run's precision) or '8bit' "
-        "(LLM.int8, CUDA only); 'none': full precision. Needs bitsandbytes (the 'qlora' extra) and a CUDA GPU, or "
-        "for '4bit' bitsandbytes' CPU backend; causal-lm, its preference / GRPO / reward-model tasks. Merge and "
-        "export load the full-precision base.")
+        "(LLM.int8); 'none': full precision. Needs a CUDA GPU and bitsandbytes (the 'qlora' extra; refused on a CPU, "
+        "where it was measured not to save memory, docs/adapters.md); causal-lm, its preference / GRPO / "
+        "reward-model tasks. Merge and export load the full-precision base.")
     quant_type: Literal["nf4", "fp4"] = Field(
         "nf4", description="4-bit data type (model.quantize = '4bit'): 'nf4' (NormalFloat, QLoRA's choice for "
         "normally distributed weights) or 'fp4'.")
