@@ -54,7 +54,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        definition = backend.to_str()
+        state = json.loads(backend.to_str())
+        for setting in ("truncation", "padding"):  # the last call's settings, not the tokenizer's definition
+            state.pop(setting, None)
+        definition = json.dumps(state, sort_keys=True)
     else:
         init = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items() if k != "name_or_path"}
         definition = json.dumps([sorted(tokenizer.get_vocab().items()), init], default=str, sort_keys=True)
