@@ -48,12 +48,25 @@ def frame_fingerprint(frame: Any, columns: Sequence[str]) -> str:
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     """What decides a transformers tokenizer's output: its class, name or path, vocabulary size and a hash of
-    its full definition (the fast tokenizer's JSON: vocabulary, normaliser, pre-tokeniser, post-processor;
-    for a slow one its vocabulary and init arguments), plus the transformers / tokenizers versions."""
+    its definition: the tokenizer files of the folder it was loaded from (tokenizer.json, vocab.txt,
+    tokenizer_config.json, ...) and its added tokens; else the fast tokenizer's JSON (vocabulary, normaliser,
+    pre-tokeniser, post-processor) or a slow one's vocabulary and init arguments. Plus the transformers /
+    tokenizers versions."""
     import transformers
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
+    folder = Path(str(getattr(tokenizer, "name_or_path", "")))
+    files = sorted(p for p in folder.glob("*") if p.is_file() and p.suffix in (".json", ".txt", ".model", ".merges")
+                   and not p.name.startswith("config")) if folder.is_dir() else []
+    if any(p.name.startswith(("tokenizer", "vocab", "spiece", "sentencepiece", "merges")) for p in files):
+        # Loaded from a folder: its tokenizer files decide (fast: no serialising the vocabulary), plus what
+        # code may have added since (added tokens).
+        digest = hashlib.sha256()
+        for p in files:
+            digest.update(p.name.encode() + b"\0" + p.read_bytes())
+        digest.update(json.dumps(sorted(tokenizer.get_added_vocab().items())).encode())
+        definition = "files:" + digest.hexdigest()
+    elif backend is not None:
         state = json.loads(backend.to_str())
         for setting in ("truncation", "padding"):  # the last call's settings, not the tokenizer's definition
             state.pop(setting, None)

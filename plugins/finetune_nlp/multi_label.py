@@ -220,6 +220,7 @@ class MultiLabelClassification(EncoderClassifier):
         from sklearn.linear_model import LogisticRegression
         from sklearn.multiclass import OneVsRestClassifier
 
+        splits = self.baseline_splits(splits)
         labels, column = self.state["labels"], self.recipe.data.label_column
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
         x_train = vectorizer.fit_transform(self.baseline_texts(splits.train))

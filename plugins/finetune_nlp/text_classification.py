@@ -215,6 +215,7 @@ class TextClassification(EncoderClassifier):
         from sklearn.metrics import accuracy_score, f1_score
         from sklearn.pipeline import make_pipeline
 
+        splits = self.baseline_splits(splits)
         data = self.recipe.data
         texts = self.baseline_texts
         clf = make_pipeline(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True),

@@ -149,6 +149,7 @@ class TextRegression(EncoderClassifier):
         from sklearn.linear_model import Ridge
         from sklearn.pipeline import make_pipeline
 
+        splits = self.baseline_splits(splits)
         column = self.recipe.data.target_column
         model = make_pipeline(TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True),
                               Ridge(alpha=1.0))

@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import make_sentiment_rows, write_csv
 
 
@@ -144,7 +143,8 @@ def test_concurrent_writers_do_not_corrupt_the_entry(token_cache):
     def chunks():
         barrier.wait(timeout=30)  # all writers build at the same time
         for start in range(0, len(rows), 500):
-            yield {"input_ids": rows[start:start + 500], "attention_mask": [[1] * len(r) for r in rows[start:start + 500]]}
+            part = rows[start:start + 500]
+            yield {"input_ids": part, "attention_mask": [[1] * len(r) for r in part]}
 
     results, errors = [], []
 
