@@ -253,7 +253,7 @@ def _read(path: Path, key: str, rows: int) -> TokenColumns:
     if found != key:
         raise ValueError(f"it holds another key ({found or 'none'})")
     columns = _columns(reader.get_batch(i) for i in range(reader.num_record_batches))
-    for name, column in columns.items():
+    for column in columns.values():
         _check_rows(len(column), rows)
     if not columns:
         raise ValueError("it holds no field")
