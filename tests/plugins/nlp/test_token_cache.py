@@ -281,3 +281,16 @@ def test_results_are_the_same_with_and_without_the_cache(runs):
 
 def train_texts_tokenized(runs, name: str) -> bool:
     return bool(runs["train_texts"] & set(runs["texts"][name]))
+
+
+def test_the_baseline_fits_on_a_sample_of_a_big_table(make_recipe, monkeypatch, capsys):
+    import finetune_nlp.text_shared as shared
+
+    task, splits, _ = session_task(make_recipe())
+    monkeypatch.setattr(shared, "BASELINE_MAX_ROWS", 30)
+    sampled = task.baseline_splits(splits)
+    assert len(sampled.train) == 30 and len(sampled.eval) == 30 and len(splits.train) == 120
+    assert set(sampled.train.index) <= set(splits.train.index)
+    assert "sample of 30 of the 120 train rows" in capsys.readouterr().err
+    result = task.baseline(splits)
+    assert 0.0 <= result["accuracy"] <= 1.0
