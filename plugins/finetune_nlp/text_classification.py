@@ -163,9 +163,14 @@ class TextClassification(EncoderClassifier):
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
         data = self.recipe.data
-        label_ids = {label: i for i, label in enumerate(self.state["labels"])}
+        import pandas as pd
+
         enc = self.encode(examples, processor)
-        labels = [label_ids[v] for v in examples[data.label_column]]
+        codes = pd.Categorical(examples[data.label_column], categories=self.state["labels"]).codes  # vectorised
+        if (codes < 0).any():  # a label unseen in training (checked earlier): say which, as before
+            label_ids = {label: i for i, label in enumerate(self.state["labels"])}
+            codes = [label_ids[v] for v in examples[data.label_column]]
+        labels = [int(c) for c in codes] if isinstance(codes, list) else codes.tolist()
         return EncodedDataset(enc, labels, self.example_ids(len(labels), training))
 
     # -- evaluation ----------------------------------------------------

@@ -116,7 +116,7 @@ class TextRegression(EncoderClassifier):
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
         targets = (examples[self.recipe.data.target_column] - self.state["center"]) / self.state["scale"]
         enc = self.encode(examples, processor)
-        return EncodedDataset(enc, [float(v) for v in targets], self.example_ids(len(targets), training))
+        return EncodedDataset(enc, targets.astype(float).tolist(), self.example_ids(len(targets), training))
 
     # -- model ---------------------------------------------------------
     def head_config(self) -> dict[str, Any]:
