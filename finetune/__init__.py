@@ -12,6 +12,7 @@ end and what it leaves: adapter, card, hub, inference); ``cli/`` and ``testing``
 
 from finetune.contract.backbone import ResolvedBackbone, cache_root, cached_folder, package_dir, upstream_id_of
 from finetune.contract.batching import epoch_batches, length_grouped_batches
+from finetune.contract.cache import TokenColumns, cached_encode, frame_fingerprint, tokenizer_fingerprint
 from finetune.contract.callbacks import Callback, LoopState
 from finetune.contract.hookspecs import HOOK_VERSION as FINETUNE_HOOK_VERSION
 from finetune.contract.hookspecs import hookimpl
@@ -65,13 +66,16 @@ __all__ = [
     "RunDir",
     "TableInfo",
     "Task",
+    "TokenColumns",
     "TaskOptions",
     "attention_projections",
     "average_precisions",
     "cache_root",
+    "cached_encode",
     "cached_folder",
     "did_you_mean",
     "epoch_batches",
+    "frame_fingerprint",
     "hookimpl",
     "is_adapter_method",
     "label_text",
@@ -92,6 +96,7 @@ __all__ = [
     "reward_functions",
     "sorted_labels",
     "split_frame",
+    "tokenizer_fingerprint",
     "transformer_layers",
     "tune_thresholds",
     "upstream_id_of",

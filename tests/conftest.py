@@ -12,6 +12,14 @@ import pytest
 from generation_fixtures import make_gen_recipe, qa_jsonl, tiny_gpt2, tiny_llama  # noqa: F401 - generation plugin fixtures
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Token arrays cached by the tests (finetune.cached_encode) go to a folder of this test session, not ~/.cache.
+if "FINETUNE_TOKEN_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FINETUNE_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="finetune-test-tokens-")
+    atexit.register(shutil.rmtree, os.environ["FINETUNE_TOKEN_CACHE"], True)
 
 REPO = Path(__file__).resolve().parents[1]
 POSITIVE = ["good", "great", "nice", "happy", "love", "fine", "super", "best"]

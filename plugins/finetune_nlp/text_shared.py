@@ -12,6 +12,8 @@ from finetune import DataError, RecipeError, Task, attention_projections, open_d
 from finetune_nlp.prefix_cache import FrozenPrefixCache
 
 HEAD_NAMES = ("classifier", "score", "pre_classifier", "pooler")
+ENCODE_CHUNK_ROWS = 10_000  # rows tokenized at a time: at most one chunk is held as Python lists
+BASELINE_MAX_ROWS = 50_000  # the TF-IDF baselines fit and score on a seeded sample of at most this many rows
 
 
 class EncoderClassifier(Task):
@@ -33,10 +35,25 @@ class EncoderClassifier(Task):
         return df
 
     def encode(self, examples: Any, processor: Any) -> Any:
+        """The token arrays of ``examples`` (``{field: per-example token lists}``), tokenized once per (texts,
+        tokenizer, max length) fingerprint and cached on disk (finetune.cached_encode): the next run on the same
+        data, and a resumed run, read them back memory-mapped instead of tokenizing."""
+        from finetune import cached_encode, frame_fingerprint, tokenizer_fingerprint
+
         data = self.recipe.data
-        texts = examples[data.text_column].tolist()
-        pairs = examples[data.text_pair_column].astype(str).tolist() if data.text_pair_column else None
-        return processor(texts, pairs, truncation=True, max_length=data.max_length)
+        columns = [data.text_column] + ([data.text_pair_column] if data.text_pair_column else [])
+        key = {"kind": "finetune_nlp.encoder-texts", "texts": frame_fingerprint(examples, columns),
+               "columns": columns, "tokenizer": tokenizer_fingerprint(processor), "max_length": data.max_length,
+               "truncation": True}
+
+        def chunks():
+            for start in range(0, len(examples), ENCODE_CHUNK_ROWS):
+                part = examples.iloc[start:start + ENCODE_CHUNK_ROWS]
+                texts = part[data.text_column].astype(str).tolist()
+                pairs = part[data.text_pair_column].astype(str).tolist() if data.text_pair_column else None
+                yield dict(processor(texts, pairs, truncation=True, max_length=data.max_length))
+
+        return cached_encode(key, len(examples), chunks)
 
     def example_ids(self, n: int, training: bool) -> list[int] | None:
         """Ids for the frozen-layer cache (None when it is off): 0..n-1 for training; each eval dataset (eval,
@@ -57,6 +74,20 @@ class EncoderClassifier(Task):
         return processor(texts, pairs, truncation=True, max_length=data.max_length, padding=True,
                          return_tensors="pt").to(device)
 
+    def baseline_splits(self, splits: Any) -> Any:
+        """``splits`` with train and eval cut to a seeded sample of ``BASELINE_MAX_ROWS`` rows each where they are
+        longer (said on stderr): a TF-IDF baseline on a million rows would take longer than the fine-tuning."""
+        import dataclasses
+
+        cut = {}
+        for name in ("train", "eval"):
+            frame = getattr(splits, name)
+            if len(frame) > BASELINE_MAX_ROWS:
+                cut[name] = frame.sample(n=BASELINE_MAX_ROWS, random_state=self.recipe.train.seed)
+                print(f"note: the baseline uses a sample of {BASELINE_MAX_ROWS:,} of the {len(frame):,} {name} rows "
+                      "(task.baseline = false skips it)", file=sys.stderr)
+        return dataclasses.replace(splits, **cut) if cut else splits
+
     def baseline_texts(self, df: Any) -> list[str]:
         data = self.recipe.data
         if data.text_pair_column:
@@ -64,7 +95,8 @@ class EncoderClassifier(Task):
         return df[data.text_column].tolist()
 
     def example_lengths(self, dataset: Any) -> list[int]:
-        return [len(ids) for ids in dataset.encodings["input_ids"]]
+        ids = dataset.encodings["input_ids"]
+        return ids.lengths() if hasattr(ids, "lengths") else [len(row) for row in ids]
 
     def collate_fn(self, processor: Any):
         from transformers import DataCollatorWithPadding
