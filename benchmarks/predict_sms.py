@@ -9,7 +9,8 @@ Variants (each a fresh process, so wall time includes imports and model load; pe
 alternated A B A B ... in one session):
   finetune      `finetune predict RUN --input sms.csv --output out.jsonl --batch-size 64` with its defaults
                 (adapter merged, length-sorted batches, streamed input and output, bf16 when checked on AMX)
-  finetune-10x  the same on the texts repeated 10 times (55,740 rows): peak RSS against the 1x run
+  finetune-big  the same on the texts repeated --big-factor times (default 10: 55,720 rows): peak RSS
+                against the 1x run
   finetune-fp32-unmerged  `--no-merge --precision fp32` (the batches are still length-sorted)
   plain         PeftModel.from_pretrained on the base, batches of 64 in input order, padded to the longest
                 text of each batch (truncation at 64 tokens), softmax, one JSON line per text
@@ -17,7 +18,7 @@ alternated A B A B ... in one session):
 The agreement of the outputs (same label, largest probability difference) is reported against `plain`.
 
     .venv/bin/python benchmarks/predict_sms.py [--data ../shared/data/sms_spam.tsv] [--run RUN] [--repeats 2]
-        [--variants finetune plain finetune-10x]
+        [--variants finetune plain finetune-big] [--big-factor 10]
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 from common import timed
@@ -89,7 +89,8 @@ def main() -> None:
     parser.add_argument("--run", help="a run folder trained on the SMS data (default: train one here, 1 epoch)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--variants", nargs="+", default=["finetune", "plain", "finetune-10x"])
+    parser.add_argument("--variants", nargs="+", default=["finetune", "plain", "finetune-big"])
+    parser.add_argument("--big-factor", type=int, default=10, help="finetune-big: the texts repeated this often")
     args = parser.parse_args()
     import pandas as pd
 
@@ -100,22 +101,24 @@ def main() -> None:
         labels = json.loads((run / "adapter" / "finetune_task.json").read_text())["state"]["labels"]
         texts = pd.read_csv(args.data, sep="\t")[["msg"]]
         texts.to_csv(folder / "sms.csv", index=False)
-        pd.concat([texts] * 10).to_csv(folder / "sms10.csv", index=False)
+        pd.concat([texts] * args.big_factor).to_csv(folder / "sms-big.csv", index=False)
         (folder / "plain.py").write_text(PLAIN_SCRIPT)
         load = os.getloadavg()
-        print(f"{len(texts)} texts, batch {args.batch_size}, run {run}; load average at start "
+        print(f"{len(texts)} texts (finetune-big: {len(texts) * args.big_factor}), batch {args.batch_size}, "
+              f"run {run}; load average at start "
               f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
         cmds = {
             "finetune": [python, "-m", "finetune.cli", "predict", str(run), "--input", str(folder / "sms.csv"),
                          "--output", str(folder / "finetune.jsonl"), "--batch-size", str(args.batch_size)],
-            "finetune-10x": [python, "-m", "finetune.cli", "predict", str(run), "--input",
-                             str(folder / "sms10.csv"), "--output", str(folder / "finetune-10x.jsonl"),
+            "finetune-big": [python, "-m", "finetune.cli", "predict", str(run), "--input",
+                             str(folder / "sms-big.csv"), "--output", str(folder / "finetune-big.jsonl"),
                              "--batch-size", str(args.batch_size)],
             "finetune-fp32-unmerged": [python, "-m", "finetune.cli", "predict", str(run), "--input",
-                                       str(folder / "sms.csv"), "--output", str(folder / "finetune-fp32-unmerged.jsonl"),
-                                       "--batch-size", str(args.batch_size), "--no-merge", "--precision", "fp32"],
-            "plain": [python, str(folder / "plain.py"), str(folder / "sms.csv"), str(run), str(folder / "plain.jsonl"),
-                      str(args.batch_size)],
+                                       str(folder / "sms.csv"), "--output",
+                                       str(folder / "finetune-fp32-unmerged.jsonl"), "--batch-size",
+                                       str(args.batch_size), "--no-merge", "--precision", "fp32"],
+            "plain": [python, str(folder / "plain.py"), str(folder / "sms.csv"), str(run),
+                      str(folder / "plain.jsonl"), str(args.batch_size)],
         }
         results: dict[str, list[tuple[float, int]]] = {name: [] for name in args.variants}
         for repeat in range(args.repeats):
@@ -139,8 +142,8 @@ def main() -> None:
                 agree = f"labels {a['label_agreement']:.4f}, max prob diff {a['max_prob_difference']:.4f}"
             print(f"| {name} | {', '.join(f'{w:.1f}' for w, _ in runs)} | {mean:.1f} | {speed} | "
                   f"{', '.join(str(r) for _, r in runs)} | {agree} |")
-        print(textwrap.dedent(f"""
-            machine: {os.cpu_count()} CPUs; {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}"""))
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        print(f"\nmachine: {os.cpu_count()} CPUs; {uptime}")
 
 
 if __name__ == "__main__":

@@ -301,3 +301,25 @@ def test_predict_cli_streams_a_file_and_says_how_it_predicts(run, loaded, tmp_pa
     assert [r["pred_label"] for r in rows] == [r["pred_label"] for r in want]
     tolerance = 1e-5 if "weights; fp32" in result.stderr else inference.MAX_PROB_DIFFERENCE  # bf16 on an AMX CPU
     assert max(abs(float(a["prob_pos"]) - b["prob_pos"]) for a, b in zip(rows, want)) <= tolerance
+
+
+def test_no_merge_and_explicit_precision_options(run, loaded, tmp_path):
+    from click.testing import CliRunner
+
+    from finetune.cli import cli
+
+    task, model, processor = loaded
+    records = mixed_records(6)
+    inp = write_csv(tmp_path / "in.csv", records)
+    want = predict_records(task, model, processor, records, batch_size=4)
+    cases = ((["--no-merge", "--precision", "fp32"], "adapter kept apart (--no-merge); fp32", 1e-5),
+             (["--precision", "bf16"], "merged into the weights; bf16 (--precision bf16: not checked", 0.05))
+    for options, note, tolerance in cases:
+        out = tmp_path / "out.jsonl"
+        result = CliRunner().invoke(cli, ["predict", str(run.path), "--input", str(inp), "--output", str(out),
+                                          *options], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert note in result.output
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [str(r["id"]) for r in rows] == [r["id"] for r in records]
+        assert max(abs(a["prob_pos"] - b["prob_pos"]) for a, b in zip(rows, want)) <= tolerance
