@@ -6,6 +6,7 @@ so ``finetune --help`` stays fast.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -264,6 +265,11 @@ def plugins() -> None:
 @click.option("--text", "--prompt", "-t", "texts", multiple=True, help="An input given directly (repeatable): a text, "
               "a prompt, a file path.")
 @click.option("--batch-size", default=32, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 on a CPU with AMX when its predictions on the run's eval rows agree with fp32's "
+                   "(checked once, kept in the run folder), else fp32; bf16: unchecked (docs/predict.md).")
+@click.option("--no-merge", is_flag=True, help="Keep the adapter apart from the weights (default: LoRA folded into "
+              "the weights for the prediction, the same results within float tolerance, faster).")
 @click.option("--draw", "draw_dir", type=click.Path(path_type=Path),
               help="Also draw the predictions as pictures in this folder (created if missing), for tasks that "
                    "draw: boxes on each image (object-detection), masks and overlays (semantic-segmentation).")
@@ -272,37 +278,51 @@ def plugins() -> None:
 @_set_option("Change a setting of the run's recipe for this prediction, e.g. --set data.text_column=review "
              "(the input column a text task reads) or --set task.max_new_tokens=32 (repeatable).")
 def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, output_format: str,
-            texts: tuple[str, ...], batch_size: int, draw_dir: Path | None, trust_remote_code: bool,
-            overrides: tuple[str, ...]) -> None:
+            texts: tuple[str, ...], batch_size: int, precision: str, no_merge: bool, draw_dir: Path | None,
+            trust_remote_code: bool, overrides: tuple[str, ...]) -> None:
     """Predict with the best adapter of the run in RUN_DIR (a run folder, or a Hub repo id it was pushed to).
 
     Inputs come from --text, --input, or lines on stdin. Each output row is the input
     record, unchanged, plus the prediction's fields (listed below for each task).
     --set changes prediction-time settings of the run's recipe (the input column, a
-    generation task's sampling options)."""
+    generation task's sampling options). An --input file is read, predicted and
+    written a chunk at a time, so it may be larger than memory; text inputs are
+    batched by length (the output keeps the input's order)."""
     quiet_libraries()
     from finetune.run.hub import find_run
-    from finetune.run.inference import load_run
+    from finetune.run.inference import inference_precision, load_run, merge_for_inference
     from finetune.run.predictions import (
+        PredictionWriter,
+        Progress,
         check_draw,
         check_output,
-        draw_predictions,
-        predict_records,
-        read_records,
-        write_predictions,
+        iter_record_chunks,
+        stream_predictions,
     )
 
     output_format = check_output(output_path, output_format)  # before the model loads
     run_dir = find_run(str(run_dir))
-    task, model, processor, _ = load_run(run_dir, list(overrides), trust_remote_code=trust_remote_code,
-                                         announce=lambda line: click.echo(line, err=True))
+    task, model, processor, run = load_run(run_dir, list(overrides), trust_remote_code=trust_remote_code,
+                                           announce=lambda line: click.echo(line, err=True))
     check_draw(task, draw_dir)
-    records = read_records(task, input_path, list(texts))
+    chunks = iter_record_chunks(task, input_path, list(texts))
+    first = next(chunks, [])  # bad input fails here, before the checks below and before any output is opened
+    merged = "adapter kept apart (--no-merge)" if no_merge else merge_for_inference(model)
+    model, chosen = inference_precision(task, model, processor, run, precision, batch_size, list(overrides))
+    click.echo(f"predicting: {merged}; {chosen}", err=True)
+    drawn: list[Path] = []
+
+    def draw(rows: list[dict]) -> None:
+        if draw_dir is not None:
+            draw_dir.mkdir(parents=True, exist_ok=True)
+            drawn.extend(Path(p) for p in task.draw_predictions(rows, draw_dir))
+
     stream = output_path is None and sys.stdout.isatty()
-    rows = predict_records(task, model, processor, records, batch_size, stream=stream)
-    write_predictions(rows, output_path, output_format)
+    with PredictionWriter(output_path, output_format) as writer:
+        stream_predictions(task, model, processor, itertools.chain([first], chunks), writer, batch_size,
+                           stream=stream, progress=Progress(sys.stderr), each=draw)
     if draw_dir is not None:
-        draw_predictions(task, rows, draw_dir)
+        click.echo(f"drew {len(drawn)} picture(s) in {draw_dir}", err=True)
 
 
 @cli.command()

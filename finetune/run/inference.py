@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from finetune.engine.plugins import get_registry
 from finetune.engine.quantize import check_quantization, keep_training_layout
 from finetune.engine.recipe_file import apply_overrides, validate_recipe
 from finetune.engine.run_folder import RunDir, missing_run_folder
-from finetune.errors import RecipeError, RunError
+from finetune.errors import FinetuneError, RecipeError, RunError
 from finetune.run.adapter import TASK_STATE_FILE, TRAINED_WEIGHTS_FILE, load_trained_weights
 
 
@@ -77,3 +78,175 @@ def load_run(run_path: str | Path, overrides: list[str] | None = None, *, trust_
         load_trained_weights(model, run.adapter_dir / TRAINED_WEIGHTS_FILE)
     model.eval()
     return task, model, processor, run
+
+
+# -- faster inference: the adapter merged, bf16 where it agrees with fp32 ---------------------------------------
+
+def merge_for_inference(model: Any) -> str:
+    """Fold the adapter into the base weights in place (``PeftModel.merge_adapter``: LoRA's ``W + BA`` computed
+    once, so a forward pass has no extra matmuls; the model stays a ``PeftModel``, so a task that asks it for
+    its base model still can). Returns what was done, in words. Not merged: no adapter (full or head-only
+    training), prompt or prefix tuning (nothing to fold), a quantized base (merging would round the adapter
+    into 4/8-bit weights)."""
+    if not hasattr(model, "merge_adapter"):
+        return "no adapter to merge (the trained weights are the model's)"
+    config = getattr(model, "active_peft_config", None)
+    if config is None or getattr(config, "is_prompt_learning", False):
+        return "not merged (prompt or prefix tuning: the adapter is virtual tokens, not a change of weights)"
+    base = model.get_base_model()
+    if getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_4bit", False) or \
+            getattr(base, "is_loaded_in_8bit", False):
+        return "not merged (a quantized base: folding the adapter in would round it to the quantized weights)"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes about merging; the result is checked by the tests
+        model.merge_adapter()
+    return "adapter merged into the weights"
+
+
+#: bf16 is used for ``--precision auto`` only when, on the run's eval rows, at least this share of the discrete
+#: predictions (labels, label sets) equal fp32's ...
+MIN_LABEL_AGREEMENT = 0.99
+#: ... and no probability / score differs from fp32's by more than this (a value such as ``pred_value`` by more
+#: than this share of the range of fp32's values).
+MAX_PROB_DIFFERENCE = 0.05
+#: Eval rows the check predicts twice (fp32, bf16).
+CHECK_ROWS = 256
+#: Prediction fields the check compares; a task with other fields (text, boxes, masks) is predicted in fp32.
+CHECKED_FIELDS = ("pred_label", "pred_labels", "pred_score", "pred_value")
+
+
+@dataclass
+class Agreement:
+    """bf16's predictions against fp32's on the same rows."""
+
+    rows: int
+    label_agreement: float  # share of rows whose discrete fields (pred_label, pred_labels) are equal
+    max_prob_difference: float  # largest |bf16 - fp32| of prob_* and pred_score, or of pred_value / its range
+
+    def describe(self) -> str:
+        return (f"on {self.rows} eval rows: label agreement {self.label_agreement:.4f}, max probability "
+                f"difference {self.max_prob_difference:.4f}")
+
+
+def compare_predictions(reference: list[dict[str, Any]], other: list[dict[str, Any]]) -> Agreement:
+    """How far ``other``'s predictions are from ``reference``'s (same records, same order)."""
+    if len(reference) != len(other) or not reference:
+        raise ValueError("compare_predictions needs the same, non-empty rows on both sides")
+    same, diff = 0, 0.0
+    values = [(r["pred_value"], o["pred_value"]) for r, o in zip(reference, other) if "pred_value" in r]
+    spread = (max(v for v, _ in values) - min(v for v, _ in values)) if values else 0.0
+    for ref, got in zip(reference, other):
+        same += all(ref.get(k) == got.get(k) for k in ("pred_label", "pred_labels"))
+        for key, value in ref.items():
+            if key.startswith("prob_") or key == "pred_score":
+                diff = max(diff, abs(float(value) - float(got[key])))
+            elif key == "pred_value":
+                diff = max(diff, abs(float(value) - float(got[key])) / (spread or 1.0))
+    return Agreement(len(reference), same / len(reference), diff)
+
+
+def choose_precision(agreement: Agreement | None, why_not: str = "") -> tuple[str, str]:
+    """``("bf16" | "fp32", reason)`` for ``--precision auto`` from the check's result (None: not checked, for
+    ``why_not``)."""
+    if agreement is None:
+        return "fp32", f"fp32 ({why_not})"
+    ok = (agreement.label_agreement >= MIN_LABEL_AGREEMENT
+          and agreement.max_prob_difference <= MAX_PROB_DIFFERENCE)
+    if ok:
+        return "bf16", f"bf16 (agrees with fp32 {agreement.describe()})"
+    return "fp32", (f"fp32: bf16 was checked and does not agree well enough with fp32 ({agreement.describe()}; "
+                    f"needed: label agreement >= {MIN_LABEL_AGREEMENT}, max probability difference <= "
+                    f"{MAX_PROB_DIFFERENCE}); fell back to fp32")
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (Intel AMX): where bf16 inference pays on a CPU."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def inference_precision(task: Task, model: Any, processor: Any, run: RunDir, setting: str,
+                        batch_size: int = 64, overrides: list[str] | None = None) -> tuple[Any, str]:
+    """The model to predict with and a sentence saying which precision and why. ``setting``: ``fp32`` (as
+    trained), ``bf16`` (a bf16 copy, unchecked), ``auto`` (bf16 only on a CPU with AMX, for a task whose
+    predictions the check can compare, when bf16's predictions on the run's first :data:`CHECK_ROWS` eval rows
+    agree with fp32's (:func:`choose_precision`); the check's result is kept in the run folder,
+    ``predict_precision.json``, and reused while the adapter, torch and the CPU stay the same)."""
+    import torch
+
+    if setting == "fp32":
+        return model, "fp32"
+    if setting == "bf16":
+        return model.to(torch.bfloat16), "bf16 (--precision bf16: not checked against fp32)"
+    if torch.cuda.is_available() or next(model.parameters()).device.type != "cpu":
+        return model, "fp32 (--precision auto picks bf16 only on CPUs with AMX)"
+    if not cpu_has_amx():
+        return model, "fp32 (this CPU has no AMX: bf16 would be slower)"
+    fields = set(getattr(task, "prediction_fields", {}) or {})
+    if not fields or any(f not in CHECKED_FIELDS and not f.startswith("prob_") for f in fields):
+        return model, "fp32 (this task's predictions are not compared by the bf16 check)"
+    key = {**_check_key(run), "overrides": list(overrides or [])}
+    cached = _read_check(run, key)
+    if cached is not None:
+        agreement = Agreement(**cached)
+    else:
+        records, why = _eval_records(task)
+        if not records:
+            return model, f"fp32 (bf16 not checked: {why})"
+        import copy
+
+        from finetune.run.predictions import predict_records
+
+        reference = predict_records(task, model, processor, records, batch_size)
+        low = copy.deepcopy(model).to(torch.bfloat16)
+        agreement = compare_predictions(reference, predict_records(task, low, processor, records, batch_size))
+        del low
+        _write_check(run, key, agreement)
+    precision, reason = choose_precision(agreement)
+    return (model.to(torch.bfloat16) if precision == "bf16" else model), reason
+
+
+def _eval_records(task: Task) -> tuple[list[dict[str, Any]], str]:
+    saved = task.state
+    try:
+        examples = task.prepare_data().eval
+    except FinetuneError as exc:
+        return [], f"the run's eval data cannot be read: {exc}"
+    finally:
+        task.state = saved
+    columns = task.predict_input_columns()
+    if examples is None or not hasattr(examples, "to_dict") or any(c not in examples for c in columns):
+        return [], "the run has no eval table to check on"
+    return examples[columns].head(CHECK_ROWS).to_dict(orient="records"), "the eval split is empty"
+
+
+CHECK_FILE = "predict_precision.json"
+
+
+def _check_key(run: RunDir) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    files = sorted(p for p in run.adapter_dir.iterdir() if p.is_file())
+    return {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "rows": CHECK_ROWS,
+            "adapter": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def _read_check(run: RunDir, key: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        saved = json.loads((run.path / CHECK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved.get("agreement") if isinstance(saved, dict) and saved.get("key") == key else None
+
+
+def _write_check(run: RunDir, key: dict[str, Any], agreement: Agreement) -> None:
+    try:  # a read-only run folder (a pulled one, a shared disk) just checks again next time
+        (run.path / CHECK_FILE).write_text(json.dumps({"key": key, "agreement": asdict(agreement)}, indent=1))
+    except OSError:
+        pass

@@ -244,16 +244,12 @@ class MultiLabelClassification(EncoderClassifier):
         thresholds = self._selected_thresholds()
         integer = self.state.get("integer_labels")
         rows = []
-        device = next(model.parameters()).device
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            enc = self.encode_records(processor, chunk, device)
-            probs = torch.sigmoid(model(**enc).logits.float()).cpu().tolist()
-            for record, p in zip(chunk, probs):
-                chosen = [int(name) if integer else name
-                          for name, value, t in zip(labels, p, thresholds) if value >= t]
-                rows.append({**record, "pred_labels": chosen,
-                             **{f"prob_{name}": float(p[i]) for i, name in enumerate(labels)}})
+        probs = torch.sigmoid(self.batched_logits(model, processor, records, batch_size)).tolist()
+        for record, p in zip(records, probs):
+            chosen = [int(name) if integer else name
+                      for name, value, t in zip(labels, p, thresholds) if value >= t]
+            rows.append({**record, "pred_labels": chosen,
+                         **{f"prob_{name}": float(p[i]) for i, name in enumerate(labels)}})
         return rows
 
     def export_decision(self) -> str:

@@ -241,16 +241,12 @@ class TextClassification(EncoderClassifier):
 
         labels = self.state["labels"]
         rows = []
-        device = next(model.parameters()).device
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            enc = self.encode_records(processor, chunk, device)
-            probs = torch.softmax(model(**enc).logits.float(), dim=-1).cpu()
-            for record, p in zip(chunk, probs):
-                best = int(p.argmax())
-                label = int(labels[best]) if self.state.get("integer_labels") else labels[best]
-                rows.append({**record, "pred_label": label, "pred_score": float(p[best]),
-                             **{f"prob_{name}": float(p[i]) for i, name in enumerate(labels)}})
+        probs = torch.softmax(self.batched_logits(model, processor, records, batch_size), dim=-1)
+        for record, p in zip(records, probs.tolist()):
+            best = max(range(len(p)), key=p.__getitem__)
+            label = int(labels[best]) if self.state.get("integer_labels") else labels[best]
+            rows.append({**record, "pred_label": label, "pred_score": float(p[best]),
+                         **{f"prob_{name}": float(p[i]) for i, name in enumerate(labels)}})
         return rows
 
     def usage_snippet(self, base: str) -> str:

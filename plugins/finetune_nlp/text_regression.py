@@ -163,14 +163,10 @@ class TextRegression(EncoderClassifier):
     # -- inference -----------------------------------------------------
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
                 batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
-        device = next(model.parameters()).device
-        rows = []
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            enc = self.encode_records(processor, chunk, device)
-            values = self._unscale(model(**enc).logits.squeeze(-1).float().cpu())
-            rows += [{**record, "pred_value": float(v)} for record, v in zip(chunk, values.tolist())]
-        return rows
+        if not records:
+            return []
+        values = self._unscale(self.batched_logits(model, processor, records, batch_size).squeeze(-1))
+        return [{**record, "pred_value": float(v)} for record, v in zip(records, values.tolist())]
 
     def usage_snippet(self, base: str) -> str:
         pair = ", ['a second text']" if self.recipe.data.text_pair_column else ""

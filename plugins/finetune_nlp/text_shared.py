@@ -88,6 +88,39 @@ class EncoderClassifier(Task):
                       "(task.baseline = false skips it)", file=sys.stderr)
         return dataclasses.replace(splits, **cut) if cut else splits
 
+    def batched_logits(self, model: Any, processor: Any, records: list[dict[str, Any]], batch_size: int) -> Any:
+        """The model's logits (float32, on the CPU) for ``records``, in their order. The texts are tokenized
+        once, sorted by token length and batched in that order (so a batch pads its rows to a similar length,
+        not to the longest text of the input), and the rows are put back in the input's order."""
+        import torch
+
+        if not records:
+            return torch.empty(0)
+        data = self.recipe.data
+        texts = [str(r[data.text_column]) for r in records]
+        pairs = [str(r[data.text_pair_column]) for r in records] if data.text_pair_column else None
+        enc = processor(texts, pairs, truncation=True, max_length=data.max_length)
+        order = sorted(range(len(records)), key=lambda i: len(enc["input_ids"][i]))
+        device = next(model.parameters()).device
+        fill = {"input_ids": processor.pad_token_id or 0, "token_type_ids": processor.pad_token_type_id}
+        left = processor.padding_side == "left"
+        parts = []
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(enc["input_ids"][i]) for i in rows)
+            batch = {}
+            for key in enc.keys():
+                padded = []
+                for i in rows:
+                    values, pad = enc[key][i], [fill.get(key, 0)] * (width - len(enc[key][i]))
+                    padded.append(pad + values if left else values + pad)
+                batch[key] = torch.tensor(padded, device=device)
+            parts.append(model(**batch).logits.float().cpu())
+        logits = torch.cat(parts)
+        restored = torch.empty_like(logits)
+        restored[torch.tensor(order)] = logits
+        return restored
+
     def baseline_texts(self, df: Any) -> list[str]:
         data = self.recipe.data
         if data.text_pair_column:
