@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"workload": workload, "method": method, "learning_rate": lr,
                              "error": last[-1][:200] if last else "failed", "command": cmd})
                 print(f"  failed: {err}", flush=True)
+                if args.out:
+                    write(args, rows)
                 continue
             row = collect(out_dir, workload=workload, method=method, wall_s=wall, peak_mib=peak, lr=lr)
             if args.correctness and workload == "generation":
@@ -228,18 +230,24 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"  {row['metric']} {row['value']:.4f}, {row['trainable']:,} trainable, "
                   f"train {row['train_time_s']:.1f} s, wall {wall:.0f} s, peak {peak:,} MiB", flush=True)
+            if args.out:  # after every run: an interrupted benchmark keeps what it measured
+                write(args, rows)
 
     text = tables(rows)
     print()
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(
-            {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "epochs": args.epochs,
-             "limit": args.limit, "learning_rates": {k: v[1] for k, v in LEARNING_RATES.items()}, "rows": rows},
-            indent=2))
+        write(args, rows)
     return 1 if any("error" in r for r in rows) else 0
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(tables(rows))
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "epochs": args.epochs,
+         "limit": args.limit, "learning_rates": {k: v[1] for k, v in LEARNING_RATES.items()}, "rows": rows},
+        indent=2))
 
 
 def correctness(run: Path) -> dict:
