@@ -131,6 +131,15 @@ def collect(run_dir: Path, *, workload: str, method: str, wall_s: float | None =
     }
 
 
+def error_summary(text: str) -> str:
+    """The finetune error (``error: ...`` and the line that says what is wrong), else the last line, for the table."""
+    lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    for i, line in enumerate(lines):
+        if line.lower().startswith("error"):
+            return " ".join(lines[i:i + 2])[:300].replace("|", "/")
+    return (lines[-1] if lines else "failed")[:300].replace("|", "/")
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -216,9 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 wall, peak, _ = timed(cmd, REPO)
             except SystemExit as err:  # timed's way of reporting a failed run: keep going, show it in the table
-                last = [line for line in str(err).splitlines() if line.strip()]
                 rows.append({"workload": workload, "method": method, "learning_rate": lr,
-                             "error": last[-1][:200] if last else "failed", "command": cmd})
+                             "error": error_summary(str(err)), "command": cmd})
                 print(f"  failed: {err}", flush=True)
                 if args.out:
                     write(args, rows)

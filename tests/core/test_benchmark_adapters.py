@@ -89,6 +89,10 @@ def test_rows_and_tables_from_run_folders(tmp_path):
     assert "| lora | 0.002 | 0.4321 | 0.57 | 1,000 | 0.50 % | 12.2 s | 61 s | 2,048 MiB | 3.0 MiB |" in text
     assert "| prompt-tuning | 0.03 | 0.5000 | - | 2,000 | 1.00 % | 12.2 s | - | - | 100 B |" in text
     assert "| full | 2e-05 | failed: DataError: boom |" in text
+    stderr = ("finetune run ... failed:\nLoading weights: 100%|###|\nerror: invalid recipe:\n"
+              "  train.epochz: unknown key (did you mean 'epochs'?).\n  (recipe: r.toml)\n")
+    assert bench.error_summary(stderr) == "error: invalid recipe: train.epochz: unknown key (did you mean 'epochs'?)."
+    assert bench.error_summary("cmd failed:\nTraceback ...\nRuntimeError: x | y\n") == "RuntimeError: x / y"
 
 
 def test_every_method_has_a_learning_rate_with_its_source_and_unknown_names_are_refused(capsys):
