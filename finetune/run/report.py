@@ -24,7 +24,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from finetune.engine.run_folder import missing_run_folder, write_text_atomic
+from finetune.engine.run_folder import flatten, missing_run_folder, write_text_atomic
 from finetune.errors import RunError
 from finetune.run.curves import epoch_ends, metrics_to_plot, y_limits
 from finetune.run.report_data import IMAGE_PREFIXES, REPORT_DATA_FILE
@@ -760,18 +760,6 @@ def _git(state: Any) -> _Html | None:
 
 
 # -- several runs ----------------------------------------------------------------------------------------
-def flatten(recipe: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train.learning_rate": 0.001, ...}`` from a nested recipe."""
-    flat: dict[str, Any] = {}
-    for key, value in recipe.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def recipe_differences(runs: list[RunFacts]) -> dict[str, list[Any]]:
     """The recipe keys whose values differ between runs (``output.dir`` aside), key -> one value per run
     (None where a run's recipe lacks the key)."""
