@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,13 +58,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--states", default="idle,busy")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
+    parser.add_argument("--only", default="", help="setting names to run, separated by ';' (default: all)")
     args = parser.parse_args()
     exe = shutil.which("finetune", path=str(Path(sys.executable).parent)) or "finetune"
     cores = len(os.sched_getaffinity(0))
     chosen = settings(cores)
     if args.only:
-        wanted = {s.strip() for s in args.only.split(",")}
+        wanted = {s.strip() for s in args.only.split(";")}
         chosen = [s for s in chosen if s[0] in wanted]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,18 +87,24 @@ def main() -> None:
                     p.kill()
                     p.wait()
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {cores} usable cores, text quickstart x {args.epochs} epoch(s)\n")
-    print("| machine | setting | train s | samples/s | wall s | vs best manual |\n|---|---|---|---|---|---|")
+    print("| machine | setting | train s (median) | each repeat | samples/s | wall s | vs best manual |\n"
+          "|---|---|---|---|---|---|---|")
     for state in args.states.split(","):
-        mine = [(n, r) for s, n, r in rows if s == state]
-        manual = [r["train_s"] for n, r in mine if n != "auto"]
+        mine: dict[str, list[dict]] = {}
+        for s, n, r in rows:
+            if s == state:
+                mine.setdefault(n, []).append(r)
+        med = {n: statistics.median(r["train_s"] for r in rs) for n, rs in mine.items()}
+        manual = [v for n, v in med.items() if n != "auto"]
         best = min(manual) if manual else None
-        for name, r in mine:
-            ratio = f"{r['train_s'] / best:.2f}x" if best else ""
-            label = name if name != "auto" else (f"auto ({r['chose'].get('threads')}, "
-                                                 f"{r['chose'].get('wait_policy')})")
-            print(f"| {state} | {label} | {r['train_s']:.1f} | {r['samples_per_s']:.1f} | {r['wall_s']:.1f} "
-                  f"| {ratio} |")
-
+        for name, rs in mine.items():
+            ratio = f"{med[name] / best:.2f}x" if best else ""
+            chose = rs[0]["chose"]
+            label = name if name != "auto" else f"auto ({chose.get('threads')}, {chose.get('wait_policy')})"
+            each = ", ".join(f"{r['train_s']:.1f}" for r in rs)
+            sps = statistics.median(r["samples_per_s"] for r in rs)
+            wall = statistics.median(r["wall_s"] for r in rs)
+            print(f"| {state} | {label} | {med[name]:.1f} | {each} | {sps:.1f} | {wall:.1f} | {ratio} |")
 
 if __name__ == "__main__":
     main()

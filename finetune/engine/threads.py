@@ -111,8 +111,10 @@ def choose(threads: int | str = "auto", wait_policy: str = "auto", *, state: Mac
            environ: dict[str, str] | None = None) -> ThreadChoice:
     """The rule. Recipe values (``threads``, ``wait_policy``; "auto" means no value) win, then the
     environment's ``OMP_NUM_THREADS`` / ``OMP_WAIT_POLICY``, then the machine's state: idle -> every usable
-    core and OpenMP's default waiting; busy -> passive waiting, and only the cores the others leave free
-    (at least one). The machine is only looked at (a 0.25 s sample) when something is left to choose."""
+    core and OpenMP's default waiting; busy -> every usable core and passive waiting (sleeping threads
+    give the cores back between kernels; measured on 2 cores beside 2 busy processes, keeping both threads
+    with passive waiting beat one thread: benchmarks/README.md). The machine is only looked at (a 0.25 s
+    sample) when something is left to choose."""
     environ = os.environ if environ is None else environ
     env_threads = _env_int(environ.get("OMP_NUM_THREADS"))
     env_policy = environ.get("OMP_WAIT_POLICY", "").strip().lower()
@@ -128,7 +130,7 @@ def choose(threads: int | str = "auto", wait_policy: str = "auto", *, state: Mac
         busy = state.busy
         seen = f"{state.cores_why}; other processes use {busy:.1f} of them"
     idle = busy < IDLE_BELOW
-    auto_threads = state.cores if idle else max(1, min(state.cores, round(state.cores - busy)))
+    auto_threads = state.cores
     auto_policy = "default" if idle else "passive"
 
     if threads != "auto":
