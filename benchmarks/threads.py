@@ -4,10 +4,11 @@ beside a bounded synthetic load (one busy process per core, started and stopped 
     .venv/bin/python benchmarks/threads.py [--epochs 1] [--states idle,busy] [--repeats 1]
 
 The workload is the text quickstart (recipes/text-quickstart.toml, `train.epochs` from --epochs). Each
-setting runs in a fresh `finetune run` process with no OMP_* variables in its environment; the manual
-settings are given as `--set train.threads=N --set train.wait_policy=P`. Reported: training time (the
-loop's own `train_time_s`, without model loading), samples/s, wall time of the process, and what `auto`
-chose (run.json `threads`). Goal: `auto` within 10% of the best manual setting in both states.
+setting runs in a fresh `finetune run` process (settings interleaved, A B C A B C) with no OMP_* variables
+in its environment; the manual settings are given as `--set train.threads=N --set train.wait_policy=P`.
+Reported: training time (the loop's own `train_time_s`, without model loading; median of --repeats),
+samples/s, wall time of the process, and what `auto` chose (run.json `threads`).
+Goal: `auto` within 10% of the best manual setting in both states.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def main() -> None:
                 load = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(cores)]
                 time.sleep(2)
             try:
-                for name, overrides in chosen:
-                    for r in range(args.repeats):
+                for r in range(args.repeats):  # interleaved (A B C A B C): a drift in load hits every setting
+                    for name, overrides in chosen:
                         res = run_once(exe, overrides, args.epochs, Path(tmp) / f"{state}-{r}")
                         rows.append((state, name, res))
                         print(f"{state:5s} {name:22s} train {res['train_s']:7.1f} s  "
