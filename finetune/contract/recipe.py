@@ -233,7 +233,7 @@ class TrainSection(Section):
         "reports lengths; the batch order stays random. Changes which examples share a batch.")
     threads: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="Threads torch computes with on the CPU. 'auto': every usable core (CPU affinity, "
-        "cgroup quota) on an idle machine, the cores other processes leave free on a busy one; "
+        "cgroup quota), idle or busy (on a busy machine with passive waiting, see wait_policy); "
         "OMP_NUM_THREADS in the environment is used when this is 'auto'. The choice is in run.json (threads).")
     wait_policy: Literal["auto", "default", "active", "passive"] = Field(
         "auto", description="How idle OpenMP threads wait: 'passive' sleeps at once (best on a busy machine), "
