@@ -13,6 +13,16 @@ Starts `finetune serve RUN --port 0` on 127.0.0.1, then:
 - for comparison, one `finetune predict RUN --text ...` in a new process (what an answer costs without a
   server).
 
+`--ab ROUNDS` instead compares how the server loads the run, alternating (A B A B ...) in one session: the
+adapter merged in the precision predict chooses (the default, as `finetune predict` loads a run) against
+the adapter kept apart in fp32 (`--no-merge --precision fp32`: how serve predicted before it loaded runs
+as predict does): latency of one text at 1 client and requests/s at 32 clients, each round a fresh server.
+
+`--ab-in-process CALLS` makes the same comparison without HTTP or a server, in this process: the run loaded
+once, a copy merged, ``task.predict`` on one short text (CALLS times) and on 32 texts (CALLS / 5 times), the
+two models alternating call by call (what a busy machine's load cannot tilt), and the largest probability
+difference between them.
+
 Goals (issue 26): p50 under 30 ms for one text; at 32 clients at least 5x the sequential throughput.
 Every request's answer is checked (status 200, one prediction). The server is stopped at the end.
 """
@@ -114,6 +124,93 @@ def throughput(port: int, clients: int, seconds: float) -> tuple[float, int]:
     return sum(counts) / wall, sum(counts)
 
 
+def latency(port: int, requests: int) -> list[float]:
+    client = Client(port)
+    for _ in range(30):
+        client.predict(TEXT)
+    return sorted(client.predict(TEXT) * 1000 for _ in range(requests))
+
+
+def percentiles(lat: list[float]) -> tuple[float, float]:
+    return statistics.median(lat), lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def compare_loading(args: argparse.Namespace) -> None:
+    """--ab: the adapter merged (default) vs kept apart in fp32, alternating, a fresh server each round."""
+    configs = {"merged, predict's precision (default)": [],
+               "kept apart, fp32 (`--no-merge --precision fp32`: before)": ["--no-merge", "--precision", "fp32"]}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in configs}
+    loads = [os.getloadavg()]
+    for _ in range(args.ab):
+        for name, extra in configs.items():
+            proc, port = start_server(args.run, [*extra, *args.serve_arg])
+            try:
+                p50, p99 = percentiles(latency(port, args.requests))
+                rate = throughput(port, 32, args.seconds)[0]
+            finally:
+                stop(proc)
+            results[name].append((p50, p99, rate))
+    loads.append(os.getloadavg())
+    shown = " -> ".join(", ".join(f"{x:.2f}" for x in load) for load in loads)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load averages (1, 5, 15 min) {shown}; "
+          f"run {args.run}; {args.ab} rounds, alternating\n")
+    print("| server | p50 latency, 1 client (each round) | p99 | requests/s, 32 clients |\n|---|---|---|---|")
+    for name, rows in results.items():
+        p50s = ", ".join(f"{r[0]:.1f}" for r in rows)
+        p99s = ", ".join(f"{r[1]:.1f}" for r in rows)
+        rates = ", ".join(f"{r[2]:.0f}" for r in rows)
+        print(f"| {name} | {p50s} ms (median {statistics.median(r[0] for r in rows):.1f}) | {p99s} ms | {rates} "
+              f"(median {statistics.median(r[2] for r in rows):.0f}) |")
+
+
+def loads() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def compare_in_process(run: Path, calls: int) -> None:
+    """--ab-in-process: task.predict with the adapter merged vs kept apart, alternating call by call."""
+    import copy
+
+    from finetune.engine import threads
+
+    threads.apply(threads.choose())
+    import torch
+
+    from finetune.run.inference import load_run, merge_for_inference
+    from finetune.run.predictions import predict_records
+
+    task, model, processor, _ = load_run(run)
+    merged = copy.deepcopy(model)
+    said = merge_for_inference(merged)
+    load = loads()
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {torch.get_num_threads()} threads, load averages {load}; {said}\n")
+    print("| input | merged (median, p90) | kept apart (median, p90) | max probability difference |\n|---|---|---|---|")
+    for name, records, n in (("one short text", [{"text": TEXT}], calls),
+                             ("32 texts", [{"text": t} for t in TEXTS * 4], max(2, calls // 5))):
+        times: dict[str, list[float]] = {"merged": [], "apart": []}
+        with torch.inference_mode():
+            for m in (merged, model):  # warm-up
+                predict_records(task, m, processor, records, 32)
+            for i in range(n):
+                pairs = [("merged", merged), ("apart", model)]
+                for label, m in pairs if i % 2 == 0 else pairs[::-1]:
+                    start = time.perf_counter()
+                    predict_records(task, m, processor, records, 32)
+                    times[label].append((time.perf_counter() - start) * 1000)
+            a, b = (predict_records(task, m, processor, records, 32) for m in (merged, model))
+        diff = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in x if k.startswith("prob_"))
+        cells = [f"{statistics.median(t):.1f} ms, {sorted(t)[int(0.9 * len(t))]:.1f} ms"
+                 for t in (times["merged"], times["apart"])]
+        print(f"| {name} ({n} calls each) | {cells[0]} | {cells[1]} | {diff:.1e} |")
+    print(f"\nload averages at the end: {loads()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=REPO / "runs" / "text-quickstart")
@@ -122,8 +219,18 @@ def main() -> None:
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `finetune serve` option (repeat)")
     parser.add_argument("--no-predict", action="store_true",
                         help="skip the one `finetune predict --text` call timed for comparison")
+    parser.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                        help="instead: the adapter merged (default) vs kept apart in fp32, alternating ROUNDS times")
+    parser.add_argument("--ab-in-process", type=int, default=0, metavar="CALLS",
+                        help="instead: task.predict merged vs kept apart in this process, alternating")
     args = parser.parse_args()
     ensure_run(args.run)
+    if args.ab_in_process:
+        compare_in_process(args.run, args.ab_in_process)
+        return
+    if args.ab:
+        compare_loading(args)
+        return
     load = os.getloadavg()[0]
     predict_s = None
     if not args.no_predict:

@@ -130,6 +130,13 @@ class RaggedColumn:
             return []
         return np.concatenate([np.diff(offsets) for _, offsets in self._chunks]).tolist()
 
+    def values(self) -> Any:
+        """Every example's values end to end, as one numpy array (a copy when the column has several chunks)."""
+        import numpy as np
+
+        parts = [values[offsets[0]:offsets[-1]] for values, offsets in self._chunks]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
     def nbytes(self) -> int:
         return int(sum(values.nbytes + offsets.nbytes for values, offsets in self._chunks))
 

@@ -1,6 +1,7 @@
 """``finetune serve RUN``: one loaded run behind HTTP + JSON, concurrent requests batched dynamically.
 
-The model is loaded once (``load_run``); one worker thread runs every forward pass under
+The model is loaded once, as ``finetune predict`` loads it (``load_run``, the adapter merged, the same precision
+decision); one worker thread runs every forward pass under
 ``torch.inference_mode`` while a threaded HTTP server (the standard library's) parses requests. A
 prediction request becomes a job on a queue; the worker takes the first job, then keeps taking jobs for
 up to ``max_wait_ms`` or until ``max_batch`` records are gathered, runs ``task.predict`` once on all of
@@ -280,6 +281,7 @@ class Service:
         self.batcher = Batcher(task, model, processor, max_batch=max_batch, max_wait_ms=max_wait_ms)
         self.started = time.time()
         self.model_name = self.run_path.name
+        self.inference = "as loaded"  #: how the model predicts (merged? which precision, why): open_service sets it
 
     # -- GET ---------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -303,7 +305,7 @@ class Service:
             "run": str(self.run_path), "model": self.model_name, "task": self.task.name,
             "backbone": recipe.model.backbone, "labels": state.get("labels"),
             "input_columns": self.columns, "prediction_fields": dict(self.task.prediction_fields),
-            "text_shortcuts": len(self.columns) == 1,
+            "text_shortcuts": len(self.columns) == 1, "inference": self.inference,
             "openai_endpoints": ["/v1/completions", "/v1/chat/completions"] if self.generates else [],
             "metrics": {k: metrics.get(k) for k in ("best", "test") if metrics.get(k) is not None},
             "limits": {"max_request_bytes": self.max_request_bytes, "max_records": self.max_records,
@@ -678,13 +680,22 @@ def check_address(host: str, port: int) -> None:
         probe.bind((host, port))
 
 
+#: The batch size of ``finetune predict``'s default (``--batch-size``): the bf16 check predicts with it, so that
+#: serve and predict share one check result (``predict_precision.json`` in the run folder).
+PREDICT_BATCH_SIZE = 32
+
+
 def open_service(run_path: str | Path, overrides: list[str] | None = None, *, trust_remote_code: bool = False,
-                 announce: Callable[[str], None] | None = None, **limits: Any) -> Service:
-    """Loads the run (as ``finetune predict`` does) and wraps it for serving. Before torch is imported, its
-    threads and OpenMP wait policy are chosen from the machine's state as for training (``OMP_NUM_THREADS``
-    / ``OMP_WAIT_POLICY`` override); ``announce`` hears the choice."""
+                 announce: Callable[[str], None] | None = None, precision: str = "auto", merge: bool = True,
+                 **limits: Any) -> Service:
+    """Loads the run as ``finetune predict`` does and wraps it for serving: the best adapter, folded into the
+    weights (``merge=False``: kept apart, as ``predict --no-merge``), in the precision ``predict --precision``
+    would choose (``auto``: bf16 only on a CPU with AMX where it agrees with fp32 on the run's eval rows; the
+    check's result in the run folder is shared with predict), so the served answers are predict's. Before
+    torch is imported, its threads and OpenMP wait policy are chosen from the machine's state as for
+    training (``OMP_NUM_THREADS`` / ``OMP_WAIT_POLICY`` override); ``announce`` hears the choices."""
     from finetune.engine import threads
-    from finetune.run.inference import load_run
+    from finetune.run.inference import inference_precision, load_run, merge_for_inference
 
     choice = threads.apply(threads.choose())
     if announce is not None:
@@ -692,7 +703,15 @@ def open_service(run_path: str | Path, overrides: list[str] | None = None, *, tr
 
     task, model, processor, run = load_run(run_path, overrides, trust_remote_code=trust_remote_code,
                                            announce=announce)
-    return Service(task, model, processor, run.path, **limits)
+    merged = merge_for_inference(model) if merge else "adapter kept apart (--no-merge)"
+    model, chosen = inference_precision(task, model, processor, run, precision, PREDICT_BATCH_SIZE,
+                                        list(overrides or []))
+    inference = f"{merged}; {chosen}"
+    if announce is not None:
+        announce(f"predicting: {inference}")
+    service = Service(task, model, processor, run.path, **limits)
+    service.inference = inference
+    return service
 
 
 def serve_forever(server: Server, service: Service, announce: Callable[[str], None] = print) -> None:

@@ -514,25 +514,43 @@ class QuestionAnswering(Task):
         return items
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
+        """The windows of ``examples``, tokenized once per (contexts, questions, answers, tokenizer, max length,
+        doc stride) fingerprint and kept in the token cache (finetune.cached_encode): the next run on the same
+        data and a resumed run read them back instead of tokenizing (finetune_nlp.windows)."""
+        import pandas as pd
+
+        from finetune import frame_fingerprint, tokenizer_fingerprint
+        from finetune_nlp.windows import cached_windows
+
         contexts, questions = list(examples["context"]), list(examples["question"])
         answers = [list(a) for a in examples["answers"]]
-        items = self._features(contexts, questions, processor, answers)
-        if training:  # the loss needs no placement
-            for item in items:
-                del item["example"], item["offsets"], item["cls_index"]
-            return items
-        # evaluation: each question gets an id unique in this process (eval, test and evaluate datasets alike),
-        # and evaluation_step finds its context and gold answers by it
+        data = self.recipe.data
+        table = pd.DataFrame({"context": [str(c) for c in contexts], "question": [str(q) for q in questions],
+                              "answers": [json.dumps(a, sort_keys=True, default=str) for a in answers]})
+        key = {"kind": "finetune_nlp.question-answering-windows", "version": 1,
+               "examples": frame_fingerprint(table, ["context", "question", "answers"]),
+               "tokenizer": tokenizer_fingerprint(processor), "padding_side": processor.padding_side,
+               "max_length": data.max_length, "doc_stride": data.doc_stride}
         registry = self.__dict__.setdefault("_questions", {})
         first = len(registry)
+        windows = cached_windows(
+            key, len(contexts), lambda a, b: self._features(contexts[a:b], questions[a:b], processor, answers[a:b]),
+            token_fields={"input_ids": 1, "attention_mask": 1, "token_type_ids": 1, "offsets": 2},
+            window_fields=("start_positions", "end_positions", "cls_index"), example_field="example",
+            drop=("example", "offsets", "cls_index") if training else (),  # the loss needs no placement
+            example_offset=first)
+        if training:
+            return windows
+        # evaluation: each question gets an id unique in this process (eval, test and evaluate datasets alike),
+        # and evaluation_step finds its context and gold answers by it
         tune = examples is getattr(self, "_eval_examples", None)  # the eval split tunes the null threshold
         for n, (context, gold) in enumerate(zip(contexts, answers)):
             registry[first + n] = {"context": context, "answers": [a["text"] for a in gold], "tune": tune}
-        for item in items:
-            item["example"] += first
-        return items
+        return windows
 
     def example_lengths(self, dataset: Any) -> list[int]:
+        if hasattr(dataset, "lengths"):
+            return dataset.lengths()
         return [len(item["input_ids"]) for item in dataset]
 
     def collate_fn(self, processor: Any):

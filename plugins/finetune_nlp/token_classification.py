@@ -272,6 +272,21 @@ def _read_split(split: Any, key: str, data: Any) -> list[dict[str, Any]]:
             for number, record in enumerate(split.frame().to_dict("records"), start=1)]
 
 
+def sentences_fingerprint(*columns: list[Any]) -> str:
+    """A hash of lists of words (or tags) per sentence, sentence by sentence and in order
+    (``finetune.frame_fingerprint`` of each sentence's JSON), so an edited, added, removed or reordered word,
+    tag or sentence changes it."""
+    import json
+
+    import pandas as pd
+
+    from finetune import frame_fingerprint
+
+    frame = pd.DataFrame({f"c{i}": [json.dumps([str(v) for v in row]) for row in column]
+                          for i, column in enumerate(columns)})
+    return frame_fingerprint(frame, list(frame.columns))
+
+
 def _where(path: Any, sentence: dict[str, Any], i: int = 0) -> str:
     return f"{path}, {sentence.get('unit', 'line')} {sentence['lines'][i]}"
 
@@ -401,9 +416,10 @@ class TokenClassification(Task):
 
     # -- windows -------------------------------------------------------
     def _windows(self, sentences: list[list[str]], tokenizer: Any,
-                 tags: list[list[str]] | None = None) -> list[dict[str, Any]]:
+                 tags: list[list[str]] | None = None, first: int = 0) -> list[dict[str, Any]]:
         """Model inputs of at most data.max_length sub-tokens, each holding whole words: the first
-        sub-token of a word carries its label (-100 elsewhere); ``sentence``/``word_start`` place it."""
+        sub-token of a word carries its label (-100 elsewhere); ``sentence``/``word_start`` place it
+        (``first``: the number of sentences before these, for error messages)."""
         label_ids = {label: i for i, label in enumerate(self.state["labels"])}
         max_length = self.recipe.data.max_length
         budget = max(1, max_length - tokenizer.num_special_tokens_to_add(pair=False))
@@ -434,7 +450,7 @@ class TokenClassification(Task):
                         seen.add(word)
                         labels.append(label_ids[tags[n][start + word]] if tags is not None else 0)
                 if len(seen) != end - start:
-                    raise DataError(f"sentence {n + 1}: the tokenizer gave no sub-token for some of its words "
+                    raise DataError(f"sentence {first + n + 1}: the tokenizer gave no sub-token for some of its words "
                                     f"{words[start:end]!r:.200}.")
                 items.append({"input_ids": list(enc["input_ids"]), "attention_mask": list(enc["attention_mask"]),
                               "labels": labels, "sentence": n, "word_start": start})
@@ -444,13 +460,26 @@ class TokenClassification(Task):
         return items
 
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
-        items = self._windows(list(examples["tokens"]), processor, list(examples["tags"]))
-        if training:  # the loss needs no placement
-            for item in items:
-                del item["sentence"], item["word_start"]
-        return items
+        """The windows of ``examples``, tokenized once per (sentences and tags, tokenizer, max length, labels)
+        fingerprint and kept in the token cache (finetune.cached_encode): the next run on the same data and a
+        resumed run read them back instead of tokenizing (finetune_nlp.windows)."""
+        from finetune import tokenizer_fingerprint
+        from finetune_nlp.windows import cached_windows
+
+        tokens, tags = list(examples["tokens"]), list(examples["tags"])
+        key = {"kind": "finetune_nlp.token-classification-windows", "version": 1,
+               "sentences": sentences_fingerprint(tokens, tags), "tokenizer": tokenizer_fingerprint(processor),
+               "add_prefix_space": getattr(processor, "add_prefix_space", None),
+               "max_length": self.recipe.data.max_length, "labels": list(self.state["labels"])}
+        return cached_windows(
+            key, len(tokens), lambda a, b: self._windows(tokens[a:b], processor, tags[a:b], first=a),
+            token_fields={"input_ids": 1, "attention_mask": 1, "labels": 1}, window_fields=("word_start",),
+            example_field="sentence",
+            drop=("sentence", "word_start") if training else ())  # the loss needs no placement
 
     def example_lengths(self, dataset: Any) -> list[int]:
+        if hasattr(dataset, "lengths"):
+            return dataset.lengths()
         return [len(item["input_ids"]) for item in dataset]
 
     def collate_fn(self, processor: Any):

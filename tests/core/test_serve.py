@@ -15,7 +15,7 @@ import time
 
 import pytest
 import tomli_w
-from conftest import REPO, make_sentiment_rows, write_csv
+from conftest import REPO, make_sentiment_rows, run_cli, write_csv
 
 from finetune.engine.console import Console
 from finetune.run.predictions import predict_records
@@ -113,6 +113,35 @@ def test_predict_equals_predict_records(served):
     status, body, _ = call(port, "POST", "/predict", {"text": "happy love"})
     assert status == 200 and len(body["predictions"]) == 1
     same_rows(body["predictions"], reference(service, [{"text": "happy love"}]))
+
+
+def test_served_answers_equal_finetune_predicts(served, trained):
+    """serve loads the run as `finetune predict` does (the adapter merged, the same precision decision): the
+    served probabilities equal those of a `finetune predict` process on the same texts."""
+    service, port = served
+    texts = ["good great day", "awful bad food", "the movie was so evil", "happy"]
+    proc = run_cli("predict", str(trained.path), *[a for t in texts for a in ("--text", t)], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    predicted = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    said = re.search(r"predicting: (.*)", proc.stderr).group(1)
+    status, body, _ = call(port, "POST", "/predict", {"texts": texts})
+    assert status == 200
+    same_rows(body["predictions"], predicted)
+    assert said.startswith("adapter merged into the weights")
+    meta = call(port, "GET", "/metadata")[1]
+    assert meta["inference"] == said == service.inference  # the same loading path, the same precision decision
+    merged = [m.merged for m in service.batcher.model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
+    assert merged and all(merged)
+
+
+def test_the_adapter_kept_apart_gives_the_same_answers(served, trained):
+    from finetune.run.inference import load_run
+
+    service, _ = served
+    task, model, processor, _ = load_run(trained.path)  # not merged, fp32: what serve used to predict with
+    records = [{"text": t} for t in ("good great day", "awful bad food", "meh", "evil movie good")]
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    same_rows(reference(service, records), predict_records(task, model, processor, records, batch_size=32))
 
 
 def test_concurrent_requests_are_batched_and_answered_correctly(served):
@@ -273,6 +302,7 @@ def test_cli_serves_and_stops_on_sigterm(trained):
                 port = int(found.group(1))
                 break
         assert port is not None, "".join(lines)
+        assert any("predicting: adapter merged into the weights" in line for line in lines), "".join(lines)
         status, body, _ = call(port, "POST", "/predict", {"texts": ["good", "bad"]})
         assert status == 200 and len(body["predictions"]) == 2
         proc.send_signal(signal.SIGTERM)
