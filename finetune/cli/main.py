@@ -265,9 +265,10 @@ def plugins() -> None:
 @click.option("--text", "--prompt", "-t", "texts", multiple=True, help="An input given directly (repeatable): a text, "
               "a prompt, a file path.")
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
               help="auto: bf16 on a CPU with AMX when its predictions on the run's eval rows agree with fp32's "
-                   "(checked once, kept in the run folder), else fp32; bf16: unchecked (docs/predict.md).")
+                   "(checked once, kept in the run folder), else fp32; bf16: unchecked; int8: the Linear layers "
+                   "quantized to int8 (CPU), under the same check, else fp32 (docs/predict.md).")
 @click.option("--no-merge", is_flag=True, help="Keep the adapter apart from the weights (default: LoRA folded into "
               "the weights for the prediction, the same results within float tolerance, faster).")
 @click.option("--draw", "draw_dir", type=click.Path(path_type=Path),

@@ -108,6 +108,10 @@ def test_bf16_is_chosen_only_when_it_agrees_with_fp32():
         precision, reason = choose_precision(bad)
         assert precision == "fp32" and "fell back to fp32" in reason and "label agreement >= 0.99" in reason
     assert choose_precision(None, "no eval data") == ("fp32", "fp32 (no eval data)")
+    rounded = Agreement(256, 1.0, 0.12)  # int8: the same labels, probabilities bounded more loosely than bf16's
+    assert choose_precision(rounded)[0] == "fp32" and choose_precision(rounded, low="int8")[0] == "int8"
+    precision, reason = choose_precision(Agreement(256, 0.98, 0.01), low="int8")
+    assert precision == "fp32" and reason.startswith("fp32: int8 was checked") and "<= 0.2)" in reason
     # the comparison itself: identical rows agree fully; a flipped label and a moved probability count
     ref = [{"text": "a", "pred_label": "pos", "pred_score": 0.9, "prob_pos": 0.9, "prob_neg": 0.1},
            {"text": "b", "pred_label": "neg", "pred_score": 0.6, "prob_pos": 0.4, "prob_neg": 0.6}]
@@ -138,12 +142,55 @@ def test_auto_precision_follows_the_check_on_the_eval_rows_and_keeps_its_result(
     monkeypatch.setattr(inference, "compare_predictions", lambda *_: pytest.fail("the kept result is reused"))
     assert inference_precision(task, model, processor, run_dir, "auto")[1] == reason
     saved = json.loads((run_dir.path / inference.CHECK_FILE).read_text())
-    saved["agreement"] = {"rows": 16, "label_agreement": 1.0, "max_prob_difference": 0.004}
+    saved["bf16"]["agreement"] = {"rows": 16, "label_agreement": 1.0, "max_prob_difference": 0.004}
     (run_dir.path / inference.CHECK_FILE).write_text(json.dumps(saved))
     chosen, reason = inference_precision(task, model, processor, run_dir, "auto")
     assert next(chosen.parameters()).dtype == torch.bfloat16 and reason.startswith("bf16 (agrees with fp32")
     rows = predict_records(task, chosen, processor, mixed_records(5), batch_size=4)  # and it predicts
     assert all(r["pred_label"] in ("neg", "pos") for r in rows)
+    (run_dir.path / inference.CHECK_FILE).unlink()
+
+
+
+def quantized_linears(model) -> int:
+    return sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
+
+
+def test_int8_quantizes_the_linear_layers_where_it_agrees_with_fp32_and_keeps_the_check(run, monkeypatch):
+    task, model, processor, run_dir = load_run(run.path)
+    merge_for_inference(model)
+    records = mixed_records(24)
+    want = predict_records(task, model, processor, records, batch_size=8)
+    (run_dir.path / inference.CHECK_FILE).unlink(missing_ok=True)
+    seen = []
+    real = inference.compare_predictions
+    monkeypatch.setattr(inference, "compare_predictions", lambda a, b: seen.append(len(a)) or real(a, b))
+    chosen, reason = inference_precision(task, model, processor, run_dir, "int8")
+    assert seen == [16] and reason.startswith("int8 (agrees with fp32 on 16 eval rows: label agreement "), reason
+    kept = {n for n, m in chosen.named_modules() if type(m) is torch.nn.Linear}
+    assert quantized_linears(chosen) >= 12 and kept and all("modules_to_save" in n or "original_module" in n
+                                                            for n in kept), kept  # the head stays fp32
+    got = predict_records(task, chosen, processor, records, batch_size=8)
+    assert [r["id"] for r in got] == [r["id"] for r in records]
+    assert sum(a["pred_label"] == b["pred_label"] for a, b in zip(got, want)) >= 23
+    assert max(abs(a["prob_pos"] - b["prob_pos"]) for a, b in zip(got, want)) <= inference.MAX_INT8_PROB_DIFFERENCE
+    saved = json.loads((run_dir.path / inference.CHECK_FILE).read_text())
+    assert set(saved) == {"int8"} and saved["int8"]["agreement"]["rows"] == 16
+    # kept: the next call quantizes without checking again; a failed check falls back to fp32, kept apart from bf16's
+    monkeypatch.setattr(inference, "compare_predictions", lambda *_: pytest.fail("the kept result is reused"))
+    task, model, processor, run_dir = load_run(run.path)
+    chosen, again = inference_precision(task, model, processor, run_dir, "int8")
+    assert again == reason and quantized_linears(chosen) >= 12
+    saved["int8"]["agreement"] = {"rows": 16, "label_agreement": 0.9, "max_prob_difference": 0.2}
+    (run_dir.path / inference.CHECK_FILE).write_text(json.dumps(saved))
+    task, model, processor, run_dir = load_run(run.path)
+    chosen, reason = inference_precision(task, model, processor, run_dir, "int8")
+    assert chosen is model and quantized_linears(model) == 0
+    assert reason.startswith("fp32: int8 was checked and does not agree") and "fell back to fp32" in reason
+    monkeypatch.setattr(inference, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(inference, "compare_predictions", lambda ref, _: Agreement(len(ref), 1.0, 0.001))
+    assert inference_precision(task, model, processor, run_dir, "auto")[1].startswith("bf16 (agrees")
+    assert set(json.loads((run_dir.path / inference.CHECK_FILE).read_text())) == {"int8", "bf16"}
     (run_dir.path / inference.CHECK_FILE).unlink()
 
 
@@ -313,7 +360,9 @@ def test_no_merge_and_explicit_precision_options(run, loaded, tmp_path):
     inp = write_csv(tmp_path / "in.csv", records)
     want = predict_records(task, model, processor, records, batch_size=4)
     cases = ((["--no-merge", "--precision", "fp32"], "adapter kept apart (--no-merge); fp32", 1e-5),
-             (["--precision", "bf16"], "merged into the weights; bf16 (--precision bf16: not checked", 0.05))
+             (["--precision", "bf16"], "merged into the weights; bf16 (--precision bf16: not checked", 0.05),
+             (["--precision", "int8"], "merged into the weights; int8 (agrees with fp32 on 16 eval rows",
+              inference.MAX_INT8_PROB_DIFFERENCE))
     for options, note, tolerance in cases:
         out = tmp_path / "out.jsonl"
         result = CliRunner().invoke(cli, ["predict", str(run.path), "--input", str(inp), "--output", str(out),
