@@ -116,6 +116,8 @@ MAX_PROB_DIFFERENCE = 0.05
 #: (measured on 1,000 SMS texts, MiniLM: mean 0.003, 99th percentile 0.047, largest 0.14; labels 0.999 the same).
 #: The bound catches a quantization that went wrong, not that rounding.
 MAX_INT8_PROB_DIFFERENCE = 0.2
+#: What :func:`quantize_int8` does, in the kept check's key.
+INT8_METHOD = "quantize_dynamic qint8, per-channel weights, modules_to_save in fp32"
 #: Eval rows the check predicts twice (fp32, bf16 or int8).
 CHECK_ROWS = 256
 #: Prediction fields the check compares; a task with other fields (text, boxes, masks) is predicted in fp32.
@@ -235,6 +237,8 @@ def inference_precision(task: Task, model: Any, processor: Any, run: RunDir, set
             return copy.deepcopy(m).to(torch.bfloat16)
 
     key = {**_check_key(run), "overrides": list(overrides or [])}
+    if low == "int8":
+        key["method"] = INT8_METHOD  # a result checked with another quantization is not reused
     cached = _read_check(run, low, key)
     converted = None
     if cached is not None:
