@@ -166,21 +166,28 @@ def test_int8_quantizes_the_linear_layers_where_it_agrees_with_fp32_and_keeps_th
     real = inference.compare_predictions
     monkeypatch.setattr(inference, "compare_predictions", lambda a, b: seen.append(len(a)) or real(a, b))
     chosen, reason = inference_precision(task, model, processor, run_dir, "int8")
-    assert seen == [16] and reason.startswith("int8 (agrees with fp32 on 16 eval rows: label agreement "), reason
+    saved = json.loads((run_dir.path / inference.CHECK_FILE).read_text())
+    assert seen == [16] and set(saved) == {"int8"} and saved["int8"]["agreement"]["rows"] == 16
+    # the real check on the 16 eval rows decided (here: int8, probabilities within 0.02; the tiny model's
+    # scores sit near 0.5, so another CPU's rounding could flip a label, and then fp32 would be right too)
+    assert reason == choose_precision(Agreement(**saved["int8"]["agreement"]), low="int8")[1]
+    # a kept passing result: the next call quantizes without checking again
+    saved["int8"]["agreement"] = {"rows": 16, "label_agreement": 1.0, "max_prob_difference": 0.01}
+    (run_dir.path / inference.CHECK_FILE).write_text(json.dumps(saved))
+    monkeypatch.setattr(inference, "compare_predictions", lambda *_: pytest.fail("the kept result is reused"))
+    task, model, processor, run_dir = load_run(run.path)
+    merge_for_inference(model)
+    chosen, reason = inference_precision(task, model, processor, run_dir, "int8")
+    assert reason.startswith("int8 (agrees with fp32 on 16 eval rows: label agreement 1.0000")
     kept = {n for n, m in chosen.named_modules() if type(m) is torch.nn.Linear}
     assert quantized_linears(chosen) >= 12 and kept and all("modules_to_save" in n or "original_module" in n
                                                             for n in kept), kept  # the head stays fp32
     got = predict_records(task, chosen, processor, records, batch_size=8)
     assert [r["id"] for r in got] == [r["id"] for r in records]
-    assert sum(a["pred_label"] == b["pred_label"] for a, b in zip(got, want)) >= 23
-    assert max(abs(a["prob_pos"] - b["prob_pos"]) for a, b in zip(got, want)) <= inference.MAX_INT8_PROB_DIFFERENCE
-    saved = json.loads((run_dir.path / inference.CHECK_FILE).read_text())
-    assert set(saved) == {"int8"} and saved["int8"]["agreement"]["rows"] == 16
-    # kept: the next call quantizes without checking again; a failed check falls back to fp32, kept apart from bf16's
-    monkeypatch.setattr(inference, "compare_predictions", lambda *_: pytest.fail("the kept result is reused"))
-    task, model, processor, run_dir = load_run(run.path)
-    chosen, again = inference_precision(task, model, processor, run_dir, "int8")
-    assert again == reason and quantized_linears(chosen) >= 12
+    assert all(a["pred_label"] == b["pred_label"] for a, b in zip(got, want) if b["pred_score"] > 0.6)
+    diffs = [abs(a["prob_pos"] - b["prob_pos"]) for a, b in zip(got, want)]
+    assert 0 < max(diffs) <= inference.MAX_INT8_PROB_DIFFERENCE  # rounded, not equal; and close
+    # a failed check falls back to fp32, and is kept apart from bf16's
     saved["int8"]["agreement"] = {"rows": 16, "label_agreement": 0.9, "max_prob_difference": 0.2}
     (run_dir.path / inference.CHECK_FILE).write_text(json.dumps(saved))
     task, model, processor, run_dir = load_run(run.path)
@@ -192,7 +199,6 @@ def test_int8_quantizes_the_linear_layers_where_it_agrees_with_fp32_and_keeps_th
     assert inference_precision(task, model, processor, run_dir, "auto")[1].startswith("bf16 (agrees")
     assert set(json.loads((run_dir.path / inference.CHECK_FILE).read_text())) == {"int8", "bf16"}
     (run_dir.path / inference.CHECK_FILE).unlink()
-
 
 def read_back(path, fmt: str) -> list[dict]:
     if fmt in ("csv", "tsv"):
@@ -359,16 +365,18 @@ def test_no_merge_and_explicit_precision_options(run, loaded, tmp_path):
     records = mixed_records(6)
     inp = write_csv(tmp_path / "in.csv", records)
     want = predict_records(task, model, processor, records, batch_size=4)
-    cases = ((["--no-merge", "--precision", "fp32"], "adapter kept apart (--no-merge); fp32", 1e-5),
-             (["--precision", "bf16"], "merged into the weights; bf16 (--precision bf16: not checked", 0.05),
-             (["--precision", "int8"], "merged into the weights; int8 (agrees with fp32 on 16 eval rows",
+    cases = ((["--no-merge", "--precision", "fp32"], ("adapter kept apart (--no-merge); fp32",), 1e-5),
+             (["--precision", "bf16"], ("merged into the weights; bf16 (--precision bf16: not checked",), 0.05),
+             # the real check on the eval rows decides; fp32, said with the check's numbers, where it disagrees
+             (["--precision", "int8"], ("merged into the weights; int8 (agrees with fp32 on 16 eval rows",
+                                        "merged into the weights; fp32: int8 was checked"),
               inference.MAX_INT8_PROB_DIFFERENCE))
-    for options, note, tolerance in cases:
+    for options, notes, tolerance in cases:
         out = tmp_path / "out.jsonl"
         result = CliRunner().invoke(cli, ["predict", str(run.path), "--input", str(inp), "--output", str(out),
                                           *options], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        assert note in result.output
+        assert any(note in result.output for note in notes), result.output
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [str(r["id"]) for r in rows] == [r["id"] for r in records]
         assert max(abs(a["prob_pos"] - b["prob_pos"]) for a, b in zip(rows, want)) <= tolerance
