@@ -194,6 +194,13 @@ def test_int8_quantizes_the_linear_layers_where_it_agrees_with_fp32_and_keeps_th
     chosen, reason = inference_precision(task, model, processor, run_dir, "int8")
     assert chosen is model and quantized_linears(model) == 0
     assert reason.startswith("fp32: int8 was checked and does not agree") and "fell back to fp32" in reason
+
+    def cannot(*_args, **_kwargs):
+        raise RuntimeError("no int8 kernels here")
+
+    monkeypatch.setattr(inference, "quantize_int8", cannot)  # a torch that cannot quantize: fp32, and why
+    assert inference_precision(task, model, processor, run_dir, "int8") == \
+        (model, "fp32 (int8 is not available here: RuntimeError: no int8 kernels here)")
     monkeypatch.setattr(inference, "cpu_has_amx", lambda: True)
     monkeypatch.setattr(inference, "compare_predictions", lambda ref, _: Agreement(len(ref), 1.0, 0.001))
     assert inference_precision(task, model, processor, run_dir, "auto")[1].startswith("bf16 (agrees")
