@@ -12,13 +12,16 @@ alternated A B A B ... in one session):
   finetune-big  the same on the texts repeated --big-factor times (default 10: 55,720 rows): peak RSS
                 against the 1x run
   finetune-fp32-unmerged  `--no-merge --precision fp32` (the batches are still length-sorted)
+  finetune-int8 `--precision int8`: the Linear layers dynamically quantized to int8, used when its predictions
+                on the run's eval rows agree with fp32's (the check runs once and is kept in the run folder;
+                the first call pays for it, so run it once before timing: --warm)
   plain         PeftModel.from_pretrained on the base, batches of 64 in input order, padded to the longest
                 text of each batch (truncation at 64 tokens), softmax, one JSON line per text
 
 The agreement of the outputs (same label, largest probability difference) is reported against `plain`.
 
     .venv/bin/python benchmarks/predict_sms.py [--data ../shared/data/sms_spam.tsv] [--run RUN] [--repeats 2]
-        [--variants finetune plain finetune-big] [--big-factor 10]
+        [--variants finetune plain finetune-big finetune-int8] [--big-factor 10] [--warm]
 """
 
 from __future__ import annotations
@@ -91,6 +94,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--variants", nargs="+", default=["finetune", "plain", "finetune-big"])
     parser.add_argument("--big-factor", type=int, default=10, help="finetune-big: the texts repeated this often")
+    parser.add_argument("--warm", action="store_true", help="run each finetune variant once on one text before "
+                        "timing (its precision check is then kept in the run folder, as after a first use)")
     args = parser.parse_args()
     import pandas as pd
 
@@ -106,7 +111,8 @@ def main() -> None:
         load = os.getloadavg()
         print(f"{len(texts)} texts (finetune-big: {len(texts) * args.big_factor}), batch {args.batch_size}, "
               f"run {run}; load average at start "
-              f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+              f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')} "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}", flush=True)
         cmds = {
             "finetune": [python, "-m", "finetune.cli", "predict", str(run), "--input", str(folder / "sms.csv"),
                          "--output", str(folder / "finetune.jsonl"), "--batch-size", str(args.batch_size)],
@@ -117,9 +123,17 @@ def main() -> None:
                                        str(folder / "sms.csv"), "--output",
                                        str(folder / "finetune-fp32-unmerged.jsonl"), "--batch-size",
                                        str(args.batch_size), "--no-merge", "--precision", "fp32"],
+            "finetune-int8": [python, "-m", "finetune.cli", "predict", str(run), "--input", str(folder / "sms.csv"),
+                              "--output", str(folder / "finetune-int8.jsonl"), "--batch-size", str(args.batch_size),
+                              "--precision", "int8"],
             "plain": [python, str(folder / "plain.py"), str(folder / "sms.csv"), str(run),
                       str(folder / "plain.jsonl"), str(args.batch_size)],
         }
+        if args.warm:  # the precision checks (kept in the run folder) and the page cache, before any timing
+            for name in args.variants:
+                if name.startswith("finetune"):
+                    subprocess.run(cmds[name][:5] + ["--text", "warm up"] + cmds[name][9:], cwd=REPO, check=True,
+                                   capture_output=True)
         results: dict[str, list[tuple[float, int]]] = {name: [] for name in args.variants}
         for repeat in range(args.repeats):
             for name in args.variants:

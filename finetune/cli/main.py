@@ -265,9 +265,10 @@ def plugins() -> None:
 @click.option("--text", "--prompt", "-t", "texts", multiple=True, help="An input given directly (repeatable): a text, "
               "a prompt, a file path.")
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
               help="auto: bf16 on a CPU with AMX when its predictions on the run's eval rows agree with fp32's "
-                   "(checked once, kept in the run folder), else fp32; bf16: unchecked (docs/predict.md).")
+                   "(checked once, kept in the run folder), else fp32; bf16: unchecked; int8: the Linear layers "
+                   "quantized to int8 (CPU), under the same check, else fp32 (docs/predict.md).")
 @click.option("--no-merge", is_flag=True, help="Keep the adapter apart from the weights (default: LoRA folded into "
               "the weights for the prediction, the same results within float tolerance, faster).")
 @click.option("--draw", "draw_dir", type=click.Path(path_type=Path),
@@ -289,8 +290,12 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, ou
     written a chunk at a time, so it may be larger than memory; text inputs are
     batched by length (the output keeps the input's order)."""
     quiet_libraries()
+    from finetune.engine import threads
     from finetune.run.hub import find_run
-    from finetune.run.inference import inference_precision, load_run, merge_for_inference
+    from finetune.run.inference import load_run, prepare_for_inference
+
+    # Before torch loads (OpenMP reads its settings once): as for training, from how busy the machine is.
+    chosen_threads = threads.apply(threads.choose())
     from finetune.run.predictions import (
         PredictionWriter,
         Progress,
@@ -307,9 +312,10 @@ def predict(run_dir: Path, input_path: Path | None, output_path: Path | None, ou
     check_draw(task, draw_dir)
     chunks = iter_record_chunks(task, input_path, list(texts))
     first = next(chunks, [])  # bad input fails here, before the checks below and before any output is opened
-    merged = "adapter kept apart (--no-merge)" if no_merge else merge_for_inference(model)
-    model, chosen = inference_precision(task, model, processor, run, precision, batch_size, list(overrides))
-    click.echo(f"predicting: {merged}; {chosen}", err=True)
+    model, how = prepare_for_inference(task, model, processor, run, precision=precision, batch_size=batch_size,
+                                       merge=not no_merge, overrides=list(overrides))
+    click.echo(f"predicting: {how}", err=True)
+    click.echo(f"torch threads: {chosen_threads.describe()}", err=True)
     drawn: list[Path] = []
 
     def draw(rows: list[dict]) -> None:

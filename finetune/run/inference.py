@@ -111,7 +111,15 @@ MIN_LABEL_AGREEMENT = 0.99
 #: ... and no probability / score differs from fp32's by more than this (a value such as ``pred_value`` by more
 #: than this share of the range of fp32's values).
 MAX_PROB_DIFFERENCE = 0.05
-#: Eval rows the check predicts twice (fp32, bf16).
+#: ``--precision int8`` needs the same label agreement, and bounds the probabilities more loosely: int8 rounds
+#: every activation of a batch to one of 256 levels, which moves a few probabilities by more than bf16 does
+#: (measured on SMS texts, MiniLM: mean 0.003 and 99th percentile 0.047 over 1,000 texts, largest 0.14 over 2,000
+#: and 0.16 on the run's 256 eval rows; labels 0.999-1.0 the same: benchmarks/README.md).
+#: The bound catches a quantization that went wrong, not that rounding.
+MAX_INT8_PROB_DIFFERENCE = 0.2
+#: What :func:`quantize_int8` does, in the kept check's key.
+INT8_METHOD = "quantize_dynamic qint8, per-channel weights, modules_to_save in fp32"
+#: Eval rows the check predicts twice (fp32, bf16 or int8).
 CHECK_ROWS = 256
 #: Prediction fields the check compares; a task with other fields (text, boxes, masks) is predicted in fp32.
 CHECKED_FIELDS = ("pred_label", "pred_labels", "pred_score", "pred_value")
@@ -147,18 +155,18 @@ def compare_predictions(reference: list[dict[str, Any]], other: list[dict[str, A
     return Agreement(len(reference), same / len(reference), diff)
 
 
-def choose_precision(agreement: Agreement | None, why_not: str = "") -> tuple[str, str]:
-    """``("bf16" | "fp32", reason)`` for ``--precision auto`` from the check's result (None: not checked, for
-    ``why_not``)."""
+def choose_precision(agreement: Agreement | None, why_not: str = "", low: str = "bf16") -> tuple[str, str]:
+    """``(low | "fp32", reason)`` from the check of ``low`` (``bf16`` for ``--precision auto``, ``int8`` for
+    ``--precision int8``) against fp32 (None: not checked, for ``why_not``)."""
     if agreement is None:
         return "fp32", f"fp32 ({why_not})"
-    ok = (agreement.label_agreement >= MIN_LABEL_AGREEMENT
-          and agreement.max_prob_difference <= MAX_PROB_DIFFERENCE)
+    bound = MAX_INT8_PROB_DIFFERENCE if low == "int8" else MAX_PROB_DIFFERENCE
+    ok = agreement.label_agreement >= MIN_LABEL_AGREEMENT and agreement.max_prob_difference <= bound
     if ok:
-        return "bf16", f"bf16 (agrees with fp32 {agreement.describe()})"
-    return "fp32", (f"fp32: bf16 was checked and does not agree well enough with fp32 ({agreement.describe()}; "
+        return low, f"{low} (agrees with fp32 {agreement.describe()})"
+    return "fp32", (f"fp32: {low} was checked and does not agree well enough with fp32 ({agreement.describe()}; "
                     f"needed: label agreement >= {MIN_LABEL_AGREEMENT}, max probability difference <= "
-                    f"{MAX_PROB_DIFFERENCE}); fell back to fp32")
+                    f"{bound}); fell back to fp32")
 
 
 def cpu_has_amx() -> bool:
@@ -169,45 +177,102 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def quantize_int8(model: Any, inplace: bool = False) -> Any:
+    """``model`` with its ``torch.nn.Linear`` layers replaced by dynamically quantized ones
+    (``torch.ao.quantization.quantize_dynamic``: int8 weights with a scale per output channel, each batch's
+    activations quantized on the fly; fbgemm's int8 kernels, VNNI where the CPU has it). A copy unless
+    ``inplace``. Kept in fp32: embeddings, layer norms, and the layers PEFT saves whole (``modules_to_save``:
+    the task's head, e.g. ``classifier`` and ``pooler``), which are small and where rounding moves the
+    probabilities most (measured: benchmarks/README.md). CPU only."""
+    import warnings
+
+    import torch
+
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError as exc:  # a torch without eager-mode quantization
+        raise RuntimeError(f"this torch ({torch.__version__}) has no torch.ao.quantization.quantize_dynamic") from exc
+    spec = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
+            if type(module) is torch.nn.Linear and not {"modules_to_save", "original_module"} & set(name.split("."))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice (torchao is its successor)
+        return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=inplace)
+
+
 def inference_precision(task: Task, model: Any, processor: Any, run: RunDir, setting: str,
                         batch_size: int = 64, overrides: list[str] | None = None) -> tuple[Any, str]:
     """The model to predict with and a sentence saying which precision and why. ``setting``: ``fp32`` (as
     trained), ``bf16`` (a bf16 copy, unchecked), ``auto`` (bf16 only on a CPU with AMX, for a task whose
     predictions the check can compare, when bf16's predictions on the run's first :data:`CHECK_ROWS` eval rows
-    agree with fp32's (:func:`choose_precision`); the check's result is kept in the run folder,
-    ``predict_precision.json``, and reused while the adapter, torch and the CPU stay the same)."""
+    agree with fp32's (:func:`choose_precision`)), ``int8`` (the Linear layers dynamically quantized to int8
+    (:func:`quantize_int8`), on a CPU, under the same check as bf16's; fp32 where it does not agree). A check's
+    result is kept in the run folder, ``predict_precision.json``, and reused while the adapter, torch and the
+    CPU stay the same."""
     import torch
 
     if setting == "fp32":
         return model, "fp32"
     if setting == "bf16":
         return model.to(torch.bfloat16), "bf16 (--precision bf16: not checked against fp32)"
-    if torch.cuda.is_available() or next(model.parameters()).device.type != "cpu":
+    low = "int8" if setting == "int8" else "bf16"
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if low == "int8" and not on_cpu:
+        return model, "fp32 (--precision int8: dynamic int8 quantization runs on CPUs only)"
+    if low == "bf16" and (torch.cuda.is_available() or not on_cpu):
         return model, "fp32 (--precision auto picks bf16 only on CPUs with AMX)"
-    if not cpu_has_amx():
+    if low == "bf16" and not cpu_has_amx():
         return model, "fp32 (this CPU has no AMX: bf16 would be slower)"
     fields = set(getattr(task, "prediction_fields", {}) or {})
     if not fields or any(f not in CHECKED_FIELDS and not f.startswith("prob_") for f in fields):
-        return model, "fp32 (this task's predictions are not compared by the bf16 check)"
+        return model, f"fp32 (this task's predictions are not compared by the {low} check)"
+    if low == "int8":
+        try:
+            convert = quantize_int8
+            convert(torch.nn.Sequential(torch.nn.Linear(2, 2)))  # fails fast where torch cannot quantize
+        except Exception as exc:  # noqa: BLE001 - any failure: predict in fp32 and say why
+            return model, f"fp32 (int8 is not available here: {type(exc).__name__}: {exc})"
+    else:
+        import copy
+
+        def convert(m: Any) -> Any:
+            return copy.deepcopy(m).to(torch.bfloat16)
+
     key = {**_check_key(run), "overrides": list(overrides or [])}
-    cached = _read_check(run, key)
+    if low == "int8":
+        key["method"] = INT8_METHOD  # a result checked with another quantization is not reused
+    cached = _read_check(run, low, key)
+    converted = None
     if cached is not None:
         agreement = Agreement(**cached)
     else:
         records, why = _eval_records(task)
         if not records:
-            return model, f"fp32 (bf16 not checked: {why})"
-        import copy
-
+            return model, f"fp32 ({low} not checked: {why})"
         from finetune.run.predictions import predict_records
 
         reference = predict_records(task, model, processor, records, batch_size)
-        low = copy.deepcopy(model).to(torch.bfloat16)
-        agreement = compare_predictions(reference, predict_records(task, low, processor, records, batch_size))
-        del low
-        _write_check(run, key, agreement)
-    precision, reason = choose_precision(agreement)
-    return (model.to(torch.bfloat16) if precision == "bf16" else model), reason
+        converted = convert(model)
+        agreement = compare_predictions(reference, predict_records(task, converted, processor, records, batch_size))
+        _write_check(run, low, key, agreement)
+    precision, reason = choose_precision(agreement, low=low)
+    if precision == "fp32":
+        return model, reason
+    if low == "int8":
+        return (converted if converted is not None else quantize_int8(model, inplace=True)), reason
+    del converted
+    return model.to(torch.bfloat16), reason
+
+
+def prepare_for_inference(task: Task, model: Any, processor: Any, run: RunDir, *, precision: str = "auto",
+                          batch_size: int = 32, merge: bool = True,
+                          overrides: list[str] | None = None) -> tuple[Any, str]:
+    """What ``finetune predict`` and ``finetune serve`` both do to a loaded run (:func:`load_run`) before its
+    first prediction: the adapter folded into the weights (:func:`merge_for_inference`; ``merge=False`` keeps it
+    apart) and the precision chosen (:func:`inference_precision`; the check's result is kept per run folder,
+    so predict and serve share it). Returns the model to predict with and one sentence saying what was done."""
+    merged = merge_for_inference(model) if merge else "adapter kept apart (--no-merge)"
+    model, chosen = inference_precision(task, model, processor, run, precision, batch_size, list(overrides or []))
+    return model, f"{merged}; {chosen}"
 
 
 def _eval_records(task: Task) -> tuple[list[dict[str, Any]], str]:
@@ -237,16 +302,25 @@ def _check_key(run: RunDir) -> dict[str, Any]:
             "adapter": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
-def _read_check(run: RunDir, key: dict[str, Any]) -> dict[str, Any] | None:
+def _read_check(run: RunDir, low: str, key: dict[str, Any]) -> dict[str, Any] | None:
     try:
         saved = json.loads((run.path / CHECK_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return saved.get("agreement") if isinstance(saved, dict) and saved.get("key") == key else None
+    entry = saved.get(low) if isinstance(saved, dict) else None
+    return entry.get("agreement") if isinstance(entry, dict) and entry.get("key") == key else None
 
 
-def _write_check(run: RunDir, key: dict[str, Any], agreement: Agreement) -> None:
+def _write_check(run: RunDir, low: str, key: dict[str, Any], agreement: Agreement) -> None:
+    """Kept per precision checked (``{"bf16": {"key", "agreement"}, "int8": ...}``)."""
+    path = run.path / CHECK_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    saved = {k: v for k, v in saved.items() if k in ("bf16", "int8")} if isinstance(saved, dict) else {}
+    saved[low] = {"key": key, "agreement": asdict(agreement)}
     try:  # a read-only run folder (a pulled one, a shared disk) just checks again next time
-        (run.path / CHECK_FILE).write_text(json.dumps({"key": key, "agreement": asdict(agreement)}, indent=1))
+        path.write_text(json.dumps(saved, indent=1))
     except OSError:
         pass

@@ -695,7 +695,7 @@ def open_service(run_path: str | Path, overrides: list[str] | None = None, *, tr
     torch is imported, its threads and OpenMP wait policy are chosen from the machine's state as for
     training (``OMP_NUM_THREADS`` / ``OMP_WAIT_POLICY`` override); ``announce`` hears the choices."""
     from finetune.engine import threads
-    from finetune.run.inference import inference_precision, load_run, merge_for_inference
+    from finetune.run.inference import load_run, prepare_for_inference
 
     choice = threads.apply(threads.choose())
     if announce is not None:
@@ -703,10 +703,8 @@ def open_service(run_path: str | Path, overrides: list[str] | None = None, *, tr
 
     task, model, processor, run = load_run(run_path, overrides, trust_remote_code=trust_remote_code,
                                            announce=announce)
-    merged = merge_for_inference(model) if merge else "adapter kept apart (--no-merge)"
-    model, chosen = inference_precision(task, model, processor, run, precision, PREDICT_BATCH_SIZE,
-                                        list(overrides or []))
-    inference = f"{merged}; {chosen}"
+    model, inference = prepare_for_inference(task, model, processor, run, precision=precision,
+                                             batch_size=PREDICT_BATCH_SIZE, merge=merge, overrides=overrides)
     if announce is not None:
         announce(f"predicting: {inference}")
     service = Service(task, model, processor, run.path, **limits)

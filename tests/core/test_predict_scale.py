@@ -108,6 +108,10 @@ def test_bf16_is_chosen_only_when_it_agrees_with_fp32():
         precision, reason = choose_precision(bad)
         assert precision == "fp32" and "fell back to fp32" in reason and "label agreement >= 0.99" in reason
     assert choose_precision(None, "no eval data") == ("fp32", "fp32 (no eval data)")
+    rounded = Agreement(256, 1.0, 0.12)  # int8: the same labels, probabilities bounded more loosely than bf16's
+    assert choose_precision(rounded)[0] == "fp32" and choose_precision(rounded, low="int8")[0] == "int8"
+    precision, reason = choose_precision(Agreement(256, 0.98, 0.01), low="int8")
+    assert precision == "fp32" and reason.startswith("fp32: int8 was checked") and "<= 0.2)" in reason
     # the comparison itself: identical rows agree fully; a flipped label and a moved probability count
     ref = [{"text": "a", "pred_label": "pos", "pred_score": 0.9, "prob_pos": 0.9, "prob_neg": 0.1},
            {"text": "b", "pred_label": "neg", "pred_score": 0.6, "prob_pos": 0.4, "prob_neg": 0.6}]
@@ -138,7 +142,7 @@ def test_auto_precision_follows_the_check_on_the_eval_rows_and_keeps_its_result(
     monkeypatch.setattr(inference, "compare_predictions", lambda *_: pytest.fail("the kept result is reused"))
     assert inference_precision(task, model, processor, run_dir, "auto")[1] == reason
     saved = json.loads((run_dir.path / inference.CHECK_FILE).read_text())
-    saved["agreement"] = {"rows": 16, "label_agreement": 1.0, "max_prob_difference": 0.004}
+    saved["bf16"]["agreement"] = {"rows": 16, "label_agreement": 1.0, "max_prob_difference": 0.004}
     (run_dir.path / inference.CHECK_FILE).write_text(json.dumps(saved))
     chosen, reason = inference_precision(task, model, processor, run_dir, "auto")
     assert next(chosen.parameters()).dtype == torch.bfloat16 and reason.startswith("bf16 (agrees with fp32")
@@ -146,6 +150,62 @@ def test_auto_precision_follows_the_check_on_the_eval_rows_and_keeps_its_result(
     assert all(r["pred_label"] in ("neg", "pos") for r in rows)
     (run_dir.path / inference.CHECK_FILE).unlink()
 
+
+
+def quantized_linears(model) -> int:
+    return sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
+
+
+def test_int8_quantizes_the_linear_layers_where_it_agrees_with_fp32_and_keeps_the_check(run, monkeypatch):
+    task, model, processor, run_dir = load_run(run.path)
+    merge_for_inference(model)
+    records = mixed_records(24)
+    want = predict_records(task, model, processor, records, batch_size=8)
+    (run_dir.path / inference.CHECK_FILE).unlink(missing_ok=True)
+    seen = []
+    real = inference.compare_predictions
+    monkeypatch.setattr(inference, "compare_predictions", lambda a, b: seen.append(len(a)) or real(a, b))
+    chosen, reason = inference_precision(task, model, processor, run_dir, "int8")
+    saved = json.loads((run_dir.path / inference.CHECK_FILE).read_text())
+    assert seen == [16] and set(saved) == {"int8"} and saved["int8"]["agreement"]["rows"] == 16
+    # the real check on the 16 eval rows decided (here: int8, probabilities within 0.02; the tiny model's
+    # scores sit near 0.5, so another CPU's rounding could flip a label, and then fp32 would be right too)
+    assert reason == choose_precision(Agreement(**saved["int8"]["agreement"]), low="int8")[1]
+    # a kept passing result: the next call quantizes without checking again
+    saved["int8"]["agreement"] = {"rows": 16, "label_agreement": 1.0, "max_prob_difference": 0.01}
+    (run_dir.path / inference.CHECK_FILE).write_text(json.dumps(saved))
+    monkeypatch.setattr(inference, "compare_predictions", lambda *_: pytest.fail("the kept result is reused"))
+    task, model, processor, run_dir = load_run(run.path)
+    merge_for_inference(model)
+    chosen, reason = inference_precision(task, model, processor, run_dir, "int8")
+    assert reason.startswith("int8 (agrees with fp32 on 16 eval rows: label agreement 1.0000")
+    kept = {n for n, m in chosen.named_modules() if type(m) is torch.nn.Linear}
+    assert quantized_linears(chosen) >= 12 and kept and all("modules_to_save" in n or "original_module" in n
+                                                            for n in kept), kept  # the head stays fp32
+    got = predict_records(task, chosen, processor, records, batch_size=8)
+    assert [r["id"] for r in got] == [r["id"] for r in records]
+    assert all(a["pred_label"] == b["pred_label"] for a, b in zip(got, want) if b["pred_score"] > 0.6)
+    diffs = [abs(a["prob_pos"] - b["prob_pos"]) for a, b in zip(got, want)]
+    assert 0 < max(diffs) <= inference.MAX_INT8_PROB_DIFFERENCE  # rounded, not equal; and close
+    # a failed check falls back to fp32, and is kept apart from bf16's
+    saved["int8"]["agreement"] = {"rows": 16, "label_agreement": 0.9, "max_prob_difference": 0.2}
+    (run_dir.path / inference.CHECK_FILE).write_text(json.dumps(saved))
+    task, model, processor, run_dir = load_run(run.path)
+    chosen, reason = inference_precision(task, model, processor, run_dir, "int8")
+    assert chosen is model and quantized_linears(model) == 0
+    assert reason.startswith("fp32: int8 was checked and does not agree") and "fell back to fp32" in reason
+
+    def cannot(*_args, **_kwargs):
+        raise RuntimeError("no int8 kernels here")
+
+    monkeypatch.setattr(inference, "quantize_int8", cannot)  # a torch that cannot quantize: fp32, and why
+    assert inference_precision(task, model, processor, run_dir, "int8") == \
+        (model, "fp32 (int8 is not available here: RuntimeError: no int8 kernels here)")
+    monkeypatch.setattr(inference, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(inference, "compare_predictions", lambda ref, _: Agreement(len(ref), 1.0, 0.001))
+    assert inference_precision(task, model, processor, run_dir, "auto")[1].startswith("bf16 (agrees")
+    assert set(json.loads((run_dir.path / inference.CHECK_FILE).read_text())) == {"int8", "bf16"}
+    (run_dir.path / inference.CHECK_FILE).unlink()
 
 def read_back(path, fmt: str) -> list[dict]:
     if fmt in ("csv", "tsv"):
@@ -293,6 +353,7 @@ def test_predict_cli_streams_a_file_and_says_how_it_predicts(run, loaded, tmp_pa
     result = run_cli("predict", str(run.path), "--input", str(inp), "--output", str(out), "--batch-size", "5")
     assert result.returncode == 0, result.stderr
     assert "predicting: adapter merged into the weights; " in result.stderr  # then bf16 or fp32, and why
+    assert "torch threads: " in result.stderr  # chosen from the machine's state (or OMP_*), as for training
     assert "rows/s" not in result.stderr and "\r" not in result.stderr  # stderr is a pipe here: no progress line
     assert "wrote 12 predictions" in result.stderr
     rows = list(csv.DictReader(out.open()))
@@ -312,14 +373,18 @@ def test_no_merge_and_explicit_precision_options(run, loaded, tmp_path):
     records = mixed_records(6)
     inp = write_csv(tmp_path / "in.csv", records)
     want = predict_records(task, model, processor, records, batch_size=4)
-    cases = ((["--no-merge", "--precision", "fp32"], "adapter kept apart (--no-merge); fp32", 1e-5),
-             (["--precision", "bf16"], "merged into the weights; bf16 (--precision bf16: not checked", 0.05))
-    for options, note, tolerance in cases:
+    cases = ((["--no-merge", "--precision", "fp32"], ("adapter kept apart (--no-merge); fp32",), 1e-5),
+             (["--precision", "bf16"], ("merged into the weights; bf16 (--precision bf16: not checked",), 0.05),
+             # the real check on the eval rows decides; fp32, said with the check's numbers, where it disagrees
+             (["--precision", "int8"], ("merged into the weights; int8 (agrees with fp32 on 16 eval rows",
+                                        "merged into the weights; fp32: int8 was checked"),
+              inference.MAX_INT8_PROB_DIFFERENCE))
+    for options, notes, tolerance in cases:
         out = tmp_path / "out.jsonl"
         result = CliRunner().invoke(cli, ["predict", str(run.path), "--input", str(inp), "--output", str(out),
                                           *options], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        assert note in result.output
+        assert any(note in result.output for note in notes), result.output
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [str(r["id"]) for r in rows] == [r["id"] for r in records]
         assert max(abs(a["prob_pos"] - b["prob_pos"]) for a, b in zip(rows, want)) <= tolerance
