@@ -264,16 +264,14 @@ class GRPO(CausalLM):
         kwargs = generation_kwargs(opts, stop, peft_model.config.pad_token_id)
         if not sample:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        ids = batch["input_ids"].repeat_interleave(repeat, 0)
-        mask = batch["attention_mask"].repeat_interleave(repeat, 0)
         was_training = peft_model.training
         peft_model.eval()
         try:
             with torch.no_grad():
-                seqs = peft_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                seqs = sample_groups(peft_model, batch["input_ids"], batch["attention_mask"], repeat, kwargs)
         finally:
             peft_model.train(was_training)
-        new = seqs[:, ids.shape[1]:]
+        new = seqs[:, batch["input_ids"].shape[1]:]
         is_stop = torch.isin(new, torch.tensor(stop, device=new.device))
         after_stop = (is_stop.long().cumsum(1) - is_stop.long()) > 0
         return new, ~after_stop
@@ -309,6 +307,20 @@ class GRPO(CausalLM):
         total, per = self._score(texts, rows)
         rewards = torch.tensor(total, dtype=torch.float32, device=new.device)
         advantages = group_advantages(rewards, group, scale=opts.scale_rewards)
+        grouped = rewards.view(-1, group)
+        self._log("reward", grouped.mean().item())
+        self._log("reward_std", grouped.std(dim=1).mean().item())
+        self._log("groups_with_signal", (grouped != grouped[:, :1]).any(1).float().mean().item())
+        self._log("completion_length", keep.sum(1).float().mean().item())
+        for name, values in per.items():
+            self._log(f"reward_{name}", sum(values) / len(values))
+        share = 1.0
+        if opts.kl_weight == 0:  # rows of groups without signal add exactly 0 to the loss and its gradient
+            prompts, kept, share = groups_with_signal(rewards, group)
+            if share < 1:
+                batch = {**batch, "input_ids": batch["input_ids"][prompts],
+                         "attention_mask": batch["attention_mask"][prompts]}
+                new, keep, advantages = new[kept], keep[kept], advantages[kept]
         inputs = self._sequences(batch, new, keep, group)
         logps = completion_logps(model, inputs)
         if opts.kl_weight > 0:
@@ -317,15 +329,10 @@ class GRPO(CausalLM):
         else:  # no KL term: the reference pass (a third of a step) is skipped; kl is not logged
             ref_logps = logps.detach()
         loss, kl = grpo_loss(logps, logps.detach(), ref_logps, keep, advantages, opts.clip_range, opts.kl_weight)
-        grouped = rewards.view(-1, group)
-        self._log("reward", grouped.mean().item())
-        self._log("reward_std", grouped.std(dim=1).mean().item())
         if opts.kl_weight > 0:
             self._log("kl", kl.item())
-        self._log("completion_length", keep.sum(1).float().mean().item())
-        for name, values in per.items():
-            self._log(f"reward_{name}", sum(values) / len(values))
-        return loss
+        return loss * share  # the mean over every sampled row, as if the skipped ones (all 0) were there
+
 
     def _sequences(self, batch: dict[str, Any], new: Any, keep: Any, group: int) -> dict[str, Any]:
         return {"prompt_ids": batch["input_ids"], "prompt_mask": batch["attention_mask"], "completion_ids": new,
@@ -336,7 +343,8 @@ class GRPO(CausalLM):
 
     def training_logs(self) -> dict[str, float]:
         """Means of what training measured since the last call: reward (weighted), reward_std (within groups,
-        mean over groups), kl, completion_length (tokens) and reward_<name> per function."""
+        mean over groups), groups_with_signal (the share of groups whose answers did not all score the same:
+        the others teach nothing), kl, completion_length (tokens) and reward_<name> per function."""
         out = {name: sum(values) / len(values) for name, values in self._logs.items() if values}
         self._logs = {}
         return out
@@ -388,6 +396,63 @@ class GRPO(CausalLM):
                       file=sys.stderr)
 
 
+def groups_with_signal(rewards: Any, group: int) -> tuple[Any, Any, float]:
+    """``(prompts, rows, share)``: the index of each prompt whose ``group`` sampled answers did not all score
+    the same, the index of those groups' rows in ``rewards`` (``[prompts * group]``, each group consecutive),
+    and the share of groups kept. The other groups have zero advantages: without a KL term their rows add
+    exactly 0 to the loss and its gradient, so the policy pass skips them (with a weak policy or easy prompts
+    that is often half of them) and multiplies the mean over the kept rows by ``share``: the mean over all
+    rows, the same loss. With no group informative, the first is kept (a zero loss that still has a graph)."""
+    import torch
+
+    grouped = rewards.view(-1, group)
+    informative = (grouped != grouped[:, :1]).any(1)
+    prompts = informative.nonzero().flatten()
+    if not len(prompts):
+        prompts = torch.zeros(1, dtype=torch.long, device=rewards.device)
+    rows = (prompts[:, None] * group + torch.arange(group, device=rewards.device)).flatten()
+    return prompts, rows, len(prompts) / len(grouped)
+
+
+def _cache_key(model: Any) -> tuple[str, bool]:
+    """``(name of the forward's cache argument, whether the forward takes logits_to_keep)``."""
+    import inspect
+
+    from finetune_generation.logprobs import unwrap
+
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    parameters = inspect.signature(base.forward).parameters
+    return ("cache" if "cache" in parameters else "past_key_values"), "logits_to_keep" in parameters  # 5.x: cache
+
+
+def sample_groups(model: Any, prompt_ids: Any, prompt_mask: Any, repeat: int, kwargs: dict[str, Any],
+                  share_prompt: bool = True) -> Any:
+    """``generate`` ``repeat`` continuations of each (left-padded) prompt, the ``repeat`` of one prompt
+    consecutive: ``[prompts * repeat, width + new]`` token ids. The prompts are computed once (all but their
+    last token, into a KV cache that is then repeated for the group) instead of once per sampled row: with
+    the quickstart's ~40-token prompts, groups of 8 and ~12-token answers that is most of the work of
+    sampling. Models whose forward lacks ``logits_to_keep`` or whose cache cannot be repeated (and
+    ``share_prompt=False``) generate from the repeated prompts; tests check that both give the same tokens."""
+    import torch
+
+    ids = prompt_ids.repeat_interleave(repeat, 0)
+    mask = prompt_mask.repeat_interleave(repeat, 0)
+    extra: dict[str, Any] = {}
+    cache_key, keeps_logits = _cache_key(model)
+    head, head_mask = prompt_ids[:, :-1], prompt_mask[:, :-1]
+    if share_prompt and repeat > 1 and keeps_logits and head.shape[1] and bool((head_mask.sum(1) > 0).all()):
+        positions = (head_mask.cumsum(1) - 1).clamp(min=0)  # as generate numbers them (left padding)
+        with torch.no_grad():
+            out = model(input_ids=head, attention_mask=head_mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1)
+        cache = out.get("cache", out.get("past_key_values"))
+        if cache is not None and hasattr(cache, "batch_repeat_interleave"):
+            cache.batch_repeat_interleave(repeat)
+            extra[cache_key] = cache  # generate computes only the prompts' last token, then samples on
+    return model.generate(input_ids=ids, attention_mask=mask, **kwargs, **extra)
+
+
 def completion_logps(model: Any, inputs: dict[str, Any]) -> Any:
     """``[rows, new]`` log-probabilities of each sampled completion's tokens given its prompt.
 
@@ -399,11 +464,7 @@ def completion_logps(model: Any, inputs: dict[str, Any]) -> Any:
     a third of the tokens of running every (prompt + completion) row. Only the positions that predict a
     completion token go through the output head. Models whose forward lacks ``logits_to_keep`` or whose
     cache cannot be repeated take the plain path (every row in full); tests check both give the same."""
-    import inspect
-
     import torch
-
-    from finetune_generation.logprobs import unwrap
 
     prompt, pmask = inputs["prompt_ids"], inputs["prompt_mask"]
     new, keep, group = inputs["completion_ids"], inputs["completion_mask"], inputs["group"]
@@ -411,11 +472,7 @@ def completion_logps(model: Any, inputs: dict[str, Any]) -> Any:
     attention = torch.cat([rows_mask, keep.long()], 1)
     positions = (attention.cumsum(1) - 1).clamp(min=0)
     width, n = prompt.shape[1], new.shape[1]
-    base = unwrap(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    parameters = inspect.signature(base.forward).parameters
-    keeps_logits = "logits_to_keep" in parameters
-    cache_key = "cache" if "cache" in parameters else "past_key_values"  # transformers 5.x renames it
+    cache_key, keeps_logits = _cache_key(model)
     logits = None
     if keeps_logits and inputs.get("share_prompt", True):
         out = model(input_ids=prompt, attention_mask=pmask, position_ids=positions[::group, :width], use_cache=True,
@@ -437,4 +494,4 @@ def completion_logps(model: Any, inputs: dict[str, Any]) -> Any:
     return torch.gather(logits, -1, new.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-__all__ = ["GRPO", "GRPOOptions", "completion_logps"]
+__all__ = ["GRPO", "GRPOOptions", "completion_logps", "groups_with_signal", "sample_groups"]

@@ -1,13 +1,15 @@
 """Build the prompt sets for the stages after supervised fine-tuning (DPO, GRPO) of the generation quickstart.
 
 * ``arithmetic_prompts.jsonl``: 256 training prompts for preference tuning and GRPO;
-* ``arithmetic_heldout.jsonl``: 100 held-out prompts on which every stage (SFT, DPO, GRPO) is measured.
+* ``arithmetic_heldout.jsonl``: 100 held-out prompts on which every stage (SFT, DPO, GRPO) is measured;
+* ``arithmetic_prompts_more.jsonl``: 2,000 more training prompts for longer GRPO runs (drawn after the two
+  files above from the same seeded generator, so those two are unchanged).
 
 Same generator and answer format as ``arithmetic_instructions.jsonl`` (chat ``messages``; the assistant turn
 is the reference answer, e.g. "42 - 75 = -33"), another seed, and no question of the SFT data or of the other
-file repeated: a held-out question was never trained on by any stage. No external data (public domain / CC0).
+files repeated: a held-out question was never trained on by any stage. No external data (public domain / CC0).
 
-    python recipes/data/make_arithmetic_prompts.py   # rewrites both .jsonl files next to this script
+    python recipes/data/make_arithmetic_prompts.py   # rewrites the three .jsonl files next to this script
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from make_arithmetic_instructions import make_row
 
 HERE = Path(__file__).parent
-SIZES = {"arithmetic_prompts.jsonl": 256, "arithmetic_heldout.jsonl": 100}
+SIZES = {"arithmetic_prompts.jsonl": 256, "arithmetic_heldout.jsonl": 100, "arithmetic_prompts_more.jsonl": 2000}
 
 
 def main() -> None:

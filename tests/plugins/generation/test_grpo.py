@@ -106,6 +106,63 @@ def test_the_prompt_computed_once_per_group_gives_the_log_probs_of_full_rows(req
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
 
 
+@pytest.mark.parametrize("fixture,targets", [("tiny_llama", ["q_proj", "v_proj"]), ("tiny_gpt2", ["c_attn"])])
+def test_sampling_groups_from_prompts_computed_once_gives_the_tokens_of_plain_generation(request, fixture, targets):
+    from finetune_generation.grpo import sample_groups
+
+    model, tok = _peft(request.getfixturevalue(fixture), targets)
+    with torch.no_grad():
+        for p in model.parameters():  # a non-zero adapter
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    inputs = _inputs()
+    prompt, pmask = inputs["prompt_ids"], inputs["prompt_mask"]
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": [tok.eos_token_id or 0], "pad_token_id": 0,
+              "use_cache": True}
+    shared = sample_groups(model, prompt, pmask, 3, kwargs)
+    plain = sample_groups(model, prompt, pmask, 3, kwargs, share_prompt=False)
+    assert shared.shape == (6, 7 + 6) and torch.equal(shared[:, :7], prompt.repeat_interleave(3, 0))
+    assert torch.equal(shared, plain)
+    # sampled: the same random draws from the same probabilities give the same tokens
+    kwargs.update(do_sample=True, temperature=1.0, top_k=None, top_p=None)
+    torch.manual_seed(5)
+    shared = sample_groups(model, prompt, pmask, 3, kwargs)
+    torch.manual_seed(5)
+    assert torch.equal(shared, sample_groups(model, prompt, pmask, 3, kwargs, share_prompt=False))
+
+
+def test_skipping_the_groups_without_signal_gives_the_same_loss_and_gradient(tiny_llama):
+    from finetune_generation.grpo import completion_logps, groups_with_signal
+
+    model, _ = _peft(tiny_llama, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    inputs = _inputs()  # 2 prompts x 3 answers
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.1, 0.1])  # the first group all equal: no signal
+    adv = group_advantages(rewards, 3)
+
+    def loss_and_grads(inputs, adv, share):
+        model.zero_grad()
+        logps = completion_logps(model, inputs)
+        loss = grpo_loss(logps, logps.detach(), logps.detach(), inputs["completion_mask"], adv, 0.2, 0.0)[0] * share
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n]
+
+    full, full_grads = loss_and_grads(inputs, adv, 1.0)
+    prompts, rows, share = groups_with_signal(rewards, 3)
+    assert prompts.tolist() == [1] and rows.tolist() == [3, 4, 5] and share == 0.5
+    sub = {**inputs, "prompt_ids": inputs["prompt_ids"][prompts], "prompt_mask": inputs["prompt_mask"][prompts],
+           "completion_ids": inputs["completion_ids"][rows], "completion_mask": inputs["completion_mask"][rows]}
+    skipped, skipped_grads = loss_and_grads(sub, adv[rows], share)
+    assert skipped.item() == pytest.approx(full.item(), abs=1e-7)  # (0 in value: advantages sum to 0)
+    assert any(g.abs().sum() > 0 for g in full_grads)
+    assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-4) for a, b in zip(full_grads, skipped_grads))
+    # no group with signal: one group is kept (zero loss, a graph to call backward on)
+    prompts, rows, share = groups_with_signal(torch.ones(6), 3)
+    assert prompts.tolist() == [0] and rows.tolist() == [0, 1, 2] and share == 0.5
+
+
 def test_the_kl_term_is_exactly_zero_with_a_fresh_adapter(tiny_llama):
     from finetune_generation.grpo import completion_logps
     from finetune_generation.logprobs import reference

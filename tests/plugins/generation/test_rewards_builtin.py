@@ -43,6 +43,22 @@ def test_exact_number_compares_final_numbers_and_matches_the_benchmark_rule():
     assert got == [float(module.score(t, ref)[0]) for t in texts]  # the benchmark's "correct"
 
 
+def test_the_benchmarks_paired_comparison_counts_discordant_prompts_with_the_exact_sign_test():
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[3] / "benchmarks" / "arithmetic_correctness.py"
+    spec = importlib.util.spec_from_file_location("bench", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    first = {"correct_each": [True, False, False, True, False, True]}
+    other = {"correct_each": [True, True, True, False, False, True]}
+    assert module.paired(first, other) == {"gained": 2, "lost": 1, "p_value": 1.0}
+    assert module.sign_test(12, 2) == pytest.approx(2 * (1 + 14 + 91) / 2 ** 14)  # binomial(14, 1/2) tails
+    assert module.sign_test(2, 12) == module.sign_test(12, 2) and module.sign_test(0, 0) == 1.0
+    assert module.sign_test(6, 0) == pytest.approx(2 / 64)
+
+
 def test_exact_match_compares_what_the_regex_extracts():
     reward = reward_functions()["exact-match"]
     default = reward(["2 + 2 = 4", "2+2 =  4 ", "2 + 2 = 4.0", "four"], [_ex("2 + 2 = 4")] * 4)
