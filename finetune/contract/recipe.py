@@ -212,7 +212,8 @@ class TrainSection(Section):
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; unset to disable.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
-        "auto", description="'auto': bf16 on GPUs and CPUs with native bf16 (AMX/AVX512-BF16), else fp32.")
+        "auto", description="'auto': bf16 on GPUs and on CPUs with AMX (bf16 matrix units), else fp32 "
+        "(AVX512-BF16 alone measured slower than fp32).")
     seed: int = Field(0, description="Seeds model init, shuffling and dropout.")
     eval_every_steps: int = Field(0, ge=0, description="Also evaluate every N optimizer steps (0: per epoch only).")
     eval_before_training: bool = Field(
