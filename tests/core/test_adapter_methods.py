@@ -226,17 +226,23 @@ def test_predict_and_evaluate_on_the_run(trained, method, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["dora", "ia3", "rslora-loraplus", "pissa"])
-def test_merge_folds_the_adapter_into_a_plain_model(trained, method, tmp_path):
+def test_merge_and_safetensors_export_fold_the_adapter_into_a_plain_model(trained, method, tmp_path):
+    """``finetune merge`` and ``finetune export --format safetensors`` are one merge (finetune/run/merge.py):
+    both folders load with plain transformers and give the trained logits (IA3 too, whose PEFT unloading fails
+    on BERT's pooler trained in full unless the merge takes the trained copy back first)."""
     from transformers import AutoModelForSequenceClassification
 
     run, trained_logits, inputs, _ = trained(method)
-    out = tmp_path / "merged"
-    result = cli_in_process("merge", str(run.path), str(out))
+    result = cli_in_process("merge", str(run.path), str(tmp_path / "merged"))
     assert result.exit_code == 0, result.output
-    merged = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
-    assert not any("lora" in n or "ia3" in n for n, _ in merged.named_parameters())
-    with torch.no_grad():
-        assert torch.allclose(merged(**inputs).logits, trained_logits, atol=1e-4)
+    result = cli_in_process("export", str(run.path), "--format", "safetensors", "-o", str(tmp_path / "export"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["merged"] is True
+    for folder in ("merged", "export"):
+        merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / folder)).eval()
+        assert not any("lora" in n or "ia3" in n for n, _ in merged.named_parameters()), folder
+        with torch.no_grad():
+            assert torch.allclose(merged(**inputs).logits, trained_logits, atol=1e-4), folder
 
 
 @pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
