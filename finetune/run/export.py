@@ -3,9 +3,8 @@
 The run's adapter is merged into its full-precision base by :func:`finetune.run.merge.merge_run` (the merge
 ``finetune merge`` uses too; runs trained with ``peft.method = "none"/"full"`` have nothing to merge) and
 written into a folder with a card (README.md: how to run it) and ``export.json`` (what was written and
-checked). The folder is built
-beside OUT and renamed into place only once every check passed, so an export that failed leaves nothing
-that looks finished.
+checked). The folder is built beside OUT and renamed into place only once every check passed, so an export
+that failed leaves nothing that looks finished.
 
 * ``onnx``: the core traces the task's :class:`~finetune.contract.task.ExportGraph` with
   ``torch.onnx.export`` (the TorchScript exporter, ``dynamo=False``: the dynamo exporter needs
