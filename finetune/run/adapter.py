@@ -30,7 +30,15 @@ def save_trained_weights(model: Any, path: Path, method: str, state_dict: dict[s
 
     full = state_dict if state_dict is not None else model.state_dict()
     if method == "full":  # every weight and persistent buffer (BatchNorm statistics, ...)
-        tensors = {n: t.detach().cpu().contiguous() for n, t in full.items()}
+        tensors, seen = {}, set()
+        for n, t in full.items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            if t.numel() and key in seen:
+                # a tied weight (a causal LM's lm_head is its embed_tokens): saved once, as safetensors requires;
+                # the model ties it again when the first name loads
+                continue
+            seen.add(key)
+            tensors[n] = t.detach().cpu().contiguous()
     else:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if state_dict is None:

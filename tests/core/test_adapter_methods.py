@@ -380,3 +380,24 @@ def test_dora_and_ia3_on_a_cnn_reload_with_the_trained_logits(vision_recipe, met
     _, model, _, _ = load_run(run.path)
     with torch.no_grad():
         assert torch.allclose(model(images), saved[-1], atol=1e-4)
+
+
+def test_full_fine_tuning_saves_a_tied_lm_head_once_and_reloads_it_tied(tiny_llama, tmp_path):
+    """peft.method = "full" on a causal LM whose lm_head shares the embedding matrix (SmolLM2, the tiny Llama):
+    safetensors refuses tensors that share memory, which failed the generation quickstart's first save; the
+    tied weight is written once and the reloaded model has the trained weights, still tied."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.run.adapter import load_trained_weights, save_trained_weights
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # "trained"
+    save_trained_weights(model, tmp_path / "trained.safetensors", "full")
+    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    load_trained_weights(fresh, tmp_path / "trained.safetensors")
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    for (name, want), got in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(want, got), name
