@@ -388,7 +388,12 @@ def test_full_fine_tuning_saves_a_tied_lm_head_once_and_reloads_it_tied(tiny_lla
     tied weight is written once and the reloaded model has the trained weights, still tied."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.run.adapter import load_trained_weights, save_trained_weights
+    from finetune.run.adapter import (
+        expected_adapter_tensors,
+        load_trained_weights,
+        save_trained_weights,
+        verify_adapter,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -396,8 +401,25 @@ def test_full_fine_tuning_saves_a_tied_lm_head_once_and_reloads_it_tied(tiny_lla
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))  # "trained"
     save_trained_weights(model, tmp_path / "trained.safetensors", "full")
+    verify_adapter(tmp_path, "full", expected_adapter_tensors(model, "full"))  # the completeness check agrees
     fresh = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
     load_trained_weights(fresh, tmp_path / "trained.safetensors")
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
     for (name, want), got in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(want, got), name
+
+
+def test_full_fine_tuning_of_a_tied_causal_lm_trains_saves_and_reloads(tiny_llama, tmp_path):
+    """The same end to end: a full fine-tuning run of the tied tiny Llama finishes (its adapter verified complete)
+    and reloads tied, with the weights it saved."""
+    from finetune.run.inference import load_run
+
+    data = write_jsonl(tmp_path / "gen.jsonl", to_messages(make_qa_rows(16)))
+    run = run_recipe(_recipe(tmp_path, "gen", tiny_llama, data), ['peft.method="full"', "train.learning_rate=1e-3"],
+                     console=QUIET)
+    _, model, _, _ = load_run(run.path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run.path / "adapter" / "trained.safetensors"))
+    assert "lm_head.weight" not in saved and torch.equal(saved["model.embed_tokens.weight"], model.lm_head.weight)
