@@ -30,13 +30,14 @@ from finetune.contract.probe import Claim, ColumnStats, DataProbe, FolderInfo, T
 from finetune.contract.recipe import DataOptions, PathStr, Recipe, TaskOptions, is_adapter_method
 from finetune.contract.rewards import RewardFunction
 from finetune.contract.tables import load_table, read_jsonl, require_columns, split_frame
-from finetune.contract.task import DataSplits, ExportGraph, Task, missing_input_column
+from finetune.contract.task import DataSplits, ExportGraph, Task, missing_input_column, named_inputs_graph
 from finetune.engine.datasets_source import DatasetSource, DatasetSplit, open_dataset
 from finetune.engine.plugins import reward_functions
 from finetune.engine.quantize import quantization_kwargs
 from finetune.engine.run_folder import RunDir
 from finetune.errors import BackboneError, DataError, ExportError, FinetuneError, PluginError, RecipeError, did_you_mean
 from finetune.run.inference import load_run
+from finetune.run.merge import MergedRun, merge_run
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = [
     "FinetuneError",
     "FolderInfo",
     "LoopState",
+    "MergedRun",
     "PathStr",
     "PluginError",
     "Recipe",
@@ -82,10 +84,12 @@ __all__ = [
     "length_grouped_batches",
     "load_run",
     "load_table",
+    "merge_run",
     "missing_input_column",
     "multi_hot",
     "multilabel_metrics",
     "multilabel_report",
+    "named_inputs_graph",
     "open_dataset",
     "package_dir",
     "parse_labels",

@@ -445,9 +445,12 @@ def evaluate(run_dir: Path, input_path: Path, output_path: Path | None, batch_si
 @click.option("--input", "input_path", type=click.Path(path_type=Path),
               help="A labelled file to check the export on (default: the run's eval data).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--allow-quantized-base", is_flag=True,
+              help="Merge even though the base checkpoint's weights are quantised (GPTQ, bitsandbytes): the export "
+                   "keeps that quality loss. (A QLoRA run needs no flag: it merges into the full-precision base.)")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the run's backbone to run its own modelling code.")
 def export(run_dir: Path, fmt: str, out: Path | None, quantize: str | None, tolerance: float,
-           input_path: Path | None, overwrite: bool, trust_remote_code: bool) -> None:
+           input_path: Path | None, overwrite: bool, allow_quantized_base: bool, trust_remote_code: bool) -> None:
     """Export the best adapter of RUN_DIR, merged into its base, as ONNX, GGUF or a safetensors folder.
 
     The folder gets a README.md (how to run it) and export.json (what was checked; docs/export.md)."""
@@ -456,7 +459,7 @@ def export(run_dir: Path, fmt: str, out: Path | None, quantize: str | None, tole
 
     report = export_run(run_dir, fmt, out, quantize=quantize.lower() if quantize else None, tolerance=tolerance,
                         input_path=input_path, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                        say=lambda line: click.echo(line, err=True))
+                        allow_quantized_base=allow_quantized_base, say=lambda line: click.echo(line, err=True))
     click.echo(f"{fmt} export written to {report['folder']} ({', '.join(report['files'])})")
 
 

@@ -128,6 +128,19 @@ class ExportGraph:
     output_name: str = "logits"
 
 
+def named_inputs_graph(model: Any, batch: dict[str, Any], names: list[str], *,
+                       dynamic_axes: dict[str, dict[int, str]] | None = None, usage: str = "") -> ExportGraph:
+    """The :class:`ExportGraph` of a model called with named tensors that returns an output with ``.logits`` (a
+    transformers model, with or without its adapter): ``model(**{name: tensor}).logits``, the tensors taken by
+    position in the order of ``names`` (the ONNX input names), the example inputs ``batch[name]``. What the text
+    and audio classification tasks return from :meth:`Task.export_graph`; write your own module for a model that
+    takes its inputs otherwise (e.g. positional pixels) or returns something else."""
+    from finetune.contract.export_module import NamedInputsLogits
+
+    return ExportGraph(module=NamedInputsLogits(model, names), inputs={n: batch[n] for n in names},
+                       dynamic_axes=dict(dynamic_axes or {}), usage=usage)
+
+
 @dataclass
 class DataSplits:
     """What :meth:`Task.prepare_data` returns.

@@ -29,8 +29,8 @@ def save_trained_weights(model: Any, path: Path, method: str, state_dict: dict[s
     from safetensors.torch import save_file
 
     full = state_dict if state_dict is not None else model.state_dict()
-    if method == "full":  # every weight and persistent buffer (BatchNorm statistics, ...)
-        tensors = {n: t.detach().cpu().contiguous() for n, t in full.items()}
+    if method == "full":  # every weight and persistent buffer (BatchNorm statistics, ...), a tied one once
+        tensors = {n: t.detach().cpu().contiguous() for n, t in untied(full).items()}
     else:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if state_dict is None:
@@ -40,6 +40,20 @@ def save_trained_weights(model: Any, path: Path, method: str, state_dict: dict[s
             names = [n.replace("_fsdp_wrapped_module.", "") for n in names]  # FSDP's wrapper prefixes
             tensors = {n: state_dict[n].detach().cpu().contiguous() for n in names if n in state_dict}
     save_file(tensors, str(path))
+
+
+def untied(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without the second and later names of a tensor it holds twice (a tied weight: a causal LM's
+    ``lm_head.weight`` is its ``embed_tokens.weight``): safetensors refuses two names for one tensor, and the
+    model ties them again when the first name loads."""
+    out, seen = {}, set()
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
 
 
 def load_trained_weights(model: Any, path: Path) -> None:
@@ -113,7 +127,7 @@ def expected_adapter_tensors(model: Any, method: str, converted: bool = False) -
                     shapes[name] = (*shape[:axis], 2 * shape[axis], *shape[axis + 1:])
         return shapes
     if method == "full":
-        return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+        return {n: tuple(t.shape) for n, t in untied(model.state_dict()).items()}
     return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -1,10 +1,10 @@
 """``finetune export RUN --format onnx|gguf|safetensors``: a run's merged model in a format that runs elsewhere.
 
-The run is loaded as ``finetune predict`` loads it, the adapter merged into the base (``merge_and_unload``;
-runs trained with ``peft.method = "none"/"full"`` have nothing to merge) and written into a folder with a
-card (README.md: how to run it) and ``export.json`` (what was written and checked). The folder is built
-beside OUT and renamed into place only once every check passed, so an export that failed leaves nothing
-that looks finished.
+The run's adapter is merged into its full-precision base by :func:`finetune.run.merge.merge_run` (the merge
+``finetune merge`` uses too; runs trained with ``peft.method = "none"/"full"`` have nothing to merge) and
+written into a folder with a card (README.md: how to run it) and ``export.json`` (what was written and
+checked). The folder is built beside OUT and renamed into place only once every check passed, so an export
+that failed leaves nothing that looks finished.
 
 * ``onnx``: the core traces the task's :class:`~finetune.contract.task.ExportGraph` with
   ``torch.onnx.export`` (the TorchScript exporter, ``dynamo=False``: the dynamo exporter needs
@@ -28,11 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finetune.contract.recipe import PROMPT_METHODS
 from finetune.contract.task import ExportGraph, Task
 from finetune.engine.plugins import get_registry
 from finetune.engine.run_folder import RunDir, missing_run_folder
 from finetune.errors import DataError, ExportError, FinetuneError, RecipeError
+from finetune.run.merge import merge_run
 
 FORMATS = ("onnx", "gguf", "safetensors")
 #: Default bound on the largest absolute logit difference between onnxruntime and PyTorch (fp32).
@@ -58,13 +58,12 @@ def check_format(task_name: str, fmt: str) -> None:
 
 def export_run(run_path: str | Path, fmt: str, out: Path | None = None, *, quantize: str | None = None,
                tolerance: float = ONNX_TOLERANCE, input_path: Path | None = None, overwrite: bool = False,
-               trust_remote_code: bool = False, rows: int = CHECK_ROWS,
+               trust_remote_code: bool = False, allow_quantized_base: bool = False, rows: int = CHECK_ROWS,
                say: Callable[[str], None] = print) -> dict[str, Any]:
     """Export the best adapter of ``run_path`` merged into its base; return the report written to
-    export.json (``folder``, ``format``, ``files``, ``checks``...)."""
+    export.json (``folder``, ``format``, ``files``, ``checks``...). A base that is itself quantized is refused
+    unless ``allow_quantized_base`` (see :func:`finetune.run.merge.merge_run`)."""
     import torch
-
-    from finetune.run.inference import load_run
 
     if fmt not in FORMATS:
         raise RecipeError(f"export: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
@@ -81,14 +80,14 @@ def export_run(run_path: str | Path, fmt: str, out: Path | None = None, *, quant
     if run.recipe_file.exists():
         recipe = run.resolved_recipe()
         check_format(str(recipe.get("task", {}).get("name")), fmt)
-        check_mergeable(str(recipe.get("peft", {}).get("method", "lora")))
     started = time.perf_counter()
-    # A run trained on a quantized base (model.quantize) merges into the full-precision base, never into
-    # the 4-bit weights.
-    task, model, processor, run = load_run(run.path, trust_remote_code=trust_remote_code, full_precision=True)
+    # prompt / prefix tuning refused before loading; a run trained on a quantized base (model.quantize) merges
+    # into the full-precision base, never into the 4-bit weights
+    merge = merge_run(run.path, "export", trust_remote_code=trust_remote_code,
+                      allow_quantized_base=allow_quantized_base)
+    task, model, merged, processor, run = merge.task, merge.model, merge.merged, merge.processor, merge.run
     check_format(task.name, fmt)
     batch = example_batch(task, processor, input_path, rows, say)
-    merged = merged_model(model)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -103,7 +102,8 @@ def export_run(run_path: str | Path, fmt: str, out: Path | None = None, *, quant
         report = {"format": fmt, "task": task.name, "run": str(run.path),
                   "backbone": backbone.get("upstream_id") or backbone.get("name"),
                   "backbone_source": backbone.get("source"), "peft_method": task.recipe.peft.method,
-                  "merged": merged is not model, "trained_on_quantized_base": info.get("quantization"),
+                  "merged": merge.has_adapter, "trained_on_quantized_base": merge.trained_on_quantized_base,
+                  "quantized_base": merge.quantized_base, "merge_notes": merge.notes,
                   "check_rows": None if batch is None else batch_size(batch),
                   **report, "seconds": round(time.perf_counter() - started, 1)}
         report["files"] = sorted(p.name for p in tmp.iterdir()) + [EXPORT_FILE, "README.md"]
@@ -117,28 +117,6 @@ def export_run(run_path: str | Path, fmt: str, out: Path | None = None, *, quant
         shutil.rmtree(tmp, ignore_errors=True)
     report["folder"] = str(out)
     return report
-
-
-def check_mergeable(method: str) -> None:
-    """Every format is the merged model: prompt and prefix tuning leave nothing to merge (refused before
-    anything loads)."""
-    if method in PROMPT_METHODS:
-        raise RecipeError(f"export: the run was trained with peft.method = \"{method}\": its adapter is trained "
-                          "virtual tokens given to the model with every input, not a change of its weights, so "
-                          "there is no merged model to export. Use the run as it is (finetune predict / serve, or "
-                          "PeftModel.from_pretrained), or train with peft.method = \"lora\", \"dora\" or "
-                          "\"ia3\".")
-
-
-def merged_model(model: Any) -> Any:
-    """The model with its LoRA adapter folded into the base weights (a plain model), in eval mode; a model
-    without an adapter (peft.method none/full: the trained weights are already in it) as it is."""
-    if hasattr(model, "merge_and_unload"):
-        import copy
-
-        # merge a copy: the trained model (adapter attached) stays as it is, the reference for the checks
-        return copy.deepcopy(model).merge_and_unload().eval()
-    return model
 
 
 def example_batch(task: Any, processor: Any, input_path: Path | None, rows: int,
@@ -280,6 +258,8 @@ def export_card(report: dict[str, Any], task: Task) -> str:
              + f") exported with `finetune export RUN --format {fmt}`.", ""]
     if report.get("backbone_source"):
         lines += [f"Base weights: {report['backbone_source']}.", ""]
+    for note in report.get("merge_notes") or []:
+        lines += [note, ""]
     if checks:
         lines += ["## Checked at export time", ""]
         lines += [f"- {key}: {value}" for key, value in checks.items()]

@@ -271,8 +271,7 @@ class EncoderClassifier(Task):
         """The tokenizer's tensors (input_ids, attention_mask, token_type_ids where the model takes them) ->
         logits; batch and sequence axes dynamic. Mean pooling (task.pooling) is in the graph: its hooks are
         part of the model's forward."""
-        from finetune import ExportGraph
-        from finetune_nlp.export_graph import NamedInputsLogits
+        from finetune import named_inputs_graph
 
         names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in batch]
         data = self.recipe.data
@@ -284,8 +283,8 @@ class EncoderClassifier(Task):
                  " return_tensors='np')\n"
                  "inputs = {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()}\n"
                  "logits = session.run(None, inputs)[0]\n" + self.export_decision())
-        return ExportGraph(module=NamedInputsLogits(model, names), inputs={n: batch[n] for n in names},
-                           dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names}, usage=usage)
+        return named_inputs_graph(model, batch, names, dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names},
+                                  usage=usage)
 
     def export_decision(self) -> str:
         """The card's last lines: from ``logits`` (numpy, [batch, outputs]) to the answer."""

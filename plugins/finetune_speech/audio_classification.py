@@ -191,8 +191,7 @@ class AudioClassification(SpeechTask):
         """The feature extractor's tensors -> logits: Whisper's log-mel ``input_features`` [batch, mels, frames]
         (clip length: the frame axis is dynamic; task.whisper_input = "30s": always 3000 frames) or a wav2vec2-
         style ``input_values`` [batch, samples], each with its ``attention_mask``."""
-        from finetune import ExportGraph
-        from finetune_speech.export_graph import NamedInputsLogits
+        from finetune import named_inputs_graph
 
         names = [n for n in ("input_features", "input_values", "attention_mask") if n in batch]
         whisper = "input_features" in batch
@@ -219,8 +218,7 @@ class AudioClassification(SpeechTask):
                  "          for i in session.get_inputs()}\n"
                  f"labels = {labels!r}\n"
                  "print(labels[int(session.run(None, inputs)[0][0].argmax())])\n")
-        return ExportGraph(module=NamedInputsLogits(model, names), inputs={n: batch[n] for n in names},
-                           dynamic_axes=axes, usage=usage)
+        return named_inputs_graph(model, batch, names, dynamic_axes=axes, usage=usage)
 
     def usage_snippet(self, base: str) -> str:
         labels = self.state.get("labels", [])

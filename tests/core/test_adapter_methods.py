@@ -226,17 +226,23 @@ def test_predict_and_evaluate_on_the_run(trained, method, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["dora", "ia3", "rslora-loraplus", "pissa"])
-def test_merge_folds_the_adapter_into_a_plain_model(trained, method, tmp_path):
+def test_merge_and_safetensors_export_fold_the_adapter_into_a_plain_model(trained, method, tmp_path):
+    """``finetune merge`` and ``finetune export --format safetensors`` are one merge (finetune/run/merge.py):
+    both folders load with plain transformers and give the trained logits (IA3 too, whose PEFT unloading fails
+    on BERT's pooler trained in full unless the merge takes the trained copy back first)."""
     from transformers import AutoModelForSequenceClassification
 
     run, trained_logits, inputs, _ = trained(method)
-    out = tmp_path / "merged"
-    result = cli_in_process("merge", str(run.path), str(out))
+    result = cli_in_process("merge", str(run.path), str(tmp_path / "merged"))
     assert result.exit_code == 0, result.output
-    merged = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
-    assert not any("lora" in n or "ia3" in n for n, _ in merged.named_parameters())
-    with torch.no_grad():
-        assert torch.allclose(merged(**inputs).logits, trained_logits, atol=1e-4)
+    result = cli_in_process("export", str(run.path), "--format", "safetensors", "-o", str(tmp_path / "export"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["merged"] is True
+    for folder in ("merged", "export"):
+        merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / folder)).eval()
+        assert not any("lora" in n or "ia3" in n for n, _ in merged.named_parameters()), folder
+        with torch.no_grad():
+            assert torch.allclose(merged(**inputs).logits, trained_logits, atol=1e-4), folder
 
 
 @pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning"])
@@ -374,3 +380,46 @@ def test_dora_and_ia3_on_a_cnn_reload_with_the_trained_logits(vision_recipe, met
     _, model, _, _ = load_run(run.path)
     with torch.no_grad():
         assert torch.allclose(model(images), saved[-1], atol=1e-4)
+
+
+def test_full_fine_tuning_saves_a_tied_lm_head_once_and_reloads_it_tied(tiny_llama, tmp_path):
+    """peft.method = "full" on a causal LM whose lm_head shares the embedding matrix (SmolLM2, the tiny Llama):
+    safetensors refuses tensors that share memory, which failed the generation quickstart's first save; the
+    tied weight is written once and the reloaded model has the trained weights, still tied."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.run.adapter import (
+        expected_adapter_tensors,
+        load_trained_weights,
+        save_trained_weights,
+        verify_adapter,
+    )
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # "trained"
+    save_trained_weights(model, tmp_path / "trained.safetensors", "full")
+    verify_adapter(tmp_path, "full", expected_adapter_tensors(model, "full"))  # the completeness check agrees
+    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    load_trained_weights(fresh, tmp_path / "trained.safetensors")
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    for (name, want), got in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(want, got), name
+
+
+def test_full_fine_tuning_of_a_tied_causal_lm_trains_saves_and_reloads(tiny_llama, tmp_path):
+    """The same end to end: a full fine-tuning run of the tied tiny Llama finishes (its adapter verified complete)
+    and reloads tied, with the weights it saved."""
+    from finetune.run.inference import load_run
+
+    data = write_jsonl(tmp_path / "gen.jsonl", to_messages(make_qa_rows(16)))
+    run = run_recipe(_recipe(tmp_path, "gen", tiny_llama, data), ['peft.method="full"', "train.learning_rate=1e-3"],
+                     console=QUIET)
+    _, model, _, _ = load_run(run.path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run.path / "adapter" / "trained.safetensors"))
+    assert "lm_head.weight" not in saved and torch.equal(saved["model.embed_tokens.weight"], model.lm_head.weight)

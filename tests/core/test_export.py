@@ -100,17 +100,17 @@ def test_onnx_image_matches_pytorch_at_batch_1_and_3(image_run, tmp_path):
 
 
 def test_onnx_difference_above_the_tolerance_is_an_error(text_run, tmp_path, monkeypatch):
-    import finetune.run.export as export
+    import finetune.run.merge as merge
 
-    real = export.merged_model
+    real = merge.merged_model
 
-    def perturbed(model):
-        merged = real(model)
+    def perturbed(model, **kwargs):
+        merged = real(model, **kwargs)
         with torch.no_grad():
             merged.classifier.bias += 0.01  # a merge gone wrong: every logit off by 0.01
         return merged
 
-    monkeypatch.setattr(export, "merged_model", perturbed)
+    monkeypatch.setattr(merge, "merged_model", perturbed)
     out = tmp_path / "onnx"
     with pytest.raises(ExportError, match=r"differ from PyTorch's by up to 0\.01.*tolerance 0\.001"):
         export_run(text_run, "onnx", out, say=lambda line: None)
@@ -171,3 +171,23 @@ def test_onnx_check_runs_on_an_input_file_when_given(text_run, tmp_path):
     assert report["check_rows"] == 3 and report["checks"]["rows"] == 3
     with pytest.raises(DataError, match="--input: .*missing.csv does not exist"):
         export_run(text_run, "onnx", tmp_path / "other", input_path=tmp_path / "missing.csv")
+
+
+def test_a_quantized_base_checkpoint_is_refused_unless_allowed(text_run, tmp_path, monkeypatch):
+    """A base whose own weights are quantized (a GPTQ / bitsandbytes checkpoint) is not merged into silently:
+    the export says why and how to go on; allowed, the card and export.json say what the weights are."""
+    import finetune.run.merge as merge
+    from finetune.run.merge import quantized_base
+
+    _, model, _, _ = load_run(text_run)
+    assert quantized_base(model) is None
+    model.get_base_model().config.quantization_config = {"quant_method": "gptq"}
+    reason = quantized_base(model)
+    assert "quantised (gptq)" in reason
+    monkeypatch.setattr(merge, "quantized_base", lambda model: reason)
+    out = tmp_path / "st"
+    with pytest.raises(RecipeError, match=r"^export: the base model is quantised \(gptq\).*--allow-quantized-base"):
+        export_run(text_run, "safetensors", out, say=lambda line: None)
+    assert not out.exists()
+    report = export_run(text_run, "safetensors", out, allow_quantized_base=True, say=lambda line: None)
+    assert report["quantized_base"] == reason and "quantised (gptq)" in (out / "README.md").read_text()

@@ -259,6 +259,7 @@ def test_merge_and_export_of_a_quantized_run_load_the_full_precision_base(record
     assert "merged here into the full-precision base" in (tmp_path / "merged" / "README.md").read_text()
     report = export_run(run, "safetensors", tmp_path / "export", say=lambda _: None)
     assert report["trained_on_quantized_base"]["quant_type"] == "nf4"
+    assert "merged here into the full-precision base" in (tmp_path / "export" / "README.md").read_text()
     want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32),
                                      str(run / "adapter")).eval()
     ids = _ids(tiny_llama)

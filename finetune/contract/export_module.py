@@ -1,4 +1,5 @@
-"""The module ``finetune export --format onnx`` traces for the encoder classification tasks (imports torch)."""
+"""The module :func:`finetune.contract.task.named_inputs_graph` wraps a model in for ``finetune export --format
+onnx`` (imports torch: loaded only when a task builds its export graph)."""
 
 from __future__ import annotations
 
