@@ -13,10 +13,9 @@ import pytest
 from fake_plugins import write_jsonl
 from qa_fixtures import qa_rows
 from test_question_answering import make_recipe as make_qa_recipe
+from test_token_cache import entries, session_task
 from test_token_classification import make_recipe as make_ner_recipe
 from test_token_classification import ner_rows
-
-from finetune.run.session import open_session
 
 
 @pytest.fixture
@@ -40,19 +39,6 @@ def tokenized(monkeypatch) -> list:
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", spy)
     return seen
-
-
-def entries(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.arrow")) if folder.exists() else []
-
-
-def session_task(recipe: Path, *overrides: str):
-    """The recipe's task with its data prepared, and its tokenizer as the task loads it (no model loaded)."""
-    from transformers import AutoTokenizer
-
-    session = open_session(recipe, list(overrides))
-    tokenizer = AutoTokenizer.from_pretrained(session.backbone.path, local_files_only=True)
-    return session.task.task, session.splits, tokenizer
 
 
 def items(dataset) -> list[dict]:
