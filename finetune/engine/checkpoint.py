@@ -18,8 +18,27 @@ from finetune.contract.callbacks import LoopState
 from finetune.errors import RunError
 
 
+def trained_buffer_names(model: Any) -> list[str]:
+    """The persistent buffers of every module that owns a trainable parameter: the state training changes
+    besides its parameters, such as a BatchNorm's running statistics when it trains (``model.train()``,
+    full fine-tuning, a vision task's ``task.batchnorm = "train"``). Saved in checkpoints with the trainable
+    parameters, so that a resumed run continues from the same statistics."""
+    names = []
+    for prefix, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        names += [f"{prefix}.{n}" if prefix else n for n, b in module.named_buffers(recurse=False)
+                  if b is not None and n not in skip]
+    return names
+
+
 def trainable_state_dict(model: Any) -> dict[str, Any]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """Trainable parameters and the trained modules' persistent buffers (:func:`trained_buffer_names`)."""
+    out = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+    out.update({name: buffers[name].detach().cpu().contiguous() for name in trained_buffer_names(model)})
+    return out
 
 
 def incomplete_tensors(tensors: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> list[str]:
@@ -100,17 +119,22 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any) -> L
     if missing:
         raise RunError(f"checkpoint {ckpt / 'trainable.safetensors'} does not match the model "
                        f"(missing {missing[:3]}...); delete {ckpt} or pass --overwrite.")
+    known = {**params, **dict(model.named_buffers())}
+    unknown = [k for k in weights if k not in known]
+    if unknown:
+        raise RunError(f"checkpoint {ckpt / 'trainable.safetensors'} does not match the model (it holds "
+                       f"{unknown[:3]}..., which the model has not); delete {ckpt} or pass --overwrite.")
     # A model whose shapes changed since the checkpoint (e.g. the data gained a class, so the head has
     # another size) must fail with a message, not a tensor-size RuntimeError mid-copy.
-    wrong = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(params[k].shape)}" for k, v in weights.items()
-             if k in params and tuple(v.shape) != tuple(params[k].shape)]
+    wrong = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(known[k].shape)}" for k, v in weights.items()
+             if k in known and tuple(v.shape) != tuple(known[k].shape)]
     if wrong:
         raise RunError(f"checkpoint {ckpt / 'trainable.safetensors'} does not fit the model ({'; '.join(wrong[:3])})"
                        ": the model changed since the checkpoint was written (for a classifier: the number of "
                        "classes in the data). Restore the data to resume, or pass --overwrite to start over.")
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(tensor)
+            known[name].copy_(tensor)
     for name, obj in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
         if obj is None:  # sharded strategies: the optimizer state is not checkpointed (see docs/distributed.md)
             continue

@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.contract.callbacks import LoopState
-from finetune.engine.checkpoint import check_complete, load_checkpoint, save_rng_state, trainable_state_dict
+from finetune.engine.checkpoint import (
+    check_complete,
+    load_checkpoint,
+    save_rng_state,
+    trainable_state_dict,
+    trained_buffer_names,
+)
 from finetune.engine.distributed import make_accelerator
 from finetune.engine.evaluation import evaluate, evaluation_loader
 from finetune.engine.stop import StopRequest
@@ -132,6 +138,7 @@ class TrainingLoop:
         # What Accelerate actually does: FSDP only with several processes, DeepSpeed even with one.
         self.sharded = str(accelerator.distributed_type).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED")
         self.trainable_shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        self.trained_buffers = set(trained_buffer_names(model))  # e.g. a training BatchNorm's statistics
         # On CPU reading the loss costs nothing: every step is checked before its backward pass.
         self.host_checks = (accelerator.device.type == "cpu" if READ_LOSS_EVERY_STEP is None
                             else READ_LOSS_EVERY_STEP)
@@ -468,7 +475,8 @@ class TrainingLoop:
         from safetensors.torch import save_file
 
         if full is not None:
-            weights = {k: v.detach().cpu().contiguous() for k, v in full.items() if k in self.trainable_shapes}
+            weights = {k: v.detach().cpu().contiguous() for k, v in full.items()
+                       if k in self.trainable_shapes or k in self.trained_buffers}
         else:
             weights = trainable_state_dict(self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False))
         check_complete(weights, self.trainable_shapes, f"checkpoint at step {self.state.global_step}")

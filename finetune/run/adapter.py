@@ -24,18 +24,21 @@ TRAINED_WEIGHTS_FILE = "trained.safetensors"  # peft.method "none"/"full": the w
 
 
 def save_trained_weights(model: Any, path: Path, method: str, state_dict: dict[str, Any] | None = None) -> None:
-    """Trainable parameters (and, for full fine-tuning, every buffer such as BatchNorm statistics).
+    """Trainable parameters and the trained modules' persistent buffers (for full fine-tuning, every buffer,
+    such as BatchNorm statistics).
     ``state_dict``: the full state dict gathered from a sharded model, used instead of the model's own."""
     from safetensors.torch import save_file
 
     full = state_dict if state_dict is not None else model.state_dict()
     if method == "full":  # every weight and persistent buffer (BatchNorm statistics, ...), a tied one once
         tensors = {n: t.detach().cpu().contiguous() for n, t in untied(full).items()}
-    else:
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
+    else:  # and the persistent buffers of the trained modules (a training BatchNorm's statistics)
+        from finetune.engine.checkpoint import trained_buffer_names
+
+        names = [n for n, p in model.named_parameters() if p.requires_grad] + trained_buffer_names(model)
         if state_dict is None:
-            params = dict(model.named_parameters())
-            tensors = {n: params[n].detach().cpu().contiguous() for n in names}
+            known = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+            tensors = {n: known[n].detach().cpu().contiguous() for n in names}
         else:
             names = [n.replace("_fsdp_wrapped_module.", "") for n in names]  # FSDP's wrapper prefixes
             tensors = {n: state_dict[n].detach().cpu().contiguous() for n in names if n in state_dict}
@@ -128,7 +131,11 @@ def expected_adapter_tensors(model: Any, method: str, converted: bool = False) -
         return shapes
     if method == "full":
         return {n: tuple(t.shape) for n, t in untied(model.state_dict()).items()}
-    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    from finetune.engine.checkpoint import trained_buffer_names
+
+    buffers = dict(model.named_buffers())
+    return {**{n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad},
+            **{n: tuple(buffers[n].shape) for n in trained_buffer_names(model)}}
 
 
 def verify_adapter(folder: Path, method: str, expected: dict[str, tuple[int, ...]]) -> None:
