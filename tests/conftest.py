@@ -143,7 +143,9 @@ def assert_resume_equals_uninterrupted(callback_plugin, full_recipe: Path, cut_r
         callback_plugin.callbacks = []
     resumed = run_recipe(cut_recipe, [], resume=True, console=quiet)
     assert resumed.is_finished()
-    a, b = (load_file(str(r.adapter_dir / "adapter_model.safetensors")) for r in (full, resumed))
+    weights = "adapter_model.safetensors" if (full.adapter_dir / "adapter_model.safetensors").exists() else \
+        "trained.safetensors"  # peft.method "none" / "full"
+    a, b = (load_file(str(r.adapter_dir / weights)) for r in (full, resumed))
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
