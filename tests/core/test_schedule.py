@@ -1,6 +1,5 @@
 """The learning-rate schedule: the warm-up's first step already learns (transformers' get_scheduler starts at
-0) and a one-step warm-up is still a ramp, after the warm-up the curves are transformers' own, and the
-scheduler resumes from its state dict."""
+0), after the warm-up the curves are transformers' own, and the scheduler resumes from its state dict."""
 
 from __future__ import annotations
 
@@ -32,16 +31,15 @@ def test_warm_up_starts_above_zero_and_then_follows_transformers(kind):
     ours = _lrs(make_scheduler(opt := _optimizer(), kind, ratio, total), opt, total)
     theirs = _lrs(get_scheduler(kind, opt2 := _optimizer(), num_warmup_steps=warmup, num_training_steps=total), opt2,
                   total)
-    assert theirs[0] == 0.0 and ours[0] == pytest.approx(2.0 / (warmup + 1))  # the first step is not wasted
-    assert ours[:warmup] == pytest.approx([2.0 * (s + 1) / (warmup + 1) for s in range(warmup)])
-    assert ours[warmup] == pytest.approx(2.0)  # the peak right after the warm-up, as transformers'
+    assert theirs[0] == 0.0 and ours[0] == pytest.approx(2.0 / warmup)  # the first step is not wasted
+    assert ours[:warmup] == pytest.approx([2.0 * (s + 1) / warmup for s in range(warmup)])
+    assert ours[warmup - 1] == pytest.approx(2.0)  # the peak at the warm-up's last step
     assert ours[warmup:] == pytest.approx(theirs[warmup:], abs=1e-12)
     assert min(ours) > 0
 
 
-def test_no_warm_up_a_one_step_warm_up_and_constant():
+def test_no_warm_up_and_constant():
     assert [lr_multiplier("linear", 0, 10)(s) for s in (0, 5, 9)] == pytest.approx([1.0, 0.5, 0.1])
-    assert [lr_multiplier("linear", 1, 31)(s) for s in (0, 1)] == pytest.approx([0.5, 1.0])  # still a ramp
     assert {lr_multiplier("constant", 3, 10)(s) for s in range(10)} == {1.0}
     with pytest.raises(ValueError, match="step"):
         lr_multiplier("step", 1, 10)
