@@ -21,7 +21,7 @@ from finetune.errors import RunError
 def trained_buffer_names(model: Any) -> list[str]:
     """The persistent buffers of every module that owns a trainable parameter: the state training changes
     besides its parameters, such as a BatchNorm's running statistics when it trains (``model.train()``,
-    full fine-tuning, a vision task's ``task.batchnorm = "train"``). Saved in checkpoints with the trainable
+    full fine-tuning, BatchNorm layers in ``peft.modules_to_save``). Saved in checkpoints with the trainable
     parameters, so that a resumed run continues from the same statistics."""
     names = []
     for prefix, module in model.named_modules():

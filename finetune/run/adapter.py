@@ -32,16 +32,16 @@ def save_trained_weights(model: Any, path: Path, method: str, state_dict: dict[s
     full = state_dict if state_dict is not None else model.state_dict()
     if method == "full":  # every weight and persistent buffer (BatchNorm statistics, ...), a tied one once
         tensors = {n: t.detach().cpu().contiguous() for n, t in untied(full).items()}
-    else:  # and the persistent buffers of the trained modules (a training BatchNorm's statistics)
+    elif state_dict is None:  # and the trained modules' persistent buffers (a training BatchNorm's statistics)
+        from finetune.engine.checkpoint import trainable_state_dict
+
+        tensors = trainable_state_dict(model)
+    else:
         from finetune.engine.checkpoint import trained_buffer_names
 
         names = [n for n, p in model.named_parameters() if p.requires_grad] + trained_buffer_names(model)
-        if state_dict is None:
-            known = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-            tensors = {n: known[n].detach().cpu().contiguous() for n in names}
-        else:
-            names = [n.replace("_fsdp_wrapped_module.", "") for n in names]  # FSDP's wrapper prefixes
-            tensors = {n: state_dict[n].detach().cpu().contiguous() for n in names if n in state_dict}
+        names = [n.replace("_fsdp_wrapped_module.", "") for n in names]  # FSDP's wrapper prefixes
+        tensors = {n: state_dict[n].detach().cpu().contiguous() for n in names if n in state_dict}
     save_file(tensors, str(path))
 
 
