@@ -207,8 +207,11 @@ class TrainSection(Section):
     eval_batch_size: int | None = Field(None, gt=0, description="Defaults to 2 x batch_size.")
     learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
-    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps with linear warm-up: W = int(ratio "
+                                "x steps); step s (from 0) of the warm-up runs at (s + 1) / (W + 1) of the peak.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="After the warm-up: 'linear' decay towards 0, 'cosine' (half a cosine), 'constant' "
+                              "(no warm-up either).")
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; unset to disable.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(

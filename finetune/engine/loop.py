@@ -37,6 +37,7 @@ from finetune.engine.checkpoint import (
 )
 from finetune.engine.distributed import make_accelerator
 from finetune.engine.evaluation import evaluate, evaluation_loader
+from finetune.engine.schedule import make_scheduler
 from finetune.engine.stop import StopRequest
 from finetune.engine.tracking import Trackers
 from finetune.errors import FinetuneError, TrainingError
@@ -194,7 +195,6 @@ class TrainingLoop:
         With ``peft.loraplus_lr_ratio`` (LoRA+), PEFT's LoRA+ optimizer: the same AdamW with the B matrices
         (and 1-d parameters) at ``ratio`` times the learning rate; the schedule scales every group alike."""
         import torch
-        from transformers import get_scheduler
 
         ratio = self.recipe.peft.loraplus_lr_ratio
         if ratio is not None:
@@ -211,9 +211,8 @@ class TrainingLoop:
             self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
                                                 {"params": no_decay, "weight_decay": 0.0}],
                                                lr=self.cfg.learning_rate)
-        total = self.plan.steps_total
-        self.scheduler = get_scheduler(self.cfg.lr_scheduler, self.optimizer,
-                                       num_warmup_steps=int(self.cfg.warmup_ratio * total), num_training_steps=total)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg.lr_scheduler, self.cfg.warmup_ratio,
+                                        self.plan.steps_total)
 
     def prepare(self, resume_from: Path | None) -> None:
         """``accelerator.prepare`` the model and optimizer, build the eval loader, restore a checkpoint."""
