@@ -222,8 +222,9 @@ class PreferenceTuning(CausalLM):
 
         keys = list(zip(batch["split"].tolist(), batch["index"].tolist()))
         if any(k not in self._reference_cache for k in keys):
+            path = answer_path(model, batch)  # the policy's, decided before the reference context changes its mode
             with reference(model) as base:
-                sums, _ = answer_logps(base, batch)
+                sums, _ = answer_logps(base, batch, path=path)
             rows = sums.detach().view(-1, len(keys)).t()  # [B, 1] (KTO) or [B, 2] (chosen, rejected)
             for k, value in zip(keys, rows):
                 self._reference_cache.setdefault(k, value.clone())
@@ -239,9 +240,10 @@ class PreferenceTuning(CausalLM):
 
         mismatched = mismatched_batch(batch, self._pad_id, self.recipe.data.max_length)
         with torch.no_grad():
-            policy, _ = answer_logps(model, mismatched)
+            path = answer_path(model, mismatched)
+            policy, _ = answer_logps(model, mismatched, path=path)
             with reference(model) as base:
-                ref, _ = answer_logps(base, mismatched)
+                ref, _ = answer_logps(base, mismatched, path=path)
         return (policy - ref).mean()
 
     def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
@@ -308,18 +310,33 @@ def _as_sft(ex: PreferenceExample) -> Example:
     return Example(where=ex.where, prompt=ex.prompt.prompt, plain_prompt=ex.prompt.plain_prompt, completion=answer)
 
 
-def answer_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+def answer_path(model: Any, batch: dict[str, Any]) -> tuple[bool, int]:
+    """How :func:`answer_logps` computes ``batch`` under ``model``: ``(head, prefix)``, whether through the
+    output head on the learned positions only (not under a DDP/FSDP wrapper, nor for heads it cannot call
+    alone) and how many shared leading tokens are computed once (0: none; never while dropout is active).
+    A reference pass given the policy's path rounds exactly as the policy's pass: with a fresh adapter the
+    implicit rewards are exactly 0 (under DDP the policy takes the standard path and the unwrapped reference
+    used to take the other, 1e-7 apart)."""
+    if _plain_head(model) is None:
+        return False, 0
+    return True, shared_prefix_length(model, batch)
+
+
+def answer_logps(model: Any, batch: dict[str, Any], *,
+                 path: tuple[bool, int] | None = None) -> tuple[Any, Any]:
     """``(summed, counts)`` per row: the summed log-probability of the learned tokens (label != -100) and how
     many there are. Same values as :func:`finetune_generation.logprobs.sequence_logps`; for models with a plain
     output head the vocabulary projection runs only on the learned positions (most positions are prompt), and
     the tokens every row starts with (the system prompt, the chat header; for a pair, the prompt too when the
     batch is one pair) are computed once when ``causal_lm.shared_prefix_length`` finds that exact and cheaper,
-    as ``causal_lm.answer_loss`` does."""
+    as ``causal_lm.answer_loss`` does. ``path``: how to compute (:func:`answer_path`; by default ``model``'s
+    own), given by a reference pass so that it follows its policy's."""
     import torch
 
     from finetune_generation.logprobs import sequence_logps
 
-    head = _plain_head(model)
+    use_head, prefix = path if path is not None else answer_path(model, batch)
+    head = _plain_head(model) if use_head else None
     if head is None:
         return sequence_logps(model, batch)
     labels = batch["labels"]
@@ -328,7 +345,6 @@ def answer_logps(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     target = torch.full_like(labels, IGNORE)  # target[:, t] = the token position t predicts
     target[:, :-1] = labels[:, 1:]
     row_of = torch.arange(size, device=labels.device)[:, None].expand(size, width)
-    prefix = shared_prefix_length(model, batch)
     if prefix:  # the rows' shared start (system prompt, chat header, a pair's prompt) computed once
         keep, positions, allowed = shared_prefix_layout(batch["attention_mask"], prefix)
         out = model(input_ids=batch["input_ids"][keep][None], attention_mask=allowed[None, None],

@@ -176,6 +176,37 @@ def test_reference_equals_the_untouched_base_even_after_training_changed_the_ada
         preference.shared_prefix_length = original
 
 
+class _Wrapped(torch.nn.Module):
+    """What DDP looks like to a task: the PEFT model as ``.module``, without ``get_base_model``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_fresh_adapter_has_rewards_of_exactly_zero_wrapped_or_not(pref_recipe, objective, wrapped):
+    """The reference pass computes as its policy does (the same path: under a wrapper both take the standard
+    one), so with the adapter still at zero every implicit reward is 0.0, not rounding noise (two processes
+    once reported a reward accuracy of 0.375 before training)."""
+    system = "the quick answer assistant: add the numbers and answer the sum, the quick answer"
+    session, model, tok = _session(pref_recipe(objective, task=f"system_prompt = {system!r}"))
+    task = session.task
+    ds = task.build_dataset(session.splits.train, tok, training=True)
+    batch = task.collate_fn(tok)([ds[i] for i in range(4)])
+    policy = _Wrapped(model) if wrapped else model
+    with torch.no_grad():
+        _, predictions, _ = task._losses(policy.eval(), batch)
+        if objective == "kto":  # the KL estimate's own policy and reference passes
+            assert task._kl_estimate(policy, batch).item() == 0.0
+    rewards = predictions[:, :1] if objective == "kto" else predictions[:, :2]
+    assert rewards.abs().max().item() == 0.0
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_the_batch_learns_only_answer_tokens_and_their_end_token(pref_recipe, tmp_path, chat):
     session, _, tok = _session(pref_recipe(rows=_pairs(8, chat=chat)))
