@@ -24,6 +24,8 @@ from finetune.contract.multilabel import (
     multilabel_metrics,
     multilabel_report,
     parse_labels,
+    selected_thresholds,
+    thresholded_report,
     tune_thresholds,
 )
 from finetune.contract.probe import Claim, ColumnStats, DataProbe, FolderInfo, TableInfo
@@ -98,8 +100,10 @@ __all__ = [
     "require_columns",
     "resolve_layers",
     "reward_functions",
+    "selected_thresholds",
     "sorted_labels",
     "split_frame",
+    "thresholded_report",
     "tokenizer_fingerprint",
     "transformer_layers",
     "tune_thresholds",

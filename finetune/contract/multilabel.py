@@ -12,6 +12,8 @@ The pieces, in the order a task uses them:
   them in ``Task.state`` from ``compute_metrics``: the core saves the state with every new best adapter,
   so the thresholds saved are those tuned with the saved weights, and after training it puts the
   selected adapter's state back for the test split, ``finetune evaluate`` and ``predict``.
+  :func:`thresholded_report` is that whole ``compute_metrics``: it tunes and keeps the thresholds when
+  ``Task.evaluating`` is ``"eval"`` and otherwise scores with :func:`selected_thresholds` (the state's).
 * :func:`multilabel_report` scores probabilities against references with given thresholds: micro-F1,
   macro-F1, subset accuracy and mAP, the same three F1/accuracy numbers at a fixed 0.5 threshold
   (``*_at05``, never tuned on the data they score, so an honest check of tuned numbers on the eval
@@ -173,3 +175,25 @@ def multilabel_report(probs: Any, refs: Any, labels: list[str], thresholds: list
         per_label[label]["threshold"] = float(t)
     return {**metrics, "map": float(np.mean(known)) if known else 0.0,
             **{f"{k}_at05": v for k, v in fixed.items() if k != "per_label"}, "per_label": per_label}
+
+
+def selected_thresholds(state: dict[str, Any], labels: list[str]) -> list[float]:
+    """The thresholds kept in ``state["thresholds"]`` (``{label: threshold}``, as :func:`thresholded_report`
+    keeps them) in the order of ``labels``: after training the selected adapter's (the core restores its saved
+    state for the test split, the card, ``finetune evaluate`` and ``predict``); 0.5 for a label never tuned."""
+    thresholds = state.get("thresholds") or {}
+    return [float(thresholds.get(label, 0.5)) for label in labels]
+
+
+def thresholded_report(probs: Any, refs: Any, labels: list[str], state: dict[str, Any],
+                       tune: bool) -> dict[str, Any]:
+    """A multi-label task's ``compute_metrics``: :func:`multilabel_report` of ``probs`` against ``refs`` at
+    thresholds that, with ``tune`` (pass ``self.evaluating == "eval"``), :func:`tune_thresholds` picks on these
+    examples and keeps in ``state["thresholds"]`` (saved with the adapter when this evaluation is the best so
+    far, so the saved thresholds go with the saved weights); without, at :func:`selected_thresholds`."""
+    import numpy as np
+
+    probs, refs = np.asarray(probs, dtype=float), np.asarray(refs, dtype=float) > 0.5
+    if tune:
+        state["thresholds"] = {label: float(t) for label, t in zip(labels, tune_thresholds(probs, refs))}
+    return multilabel_report(probs, refs, labels, selected_thresholds(state, labels))

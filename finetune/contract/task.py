@@ -212,6 +212,14 @@ class Task:
     #: format :meth:`export_file` writes itself (e.g. ``"gguf"``). Empty: the task exports nothing.
     export_formats: ClassVar[tuple[str, ...]] = ()
 
+    #: Which examples the evaluation in progress scores, set by the core before it calls
+    #: :meth:`evaluation_step` and :meth:`compute_metrics`: ``"eval"`` (the eval split, during training,
+    #: before the first step included: it selects the checkpoint, so a task may tune something on it, e.g.
+    #: decision thresholds kept in :attr:`state`), ``"test"`` (the test split, once after training, with the
+    #: selected adapter and its saved state) or ``"input"`` (labelled examples given to ``finetune evaluate
+    #: --input``). Only ``"eval"`` may tune; the others score with what :attr:`state` holds.
+    evaluating: str = "eval"
+
     #: JSON-serialisable facts needed to rebuild the model for inference (label names, target scaling...).
     #: Fill it in :meth:`prepare_data`; the core saves it beside the adapter (``finetune_task.json``) and
     #: restores it before :meth:`load_model` when a run is loaded for prediction. Read it in

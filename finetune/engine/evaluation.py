@@ -81,11 +81,15 @@ def evaluation_loader(task: GuardedTask, dataset: Any, collate: Any, accelerator
                                           num_workers=num_workers))
 
 
-def evaluate(task: GuardedTask, model: Any, loader: Any, accelerator: Any) -> dict[str, Any]:
+def evaluate(task: GuardedTask, model: Any, loader: Any, accelerator: Any, split: str = "eval") -> dict[str, Any]:
     """Metrics of one pass over ``loader``: ``eval_loss`` (mean over examples) and what the task computes.
+    ``split`` (``"eval"``, ``"test"``, ``"input"``) is put in ``task.evaluating`` first (``Task.evaluating``).
 
     The random number generators are as they were afterwards (creating the loader's iterator draws from
     torch's, and so may a task): evaluating, or how often, never changes what training does."""
+    if split not in ("eval", "test", "input"):
+        raise ValueError(f"split {split!r}: one of 'eval', 'test', 'input'")
+    task.evaluating = split
     with unchanged_random_state():
         return _evaluate(task, model, loader, accelerator)
 

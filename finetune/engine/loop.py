@@ -374,7 +374,7 @@ class TrainingLoop:
 
     # -- evaluation ----------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
-        metrics = evaluate(self.task, self.model, self.eval_loader, self.accelerator)
+        metrics = evaluate(self.task, self.model, self.eval_loader, self.accelerator, "eval")
         self.task.train_mode(self.model)
         return metrics
 
@@ -415,7 +415,7 @@ class TrainingLoop:
         process reaches, as for resuming). Logged as ``kind: "test"``; never compared or selected."""
         self.accelerator.wait_for_everyone()  # the main process has written the best adapter
         self.load_best(self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False))
-        metrics = evaluate(self.task, self.model, self.evaluation_loader(self.test_ds), self.accelerator)
+        metrics = evaluate(self.task, self.model, self.evaluation_loader(self.test_ds), self.accelerator, "test")
         step = self.state.best_eval.get("step", self.state.global_step)
         if self.main:
             self.run_dir.log_metrics({"kind": "test", "step": step, **_scalars(metrics)})

@@ -47,7 +47,7 @@ def evaluate_run(run_path: str | Path, input_path: Path, overrides: list[str] | 
     loader = evaluation_loader(task, dataset, task.collate_fn(processor), accelerator,
                                batch_size=batch_size or cfg.eval_batch_size or 2 * cfg.batch_size,
                                longest_first=cfg.group_by_length)
-    metrics = evaluate(task, model, loader, accelerator)
+    metrics = evaluate(task, model, loader, accelerator, "input")
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {"run": str(run.path), "input": str(input_path), "examples": len(dataset),
             "adapter_step": _adapter_step(run.metrics_file), "metrics": scalars,

@@ -10,7 +10,7 @@ are saved with its adapter and used by ``predict``, ``finetune evaluate`` and th
 micro-F1 (selects the checkpoint), macro-F1, subset accuracy (every label right), mAP (mean per-label
 average precision, threshold-free), the same three at a fixed 0.5 threshold (``*_at05``: not tuned on
 the data they score), and a per-label report. The label parsing, threshold tuning and metrics are the
-core's (``finetune.parse_labels``, ``tune_thresholds``, ``multilabel_report``), shared with the vision
+core's (``finetune.parse_labels``, ``thresholded_report``, ``multilabel_report``), shared with the vision
 plugin's ``multi-label-image-classification``. Baseline:
 word and bigram TF-IDF + one-vs-rest logistic regression on the same split.
 """
@@ -30,17 +30,14 @@ from finetune import (
     load_table,
     multi_hot,
     multilabel_metrics,
-    multilabel_report,
     parse_labels,
     require_columns,
+    selected_thresholds,
     sorted_labels,
-    tune_thresholds,
+    thresholded_report,
 )
 from finetune_nlp.text_classification import TextClassificationOptions
 from finetune_nlp.text_shared import EncodedDataset, EncoderClassifier, is_integer, row_locations, table_splits
-
-#: Per-example batch key marking the eval split, whose predictions tune the thresholds.
-TUNE_KEY = "tune_thresholds"
 
 
 class MultiLabelData(DataOptions):
@@ -141,7 +138,6 @@ class MultiLabelClassification(EncoderClassifier):
                                lambda rows: f"row(s) {', '.join(str(i + 1) for i in rows)} of them")
         self.state = {"labels": labels, "integer_labels": all(is_integer(label) for label in labels),
                       "thresholds": dict.fromkeys(labels, 0.5)}
-        self._eval_examples = eval_  # the split whose predictions tune the thresholds
         if data.test:
             test = self.read_examples(Path(data.test), "data.test")
         elif test is not None:
@@ -164,53 +160,27 @@ class MultiLabelClassification(EncoderClassifier):
         enc = self.encode(examples, processor)
         targets = multi_hot(examples[self.recipe.data.label_column].tolist(), labels)
         ids = self.example_ids(len(targets), training)
-        extra = None
-        if not training:
-            tune = int(examples is getattr(self, "_eval_examples", None))
-            extra = {TUNE_KEY: [tune] * len(targets)}
-        return EncodedDataset(enc, [[float(v) for v in row] for row in targets], ids, extra)
+        return EncodedDataset(enc, [[float(v) for v in row] for row in targets], ids)
 
     # -- model ---------------------------------------------------------
     def head_config(self) -> dict[str, Any]:
         return {**super().head_config(), "problem_type": "multi_label_classification"}
 
-    def training_loss(self, model: Any, batch: dict[str, Any]) -> Any:
-        batch = {k: v for k, v in batch.items() if k != TUNE_KEY}
-        return self.forward(model, batch).loss
-
     # -- evaluation ----------------------------------------------------
     def evaluation_step(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        batch = dict(batch)
-        tune = batch.pop(TUNE_KEY, None)
         out = self.forward(model, batch)
-        probs = torch.sigmoid(out.logits.float())
-        flag = (torch.zeros(len(probs)) if tune is None else tune).reshape(-1, 1).to(probs)
-        # The last column says whether the example belongs to the eval split (thresholds are tuned on it).
-        return {"loss": out.loss, "predictions": torch.cat([probs, flag], dim=1), "references": batch["labels"]}
+        return {"loss": out.loss, "predictions": torch.sigmoid(out.logits.float()), "references": batch["labels"]}
 
     def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
-        import numpy as np
-
-        labels = self.state["labels"]
-        predictions = np.asarray(predictions, dtype=float)
-        probs, tune = predictions[:, :-1], bool(len(predictions)) and bool(predictions[:, -1].max() > 0.5)
-        refs = np.asarray(references) > 0.5
-        if tune:
-            # The eval split: tune, and keep the thresholds in the state the core saves with the adapter
-            # when this evaluation is the best so far (so the saved thresholds go with the saved weights).
-            thresholds = tune_thresholds(probs, refs)
-            self.state["thresholds"] = {label: float(t) for label, t in zip(labels, thresholds)}
-        else:
-            thresholds = self._selected_thresholds()
-        return multilabel_report(probs, refs, labels, thresholds)
+        # the eval split tunes the thresholds (kept in the state, saved with a new best adapter); the test split
+        # and `finetune evaluate --input` score with the selected adapter's
+        return thresholded_report(predictions, references, self.state["labels"], self.state,
+                                  tune=self.evaluating == "eval")
 
     def _selected_thresholds(self) -> list[float]:
-        """The thresholds in the state: the selected adapter's after training (the core restores its saved
-        state for the test split and the card) and in a loaded run; 0.5 for a label never tuned."""
-        thresholds = self.state.get("thresholds") or {}
-        return [float(thresholds.get(label, 0.5)) for label in self.state["labels"]]
+        return selected_thresholds(self.state, self.state["labels"])
 
     def baseline(self, splits: DataSplits) -> dict[str, Any] | None:
         if not self.recipe.task.baseline:

@@ -465,7 +465,6 @@ class QuestionAnswering(Task):
                             f"(first: {next(w for w, a in zip(train['where'], train['answers']) if not a)}); "
                             "unset it or remove them.")
         self.state = {"allow_no_answer": allow}
-        self._eval_examples = eval_  # the split whose predictions tune the null threshold
         if data.test:
             test = self.read_examples(Path(data.test), "data.test")
         info = {"train_questions": len(train), "eval_questions": len(eval_),
@@ -543,9 +542,8 @@ class QuestionAnswering(Task):
             return windows
         # evaluation: each question gets an id unique in this process (eval, test and evaluate datasets alike),
         # and evaluation_step finds its context and gold answers by it
-        tune = examples is getattr(self, "_eval_examples", None)  # the eval split tunes the null threshold
         for n, (context, gold) in enumerate(zip(contexts, answers)):
-            registry[first + n] = {"context": context, "answers": [a["text"] for a in gold], "tune": tune}
+            registry[first + n] = {"context": context, "answers": [a["text"] for a in gold]}
         return windows
 
     def example_lengths(self, dataset: Any) -> list[int]:
@@ -673,9 +671,7 @@ class QuestionAnswering(Task):
             span_preds = {uid: best[uid][1] if uid in best else "" for uid in golds}
             na = {uid: null[uid] - best[uid][0] if uid in best else 1e9 for uid in golds}
             chosen = best_threshold_metrics(golds, span_preds, na)
-            registry = getattr(self, "_questions", {})
-            if (self.recipe.task.tune_null_threshold and golds
-                    and all(registry.get(uid, {}).get("tune") for uid in golds)):
+            if self.recipe.task.tune_null_threshold and golds and self.evaluating == "eval":
                 # the eval split: tune, and keep the threshold in the state the core saves with the adapter
                 # when this evaluation is the best so far (so the saved threshold goes with the saved weights)
                 threshold = chosen["best_f1_thresh"]

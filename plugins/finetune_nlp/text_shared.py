@@ -293,14 +293,12 @@ class EncoderClassifier(Task):
 
 
 class EncodedDataset:
-    """Tokenizer output + one label (or label vector) per example, with optional extra per-example keys."""
+    """Tokenizer output + one label (or label vector) per example, and its id for the frozen-prefix cache."""
 
-    def __init__(self, encodings: Any, labels: list[Any], ids: list[int] | None = None,
-                 extra: dict[str, list[Any]] | None = None) -> None:
+    def __init__(self, encodings: Any, labels: list[Any], ids: list[int] | None = None) -> None:
         self.encodings = encodings
         self.labels = labels
         self.ids = ids
-        self.extra = extra or {}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -310,8 +308,6 @@ class EncodedDataset:
         item["labels"] = self.labels[i]
         if self.ids is not None:
             item[FrozenPrefixCache.ID_KEY] = self.ids[i]
-        for key, values in self.extra.items():
-            item[key] = values[i]
         return item
 
 

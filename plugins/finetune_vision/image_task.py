@@ -235,10 +235,8 @@ def image_sources(frame: Any) -> list[Any]:
 class ImageDataset:
     """Map-style dataset: ``{"pixel_values": transformed image, "labels": target}`` per image (path or bytes)."""
 
-    def __init__(self, sources: list[Any], labels: list[Any], transform: Any, names: list[str],
-                 extra: dict[str, list[Any]] | None = None) -> None:
+    def __init__(self, sources: list[Any], labels: list[Any], transform: Any, names: list[str]) -> None:
         self.sources, self.labels, self.transform, self.names = sources, labels, transform, names
-        self.extra = extra or {}
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -249,5 +247,4 @@ class ImageDataset:
         except Exception as exc:  # noqa: BLE001 - checked in prepare_data; changed on disk since
             raise DataError(f"image {self.names[i]} became unreadable during training "
                             f"({type(exc).__name__}: {exc}); fix it and resume with --resume.") from None
-        return {"pixel_values": self.transform(image), "labels": self.labels[i],
-                **{k: v[i] for k, v in self.extra.items()}}
+        return {"pixel_values": self.transform(image), "labels": self.labels[i]}

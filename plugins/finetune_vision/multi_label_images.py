@@ -11,7 +11,7 @@ and the row left out).
 Model: the image-classification backbone loading (``finetune_vision.image_task``: timm or transformers,
 the offline zoo, channels-last input for CNNs, frozen and folded BatchNorm under LoRA) with one output
 per label, trained with binary cross-entropy on the sigmoid of each. Each label's decision threshold is
-tuned on the eval split at every evaluation (``finetune.tune_thresholds``); the thresholds of the
+tuned on the eval split at every evaluation (``finetune.thresholded_report``); the thresholds of the
 selected checkpoint are saved with its adapter (the task state) and used by ``predict``,
 ``finetune evaluate`` and the test split. Metrics (``finetune.multilabel_report``): micro-F1 (selects the
 checkpoint), macro-F1, mAP (mean per-label average precision, threshold-free), subset accuracy, the F1s
@@ -36,15 +36,13 @@ from finetune import (
     multilabel_report,
     parse_labels,
     require_columns,
+    selected_thresholds,
     sorted_labels,
     split_frame,
-    tune_thresholds,
+    thresholded_report,
 )
 from finetune_vision.image_task import BackboneOptions, ImageBackboneTask, ImageData, ImageDataset, image_sources
 from finetune_vision.images import IMAGE_EXTENSIONS
-
-#: Per-example batch key marking the eval split, whose predictions tune the thresholds.
-TUNE_KEY = "tune_thresholds"
 
 
 class MultiLabelImageData(ImageData):
@@ -173,7 +171,6 @@ class MultiLabelImageClassification(ImageBackboneTask):
                             f"({data.label_column!r}); multi-label classification needs at least one label.")
         self._check_labels(eval_, eval_key, eval_where, labels)
         self.state = {"labels": labels, "thresholds": dict.fromkeys(labels, 0.5)}
-        self._eval_examples = eval_  # the split whose predictions tune the thresholds
         if data.test:
             test, skipped_test = self._read_checked(data.test, "data.test")
             skipped += skipped_test
@@ -203,11 +200,8 @@ class MultiLabelImageClassification(ImageBackboneTask):
     def build_dataset(self, examples: Any, processor: Any, training: bool) -> Any:
         targets = multi_hot(examples["labels"].tolist(), self.state["labels"])
         transform = processor.transform(training=training, options=self.recipe.data)
-        extra = None
-        if not training:
-            extra = {TUNE_KEY: [int(examples is getattr(self, "_eval_examples", None))] * len(targets)}
         return ImageDataset(image_sources(examples), [[float(v) for v in row] for row in targets], transform,
-                            examples["image"].tolist(), extra)
+                            examples["image"].tolist())
 
     def collate_fn(self, processor: Any):
         return _collate
@@ -226,34 +220,18 @@ class MultiLabelImageClassification(ImageBackboneTask):
         import torch
 
         logits = self._logits(model, batch["pixel_values"]).float()
-        probs = torch.sigmoid(logits)
-        tune = batch.get(TUNE_KEY)
-        flag = (torch.zeros(len(probs)) if tune is None else tune).reshape(-1, 1).to(probs)
-        # The last column says whether the example belongs to the eval split (thresholds are tuned on it).
-        return {"loss": self._loss(logits, batch["labels"]), "predictions": torch.cat([probs, flag], dim=1),
+        return {"loss": self._loss(logits, batch["labels"]), "predictions": torch.sigmoid(logits),
                 "references": batch["labels"]}
 
     def compute_metrics(self, predictions: Any, references: Any) -> dict[str, Any]:
-        import numpy as np
-
-        labels = self.state["labels"]
-        predictions = np.asarray(predictions, dtype=float)
-        probs, tune = predictions[:, :-1], bool(len(predictions)) and bool(predictions[:, -1].max() > 0.5)
-        refs = np.asarray(references) > 0.5
-        if tune:
-            # The eval split: tune, and keep the thresholds in the state the core saves with the adapter
-            # when this evaluation is the best so far (so the saved thresholds go with the saved weights).
-            thresholds = tune_thresholds(probs, refs)
-            self.state["thresholds"] = {label: float(t) for label, t in zip(labels, thresholds)}
-        else:
-            thresholds = self.selected_thresholds()
-        return multilabel_report(probs, refs, labels, thresholds)
+        # the eval split tunes the thresholds (kept in the state, saved with a new best adapter); the test split
+        # and `finetune evaluate --input` score with the selected adapter's
+        return thresholded_report(predictions, references, self.state["labels"], self.state,
+                                  tune=self.evaluating == "eval")
 
     def selected_thresholds(self) -> list[float]:
-        """The thresholds in the state, in label order: the selected adapter's after training (the core restores
-        its saved state for the test split and the card) and in a loaded run; 0.5 for a label never tuned."""
-        thresholds = self.state.get("thresholds") or {}
-        return [float(thresholds.get(label, 0.5)) for label in self.state["labels"]]
+        """The thresholds in the state, in label order (``finetune.selected_thresholds``)."""
+        return selected_thresholds(self.state, self.state["labels"])
 
     def baseline(self, splits: DataSplits) -> dict[str, Any] | None:
         if not self.recipe.task.baseline:
@@ -346,6 +324,4 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
     batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
              "labels": torch.tensor([it["labels"] for it in items], dtype=torch.float32)}
-    if TUNE_KEY in items[0]:
-        batch[TUNE_KEY] = torch.tensor([it[TUNE_KEY] for it in items], dtype=torch.long)
     return batch

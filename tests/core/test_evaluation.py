@@ -94,6 +94,41 @@ def tagger(tmp_path, monkeypatch):
             "tokens": sum(len(r["tokens"]) for r in tagging_rows(64)[:16])}
 
 
+def test_evaluate_tells_the_task_which_examples_it_scores():
+    """``Task.evaluating``: "eval" (may tune), "test", "input", set before evaluation_step / compute_metrics."""
+    import contextlib
+
+    from finetune.engine.evaluation import evaluate
+
+    class Recorder:
+        name = "recorder"
+        seen: list[tuple[str, str]] = []
+
+        def evaluation_step(self, model, batch):
+            self.seen.append(("step", self.evaluating))
+            return {"loss": torch.tensor(0.5), "predictions": batch["x"], "references": batch["x"]}
+
+        def compute_metrics(self, predictions, references):
+            self.seen.append(("metrics", self.evaluating))
+            return {"count": len(predictions)}
+
+        def finalize_eval(self, metrics):
+            return metrics
+
+    class Accelerator(OneProcess):
+        def autocast(self):
+            return contextlib.nullcontext()
+
+    task, model = GuardedTask(Recorder(), "plugin 'p' (p-rec)"), torch.nn.Linear(1, 1)
+    loader = [{"x": torch.arange(3.0)}]
+    for split in ("eval", "test", "input"):
+        Recorder.seen = []
+        assert evaluate(task, model, loader, Accelerator(), split)["count"] == 3
+        assert Recorder.seen == [("step", split), ("metrics", split)]
+    with pytest.raises(ValueError, match="'eval', 'test', 'input'"):
+        evaluate(task, model, loader, Accelerator(), "train")
+
+
 def test_ragged_outputs_reach_compute_metrics_whole_with_1_and_2_processes(tagger):
     runs = {}
     for processes in (1, 2):

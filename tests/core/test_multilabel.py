@@ -7,12 +7,20 @@ import numpy as np
 import pytest
 
 import finetune
-from finetune import average_precisions, multi_hot, multilabel_report, parse_labels, tune_thresholds
+from finetune import (
+    average_precisions,
+    multi_hot,
+    multilabel_report,
+    parse_labels,
+    selected_thresholds,
+    thresholded_report,
+    tune_thresholds,
+)
 
 
 def test_the_helpers_are_public_names():
     for name in ("parse_labels", "multi_hot", "tune_thresholds", "multilabel_metrics", "multilabel_report",
-                 "average_precisions"):
+                 "average_precisions", "selected_thresholds", "thresholded_report"):
         assert name in finetune.__all__
 
 
@@ -84,3 +92,21 @@ def test_report_refuses_mismatched_shapes():
         multilabel_report(np.zeros((2, 2)), np.zeros((2, 3)), ["a", "b"], [0.5, 0.5])
     with pytest.raises(ValueError, match="thresholds"):
         multilabel_report(np.zeros((2, 2)), np.zeros((2, 2)), ["a", "b"], [0.5])
+
+
+def test_thresholded_report_tunes_and_keeps_the_thresholds_only_when_told():
+    probs = np.array([[0.3, 0.9], [0.4, 0.8], [0.1, 0.1], [0.2, 0.2]])
+    refs = np.array([[1, 1], [1, 1], [0, 0], [0, 0]], dtype=float)
+    state = {"labels": ["a", "b"]}
+    assert selected_thresholds(state, ["a", "b"]) == [0.5, 0.5]  # never tuned
+    scored = thresholded_report(probs, refs, ["a", "b"], state, tune=False)
+    assert "thresholds" not in state and scored["micro_f1"] == pytest.approx(2 / 3)  # a never reaches 0.5
+    tuned = thresholded_report(probs, refs, ["a", "b"], state, tune=True)
+    assert state["thresholds"] == dict(zip(["a", "b"], tune_thresholds(probs, refs)))
+    assert tuned["micro_f1"] == 1.0 and tuned["per_label"]["a"]["threshold"] == state["thresholds"]["a"]
+    state["thresholds"] = {"b": 0.95}  # a label missing from the state scores at 0.5
+    assert selected_thresholds(state, ["a", "b"]) == [0.5, 0.95]
+    again = thresholded_report(probs, refs, ["a", "b"], state, tune=False)
+    assert state["thresholds"] == {"b": 0.95}
+    assert {k: v["threshold"] for k, v in again["per_label"].items()} == {"a": 0.5, "b": 0.95}
+

@@ -173,17 +173,18 @@ def test_threshold_tuning_finds_a_better_threshold_than_one_half():
 
 
 def test_compute_metrics_tunes_on_the_eval_split_only(tmp_path, tiny_bert):
-    """Predictions flagged as the eval split's tune the thresholds (kept in state); others (the test split,
-    `finetune evaluate`) are scored with the thresholds already chosen."""
+    """The eval split's predictions (``task.evaluating == "eval"``, as the core sets it) tune the thresholds
+    (kept in state); others (the test split, `finetune evaluate --input`) are scored with those already chosen."""
     train = write_jsonl(tmp_path / "train.jsonl", tagged_rows(40))
     task = open_session(recipe_file(tmp_path, tiny_bert, train), []).task
     probs = np.array([[0.3, 0.9], [0.4, 0.8], [0.1, 0.1], [0.2, 0.2]])
     refs = np.array([[1, 1], [1, 1], [0, 0], [0, 0]], dtype=float)
-    flagged = lambda flag: np.concatenate([probs, np.full((4, 1), flag)], axis=1)  # noqa: E731
-    other = task.compute_metrics(flagged(0.0), refs)
+    task.evaluating = "test"
+    other = task.compute_metrics(probs, refs)
     assert other["micro_f1_at05"] == other["micro_f1"] == pytest.approx(2 / 3)  # label neg never reaches 0.5
     assert task.state["thresholds"] == {"neg": 0.5, "pos": 0.5}
-    tuned = task.compute_metrics(flagged(1.0), refs)
+    task.evaluating = "eval"
+    tuned = task.compute_metrics(probs, refs)
     assert tuned["micro_f1"] == 1.0 and tuned["micro_f1_at05"] == pytest.approx(2 / 3)
     assert 0.2 < task.state["thresholds"]["neg"] <= 0.3 and task.state["thresholds"]["pos"] == 0.5
     assert tuned["per_label"]["neg"]["threshold"] == task.state["thresholds"]["neg"]
@@ -196,7 +197,8 @@ def test_compute_metrics_tunes_on_the_eval_split_only(tmp_path, tiny_bert):
     (adapter / "finetune_task.json").write_text(json.dumps({"task": task.name, "state": {
         **task.state, "thresholds": {"neg": 0.05, "pos": 0.95}}}))
     restore_selected_state(RunDir(task.recipe.output.dir), task)
-    scored = task.compute_metrics(flagged(0.0), refs)
+    task.evaluating = "input"
+    scored = task.compute_metrics(probs, refs)
     assert {k: v["threshold"] for k, v in scored["per_label"].items()} == {"neg": 0.05, "pos": 0.95}
     assert scored["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 2))  # neg: 4 predicted, 2 right; pos: none
 
@@ -312,8 +314,6 @@ def test_validate_and_the_frozen_prefix_cache_give_eval_and_test_ids_of_their_ow
     eval_ids = {eval_ds[i]["example_id"] for i in range(len(eval_ds))}
     test_ids = {test_ds[i]["example_id"] for i in range(len(test_ds))}
     assert len(eval_ids) == len(test_ids) == 8 and not eval_ids & test_ids
-    assert {eval_ds[i]["tune_thresholds"] for i in range(8)} == {1}  # the eval split tunes the thresholds
-    assert {test_ds[i]["tune_thresholds"] for i in range(8)} == {0}  # the test split does not
     result = run_cli("validate", str(path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "multi-label-classification" in result.stdout and "task.cache_frozen_layers" in result.stdout

@@ -157,10 +157,9 @@ def test_the_null_threshold_is_tuned_on_eval_and_the_saved_one_is_used_elsewhere
     task = open_session(make_recipe(tmp_path, tiny_bert, train)).task.task
     assert task.state["allow_no_answer"] is True and task.recipe.task.tune_null_threshold is True
     # hand-made scores: null - best span = 1.0 for the answerable question, 3.0 for the unanswerable one
-    task._questions = {0: {"context": "c", "answers": ["Paris"], "tune": True},
-                       1: {"context": "c", "answers": [], "tune": True},
-                       2: {"context": "c", "answers": ["Rome"], "tune": False},
-                       3: {"context": "c", "answers": [], "tune": False}}
+    task._questions = {0: {"context": "c", "answers": ["Paris"]}, 1: {"context": "c", "answers": []},
+                       2: {"context": "c", "answers": ["Rome"]}, 3: {"context": "c", "answers": []}}
+    task.evaluating = "eval"  # as the core sets it for the eval split
     eval_preds = [(0, 5.0, [(4.0, "Paris")]), (1, 5.0, [(2.0, "Rome")])]
     eval_refs = [(0, ["Paris"]), (1, [])]
     m = task.compute_metrics(eval_preds, eval_refs)  # the eval split: threshold 0 would say no answer to both
@@ -169,6 +168,7 @@ def test_the_null_threshold_is_tuned_on_eval_and_the_saved_one_is_used_elsewhere
     # another split (test, evaluate) uses the threshold, not its own best one: na 0.5 answers, na 2.0 does not
     test_preds = [(2, 5.0, [(4.5, "Rome")]), (3, 5.0, [(3.0, "Paris")])]
     test_refs = [(2, ["Rome"]), (3, [])]
+    task.evaluating = "test"
     m = task.compute_metrics(test_preds, test_refs)
     assert m["null_threshold"] == 1.0 and m["f1"] == 1.0 and task.state["null_threshold"] == 1.0
     # in a run, the selected adapter's saved threshold wins over the last evaluation's (the core puts the
