@@ -23,7 +23,7 @@ from pydantic import Field
 
 from finetune import DataError, DataOptions, DataSplits, PathStr, RecipeError, Task, TaskOptions
 from finetune_vision.batchnorm_fold import FrozenBatchNormTask
-from finetune_vision.images import image_inputs, load_rgb, paths_relative_to
+from finetune_vision.images import ImagePredictInput, load_rgb
 
 
 class DetectionData(DataOptions):
@@ -73,7 +73,7 @@ class DetectionOptions(TaskOptions):
                           "into the convolution before it (faster; float rounding differs). The adapter is unchanged.")
 
 
-class ObjectDetection(FrozenBatchNormTask, Task):
+class ObjectDetection(ImagePredictInput, FrozenBatchNormTask, Task):
     name = "object-detection"
     description = "Detect objects (boxes + classes) with a timm backbone, FPN and FCOS/RetinaNet head."
     task_options = DetectionOptions
@@ -285,16 +285,6 @@ class ObjectDetection(FrozenBatchNormTask, Task):
         return coco_metrics(predictions, references, self.state["classes"])
 
     # -- inference -----------------------------------------------------
-    def predict_input_columns(self) -> list[str]:
-        return [self.recipe.data.image_column]
-
-    def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
-        path, column = Path(path), self.recipe.data.image_column
-        records = image_inputs(path, column)  # an image or a folder of images
-        if records is None:  # a table: its columns kept, image paths relative to it
-            records = paths_relative_to(super().read_predict_input(path), column, path)
-        return records
-
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
                 batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
         import torch

@@ -18,12 +18,7 @@ from pydantic import Field
 
 from finetune import DataError, DataOptions, RecipeError, Task, TaskOptions
 from finetune_vision.batchnorm_fold import FrozenBatchNormTask
-from finetune_vision.images import (
-    check_images,
-    image_inputs,
-    load_rgb,
-    paths_relative_to,
-)
+from finetune_vision.images import ImagePredictInput, check_images, load_rgb
 
 
 class ImageData(DataOptions):
@@ -58,7 +53,7 @@ class BackboneOptions(TaskOptions):
                           "on CPU; float rounding differs). The adapter and the saved model are unchanged.")
 
 
-class ImageBackboneTask(FrozenBatchNormTask, Task):
+class ImageBackboneTask(ImagePredictInput, FrozenBatchNormTask, Task):
     """A Task on a timm or transformers image backbone with a head of ``len(self.state["labels"])`` outputs.
 
     Subclasses set ``data_options`` to a subclass of :class:`ImageData` and ``task_options`` to one of
@@ -180,19 +175,12 @@ class ImageBackboneTask(FrozenBatchNormTask, Task):
         return super().export_file(fmt, model, processor, folder, options)
 
     # -- inference -----------------------------------------------------
-    def predict_input_columns(self) -> list[str]:
-        return [self.recipe.data.image_column]
-
     def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
         from finetune_vision.hf_datasets import is_datasets_input, predict_records
 
-        path, column = Path(path), self.recipe.data.image_column
-        if is_datasets_input(path):  # a save_to_disk folder, .parquet or .arrow: Image features, bytes or paths
-            return predict_records(path, self.recipe.data)
-        records = image_inputs(path, column)  # an image or a folder of images
-        if records is None:  # a table: its columns kept, image paths relative to it
-            records = paths_relative_to(super().read_predict_input(path), column, path)
-        return records
+        if is_datasets_input(Path(path)):  # a save_to_disk folder, .parquet or .arrow: Image features, bytes or paths
+            return predict_records(Path(path), self.recipe.data)
+        return super().read_predict_input(path)  # an image, a folder of images or a table
 
     def _image_logits(self, model: Any, processor: Any, records: list[dict[str, Any]],
                       batch_size: int) -> list[tuple[dict[str, Any], Any, str | None]]:

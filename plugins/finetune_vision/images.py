@@ -48,6 +48,22 @@ def paths_relative_to(records: list[dict[str, Any]], column: str, table: Path) -
     return records
 
 
+class ImagePredictInput:
+    """``finetune predict`` input for a task whose records name one image each in ``data.image_column``: an
+    image file, a folder of images (in name order), or a table the base ``Task`` reads (its columns kept, image
+    paths resolved against its folder). Mix in before ``finetune.Task``."""
+
+    def predict_input_columns(self) -> list[str]:
+        return [self.recipe.data.image_column]
+
+    def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
+        path, column = Path(path), self.recipe.data.image_column
+        records = image_inputs(path, column)
+        if records is None:
+            records = paths_relative_to(super().read_predict_input(path), column, path)
+        return records
+
+
 def scan_class_folders(folder: Path, key: str) -> list[tuple[str, str]]:
     """``(path, label)`` pairs of a class-per-subfolder tree (``folder/<label>/**/image``)."""
     if not folder.exists():

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from finetune import DataError, DataOptions, DataSplits, PathStr, RecipeError, Task, TaskOptions, split_frame
 from finetune_vision.batchnorm_fold import FrozenBatchNormTask
-from finetune_vision.images import image_inputs, load_rgb, paths_relative_to
+from finetune_vision.images import ImagePredictInput, load_rgb
 
 
 class SegmentationData(DataOptions):
@@ -75,7 +75,7 @@ class SegmentationOptions(TaskOptions):
                           "unchanged.")
 
 
-class SemanticSegmentation(FrozenBatchNormTask, Task):
+class SemanticSegmentation(ImagePredictInput, FrozenBatchNormTask, Task):
     name = "semantic-segmentation"
     description = "Label every pixel of an image (timm backbone + FPN / LR-ASPP decoder; mask PNGs)."
     task_options = SegmentationOptions
@@ -293,16 +293,6 @@ class SemanticSegmentation(FrozenBatchNormTask, Task):
         return metrics_from_confusion(predictions.sum(0), self.state["classes"])
 
     # -- inference -----------------------------------------------------
-    def predict_input_columns(self) -> list[str]:
-        return [self.recipe.data.image_column]
-
-    def read_predict_input(self, path: Path) -> list[dict[str, Any]]:
-        path, column = Path(path), self.recipe.data.image_column
-        records = image_inputs(path, column)  # an image or a folder of images
-        if records is None:  # a table: its columns kept, image paths relative to it
-            records = paths_relative_to(super().read_predict_input(path), column, path)
-        return records
-
     def predict(self, model: Any, processor: Any, records: list[dict[str, Any]],
                 batch_size: int = 32, stream: bool = False) -> list[dict[str, Any]]:
         import torch
