@@ -28,14 +28,15 @@ imports inside methods: task classes are imported when the CLI starts.
         per micro-batch: task.training_loss(model, batch)
         at each logging step: task.training_logs()    # extra numbers for the log line
         at each evaluation (eval mode, no grad):
+            task.evaluating = "eval"                  # the eval split: may tune (a threshold) into task.state
             per eval batch: task.evaluation_step(model, batch)
             task.compute_metrics(predictions, references)   # all batches, all processes gathered
             task.finalize_eval(metrics)
             task.after_evaluate(model, processor, run_path, step, metrics)   # main process only
             task.train_mode(model)
     the test split (``splits.test``, if any): the selected adapter is loaded back, its saved ``state`` put
-    back into ``task.state``, and scored once as at an evaluation (build_dataset, evaluation_step,
-    compute_metrics, finalize_eval): metrics.json ``test``
+    back into ``task.state``, and scored once as at an evaluation with ``task.evaluating = "test"``
+    (build_dataset, evaluation_step, compute_metrics, finalize_eval): metrics.json ``test``
     task.state = <the selected adapter's state>   # what an evaluation tuned goes with the selected weights
     task.finalize_run(run_path, metrics)           # main process, before metrics.json and the card
     task.data_summary(splits)                      # main process: for report.html (report_data.json)
@@ -60,8 +61,8 @@ implements it, ``task.generate_text`` for one OpenAI-style completion at a time.
 ``finetune evaluate RUN --input FILE`` loads the run as ``predict`` does, then scores FILE::
 
     examples = task.read_examples(path, "--input")
-    task.build_dataset(examples, processor, training=False), collate_fn, evaluation_step,
-    compute_metrics, finalize_eval                 # as at an evaluation
+    task.build_dataset(examples, processor, training=False), collate_fn
+    task.evaluating = "input", then evaluation_step, compute_metrics, finalize_eval   # as at an evaluation
 
 ``finetune sweep RECIPE`` makes the task once, as ``finetune run`` does, before any trial::
 
